@@ -1,0 +1,1 @@
+"""Entry points behind `bin/*`: parse absl flags, build config objects, call the library."""

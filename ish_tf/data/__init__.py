@@ -1,0 +1,1 @@
+"""Data layer: manifests, image sources, masks, patches, TFRecords and tf.data readers."""

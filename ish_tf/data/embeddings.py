@@ -1,0 +1,139 @@
+"""Embedding tables: the file format between `bin/embed` and `bin/evaluate`.
+
+A table is CSV (or Parquet, when pyarrow is installed) with key columns followed by
+one column per embedding dimension. The writer names dimensions "0", "1", ...;
+the reader takes *every numeric column that is not a key* as the embedding, so
+tables made by other tools (e.g. the published Cortex Study embeddings with
+columns gene_symbol, entrez_id, 0..127) are read the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pandas as pd
+
+from ish_tf.io_utils import atomic_path
+
+# Columns that identify a row and are never part of the embedding, even when numeric.
+KEY_COLUMNS: tuple[str, ...] = (
+    "image_id", "patch_index", "x", "y", "gene_symbol", "entrez_id", "gene_index",
+    "donor_id", "donor_index", "experiment_id", "specimen_id", "region", "study", "split",
+    "n_patches", "n_images", "label", "diagnosis",
+)
+# Index columns written by pandas/R that carry no information.
+_INDEX_LIKE = ("Unnamed: 0", "index", "")
+
+LEVELS = ("patch", "image", "donor", "gene")
+LEVEL_KEYS: dict[str, tuple[str, ...]] = {
+    "patch": ("image_id", "patch_index"),
+    "image": ("image_id",),
+    "donor": ("gene_symbol", "donor_id"),
+    "gene": ("gene_symbol",),
+}
+
+
+class EmbeddingTableError(ValueError):
+    """An embedding table that cannot be read; the message names the file and column."""
+
+
+@dataclasses.dataclass
+class EmbeddingTable:
+    """Keys (a DataFrame) and values (float32 array of shape (N, D)) of one table."""
+
+    keys: pd.DataFrame
+    values: np.ndarray
+    source: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def to_frame(self) -> pd.DataFrame:
+        emb = pd.DataFrame(self.values, columns=[str(i) for i in range(self.dim)])
+        return pd.concat([self.keys.reset_index(drop=True), emb], axis=1)
+
+
+def _read_any(path: str) -> pd.DataFrame:
+    if not os.path.exists(path):
+        raise EmbeddingTableError(f"{path}: embedding table not found")
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise EmbeddingTableError(f"{path}: cannot be read as CSV ({e})") from e
+
+
+def from_frame(df: pd.DataFrame, source: str = "<table>",
+               require: tuple[str, ...] = ()) -> EmbeddingTable:
+    """Splits a DataFrame into keys and embedding values.
+
+    Args:
+      df: the table.
+      source: name quoted in error messages.
+      require: key columns that must be present (e.g. ("gene_symbol",)).
+
+    Raises:
+      EmbeddingTableError: a required key is missing or no numeric column remains.
+    """
+    df = df.drop(columns=[c for c in df.columns if str(c) in _INDEX_LIKE], errors="ignore")
+    missing = [c for c in require if c not in df.columns]
+    if missing:
+        raise EmbeddingTableError(
+            f"{source}: missing key column(s) {', '.join(repr(m) for m in missing)}; "
+            f"columns are {', '.join(map(str, df.columns[:8]))}{'...' if df.shape[1] > 8 else ''}")
+    key_cols = [c for c in df.columns if str(c) in KEY_COLUMNS]
+    value_cols = [c for c in df.columns
+                  if c not in key_cols and pd.api.types.is_numeric_dtype(df[c])]
+    if not value_cols:
+        raise EmbeddingTableError(f"{source}: no numeric embedding columns besides the keys")
+    values = df[value_cols].to_numpy(dtype=np.float32)
+    if not np.isfinite(values).all():
+        row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+        raise EmbeddingTableError(f"{source}: row {row} holds a NaN or infinite value")
+    return EmbeddingTable(df[key_cols].reset_index(drop=True), values, source)
+
+
+def read_embedding_table(path: str, require: tuple[str, ...] = ()) -> EmbeddingTable:
+    """Reads a CSV or Parquet embedding table (see module docstring)."""
+    return from_frame(_read_any(path), source=path, require=require)
+
+
+def write_embedding_table(path: str, table: EmbeddingTable) -> None:
+    """Writes keys then dimensions "0".."D-1" atomically; Parquet if the name ends in .parquet."""
+    frame = table.to_frame()
+    with atomic_path(path) as tmp:
+        if path.endswith(".parquet"):
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False, float_format="%.7g")
+
+
+def aggregate(table: EmbeddingTable, by: tuple[str, ...]) -> EmbeddingTable:
+    """Means of the embedding over groups of key columns (e.g. per image, per gene).
+
+    Key columns that are constant within every group are kept; a count column
+    `n_patches` (or `n_images`) records how many rows were averaged.
+    """
+    missing = [c for c in by if c not in table.keys.columns]
+    if missing:
+        raise EmbeddingTableError(f"{table.source}: cannot aggregate by missing column(s) {missing}")
+    keys = table.keys.reset_index(drop=True)
+    codes = keys.groupby(list(by), sort=True, dropna=False).ngroup().to_numpy()
+    n = int(codes.max()) + 1 if len(codes) else 0
+    sums = np.zeros((n, table.dim), dtype=np.float64)
+    np.add.at(sums, codes, table.values)
+    counts = np.bincount(codes, minlength=n)
+    means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    first = keys.groupby(codes, sort=True).first()
+    constant = [c for c in keys.columns
+                if c in by or (keys.groupby(codes)[c].nunique(dropna=False) <= 1).all()]
+    out_keys = first[constant].reset_index(drop=True)
+    out_keys["n_patches" if "patch_index" in keys.columns else "n_images"] = counts
+    return EmbeddingTable(out_keys, means, table.source)
