@@ -78,7 +78,9 @@ def _coerce(df: pd.DataFrame, source: str) -> pd.DataFrame:
             elif col.kind == "float":
                 out[col.name] = pd.to_numeric(values, errors="raise").astype("float64")
             else:
-                out[col.name] = values.astype("string")
+                # Empty text means unknown: store it as NA so a CSV round trip is lossless.
+                text = values.astype("string").str.strip()
+                out[col.name] = text.mask(text == "")
         except (ValueError, TypeError) as e:
             if isinstance(e, ManifestError):
                 raise
@@ -124,7 +126,7 @@ def validate(df: pd.DataFrame, source: str = "<manifest>") -> pd.DataFrame:
             f"a manifest needs {', '.join(REQUIRED)}")
     out = _coerce(df, source)
     for name in ("gene_symbol", "donor_id", "path", "study"):
-        empty = out[name].isna() | (out[name].str.strip() == "")
+        empty = out[name].isna()
         if empty.any():
             row = int(np.flatnonzero(empty.to_numpy())[0])
             raise ManifestError(f"{source}: column '{name}' is empty in row {row + 2} (line of the CSV)")
