@@ -64,3 +64,305 @@ def parse_list(value: str | list[str] | None) -> list[str]:
         return []
     items = value if isinstance(value, list) else value.split(",")
     return [s.strip() for s in items if s and s.strip()]
+
+
+# --------------------------------------------------------------------------- fetch
+def define_fetch() -> None:
+    """Flags of `bin/fetch` (Allen Brain Atlas section images -> images/, manifest.csv)."""
+    if not _once("fetch"):
+        return
+    flags.DEFINE_enum("study", "cortex", ["cortex", "schizophrenia", "mouse"],
+                      "Allen ISH product: cortex (Human Cortex Study, product 9), "
+                      "schizophrenia (Human Schizophrenia Study, 11), mouse (adult Mouse, 1).")
+    flags.DEFINE_string("api_url", "http://api.brain-map.org", "Allen API host (scheme://host[:port]).")
+    # --out means the same for every dataset-writing stage (synth defines it too): share it.
+    if "out" not in FLAGS:
+        flags.DEFINE_string("out", "", "Output directory: images/, manifest.csv, failures.csv.")
+    flags.DEFINE_string("genes", "", "Comma-separated gene acronyms to fetch, or @FILE with one "
+                        "per line; empty fetches every gene of the study.")
+    flags.DEFINE_integer("max_images", 0, "Keep only the first N images (experiment id, image id "
+                         "order); 0 = all.", lower_bound=0)
+    flags.DEFINE_integer("downsample", 2, "image_download downsample: each side halved N times.",
+                         lower_bound=0)
+    flags.DEFINE_integer("workers", 4, "Concurrent image downloads.", lower_bound=1)
+    flags.DEFINE_string("plane", "", "plane_of_section to keep (coronal, sagittal); empty = the "
+                        "study's default (mouse: sagittal, human: all); 'any' = all.")
+    flags.DEFINE_integer("page_size", 50, "Rows per RMA query page (1..2000).", lower_bound=1)
+    flags.DEFINE_integer("retries", 5, "Retries of a request after timeouts, 5xx, 429, cut-off "
+                         "or undecodable bodies.", lower_bound=0)
+    flags.DEFINE_float("backoff_base", 1.0, "First retry delay in seconds; doubles each retry.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("max_retry_after", 60.0, "Cap on a server's Retry-After, seconds.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("timeout", 60.0, "Connect/read timeout of one HTTP request, seconds.")
+
+
+def fetch_config(FLAGS) -> FetchConfig:  # noqa: F821, N803 - imported lazily below
+    """Converts the fetch flags into an `ish_tf.data.allen.FetchConfig`.
+
+    Raises:
+      ValueError: --genes names a file that cannot be read.
+    """
+    from ish_tf.data.allen import FetchConfig, read_gene_list
+
+    return FetchConfig(
+        study=FLAGS.study, out=FLAGS.out, api_url=FLAGS.api_url,
+        genes=read_gene_list(FLAGS.genes), max_images=FLAGS.max_images,
+        downsample=FLAGS.downsample, workers=FLAGS.workers, plane=FLAGS.plane,
+        page_size=FLAGS.page_size, retries=FLAGS.retries, backoff_base=FLAGS.backoff_base,
+        max_retry_after=FLAGS.max_retry_after, timeout=FLAGS.timeout)
+
+
+# --------------------------------------------------------------------------- synth
+def define_synth() -> None:
+    """Flags of `bin/synth` (synthetic ISH sections -> images/, masks/, manifest.csv, ...)."""
+    if not _once("synth"):
+        return
+    # --out means the same for every dataset-writing stage (fetch defines it too): share it.
+    if "out" not in FLAGS:
+        flags.DEFINE_string("out", "", "Output directory of the dataset.")
+    flags.DEFINE_integer("n_genes", 24, "Number of synthetic genes.", lower_bound=1)
+    flags.DEFINE_integer("n_donors", 4, "Number of synthetic donors (half get a schizophrenia "
+                         "diagnosis).", lower_bound=2)
+    flags.DEFINE_integer("donors_per_gene", 3, "Donors each gene is assayed in (>= 2, so "
+                         "re-identification in another donor is possible).", lower_bound=2)
+    flags.DEFINE_integer("images_per_gene_donor", 2, "Section images per (gene, donor) experiment.",
+                         lower_bound=1)
+    flags.DEFINE_integer("n_groups", 6, "Number of GO-like gene groups (go.gaf, go.obo).",
+                         lower_bound=1)
+    flags.DEFINE_integer("synth_height", 256, "Height of the synthetic images, pixels.",
+                         lower_bound=32)
+    flags.DEFINE_integer("synth_width", 256, "Width of the synthetic images, pixels.",
+                         lower_bound=32)
+    flags.DEFINE_list("synth_regions", ["V1", "MTG"], "Brain regions; the images of an "
+                      "experiment alternate between them (V1 gets a thick layer 4).")
+    flags.DEFINE_string("synth_study", "synthetic", "Value of the manifest's study column.")
+    flags.DEFINE_integer("synth_jpeg_quality", 90, "JPEG quality of the images (1..100).",
+                         lower_bound=1, upper_bound=100)
+    flags.DEFINE_integer("synth_workers", 0, "Worker processes rendering images; 0 = render "
+                         "in the main process.", lower_bound=0)
+
+
+def synth_config(FLAGS) -> "SynthConfig":  # noqa: F821, N803 - lazy import below
+    """Converts the synth flags (and --seed, --small_run) into a `SynthConfig`.
+
+    --small_run shrinks the set to at most 8 genes, one image per (gene, donor) and
+    128 x 128 pixels.
+
+    Raises:
+      ValueError: --out is empty, or the values do not make a valid SynthConfig (the
+        message names the field).
+    """
+    from ish_tf.data.synthetic import SynthConfig
+
+    if not FLAGS.out:
+        raise ValueError("--out is required: the directory to write the synthetic dataset to")
+    n_genes, per_pair = FLAGS.n_genes, FLAGS.images_per_gene_donor
+    height, width = FLAGS.synth_height, FLAGS.synth_width
+    if FLAGS.small_run:
+        n_genes, per_pair = min(n_genes, 8), 1
+        height, width = min(height, 128), min(width, 128)
+    return SynthConfig(
+        out_dir=FLAGS.out, n_genes=n_genes, n_donors=FLAGS.n_donors,
+        donors_per_gene=FLAGS.donors_per_gene, images_per_gene_donor=per_pair,
+        height=height, width=width, regions=tuple(parse_list(FLAGS.synth_regions)),
+        seed=FLAGS.seed, jpeg_quality=FLAGS.synth_jpeg_quality, study=FLAGS.synth_study,
+        n_groups=min(FLAGS.n_groups, n_genes), workers=FLAGS.synth_workers)
+
+
+# --------------------------------------------------------------------------- model
+def define_model() -> None:
+    """Flags of the model builders (`ish_tf.models`): architecture and initial weights."""
+    if not _once("model"):
+        return
+    flags.DEFINE_string("model", "triplet",
+                        "Model family / training task (registry key): triplet.")
+    flags.DEFINE_enum("backbone", "resnet50", ["resnet50", "small_cnn"],
+                      "Backbone network; each carries the preprocessing matching its weights.")
+    flags.DEFINE_string("backbone_weights", "imagenet",
+                        "imagenet | none | path to a weights file (.weights.h5) of the backbone.")
+    flags.DEFINE_integer("input_size", 256, "Side of the square input images, in pixels.")
+    flags.DEFINE_integer("embedding_dim", 128, "Embedding dimension D.")
+    flags.DEFINE_integer("head_units", 1024, "Hidden units of the embedding head.")
+    flags.DEFINE_bool("l2_normalize", False, "L2-normalise the embeddings.")
+    flags.DEFINE_enum("head_batch_norm", "batch", ["batch", "sync", "none"],
+                      "Head batch norm: per replica, synchronised across replicas, or none.")
+
+
+def model_config(fv=FLAGS):
+    """`ish_tf.models.ModelConfig` from the model flags (seed from --seed)."""
+    from ish_tf.models import ModelConfig
+
+    return ModelConfig(model=fv.model, backbone=fv.backbone, backbone_weights=fv.backbone_weights,
+                       input_size=fv.input_size, embedding_dim=fv.embedding_dim,
+                       head_units=fv.head_units, l2_normalize=fv.l2_normalize,
+                       head_batch_norm=fv.head_batch_norm, seed=fv.seed)
+
+
+# --------------------------------------------------------------------------- train
+def define_train() -> None:
+    """Flags of bin/train (`ish_tf.train`): data, batch, loss, schedule, runtime."""
+    if not _once("train"):
+        return
+    flags.DEFINE_string("run_dir", "runs/triplet",
+                        "Run directory: flags.cfg, checkpoints/, logs/, metrics.csv, model.keras. "
+                        "Rerunning with the same directory resumes.")
+    flags.DEFINE_string("records_dir", "", "TFRecord shards + index.json written by bin/extract.")
+    flags.DEFINE_string("split", "train", "Split of the records to train on.")
+    flags.DEFINE_integer("P", 17, "Genes per batch.")
+    flags.DEFINE_integer("K", 17, "Patches per gene per batch (global batch = P*K).")
+    flags.DEFINE_bool("flips", True, "Random horizontal and vertical flips.")
+    flags.DEFINE_enum("mining", "batch_hard", ["batch_hard", "batch_all", "semi_hard"],
+                      "Triplet mining over the global batch.")
+    flags.DEFINE_string("margin", "soft", "Triplet margin: soft (softplus) or a number.")
+    flags.DEFINE_enum("metric", "euclidean", ["euclidean", "sqeuclidean", "cityblock"],
+                      "Embedding distance of the triplet loss.")
+    flags.DEFINE_float("learning_rate", 7e-5, "Initial Adam learning rate.")
+    flags.DEFINE_float("adam_epsilon", 1e-8, "Adam epsilon.")
+    flags.DEFINE_integer("steps", 30000, "Total optimizer steps.")
+    flags.DEFINE_integer("decay_start", 25000,
+                         "Hold the learning rate until this step, then decay it exponentially.")
+    flags.DEFINE_float("final_lr_fraction", 0.001, "Learning rate at --steps as a fraction of the initial one.")
+    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "one_device", "default"],
+                      "tf.distribute strategy; auto = mirrored when more than one GPU is visible.")
+    flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept on disk.")
+    flags.DEFINE_integer("log_every", 100, "Steps between log lines, TensorBoard scalars and metrics.csv rows.")
+    flags.DEFINE_bool("image_summaries", True, "Write a few input patches to TensorBoard at step 0.")
+    flags.DEFINE_bool("mixed_precision", False,
+                      "Mixed precision: float16 with loss scaling on GPU, bfloat16 on CPU.")
+    flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    flags.DEFINE_bool("deterministic", False, "Enable TensorFlow op determinism (slower).")
+
+
+def train_config(fv=FLAGS):
+    """`ish_tf.train.TrainConfig` from the train flags; --small_run shrinks it."""
+    from ish_tf.train import TrainConfig
+
+    cfg = TrainConfig(
+        run_dir=fv.run_dir, records_dir=fv.records_dir, split=fv.split, P=fv.P, K=fv.K,
+        flips=fv.flips, mining=fv.mining, margin=fv.margin, metric=fv.metric,
+        learning_rate=fv.learning_rate, adam_epsilon=fv.adam_epsilon, steps=fv.steps,
+        decay_start=fv.decay_start, final_lr_fraction=fv.final_lr_fraction, strategy=fv.strategy,
+        checkpoint_every=fv.checkpoint_every, keep_checkpoints=fv.keep_checkpoints,
+        log_every=fv.log_every,
+        image_summaries=fv.image_summaries, mixed_precision=fv.mixed_precision,
+        jit_compile=fv.jit_compile, deterministic=fv.deterministic, seed=fv.seed)
+    if fv.small_run:
+        cfg = cfg.shrunk_for_small_run()
+    return cfg.validate()
+
+
+# --------------------------------------------------------------------------- pipeline
+def define_pipeline() -> None:
+    """Flags of the tf.data readers (`ish_tf.data.pipeline`).
+
+    --flips and --deterministic belong to the train section; `pipeline_config` uses
+    them when defined (defining them here too would clash when both are requested).
+    """
+    if not _once("pipeline"):
+        return
+    flags.DEFINE_bool("standardize", False,
+                      "Per-image standardisation (mean 0, std 1) instead of pixels in [0, 255].")
+    flags.DEFINE_integer("shuffle_buffer", 4096,
+                         "Records in the shuffle buffer of the plain reader (mixes genes, "
+                         "which lie contiguous in the shards).", lower_bound=0)
+    flags.DEFINE_integer("cycle_length", 0,
+                         "Shards read concurrently by the plain reader (0 = number of cores).",
+                         lower_bound=0)
+
+
+def pipeline_config(fv=FLAGS):
+    """`ish_tf.data.pipeline.PipelineConfig` from the pipeline flags (+ --flips,
+    --deterministic when the train section defines them); --small_run shrinks the buffer."""
+    from ish_tf.data.pipeline import PipelineConfig
+
+    # getattr: absl raises AttributeError for flags that no section defined.
+    flips = getattr(fv, "flips", True)
+    deterministic = getattr(fv, "deterministic", False)
+    shuffle_buffer = min(fv.shuffle_buffer, 256) if fv.small_run else fv.shuffle_buffer
+    return PipelineConfig(flips=flips, standardize=fv.standardize,
+                          shuffle_buffer=shuffle_buffer, deterministic=deterministic,
+                          cycle_length=fv.cycle_length)
+
+
+# --------------------------------------------------------------------------- extract
+def _define_once(define, name: str, default, help_text: str, **kwargs) -> None:
+    """Defines a flag unless another stage's section already did (e.g. --out, --workers).
+
+    Several commands share generic names; a process that imports two CLIs (the test
+    suite) must not define them twice. The first definition's default wins there;
+    each `bin/` command only defines its own sections, so its defaults are its own.
+    """
+    if name not in FLAGS:
+        define(name, default, help_text, **kwargs)
+
+
+def define_extract() -> None:
+    """Flags of `bin/extract` (manifest -> masks, patches, sharded TFRecords)."""
+    if not _once("extract"):
+        return
+    _define_once(flags.DEFINE_string, "manifest", "", "Manifest CSV written by bin/fetch or bin/synth.")
+    _define_once(flags.DEFINE_string, "out", "", "Output directory.")
+    _define_once(flags.DEFINE_string, "genes", "", "Comma-separated genes to keep (or @FILE, one "
+                 "per line); empty = all.")
+    _define_once(flags.DEFINE_integer, "workers", 1, "Worker processes.", lower_bound=1)
+    flags.DEFINE_integer("patches_per_image", 50, "N: most patches per image.", lower_bound=1)
+    flags.DEFINE_integer("source_size", 1024, "S: side of a patch window in original-image "
+                         "pixels.", lower_bound=1)
+    flags.DEFINE_integer("patch_size", 256, "R: side of the stored (resized) patch.", lower_bound=1)
+    flags.DEFINE_float("min_fraction", 0.9, "F: least tissue fraction of a window.",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_integer("max_tries", 500, "T: most random windows tried per image.", lower_bound=1)
+    flags.DEFINE_enum("format", "jpeg", ["jpeg", "png"], "Encoding of stored patches.")
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of stored patches.", lower_bound=1,
+                         upper_bound=95)
+    flags.DEFINE_integer("num_shards", 4, "Most TFRecord shards per split (whole genes per "
+                         "shard).", lower_bound=1)
+    flags.DEFINE_enum("compression", "none", ["none", "gzip"], "TFRecord compression.")
+    flags.DEFINE_enum("split_by", "gene", ["gene", "donor"], "Hold out unseen genes or unseen "
+                      "donors in validation/test.")
+    flags.DEFINE_string("split_fractions", "0.8,0.1,0.1", "train,validation,test fractions.")
+    flags.DEFINE_enum("segmenter", "classical", ["classical", "unet"], "Foreground mask method.")
+    flags.DEFINE_string("unet_path", "", "Trained U-Net .keras file for --segmenter=unet.")
+    flags.DEFINE_integer("mask_work_size", 512, "Longest side of the resolution masks are "
+                         "computed at.", lower_bound=16)
+    flags.DEFINE_bool("save_overlays", False, "Also write OUT/overlays/{image_id}.png (mask "
+                      "over image) for visual checks.")
+
+
+def extract_config(FLAGS) -> "ExtractConfig":  # noqa: F821, N803 - lazy import below
+    """Converts the extract flags into an `ish_tf.data.patches.ExtractConfig`.
+
+    Raises:
+      ValueError: --split_fractions is not three numbers, or --genes names an unreadable file.
+    """
+    from ish_tf.data.patches import ExtractConfig
+    from ish_tf.data.segment import MaskConfig
+
+    try:
+        fractions = tuple(float(v) for v in parse_list(FLAGS.split_fractions))
+    except ValueError as e:
+        raise ValueError(f"--split_fractions must be three numbers, got "
+                         f"{FLAGS.split_fractions!r}") from e
+    if len(fractions) != 3:
+        raise ValueError(f"--split_fractions must be three numbers, got {FLAGS.split_fractions!r}")
+    genes_flag = FLAGS.genes or ""
+    if genes_flag.startswith("@"):
+        try:
+            with open(genes_flag[1:], encoding="utf-8") as f:
+                genes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise ValueError(f"--genes={genes_flag}: cannot read the gene list: {e}") from e
+    else:
+        genes = parse_list(genes_flag)
+    mask = MaskConfig(segmenter=FLAGS.segmenter, unet_path=FLAGS.unet_path or None,
+                      work_size=FLAGS.mask_work_size)
+    return ExtractConfig(
+        manifest=FLAGS.manifest, out_dir=FLAGS.out,
+        patches_per_image=FLAGS.patches_per_image, source_size=FLAGS.source_size,
+        patch_size=FLAGS.patch_size, min_fraction=FLAGS.min_fraction, max_tries=FLAGS.max_tries,
+        image_format=FLAGS.format, jpeg_quality=FLAGS.jpeg_quality, num_shards=FLAGS.num_shards,
+        compression=None if FLAGS.compression == "none" else "GZIP", split_by=FLAGS.split_by,
+        split_fractions=fractions, workers=FLAGS.workers, seed=FLAGS.seed, genes=tuple(genes),
+        mask=mask, save_overlays=FLAGS.save_overlays)
