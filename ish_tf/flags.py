@@ -143,7 +143,7 @@ def define_synth() -> None:
                          "in the main process.", lower_bound=0)
 
 
-def synth_config(FLAGS) -> "SynthConfig":  # noqa: F821, N803 - lazy import below
+def synth_config(FLAGS) -> SynthConfig:  # noqa: F821, N803 - lazy import below
     """Converts the synth flags (and --seed, --small_run) into a `SynthConfig`.
 
     --small_run shrinks the set to at most 8 genes, one image per (gene, donor) and
@@ -366,3 +366,125 @@ def extract_config(FLAGS) -> "ExtractConfig":  # noqa: F821, N803 - lazy import 
         compression=None if FLAGS.compression == "none" else "GZIP", split_by=FLAGS.split_by,
         split_fractions=fractions, workers=FLAGS.workers, seed=FLAGS.seed, genes=tuple(genes),
         mask=mask, save_overlays=FLAGS.save_overlays)
+
+
+# --------------------------------------------------------------------------- evaluate
+def define_evaluate() -> None:
+    """Flags of `bin/evaluate` (annotation/GO prediction, donor control, diagnosis, reid)."""
+    if not _once("evaluate"):
+        return
+    flags.DEFINE_list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid.")
+    flags.DEFINE_string("embedding", "", "One embedding table (CSV/Parquet; every numeric "
+                        "non-key column is a dimension); named after its file.")
+    flags.DEFINE_string("embeddings", "", "Several tables side by side: name=path,name=path,...")
+    _define_once(flags.DEFINE_string, "out", "", "Output directory.")
+    _define_once(flags.DEFINE_string, "manifest", "", "Manifest CSV written by bin/fetch or "
+                 "bin/synth.")
+    flags.DEFINE_string("zeng_table", "", "Zeng et al. 2012 Table S2 (.xlsx): pattern, level, "
+                        "level_description, layer_marker, celltype_marker groups.")
+    flags.DEFINE_string("gaf", "", "GO annotations, GAF 2.x (plain or .gz; symbols or NCBIGene ids).")
+    flags.DEFINE_string("obo", "", "GO ontology (.obo) to propagate annotations up is_a edges.")
+    flags.DEFINE_list("go_aspects", ["P", "F", "C"], "GO aspects kept: P, F, C.")
+    flags.DEFINE_list("go_exclude_evidence", [], "GO evidence codes dropped, e.g. IEA.")
+    flags.DEFINE_integer("go_min_genes", 40, "Smallest GO group, in matched genes.", lower_bound=1)
+    flags.DEFINE_integer("go_max_genes", 200, "Largest GO group, in matched genes.", lower_bound=1)
+    flags.DEFINE_list("annotations", [], "Generic annotation CSVs: gene_symbol and/or entrez_id "
+                      "+ categorical columns, each value a group (e.g. bin/synth's annotations.csv).")
+    flags.DEFINE_list("annotation_columns", [], "Columns of --annotations to use; empty = all "
+                      "non-key columns.")
+    flags.DEFINE_integer("min_group_genes", 5, "Groups with fewer matched genes are skipped.",
+                         lower_bound=2)
+    flags.DEFINE_integer("folds", 5, "Stratified cross-validation folds.", lower_bound=2)
+    flags.DEFINE_integer("max_iter", 500, "Iteration cap of the logistic regression.",
+                         lower_bound=1)
+    flags.DEFINE_enum("solver", "newton-cg", ["newton-cg", "lbfgs", "newton-cholesky"],
+                      "scikit-learn solver of the unpenalised logistic regression.")
+    flags.DEFINE_bool("standardize_features", True, "z-score embedding dimensions inside each "
+                      "fold (training part's mean/std): results do not depend on the scale.")
+    flags.DEFINE_enum("join_key", "auto", ["auto", "gene_symbol", "entrez_id"],
+                      "Key joining embeddings to annotations; auto = the one matching more genes.")
+    flags.DEFINE_bool("common_genes", True, "Score all embeddings on the genes every one of them "
+                      "matches (paired comparison).")
+    flags.DEFINE_string("donor_matrix", "", "Gene x donor 0/1 assay matrix CSV, scored as "
+                        "embedding 'donor_matrix' (donor-bias control).")
+    flags.DEFINE_bool("donor_control", True, "With --manifest and no --donor_matrix, build the "
+                      "donor matrix from the manifest and score it too.")
+    flags.DEFINE_string("diagnosis_label", "diagnosis", "Manifest column labelling donors.")
+    flags.DEFINE_string("diagnosis_positive", "schizophrenia", "Value of the positive class.")
+    flags.DEFINE_string("diagnosis_negative", "control", "Value of the negative class; empty = "
+                        "every other value.")
+    flags.DEFINE_integer("min_donors", 40, "Diagnosis: genes assayed in fewer labelled donors "
+                         "are skipped.", lower_bound=2)
+    flags.DEFINE_list("demographics", ["donor_age", "pmi", "tissue_ph", "smoker", "donor_sex",
+                                       "donor_race"],
+                      "Diagnosis covariates (numeric as is, others one-hot).")
+    flags.DEFINE_integer("top_genes", 20, "Rows of OUT/diagnosis_top.csv.", lower_bound=1)
+    flags.DEFINE_enum("reid_level", "image", ["image", "patch", "donor"],
+                      "Level re-identification runs at (patch tables are averaged up).")
+    flags.DEFINE_enum("reid_metric", "euclidean", ["euclidean", "sqeuclidean", "cosine",
+                                                   "cityblock"], "Re-identification distance.")
+    flags.DEFINE_bool("report", True, "Write figures/ and report.html for the tasks that ran.")
+    flags.DEFINE_integer("n_jobs", 2, "Threads scoring groups (or genes) in parallel.",
+                         lower_bound=1)
+
+
+def parse_named_paths(value: str) -> dict[str, str]:
+    """`name=path,name=path` (or bare paths, named after the file) to an ordered dict.
+
+    Raises:
+      ValueError: a name repeats or is empty.
+    """
+    out: dict[str, str] = {}
+    for item in parse_list(value):
+        name, sep, path = item.partition("=")
+        if not sep:
+            path = item
+            name = os.path.splitext(os.path.basename(item))[0]
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ValueError(f"--embeddings item {item!r} must be name=path")
+        if name in out:
+            raise ValueError(f"--embeddings names {name!r} twice")
+        out[name] = path
+    return out
+
+
+def evaluate_config(FLAGS) -> "EvaluateConfig":  # noqa: F821, N803 - lazy import below
+    """Converts the evaluate flags (and --seed) into an `ish_tf.evaluate.EvaluateConfig`.
+
+    Raises:
+      ValueError: --out is empty, --embeddings is malformed, or a task lacks its inputs.
+    """
+    from ish_tf.evaluate import EvaluateConfig
+    from ish_tf.evaluate.annotations import ScoringConfig
+    from ish_tf.evaluate.diagnosis import DiagnosisConfig
+
+    if not FLAGS.out:
+        raise ValueError("--out is required: the directory to write results to")
+    embeddings = parse_named_paths(FLAGS.embedding)
+    for name, path in parse_named_paths(FLAGS.embeddings).items():
+        if name in embeddings:
+            raise ValueError(f"embedding name {name!r} given by both --embedding and --embeddings")
+        embeddings[name] = path
+    scoring = ScoringConfig(
+        n_splits=FLAGS.folds, seed=FLAGS.seed, standardize=FLAGS.standardize_features,
+        max_iter=FLAGS.max_iter, solver=FLAGS.solver, min_genes=FLAGS.min_group_genes,
+        size_bounds={"go": (FLAGS.go_min_genes, FLAGS.go_max_genes)}, n_jobs=FLAGS.n_jobs)
+    diagnosis = DiagnosisConfig(
+        label_column=FLAGS.diagnosis_label, positive=FLAGS.diagnosis_positive,
+        negative=FLAGS.diagnosis_negative, min_donors=FLAGS.min_donors,
+        demographics=tuple(parse_list(FLAGS.demographics)), n_splits=FLAGS.folds,
+        seed=FLAGS.seed, standardize=FLAGS.standardize_features, max_iter=FLAGS.max_iter,
+        solver=FLAGS.solver, n_jobs=FLAGS.n_jobs)
+    return EvaluateConfig(
+        tasks=tuple(parse_list(FLAGS.task)), embeddings=embeddings, out_dir=FLAGS.out,
+        zeng_table=FLAGS.zeng_table, gaf=FLAGS.gaf, obo=FLAGS.obo,
+        go_aspects=tuple(parse_list(FLAGS.go_aspects)),
+        go_exclude_evidence=tuple(parse_list(FLAGS.go_exclude_evidence)),
+        annotation_tables=tuple(parse_list(FLAGS.annotations)),
+        annotation_columns=tuple(parse_list(FLAGS.annotation_columns)),
+        donor_matrix=FLAGS.donor_matrix, manifest=FLAGS.manifest,
+        donor_control=FLAGS.donor_control, join_key=FLAGS.join_key,
+        common_genes=FLAGS.common_genes, scoring=scoring, diagnosis=diagnosis,
+        top_genes=FLAGS.top_genes, reid_level=FLAGS.reid_level, reid_metric=FLAGS.reid_metric,
+        report=FLAGS.report).validate()
