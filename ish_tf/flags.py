@@ -66,6 +66,17 @@ def parse_list(value: str | list[str] | None) -> list[str]:
     return [s.strip() for s in items if s and s.strip()]
 
 
+def _define_once(define, name: str, default, help_text: str, **kwargs) -> None:
+    """Defines a flag unless another stage's section already did (e.g. --out, --workers).
+
+    Several commands share generic names; a process that imports two CLIs (the test
+    suite) must not define them twice. The first definition's default wins there;
+    each `bin/` command only defines its own sections, so its defaults are its own.
+    """
+    if name not in FLAGS:
+        define(name, default, help_text, **kwargs)
+
+
 # --------------------------------------------------------------------------- fetch
 def define_fetch() -> None:
     """Flags of `bin/fetch` (Allen Brain Atlas section images -> images/, manifest.csv)."""
@@ -75,16 +86,16 @@ def define_fetch() -> None:
                       "Allen ISH product: cortex (Human Cortex Study, product 9), "
                       "schizophrenia (Human Schizophrenia Study, 11), mouse (adult Mouse, 1).")
     flags.DEFINE_string("api_url", "http://api.brain-map.org", "Allen API host (scheme://host[:port]).")
-    # --out means the same for every dataset-writing stage (synth defines it too): share it.
-    if "out" not in FLAGS:
-        flags.DEFINE_string("out", "", "Output directory: images/, manifest.csv, failures.csv.")
-    flags.DEFINE_string("genes", "", "Comma-separated gene acronyms to fetch, or @FILE with one "
-                        "per line; empty fetches every gene of the study.")
+    # --out, --genes and --workers mean the same for every data stage: shared, defined once.
+    _define_once(flags.DEFINE_string, "out", "", "Output directory: images/, manifest.csv, failures.csv.")
+    _define_once(flags.DEFINE_string, "genes", "", "Comma-separated gene acronyms to fetch, or @FILE "
+                 "with one per line; empty fetches every gene of the study.")
     flags.DEFINE_integer("max_images", 0, "Keep only the first N images (experiment id, image id "
                          "order); 0 = all.", lower_bound=0)
     flags.DEFINE_integer("downsample", 2, "image_download downsample: each side halved N times.",
                          lower_bound=0)
-    flags.DEFINE_integer("workers", 4, "Concurrent image downloads.", lower_bound=1)
+    _define_once(flags.DEFINE_integer, "workers", 4, "Concurrent image downloads (fetch) or "
+                 "worker processes (extract).", lower_bound=1)
     flags.DEFINE_string("plane", "", "plane_of_section to keep (coronal, sagittal); empty = the "
                         "study's default (mouse: sagittal, human: all); 'any' = all.")
     flags.DEFINE_integer("page_size", 50, "Rows per RMA query page (1..2000).", lower_bound=1)
@@ -204,11 +215,13 @@ def define_train() -> None:
     """Flags of bin/train (`ish_tf.train`): data, batch, loss, schedule, runtime."""
     if not _once("train"):
         return
-    flags.DEFINE_string("run_dir", "runs/triplet",
-                        "Run directory: flags.cfg, checkpoints/, logs/, metrics.csv, model.keras. "
-                        "Rerunning with the same directory resumes.")
-    flags.DEFINE_string("records_dir", "", "TFRecord shards + index.json written by bin/extract.")
-    flags.DEFINE_string("split", "train", "Split of the records to train on.")
+    # Generic names other sections may define too (embed: --records_dir): define once.
+    _define_once(flags.DEFINE_string, "run_dir", "runs/triplet",
+                 "Run directory: flags.cfg, checkpoints/, logs/, metrics.csv, model.keras. "
+                 "Rerunning with the same directory resumes.")
+    _define_once(flags.DEFINE_string, "records_dir", "",
+                 "TFRecord shards + index.json written by bin/extract.")
+    _define_once(flags.DEFINE_string, "split", "train", "Split of the records to train on.")
     flags.DEFINE_integer("P", 17, "Genes per batch.")
     flags.DEFINE_integer("K", 17, "Patches per gene per batch (global batch = P*K).")
     flags.DEFINE_bool("flips", True, "Random horizontal and vertical flips.")
@@ -287,17 +300,6 @@ def pipeline_config(fv=FLAGS):
 
 
 # --------------------------------------------------------------------------- extract
-def _define_once(define, name: str, default, help_text: str, **kwargs) -> None:
-    """Defines a flag unless another stage's section already did (e.g. --out, --workers).
-
-    Several commands share generic names; a process that imports two CLIs (the test
-    suite) must not define them twice. The first definition's default wins there;
-    each `bin/` command only defines its own sections, so its defaults are its own.
-    """
-    if name not in FLAGS:
-        define(name, default, help_text, **kwargs)
-
-
 def define_extract() -> None:
     """Flags of `bin/extract` (manifest -> masks, patches, sharded TFRecords)."""
     if not _once("extract"):
@@ -331,7 +333,7 @@ def define_extract() -> None:
                       "over image) for visual checks.")
 
 
-def extract_config(FLAGS) -> "ExtractConfig":  # noqa: F821, N803 - lazy import below
+def extract_config(FLAGS) -> ExtractConfig:  # noqa: F821, N803 - lazy import below
     """Converts the extract flags into an `ish_tf.data.patches.ExtractConfig`.
 
     Raises:
@@ -424,6 +426,9 @@ def define_evaluate() -> None:
     flags.DEFINE_enum("reid_metric", "euclidean", ["euclidean", "sqeuclidean", "cosine",
                                                    "cityblock"], "Re-identification distance.")
     flags.DEFINE_bool("report", True, "Write figures/ and report.html for the tasks that ran.")
+    flags.DEFINE_enum("map_method", "pca", ["pca", "tsne", "umap", "auto", "none"],
+                      "Projection of the per-embedding gene maps in the report (tsne: nicer, "
+                      "~15-60 s per embedding on 2 cores; none: no maps).")
     flags.DEFINE_integer("n_jobs", 2, "Threads scoring groups (or genes) in parallel.",
                          lower_bound=1)
 
@@ -449,7 +454,7 @@ def parse_named_paths(value: str) -> dict[str, str]:
     return out
 
 
-def evaluate_config(FLAGS) -> "EvaluateConfig":  # noqa: F821, N803 - lazy import below
+def evaluate_config(FLAGS) -> EvaluateConfig:  # noqa: F821, N803 - lazy import below
     """Converts the evaluate flags (and --seed) into an `ish_tf.evaluate.EvaluateConfig`.
 
     Raises:
@@ -487,4 +492,74 @@ def evaluate_config(FLAGS) -> "EvaluateConfig":  # noqa: F821, N803 - lazy impor
         donor_control=FLAGS.donor_control, join_key=FLAGS.join_key,
         common_genes=FLAGS.common_genes, scoring=scoring, diagnosis=diagnosis,
         top_genes=FLAGS.top_genes, reid_level=FLAGS.reid_level, reid_metric=FLAGS.reid_metric,
-        report=FLAGS.report).validate()
+        report=FLAGS.report, map_method=FLAGS.map_method).validate()
+
+
+# --------------------------------------------------------------------------- export
+def define_export() -> None:
+    """Flags of `bin/export` (RUN/model.keras -> versioned SavedModel EXPORT/<name>/<v>/)."""
+    if not _once("export"):
+        return
+    flags.DEFINE_string("model_dir", "", "Training run directory RUN (holding model.keras, "
+                        "model_config.json, flags.cfg), or a .keras file.")
+    flags.DEFINE_string("export_dir", "", "Export base EXPORT/<name>: versions are written "
+                        "to integer subdirectories (TF Serving's model base path).")
+    flags.DEFINE_string("family", "", "Model family (sets the output names); empty = the "
+                        "builder in RUN/model_config.json, else triplet.")
+    flags.DEFINE_integer("version", 0, "Version number to write; 0 = newest + 1.", lower_bound=0)
+    flags.DEFINE_integer("keep", 5, "Keep only the newest N versions after exporting; 0 = all.",
+                         lower_bound=0)
+    flags.DEFINE_bool("overwrite", False, "Replace --version if it already exists.")
+
+
+def export_config(fv=FLAGS) -> ExportConfig:  # noqa: F821 - lazy import below
+    """`ish_tf.export.ExportConfig` from the export flags.
+
+    Raises:
+      ish_tf.export.ExportError (a ValueError): a required flag is empty.
+    """
+    from ish_tf.export.saved_model import ExportConfig
+
+    return ExportConfig(model_dir=fv.model_dir, export_dir=fv.export_dir, family=fv.family,
+                        version=fv.version or None, keep=fv.keep,
+                        overwrite=fv.overwrite).validate()
+
+
+# --------------------------------------------------------------------------- embed
+def define_embed() -> None:
+    """Flags of `bin/embed` (SavedModel + TFRecord patches -> patch/image/donor/gene tables)."""
+    if not _once("embed"):
+        return
+    flags.DEFINE_string("saved_model", "", "Export base EXPORT/<name> (newest version) or a "
+                        "SavedModel version directory written by bin/export.")
+    _define_once(flags.DEFINE_string, "records_dir", "", "TFRecord shards + index.json "
+                 "written by bin/extract.")
+    _define_once(flags.DEFINE_string, "out", "", "Output directory.")
+    flags.DEFINE_list("splits", [], "Splits to embed (train, validation, test); empty = all.")
+    flags.DEFINE_integer("embed_batch_size", 64, "Patches per call of the serving signature.",
+                         lower_bound=1)
+    flags.DEFINE_enum("gene_from", "patches", ["patches", "images"],
+                      "Donor and gene vectors: mean of all their patches (the paper) or mean "
+                      "of their image means.")
+    flags.DEFINE_enum("table_format", "csv", ["csv", "parquet"],
+                      "Format of the embedding tables (parquet needs pyarrow).")
+    flags.DEFINE_string("signature", "serving_default",
+                        "Signature fed with the encoded patch bytes.")
+    flags.DEFINE_string("output_key", "", "Output of the signature to store; empty = the "
+                        "export's first output (embedding for triplet).")
+    flags.DEFINE_list("levels", ["patch", "image", "donor", "gene"], "Tables to write.")
+
+
+def embed_config(fv=FLAGS) -> EmbedConfig:  # noqa: F821 - lazy import below
+    """`ish_tf.embed.EmbedConfig` from the embed flags.
+
+    Raises:
+      ish_tf.embed.EmbedError (a ValueError): a required flag is empty or a value is invalid.
+    """
+    from ish_tf.embed import EmbedConfig
+
+    return EmbedConfig(
+        saved_model=fv.saved_model, records_dir=fv.records_dir, out_dir=fv.out,
+        splits=tuple(parse_list(fv.splits)), batch_size=fv.embed_batch_size,
+        gene_from=fv.gene_from, table_format=fv.table_format, signature=fv.signature,
+        output=fv.output_key or None, levels=tuple(parse_list(fv.levels))).validate()

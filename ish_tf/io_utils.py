@@ -20,11 +20,22 @@ T = TypeVar("T")
 TMP_SUFFIX = ".tmp"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def tmp_path_for(path: str) -> str:
-    """Returns a unique temporary name beside `path` (same directory, same filesystem)."""
+    """Returns a unique temporary name beside `path` (same directory, same filesystem).
+
+    mkstemp creates the file with mode 0600; it is widened to what a plain `open()`
+    would give (0666 minus the umask) so renamed results stay readable by others.
+    """
     directory, base = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TMP_SUFFIX, dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     return tmp
 
 

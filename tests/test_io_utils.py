@@ -42,3 +42,12 @@ def test_progress_draws_only_when_enabled():
         bar.update()
     bar.close()
     assert "3/3" in buf.getvalue()
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+    path = tmp_path / "r.html"
+    io_utils.atomic_write_text(str(path), "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)

@@ -1,0 +1,133 @@
+"""Reading benchmark of the tf.data pipelines (run by hand; prints images/s and ratios).
+
+Writes N JPEG patches (default 2,000 of 256×256, 40 genes, 8 shards) to a temporary
+directory with `ish_tf.data.records`, then measures in the same process:
+
+  (a) the full plain reader `patch_dataset` (read, shuffle, parse, decode, flip, batch);
+  (b) the baseline: decode-only over the same encoded patches held in memory
+      (`from_tensor_slices(bytes).map(decode_jpeg, AUTOTUNE).batch`), i.e. the same
+      parallel decoding with no file reading, parsing, shuffling or flipping;
+  (c) the P×K reader `pk_dataset` (P genes × K patches per batch).
+
+Goal: (a) / (b) ≥ 0.8, i.e. the pipeline costs little beyond JPEG decoding.
+
+    .venv/bin/python bench/bench_pipeline.py [--n 2000] [--size 256] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ish_tf.data import pipeline, records  # noqa: E402
+
+
+def synthetic_patch(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth, ISH-like patch (blurred blobs + grain) so JPEG sizes are realistic."""
+    small = rng.random((size // 16, size // 16, 3)) * 255
+    img = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((size, size),
+                                                                     Image.BILINEAR), np.float32)
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_records(out: str, n: int, size: int, n_genes: int, n_shards: int,
+                  seed: int = 0) -> list[bytes]:
+    """Writes n patches like bin/extract would; returns the encoded JPEGs in write order."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:03d}" for i in range(n_genes)]
+    info = records.DatasetInfo(genes=records.make_gene_vocabulary(genes), source_size=size,
+                               patch_size=size, format="jpeg", seed=seed)
+    records.write_dataset_info(out, info)
+    per_gene = np.full(n_genes, n // n_genes)
+    per_gene[: n - per_gene.sum()] += 1
+    shard_of = records.assign_shards(genes, n_shards)
+    gene_index = info.gene_index()
+    encoded: list[bytes] = []
+    for k in range(n_shards):
+        with records.ShardWriter(out, "train", k, n_shards) as w:
+            for g in (g for g in genes if shard_of[g] == k):
+                for p in range(per_gene[gene_index[g]]):
+                    buf = io.BytesIO()
+                    Image.fromarray(synthetic_patch(rng, size)).save(buf, "JPEG", quality=90)
+                    data = buf.getvalue()
+                    encoded.append(data)
+                    image_id = gene_index[g] * 1000 + p // 8
+                    w.write(records.make_example(
+                        image_encoded=data, image_height=size, image_width=size,
+                        image_id=image_id, patch_index=p % 8, gene_symbol=g,
+                        gene_index=gene_index[g]), g, image_id)
+        records.update_index(out, w.info)
+    return encoded
+
+
+def images_per_second(ds: tf.data.Dataset, batch_images: int, min_images: int,
+                      warmup: int = 3) -> float:
+    """Iterates `ds` (after `warmup` batches) until min_images images; returns images/s."""
+    it = iter(ds)
+    for _ in range(warmup):
+        next(it)
+    n, start = 0, time.perf_counter()
+    while n < min_images:
+        next(it)
+        n += batch_images
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=2000, help="patches to write")
+    ap.add_argument("--size", type=int, default=256, help="patch side R")
+    ap.add_argument("--genes", type=int, default=40)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--P", type=int, default=16)
+    ap.add_argument("--K", type=int, default=4)
+    ap.add_argument("--images", type=int, default=6000, help="images timed per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        encoded = write_records(out, args.n, args.size, args.genes, args.shards)
+        mb = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**20
+        print(f"wrote {args.n} JPEG {args.size}x{args.size} patches, {args.shards} shards, "
+              f"{mb:.1f} MiB in {time.perf_counter() - t0:.1f} s; cpus={os.cpu_count()}")
+
+        full = pipeline.patch_dataset(out, "train", batch_size=args.batch, training=True,
+                                      flips=True, shuffle_buffer=1024)
+        base = (tf.data.Dataset.from_tensor_slices(tf.constant(encoded)).repeat()
+                .map(lambda e: tf.io.decode_jpeg(e, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+        pk = pipeline.pk_dataset(out, "train", P=args.P, K=args.K, flips=True, deterministic=False)
+        pk_det = pipeline.pk_dataset(out, "train", P=args.P, K=args.K, flips=True)
+
+        cases = {"base": (base, args.batch), "full": (full, args.batch),
+                 "pk": (pk, args.P * args.K), "pk_det": (pk_det, args.P * args.K)}
+        best = dict.fromkeys(cases, 0.0)
+        # Round-robin repeats, best of each: the machine may be shared, and alternating
+        # keeps a burst of load from favouring one case.
+        for _ in range(args.repeats):
+            for name, (ds, b) in cases.items():
+                best[name] = max(best[name], images_per_second(ds, b, args.images))
+        r_base, r_full, r_pk, r_pk_det = (best[k] for k in ("base", "full", "pk", "pk_det"))
+        print(f"(b) decode-only baseline (in memory)  : {r_base:9.0f} images/s")
+        print(f"(a) patch_dataset full pipeline        : {r_full:9.0f} images/s  "
+              f"ratio a/b = {r_full / r_base:.2f} (goal >= 0.8)")
+        print(f"(c) pk_dataset P={args.P} K={args.K} (nondeterministic): {r_pk:9.0f} images/s  "
+              f"ratio c/b = {r_pk / r_base:.2f}")
+        print(f"(c) pk_dataset P={args.P} K={args.K} (deterministic)   : {r_pk_det:9.0f} images/s  "
+              f"ratio c/b = {r_pk_det / r_base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""bin/extract end to end: shards, splits, report, resume after a crash, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ish_tf.data import patches as P
+from ish_tf.data import records
+from ish_tf.data.manifest import ManifestError, write_manifest
+from ish_tf.io_utils import tmp_path_for
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """8 genes x 2 donors x 1 image, 256x288 synthetic sections with known masks."""
+    from ish_tf.data.synthetic import SynthConfig, generate_dataset
+
+    out = tmp_path_factory.mktemp("synth_extract")
+    generate_dataset(SynthConfig(out_dir=str(out), n_genes=8, n_donors=2, donors_per_gene=2,
+                                 images_per_gene_donor=1, height=256, width=288, seed=1))
+    return out
+
+
+def _cfg(manifest, out, **kw) -> P.ExtractConfig:
+    base = dict(manifest=str(manifest), out_dir=str(out), patches_per_image=4, source_size=96,
+                patch_size=32, min_fraction=0.9, max_tries=100, num_shards=2, seed=0)
+    base.update(kw)
+    return P.ExtractConfig(**base)
+
+
+def _read_keys(out) -> list[tuple[int, int, str]]:
+    """(image_id, patch_index, gene_symbol) of every record in every indexed shard."""
+    import tensorflow as tf
+
+    keys = []
+    for shard in records.load_index(str(out))["shards"]:
+        ds = tf.data.TFRecordDataset(os.path.join(out, shard["file"]),
+                                     compression_type=shard["compression"] or "")
+        for raw in ds:
+            f = records.parse_example(raw, ["image_id", "patch_index", "gene_symbol"])
+            keys.append((int(f["image_id"]), int(f["patch_index"]),
+                         f["gene_symbol"].numpy().decode()))
+    return keys
+
+
+def _shard_bytes(out) -> dict[str, bytes]:
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
+            if ".tfrecord" in n and not n.startswith(".") and not n.endswith(".npy")}
+
+
+@pytest.fixture(scope="module")
+def reference(synth, tmp_path_factory):
+    """An uninterrupted single-process run, the yardstick of the resume tests."""
+    out = tmp_path_factory.mktemp("ref")
+    summary = P.run_extract(_cfg(synth / "manifest.csv", out))
+    return out, summary
+
+
+def test_end_to_end_extract(synth, reference):
+    out, summary = reference
+    manifest = pd.read_csv(synth / "manifest.csv")
+    report = pd.read_csv(out / P.REPORT_NAME)
+    assert sorted(report["image_id"]) == sorted(manifest["image_id"])
+    assert (report["status"] == P.OK).all(), report
+    assert (report["n_patches"] == 4).all()
+    keys = _read_keys(out)
+    assert len(keys) == len(set(keys)) == 4 * len(manifest)
+    assert summary["shards_written"] == len(records.load_index(str(out))["shards"])
+    assert sum(s["patches"] for s in summary["splits"].values()) == len(keys)
+    # Splits are by gene: each gene lies in exactly one split, all three are used.
+    info = records.load_dataset_info(str(out))
+    split_of = {g.gene_symbol: g.split for g in info.genes}
+    assert set(split_of.values()) == {"train", "validation", "test"}
+    for _, row in report.iterrows():
+        assert row["split"] == split_of[row["gene_symbol"]]
+    # Records are contiguous per gene inside every shard, and their labels match the vocabulary.
+    for shard in records.load_index(str(out))["shards"]:
+        assert shard["split"] in records.SPLITS
+    genes_in_order = [k[2] for k in keys]
+    runs = [g for i, g in enumerate(genes_in_order) if i == 0 or genes_in_order[i - 1] != g]
+    assert len(runs) == len(set(runs))
+    genes_csv = pd.read_csv(out / "genes.csv")
+    assert genes_csv["n_patches"].sum() == len(keys)
+    # A decoded patch has the stored size.
+    import tensorflow as tf
+
+    shard = records.load_index(str(out))["shards"][0]
+    raw = next(iter(tf.data.TFRecordDataset(os.path.join(out, shard["file"]))))
+    f = records.parse_example(raw)
+    assert tuple(records.decode_image(f, 32).shape) == (32, 32, 3)
+    assert int(f["source_size"]) == 96
+    assert P.format_summary(summary).startswith("extract: wrote")
+
+
+def test_rerun_is_a_no_op_and_workers_give_identical_shards(synth, reference, tmp_path):
+    ref_out, _ = reference
+    again = P.run_extract(_cfg(synth / "manifest.csv", ref_out))
+    assert again["shards_written"] == 0 and again["shards_resumed"] > 0
+    out = tmp_path / "two_workers"
+    P.run_extract(_cfg(synth / "manifest.csv", out, workers=2))
+    assert _shard_bytes(out) == _shard_bytes(ref_out)
+
+
+def test_crash_mid_shard_then_resume_gives_same_records(synth, reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "crashy"
+    seen: list[tuple[str, int]] = []
+
+    def crash(split, shard, result):
+        seen.append((split, shard))
+        # The second image of the second shard: one shard done, one half written.
+        if len(set(seen)) == 2 and seen.count((split, shard)) == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        P.run_extract(_cfg(synth / "manifest.csv", out), hooks=P.ExtractHooks(after_image=crash))
+    done_before = len(records.load_index(str(out))["shards"])
+    assert 0 < done_before < len(records.load_index(str(ref_out))["shards"])
+    # A killed run leaves a temporary shard and a final-named shard the index never listed.
+    pending = [n for n in _shard_bytes(ref_out)
+               if n not in {s["file"] for s in records.load_index(str(out))["shards"]}]
+    stale_tmp = tmp_path_for(os.path.join(out, pending[0]))
+    with open(stale_tmp, "wb") as f:
+        f.write(b"\x00partial")
+    with open(os.path.join(out, pending[-1]), "wb") as f:
+        f.write(b"truncated")
+    summary = P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert summary["shards_resumed"] == done_before
+    assert [os.path.basename(p) for p in summary["removed_tmp"]] == [os.path.basename(stale_tmp)]
+    assert not os.path.exists(stale_tmp)
+    keys = _read_keys(out)
+    assert len(keys) == len(set(keys))
+    assert sorted(keys) == sorted(_read_keys(ref_out))
+    assert _shard_bytes(out) == _shard_bytes(ref_out)
+    report = pd.read_csv(out / P.REPORT_NAME)
+    assert len(report) == len(pd.read_csv(ref_out / P.REPORT_NAME))
+
+
+def test_bad_images_are_recorded_and_the_rest_continue(synth, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth / "images", data / "images")
+    df = pd.read_csv(synth / "manifest.csv")
+    ids = list(df["image_id"])
+    raw = (data / "images" / f"{ids[0]}.jpg").read_bytes()
+    (data / "images" / f"{ids[0]}.jpg").write_bytes(raw[: len(raw) // 4])   # truncated
+    (data / "images" / f"{ids[1]}.jpg").write_bytes(b"not a jpeg at all")   # corrupt
+    Image.fromarray(np.full((256, 288, 3), 245, np.uint8)).save(data / "images" / f"{ids[2]}.jpg")
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(data / "images" / f"{ids[3]}.jpg")
+    os.remove(data / "images" / f"{ids[4]}.jpg")                               # missing
+    write_manifest(df, str(data / "manifest.csv"))
+    summary = P.run_extract(_cfg(data / "manifest.csv", tmp_path / "out"))
+    report = pd.read_csv(tmp_path / "out" / P.REPORT_NAME).set_index("image_id")
+    expected = {ids[0]: P.UNREADABLE, ids[1]: P.UNREADABLE, ids[2]: P.NO_TISSUE,
+                ids[3]: P.TOO_SMALL, ids[4]: P.UNREADABLE}
+    for image_id, status in expected.items():
+        assert report.loc[image_id, "status"] == status, report.loc[image_id]
+        assert report.loc[image_id, "n_patches"] == 0
+    assert "file not found" in report.loc[ids[4], "reason"]
+    assert f"{ids[1]}.jpg" in report.loc[ids[1], "reason"]
+    rest = report.drop(index=list(expected))
+    assert (rest["status"] == P.OK).all()
+    assert len(_read_keys(tmp_path / "out")) == 4 * len(rest)
+    assert summary["skipped"] == {P.UNREADABLE: 3, P.NO_TISSUE: 1, P.TOO_SMALL: 1}
+
+
+def test_bad_manifests_and_gene_lists(synth, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ManifestError, match="not found"):
+        P.run_extract(_cfg(tmp_path / "nope.csv", out))
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xff\xfe\x00garbage\x00\xff")
+    with pytest.raises(ManifestError, match="bad.csv"):
+        P.run_extract(_cfg(bad, out))
+    df = pd.read_csv(synth / "manifest.csv")
+    df.drop(columns=["gene_symbol"]).to_csv(tmp_path / "nogene.csv", index=False)
+    with pytest.raises(ManifestError, match="gene_symbol"):
+        P.run_extract(_cfg(tmp_path / "nogene.csv", out))
+    df.iloc[:0].to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(P.ExtractError, match="empty gene list"):
+        P.run_extract(_cfg(tmp_path / "empty.csv", out))
+    with pytest.raises(P.ExtractError, match="NOPE"):
+        P.run_extract(_cfg(synth / "manifest.csv", out, genes=("NOPE",)))
+    assert not os.path.exists(out / "index.json")
+
+
+def test_resume_with_other_settings_is_refused(synth, reference):
+    ref_out, _ = reference
+    before = _shard_bytes(ref_out)
+    with pytest.raises(P.ExtractError, match="source_size"):
+        P.run_extract(_cfg(synth / "manifest.csv", ref_out, source_size=64))
+    assert _shard_bytes(ref_out) == before
+
+
+def test_split_by_donor_and_gene_filter(synth, tmp_path):
+    out = tmp_path / "donor"
+    df = pd.read_csv(synth / "manifest.csv")
+    genes = tuple(sorted(df["gene_symbol"].unique())[:4])
+    cfg = _cfg(synth / "manifest.csv", out, split_by="donor", genes=genes,
+               split_fractions=(0.5, 0.5, 0.0), image_format="png", compression="GZIP")
+    P.run_extract(cfg)
+    info = records.load_dataset_info(str(out))
+    assert info.split_by == "donor" and set(info.donor_splits.values()) == {"train", "validation"}
+    report = pd.read_csv(out / P.REPORT_NAME)
+    assert set(report["gene_symbol"]) == set(genes)
+    for _, row in report.iterrows():
+        assert row["split"] == info.donor_splits[row["donor_id"]]
+    assert all(s["file"].endswith(".gz") for s in records.load_index(str(out))["shards"])
+    assert len(_read_keys(out)) == 4 * len(report)
+
+
+def test_cli_main(synth, tmp_path, capsys):
+    from absl import flags as absl_flags
+
+    from ish_tf.cli import extract as cli
+
+    fv = absl_flags.FLAGS
+    out = tmp_path / "cli"
+    argv = ["extract", f"--manifest={synth / 'manifest.csv'}", f"--out={out}",
+            "--patches_per_image=2", "--source_size=96", "--patch_size=32", "--num_shards=1",
+            "--genes=" + ",".join(sorted(pd.read_csv(synth / "manifest.csv")["gene_symbol"])[:3])]
+    try:
+        fv.unparse_flags()
+        fv(argv)
+        assert cli.main(["extract"]) == 0
+        printed = capsys.readouterr().out
+        assert "extract: wrote" in printed and str(out) in printed
+        assert os.path.exists(out / "extract_flags.cfg")
+        fv.unparse_flags()
+        fv(["extract", f"--manifest={tmp_path / 'missing.csv'}", f"--out={out}"])
+        assert cli.main(["extract"]) == 1
+        assert "missing.csv" in capsys.readouterr().err
+    finally:
+        fv.unparse_flags()
