@@ -1,0 +1,237 @@
+"""The `Task` interface the trainer drives, the task registry, and the triplet task.
+
+A model family plugs into the one trainer as a `Task`: it builds its model, makes
+its dataset, and computes its loss. Adding `cdae`, `ish_cnn` or `unet` means writing a
+builder (`ish_tf.models.register_model`), a Task subclass and `@register_task("name")`.
+
+Loss contract (what makes MirroredStrategy exact): `compute_loss` runs in a replica
+context on that replica's slice of the global batch and returns the loss of the
+WHOLE global batch, the same value on every replica. Tasks that mine across the
+batch (triplet) `gather_across_replicas` their outputs first; per-example losses
+use `global_mean`. Both collectives pass gradients back by summing the replicas'
+upstream gradients, so each replica's gradient is `R x` its share; the trainer
+divides the loss by the replica count R before differentiating, and the optimizer's
+cross-replica SUM then equals the single-device gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from ish_tf.models import ModelConfig, build_model
+from ish_tf.train import TrainConfig
+
+Batch = Any
+DatasetFn = Callable[[tf.distribute.InputContext | None], tf.data.Dataset]
+
+
+def replicas_per_pipeline(input_context: tf.distribute.InputContext | None) -> int:
+    """How many replicas one input pipeline feeds (1 without an input context)."""
+    if input_context is None:
+        return 1
+    return max(input_context.num_replicas_in_sync // max(input_context.num_input_pipelines, 1), 1)
+
+
+def gather_across_replicas(*tensors: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """Concatenates each tensor over replicas along axis 0 (identity with one replica).
+
+    Must be called in a replica context (inside `strategy.run`) by every replica.
+    Replica r's slice comes r-th, so the result is the global batch in input order.
+
+    Args:
+      *tensors: per-replica tensors (b, ...) with equal trailing shapes.
+
+    Returns:
+      Tensors (R*b, ...) in the same order as the arguments.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return tensors
+    return tuple(ctx.all_gather(t, axis=0) for t in tensors)
+
+
+def global_mean(values: tf.Tensor) -> tf.Tensor:
+    """Mean of per-example values over the global batch (all replicas).
+
+    Args:
+      values: (b, ...) per-example values on this replica.
+
+    Returns:
+      float32 scalar, equal on every replica.
+    """
+    values = tf.cast(values, tf.float32)
+    total = tf.reduce_sum(values)
+    count = tf.cast(tf.size(values), tf.float32)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [total, count])
+    return total / tf.maximum(count, 1.0)
+
+
+class Task(abc.ABC):
+    """One model family's contribution to training.
+
+    Args:
+      model_config: how to build the model.
+      train_config: batch sizes, loss settings, records_dir, seed.
+      dataset_fn: optional replacement of `make_dataset` (in-memory data in tests
+        and notebooks): `fn(input_context | None) -> Dataset`.
+    """
+
+    name: str = ""
+    #: Names of the scalar stats `compute_loss` returns (metrics.csv columns).
+    stat_names: tuple[str, ...] = ()
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 dataset_fn: DatasetFn | None = None):
+        self.model_config = model_config
+        self.train_config = train_config
+        self._dataset_fn = dataset_fn
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step over all replicas (for images/s)."""
+        return self.train_config.global_batch_size
+
+    def build_model(self) -> keras.Model:
+        """Builds the model (called inside the strategy scope)."""
+        return build_model(self.model_config)
+
+    def make_dataset(self, input_context: tf.distribute.InputContext | None = None,
+                     start_step: int = 0) -> tf.data.Dataset:
+        """An infinite dataset of batches, starting at global step `start_step`.
+
+        The stream must be a deterministic function of (seed, step) so that a resumed
+        run sees exactly the batches an uninterrupted one would have.
+
+        Args:
+          input_context: None -> global batches; otherwise this input pipeline's
+            per-replica batches, one element per replica it feeds, in replica order.
+          start_step: the first global batch to produce (resume).
+
+        Returns:
+          tf.data.Dataset of batches in the structure `compute_loss` expects.
+        """
+        if self._dataset_fn is not None:
+            # In-memory data is cheap to skip through.
+            return self._dataset_fn(input_context).skip(start_step * replicas_per_pipeline(input_context))
+        return self.make_records_dataset(input_context, start_step)
+
+    @abc.abstractmethod
+    def make_records_dataset(self, input_context: tf.distribute.InputContext | None,
+                             start_step: int = 0) -> tf.data.Dataset:
+        """The dataset read from `train_config.records_dir` (see `make_dataset`)."""
+
+    @abc.abstractmethod
+    def compute_loss(self, model: Callable, batch: Batch, training: bool
+                     ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """Loss of the global batch and scalar stats (see the module docstring).
+
+        Args:
+          model: the model (or a callable with its `__call__(x, training=)`).
+          batch: this replica's batch.
+          training: training mode (batch norm, dropout).
+
+        Returns:
+          (float32 scalar loss over the global batch, {name: float32 scalar}).
+        """
+
+    def image_summaries(self, batch: Batch) -> dict[str, tf.Tensor]:
+        """Images to show in TensorBoard: {name: (N, H, W, C) float in [0, 1]}."""
+        return {}
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator registering a Task under the `--model` name `name`."""
+
+    def wrap(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def task_names() -> list[str]:
+    """Registered task names."""
+    return sorted(_TASKS)
+
+
+def make_task(model_config: ModelConfig, train_config: TrainConfig,
+              dataset_fn: DatasetFn | None = None) -> Task:
+    """Instantiates the task registered as `model_config.model`.
+
+    Raises:
+      ValueError: no such task.
+    """
+    if model_config.model not in _TASKS:
+        raise ValueError(f"--model={model_config.model!r} has no training task; "
+                         f"registered: {task_names()}")
+    return _TASKS[model_config.model](model_config, train_config, dataset_fn)
+
+
+@register_task("triplet")
+class TripletTask(Task):
+    """Gene re-identification: P genes x K patches, triplet loss over the global batch.
+
+    Batches are `(images (b, R, R, 3) float32 in [0, 255], labels (b,) int32)`.
+    """
+
+    stat_names = ("active_fraction", "mean_d_pos", "mean_d_neg", "top1", "embedding_norm")
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 dataset_fn: DatasetFn | None = None):
+        super().__init__(model_config, train_config, dataset_fn)
+        from ish_tf.losses.triplet import check_margin, check_metric, check_mining
+
+        # Fail at construction, not at the first traced step.
+        self.mining = check_mining(train_config.mining)
+        self.margin = check_margin(train_config.margin)
+        self.metric = check_metric(train_config.metric)
+
+    def make_records_dataset(self, input_context: tf.distribute.InputContext | None,
+                             start_step: int = 0) -> tf.data.Dataset:
+        """P x K batches from the records, resized to the model's input size if needed.
+
+        Raises:
+          ValueError: `records_dir` is not set.
+        """
+        from ish_tf.data.pipeline import pk_dataset
+
+        cfg = self.train_config
+        if not cfg.records_dir:
+            raise ValueError("--records_dir is required: the directory of TFRecord shards "
+                             "and index.json written by bin/extract")
+        ds = pk_dataset(cfg.records_dir, cfg.split, P=cfg.P, K=cfg.K, flips=cfg.flips,
+                        seed=cfg.seed, input_context=input_context, start_batch=start_step)
+        size = self.model_config.input_size
+        height, width = ds.element_spec[0].shape[1:3]
+        if (height, width) != (size, size):
+            # Patches stored at another size (or of unknown static size): resize in
+            # the pipeline, where it overlaps with training.
+            ds = ds.map(lambda x, y: (tf.image.resize(x, (size, size)), y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return ds
+
+    def compute_loss(self, model, batch, training):
+        """Embeds this replica's images, gathers all replicas, mines the global batch."""
+        from ish_tf.losses.triplet import triplet_loss
+
+        images, labels = batch
+        embeddings = model(images, training=training)
+        embeddings, labels = gather_across_replicas(tf.cast(embeddings, tf.float32), labels)
+        return triplet_loss(labels, embeddings, mining=self.mining, margin=self.margin,
+                            metric=self.metric)
+
+    def image_summaries(self, batch):
+        """The first 8 patches of the batch (two genes at K >= 4)."""
+        images, _ = batch
+        return {"input_patches": tf.clip_by_value(tf.cast(images[:8], tf.float32) / 255.0, 0.0, 1.0)}

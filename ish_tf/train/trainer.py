@@ -1,0 +1,344 @@
+"""The shared training loop: any `Task`, any strategy, checkpoints, TensorBoard, resume.
+
+Layout of a run directory RUN::
+
+    RUN/flags.cfg            resolved flags (written by bin/train; replay with --flagfile)
+    RUN/train_config.json    the TrainConfig of the latest (re)start
+    RUN/model_config.json    builder name + ModelConfig, to rebuild the model
+    RUN/checkpoints/         tf.train.CheckpointManager: model, optimizer, step
+    RUN/logs/train/          TensorBoard scalars (loss, lr, task stats, grad_norm, images/s)
+    RUN/metrics.csv          the same scalars every log interval
+    RUN/model.keras          the final model (written when the run reaches --steps)
+
+Rerunning with the same RUN resumes from the latest checkpoint; a run that already
+reached its step count only (re)writes model.keras if it is missing.
+
+One step: each replica computes the task's global-batch loss on its slice (tasks
+gather across replicas where they mine across the batch), divides it by the number
+of replicas, differentiates, and the optimizer sums the replicas' gradients: the
+result equals the single-device gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from ish_tf.io_utils import atomic_path, atomic_write_text, remove_stale_tmp
+from ish_tf.train import TrainConfig
+from ish_tf.train.schedules import HoldThenExponentialDecay
+from ish_tf.train.strategy import make_strategy, set_precision
+from ish_tf.train.tasks import Task
+
+MODEL_NAME = "model.keras"
+MODEL_CONFIG_NAME = "model_config.json"
+TRAIN_CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics.csv"
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible checkpoint)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call to `train` did.
+
+    Attributes:
+      run_dir: the run directory.
+      step: the step reached.
+      start_step: the step it started from (> 0 after a resume).
+      loss: the last logged loss (nan if no step ran in this call).
+      images_per_sec: throughput of the last log interval (0 if none).
+      model_path: RUN/model.keras, or "" when the run has not reached its steps.
+      checkpoint: path of the latest checkpoint.
+    """
+
+    run_dir: str
+    step: int
+    start_step: int
+    loss: float
+    images_per_sec: float
+    model_path: str
+    checkpoint: str
+
+
+def run_paths(run_dir: str) -> dict[str, str]:
+    """Paths of everything under a run directory (keys: model, model_config, ...)."""
+    return {"model": os.path.join(run_dir, MODEL_NAME),
+            "model_config": os.path.join(run_dir, MODEL_CONFIG_NAME),
+            "train_config": os.path.join(run_dir, TRAIN_CONFIG_NAME),
+            "metrics": os.path.join(run_dir, METRICS_NAME),
+            "checkpoints": os.path.join(run_dir, CHECKPOINT_DIR),
+            "logs": os.path.join(run_dir, LOG_DIR),
+            "flags": os.path.join(run_dir, "flags.cfg")}
+
+
+class _JitForward:
+    """Calls a model through XLA-compiled functions (one per training mode).
+
+    Used under multi-replica strategies, where the whole step cannot be compiled
+    because the cross-replica collectives must stay outside XLA.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self._fns = {mode: tf.function(lambda x, m=mode: model(x, training=m), jit_compile=True)
+                     for mode in (True, False)}
+
+    def __call__(self, x, training: bool = False):
+        return self._fns[bool(training)](x)
+
+
+def replica_gradients(task: Task, model: keras.Model | Callable, batch,
+                      variables: Sequence[tf.Variable], num_replicas: int,
+                      optimizer: keras.optimizers.Optimizer | None = None):
+    """One replica's share of a step: global-batch loss, stats and gradients.
+
+    Must run in a replica context (inside `strategy.run`, or directly with no
+    strategy). Summing the returned gradients over replicas gives the gradient of
+    the global-batch loss.
+
+    Args:
+      task: supplies `compute_loss`.
+      model: the model (or a callable wrapper of it).
+      batch: this replica's batch.
+      variables: the trainable variables to differentiate.
+      num_replicas: replicas in sync (the loss is divided by it; see module doc).
+      optimizer: when a LossScaleOptimizer, the loss is scaled for float16 and the
+        gradients come back scaled (its `apply` unscales them).
+
+    Returns:
+      (loss float32 scalar over the global batch, stats dict, list of gradients).
+    """
+    with tf.GradientTape() as tape:
+        loss, stats = task.compute_loss(model, batch, training=True)
+        loss = tf.cast(loss, tf.float32)
+        objective = loss / float(num_replicas)
+        if optimizer is not None:
+            objective = optimizer.scale_loss(objective)
+    grads = tape.gradient(objective, variables)
+    return loss, stats, grads
+
+
+def _read_metrics(path: str, up_to_step: int) -> list[dict[str, str]]:
+    """Rows of an existing metrics.csv with step <= up_to_step (rows after the last
+    checkpoint belong to steps that the resumed run will redo)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row for row in csv.DictReader(f) if int(row.get("step", 0) or 0) <= up_to_step]
+
+
+def _write_metrics(path: str, columns: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_keras_model(model: keras.Model, path: str) -> None:
+    """`model.save(path)` atomically (Keras insists on a `.keras` file name)."""
+    with atomic_path(path) as tmp:
+        tmp_keras = tmp + ".keras"
+        try:
+            model.save(tmp_keras)
+            os.replace(tmp_keras, tmp)
+        finally:
+            if os.path.exists(tmp_keras):
+                os.remove(tmp_keras)
+
+
+def _scalar(x) -> float:
+    return float(x.numpy()) if hasattr(x, "numpy") else float(x)
+
+
+def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Trains `task` as configured, resuming from RUN/checkpoints when present.
+
+    Args:
+      task: the model family (builds model and data, computes the loss).
+      config: the run's settings (`config.run_dir` is created if needed).
+      strategy: overrides `config.strategy` (tests pass a MirroredStrategy over
+        logical CPUs).
+      stop_after: stop (with a checkpoint) once this step is reached, as if killed
+        there; None runs to `config.steps`. Used to test resume.
+
+    Returns:
+      TrainResult.
+
+    Raises:
+      TrainingError: the loss became non-finite, or the checkpoint does not fit.
+      ValueError: bad configuration.
+    """
+    config.validate()
+    paths = run_paths(config.run_dir)
+    os.makedirs(config.run_dir, exist_ok=True)
+    remove_stale_tmp(config.run_dir)
+    atomic_write_text(paths["train_config"], json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    atomic_write_text(paths["model_config"], task.model_config.to_json() + "\n")
+
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    policy = set_precision(config.mixed_precision)
+    keras.utils.set_random_seed(config.seed)
+    strategy = strategy or make_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if task.global_batch_size % replicas:
+        raise ValueError(f"global batch {task.global_batch_size} (P*K) is not divisible by "
+                         f"the {replicas} replicas")
+
+    with strategy.scope():
+        model = task.build_model()
+        schedule = HoldThenExponentialDecay(config.learning_rate, config.decay_start,
+                                            config.steps, config.final_lr_fraction)
+        optimizer = keras.optimizers.Adam(schedule, epsilon=config.adam_epsilon)
+        if policy == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+
+    # The data position is not checkpointed: tasks produce batches as a function of
+    # (seed, step) and restart at the restored step (generator-backed and distributed
+    # iterators cannot be saved, and shuffle buffers would bloat checkpoints).
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    manager = tf.train.CheckpointManager(checkpoint, paths["checkpoints"],
+                                         max_to_keep=config.keep_checkpoints)
+    if manager.latest_checkpoint:
+        try:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise TrainingError(
+                f"{manager.latest_checkpoint} does not fit this model/optimizer (changed "
+                f"--backbone or sizes?); use a new --run_dir: {e}") from e
+        logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
+    start_step = int(step.numpy())
+    end_step = config.steps if stop_after is None else min(config.steps, stop_after)
+    if replicas > 1:
+        dataset = strategy.distribute_datasets_from_function(
+            lambda ctx: task.make_dataset(ctx, start_step))
+    else:
+        dataset = task.make_dataset(None, start_step)
+    iterator = iter(dataset)
+
+    loss_scale = optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
+    variables = model.trainable_variables
+    forward = _JitForward(model) if (config.jit_compile and replicas > 1) else model
+
+    def replica_step(batch):
+        loss, stats, grads = replica_gradients(task, forward, batch, variables, replicas, loss_scale)
+        # This replica's share, rescaled to the global gradient's units (exact with one
+        # replica); with float16 loss scaling the scale is divided out.
+        grad_norm = tf.linalg.global_norm([g for g in grads if g is not None]) * float(replicas)
+        if loss_scale is not None:
+            grad_norm = grad_norm / tf.cast(loss_scale.dynamic_scale, tf.float32)
+        optimizer.apply(grads, variables)
+        return loss, stats, grad_norm
+
+    if config.jit_compile and replicas == 1:
+        replica_step = tf.function(replica_step, jit_compile=True)
+
+    @tf.function
+    def train_step(batch):
+        loss, stats, grad_norm = strategy.run(replica_step, args=(batch,))
+        # Every replica holds the same global-batch values; take replica 0's.
+        loss = strategy.experimental_local_results(loss)[0]
+        stats = {k: strategy.experimental_local_results(v)[0] for k, v in stats.items()}
+        # A NaN anywhere must be seen: the triplet loss masks NaN distances, so NaN
+        # weights can leave the loss finite while every gradient is NaN.
+        nonfinite = strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            strategy.run(lambda g: tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32),
+                         args=(grad_norm,)),
+            axis=None)
+        stats["grad_norm"] = strategy.experimental_local_results(grad_norm)[0]
+        step.assign_add(1)
+        return loss, stats, nonfinite
+
+    writer = tf.summary.create_file_writer(os.path.join(paths["logs"], "train"))
+    columns = ["step", "loss", "lr", *task.stat_names, "grad_norm", "images_per_sec", "elapsed_s"]
+    rows = _read_metrics(paths["metrics"], start_step)
+    logging.info("run %s: %s steps %d..%d, global batch %d on %d replica(s), policy %s; "
+                 "tensorboard --logdir %s", config.run_dir, task.name, start_step, end_step,
+                 task.global_batch_size, replicas, policy, paths["logs"])
+    print(f"tensorboard --logdir {paths['logs']}", flush=True)
+
+    last_loss, last_rate = float("nan"), 0.0
+    current = start_step
+    t_start = t_last = time.monotonic()
+    step_last = start_step
+    try:
+        while current < end_step:
+            batch = next(iterator)
+            if current == start_step and config.image_summaries and start_step == 0:
+                local = strategy.experimental_local_results(batch)[0] if replicas > 1 else batch
+                with writer.as_default(step=0):
+                    for name, images in task.image_summaries(local).items():
+                        tf.summary.image(name, images, max_outputs=8)
+            loss, stats, nonfinite = train_step(batch)
+            current += 1
+            is_log = current % config.log_every == 0 or current == end_step
+            is_ckpt = current % config.checkpoint_every == 0 or current == end_step
+            if is_log or is_ckpt:
+                last_loss = _scalar(loss)
+                # float16 loss scaling skips steps with inf gradients by design.
+                bad_grads = loss_scale is None and _scalar(nonfinite) > 0
+                if not math.isfinite(last_loss) or bad_grads:
+                    what = f"loss is {last_loss}" if not math.isfinite(last_loss) else "non-finite gradients"
+                    raise TrainingError(
+                        f"{what} at step {current}; the last good checkpoint is "
+                        f"{manager.latest_checkpoint} (lower --learning_rate, or check the data "
+                        "for NaN/inf pixels)")
+            if is_log:
+                now = time.monotonic()
+                last_rate = task.global_batch_size * (current - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, current
+                # The update of step t used lr(t - 1) (iterations counts from 0).
+                lr = _scalar(schedule(current - 1))
+                values = {k: _scalar(v) for k, v in stats.items()}
+                row = {"step": current, "loss": last_loss, "lr": lr, **values,
+                       "images_per_sec": last_rate, "elapsed_s": now - t_start}
+                rows.append(row)
+                _write_metrics(paths["metrics"], columns, rows)
+                with writer.as_default(step=current):
+                    tf.summary.scalar("loss", last_loss)
+                    tf.summary.scalar("lr", lr)
+                    for k, v in values.items():
+                        tf.summary.scalar(k, v)
+                    tf.summary.scalar("images_per_sec", last_rate)
+                writer.flush()
+                logging.info("step %d/%d loss %.4f lr %.3g %s %.1f img/s", current, config.steps,
+                             last_loss, lr, " ".join(f"{k} {v:.3f}" for k, v in values.items()),
+                             last_rate)
+            if is_ckpt:
+                manager.save(checkpoint_number=current)
+    except KeyboardInterrupt:
+        if current > start_step:
+            path = manager.save(checkpoint_number=current)
+            logging.warning("interrupted at step %d; saved %s, rerun to resume", current, path)
+        raise
+    finally:
+        writer.close()
+
+    model_path = ""
+    if current >= config.steps:
+        model_path = paths["model"]
+        if current > start_step or not os.path.exists(model_path):
+            save_keras_model(model, model_path)
+    return TrainResult(run_dir=config.run_dir, step=current, start_step=start_step, loss=last_loss,
+                       images_per_sec=last_rate, model_path=model_path,
+                       checkpoint=manager.latest_checkpoint or "")
