@@ -202,12 +202,13 @@ def define_model() -> None:
 
 def model_config(fv=FLAGS):
     """`ish_tf.models.ModelConfig` from the model flags (seed from --seed)."""
-    from ish_tf.models import ModelConfig
+    from ish_tf.models import ModelConfig, family_options
 
     return ModelConfig(model=fv.model, backbone=fv.backbone, backbone_weights=fv.backbone_weights,
                        input_size=fv.input_size, embedding_dim=fv.embedding_dim,
                        head_units=fv.head_units, l2_normalize=fv.l2_normalize,
-                       head_batch_norm=fv.head_batch_norm, seed=fv.seed)
+                       head_batch_norm=fv.head_batch_norm, seed=fv.seed,
+                       options=family_options(fv.model, fv))
 
 
 # --------------------------------------------------------------------------- train

@@ -36,6 +36,9 @@ class ModelConfig:
       l2_normalize: L2-normalise embeddings.
       head_batch_norm: "batch", "sync" (synchronised across replicas) or "none".
       seed: initialiser seed (None: Keras' global seed state).
+      options: family-specific settings (e.g. CDAE depth/filters/code size, ISH CNN
+        classes), JSON-serialisable; each family documents its keys and fills them
+        from its own flag section through `FAMILY_OPTIONS`.
     """
 
     model: str = "triplet"
@@ -47,6 +50,11 @@ class ModelConfig:
     l2_normalize: bool = False
     head_batch_norm: str = "batch"
     seed: int | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """A family-specific setting from `options`, or `default`."""
+        return self.options.get(key, default)
 
     def to_json(self) -> str:
         """The config as JSON text (for RUN/model_config.json)."""
@@ -68,6 +76,22 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"model_config.json has unknown keys {sorted(unknown)}")
         return cls(**data["config"])
+
+
+# name -> function(flag values) -> dict of family options; lets each family's flag
+# section (ish_tf/flags.py) fill ModelConfig.options without touching the others.
+FAMILY_OPTIONS: dict[str, str | Callable[..., dict[str, Any]]] = {}
+
+
+def family_options(name: str, flag_values: Any) -> dict[str, Any]:
+    """The options of family `name` read from flag values ({} for families without any)."""
+    fn = FAMILY_OPTIONS.get(name)
+    if fn is None:
+        return {}
+    if isinstance(fn, str):
+        module, _, attr = fn.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+    return dict(fn(flag_values))
 
 
 def register_model(name: str, builder: str | Callable[..., Any]) -> None:
