@@ -1,0 +1,545 @@
+"""`bin/embed`: embed the patches of TFRecord shards with an exported SavedModel.
+
+The served model, not the Python one, is what gets evaluated: every patch's ENCODED
+bytes (`image/encoded`, JPEG or PNG, as stored by `bin/extract`) go in batches
+through the SavedModel's `serving_default` signature (`ish_tf.export`), which
+decodes, resizes if needed and embeds them in-graph.
+
+Outputs in OUT (CSV; Parquet with `table_format="parquet"` when pyarrow is installed)::
+
+    OUT/patch_embeddings.csv   image_id, patch_index, x, y, gene_symbol, entrez_id,
+                               donor_id, region, study, split, 0..D-1
+    OUT/image_embeddings.csv   mean over each image's patches (+ n_patches)
+    OUT/donor_embeddings.csv   mean per (gene_symbol, donor_id) (+ n_patches, n_images)
+    OUT/gene_embeddings.csv    mean per gene_symbol (+ n_patches, n_images)
+    OUT/skipped.csv            records that could not be parsed or decoded, and why
+    OUT/embed_summary.json     model, signature, counts, throughput
+
+Gene (and donor) vectors are the mean over ALL their patches, as in Abed-Esfahani
+et al. 2022 (`gene_from="patches"`), so images with more patches weigh more;
+`gene_from="images"` averages the image means instead (every image weighs the same).
+
+Resumable: each finished shard's embeddings are kept in `OUT/.parts/<shard>.npz`,
+tagged with the SavedModel's fingerprint and the shard's size and mtime; a rerun
+reuses the parts that still match and embeds the rest. The parts are deleted once
+the tables are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ish_tf.data import records
+from ish_tf.data.embeddings import (
+    LEVEL_KEYS,
+    LEVELS,
+    EmbeddingTable,
+    aggregate,
+    write_embedding_table,
+)
+from ish_tf.io_utils import Progress, atomic_path, atomic_write_text
+
+#: Key columns of the patch table, in order.
+PATCH_KEYS: tuple[str, ...] = ("image_id", "patch_index", "x", "y", "gene_symbol", "entrez_id",
+                               "donor_id", "region", "study", "split")
+_RECORD_KEYS = tuple(k for k in PATCH_KEYS if k != "split")
+_STRING_KEYS = ("gene_symbol", "donor_id", "region", "study")
+GENE_FROM = ("patches", "images")
+TABLE_FORMATS = ("csv", "parquet")
+PARTS_DIR = ".parts"
+SKIPPED_NAME = "skipped.csv"
+SUMMARY_NAME = "embed_summary.json"
+_SKIPPED_COLUMNS = ["split", "shard", "record", "image_id", "patch_index", "error"]
+
+
+class EmbedError(ValueError):
+    """Bad embedding input or settings; the message names the file, flag or signature."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of `embed_records`.
+
+    Attributes:
+      saved_model: a SavedModel version directory, or an export base (newest version).
+      records_dir: records directory written by `bin/extract` (index.json + shards).
+      out_dir: output directory OUT.
+      splits: splits to embed; empty = every split with shards.
+      batch_size: patches per call of the serving signature.
+      gene_from: "patches" (mean of all patches, the paper) or "images" (mean of image
+        means); applies to the donor and gene levels.
+      table_format: "csv" or "parquet" (needs pyarrow).
+      signature: serving signature fed with the encoded bytes.
+      output: output of the signature to store; None = the export's first output
+        (or the only one).
+      levels: tables to write, a subset of ("patch", "image", "donor", "gene").
+    """
+
+    saved_model: str
+    records_dir: str
+    out_dir: str
+    splits: tuple[str, ...] = ()
+    batch_size: int = 64
+    gene_from: str = "patches"
+    table_format: str = "csv"
+    signature: str = "serving_default"
+    output: str | None = None
+    levels: tuple[str, ...] = LEVELS
+
+    def validate(self) -> EmbedConfig:
+        """Checks the settings.
+
+        Returns:
+          self.
+
+        Raises:
+          EmbedError: naming the offending setting.
+        """
+        if not self.saved_model:
+            raise EmbedError("--saved_model is required: an export base EXPORT/<name> or a "
+                             "version directory written by bin/export")
+        if not self.records_dir:
+            raise EmbedError("--records_dir is required: the directory written by bin/extract")
+        if not self.out_dir:
+            raise EmbedError("--out is required: the directory to write the embeddings to")
+        if self.batch_size < 1:
+            raise EmbedError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.gene_from not in GENE_FROM:
+            raise EmbedError(f"--gene_from must be one of {GENE_FROM}, got {self.gene_from!r}")
+        if self.table_format not in TABLE_FORMATS:
+            raise EmbedError(f"--table_format must be one of {TABLE_FORMATS}, "
+                             f"got {self.table_format!r}")
+        if self.table_format == "parquet" and not _parquet_available():
+            raise EmbedError("--table_format=parquet needs pyarrow (or fastparquet), which is "
+                             "not installed in this environment; use --table_format=csv")
+        bad = [lv for lv in self.levels if lv not in LEVELS]
+        if bad or not self.levels:
+            raise EmbedError(f"--levels must be a non-empty subset of {LEVELS}, got "
+                             f"{list(self.levels)}")
+        return self
+
+
+@dataclasses.dataclass
+class EmbedResult:
+    """What `embed_records` wrote.
+
+    Attributes:
+      out_dir: OUT.
+      saved_model: the version directory used.
+      tables: level -> path of its table.
+      rows: level -> number of rows.
+      dim: embedding width D.
+      skipped: records skipped (listed in `skipped_path`).
+      skipped_path: OUT/skipped.csv.
+      shards_reused: shards taken from a previous interrupted run.
+      patches_embedded: patches embedded in this run (not reused).
+      seconds: wall time of the embedding loop.
+      patches_per_sec: patches_embedded / seconds.
+    """
+
+    out_dir: str
+    saved_model: str
+    tables: dict[str, str]
+    rows: dict[str, int]
+    dim: int
+    skipped: int
+    skipped_path: str
+    shards_reused: int
+    patches_embedded: int
+    seconds: float
+    patches_per_sec: float
+
+
+def _parquet_available() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
+
+
+# --------------------------------------------------------------------------- served model
+class ServedModel:
+    """One signature of a SavedModel, called with encoded image bytes.
+
+    Args:
+      path: SavedModel version directory or export base (newest version).
+      signature: signature name.
+      output: output key; None = the export's first declared output, or the only one.
+
+    Raises:
+      EmbedError: no such signature, no single string input, or an ambiguous output.
+    """
+
+    def __init__(self, path: str, signature: str = "serving_default", output: str | None = None):
+        import tensorflow as tf
+
+        from ish_tf.export import saved_model as sm
+
+        try:
+            self.path = sm.resolve_saved_model(path)
+        except sm.ExportError as e:
+            raise EmbedError(str(e)) from e
+        try:
+            self.metadata = sm.read_metadata(self.path)
+        except sm.ExportError:
+            self.metadata = {}  # a SavedModel exported by other tools still works
+        self._loaded = tf.saved_model.load(self.path)
+        if signature not in self._loaded.signatures:
+            raise EmbedError(f"{self.path}: no signature {signature!r}; it has "
+                             f"{sorted(self._loaded.signatures)}")
+        self.signature = signature
+        self._fn = self._loaded.signatures[signature]
+        inputs = self._fn.structured_input_signature[1]
+        strings = [k for k, spec in inputs.items() if spec.dtype == tf.string]
+        if len(inputs) != 1 or len(strings) != 1:
+            raise EmbedError(f"{self.path}: signature {signature!r} must take one tf.string "
+                             f"input of encoded images, it takes {dict(inputs)}")
+        self.input_key = strings[0]
+        outputs = list(self._fn.structured_outputs)
+        if output is None:
+            declared = [o for o in self.metadata.get("outputs", []) if o in outputs]
+            if declared:
+                output = declared[0]
+            elif len(outputs) == 1:
+                output = outputs[0]
+            else:
+                raise EmbedError(f"{self.path}: signature {signature!r} has outputs {outputs}; "
+                                 "choose one with --output_key")
+        if output not in outputs:
+            raise EmbedError(f"{self.path}: signature {signature!r} has no output {output!r}; "
+                             f"it has {outputs}")
+        self.output = output
+        try:
+            self.fingerprint = tf.saved_model.experimental.read_fingerprint(self.path).singleprint()
+        except Exception:  # older SavedModels have no fingerprint.pb
+            pb = os.path.join(self.path, "saved_model.pb")
+            self.fingerprint = f"{os.path.getsize(pb)}-{os.stat(pb).st_mtime_ns}"
+
+    @property
+    def model_id(self) -> str:
+        """Identity of (SavedModel, signature, output), to tag resumable parts."""
+        return f"{self.fingerprint}|{self.signature}|{self.output}"
+
+    def __call__(self, image_bytes) -> np.ndarray:
+        """Embeds encoded images.
+
+        Args:
+          image_bytes: tf.string (B,) tensor or a list of bytes.
+
+        Returns:
+          float32 (B, D); outputs of rank > 2 are flattened per row.
+
+        Raises:
+          tensorflow.errors.InvalidArgumentError: an image cannot be decoded.
+        """
+        import tensorflow as tf
+
+        out = self._fn(**{self.input_key: tf.convert_to_tensor(image_bytes, tf.string)})
+        values = out[self.output].numpy().astype(np.float32, copy=False)
+        return values.reshape(values.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- one shard
+def _as_text(values: np.ndarray) -> list[str]:
+    return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+            for v in values]
+
+
+def _parse(serialized) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    spec = records.feature_spec(("image/encoded",) + _RECORD_KEYS)
+    parsed = tf.io.parse_example(serialized, spec)
+    return {k: v.numpy() for k, v in parsed.items()}
+
+
+def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: int = 64,
+                bar: Progress | None = None) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
+    """Embeds every record of one shard, continuing past bad records.
+
+    A batch that fails to parse or decode is retried record by record; the records
+    that still fail are returned as skipped. A shard that ends in corrupt data keeps
+    what was read before it.
+
+    Args:
+      served: the served model.
+      shard_path: a `.tfrecord[.gz]` shard.
+      split: its split (stored in the `split` column).
+      batch_size: records per call.
+      bar: progress bar to advance per record.
+
+    Returns:
+      keys (DataFrame with `PATCH_KEYS`, one row per embedded patch), values float32
+      (N, D), and skipped records as dicts with `_SKIPPED_COLUMNS`.
+    """
+    import tensorflow as tf
+
+    shard = os.path.basename(shard_path)
+    ds = tf.data.TFRecordDataset(shard_path, compression_type=records.compression_of(shard_path)
+                                 or "").batch(batch_size).prefetch(2)
+    columns: dict[str, list] = {k: [] for k in _RECORD_KEYS}
+    chunks: list[np.ndarray] = []
+    skipped: list[dict] = []
+    position = 0
+
+    def keep(parsed: dict[str, np.ndarray], values: np.ndarray) -> None:
+        for k in _RECORD_KEYS:
+            v = parsed[k]
+            columns[k].extend(_as_text(v) if k in _STRING_KEYS else v.tolist())
+        chunks.append(values)
+
+    def skip(record: int, error: str, parsed: dict | None = None, i: int = 0) -> None:
+        skipped.append({"split": split, "shard": shard, "record": record,
+                        "image_id": int(parsed["image_id"][i]) if parsed else -1,
+                        "patch_index": int(parsed["patch_index"][i]) if parsed else -1,
+                        "error": error.strip().splitlines()[0][:300] if error.strip() else "?"})
+
+    iterator = iter(ds)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        except tf.errors.OpError as e:  # truncated or corrupt shard: keep what we have
+            skip(position, f"shard unreadable from here on: {type(e).__name__}: {e.message}")
+            break
+        n = int(batch.shape[0])
+        try:
+            parsed = _parse(batch)
+            keep(parsed, served(parsed["image/encoded"]))
+        except tf.errors.InvalidArgumentError:
+            # One bad record fails the whole batch: find it by going one at a time.
+            for i in range(n):
+                try:
+                    one = _parse(batch[i:i + 1])
+                except tf.errors.InvalidArgumentError as e:
+                    skip(position + i, f"cannot parse the record: {e.message}")
+                    continue
+                try:
+                    keep(one, served(one["image/encoded"]))
+                except tf.errors.InvalidArgumentError as e:
+                    skip(position + i, f"cannot decode image/encoded: {e.message}", one)
+        position += n
+        if bar is not None:
+            bar.update(n)
+    keys = pd.DataFrame(columns)
+    keys["split"] = split
+    keys = keys[list(PATCH_KEYS)]
+    dim = chunks[0].shape[1] if chunks else 0
+    values = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    return keys, values.astype(np.float32, copy=False), skipped
+
+
+# --------------------------------------------------------------------------- parts (resume)
+def _shard_stamp(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _part_path(out_dir: str, shard_file: str) -> str:
+    return os.path.join(out_dir, PARTS_DIR, shard_file + ".npz")
+
+
+def _save_part(path: str, model_id: str, stamp: str, keys: pd.DataFrame, values: np.ndarray,
+               skipped: list[dict]) -> None:
+    arrays: dict[str, np.ndarray] = {
+        "meta": np.asarray([json.dumps({"model_id": model_id, "stamp": stamp,
+                                        "skipped": skipped})]),
+        "values": values,
+    }
+    for k in PATCH_KEYS:
+        col = keys[k].to_numpy()
+        arrays[f"key_{k}"] = (np.asarray([str(v) for v in col], dtype=str)
+                              if k in _STRING_KEYS or k == "split" else col.astype(np.int64))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+
+
+def _load_part(path: str, model_id: str, stamp: str):
+    """A saved part if it exists and matches the model and shard, else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"][0]))
+            if meta.get("model_id") != model_id or meta.get("stamp") != stamp:
+                return None
+            keys = pd.DataFrame({k: z[f"key_{k}"] for k in PATCH_KEYS})
+            for k in _STRING_KEYS + ("split",):
+                keys[k] = keys[k].astype(object)
+            return keys, z["values"].astype(np.float32), list(meta.get("skipped", []))
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable part: embed the shard again
+
+
+# --------------------------------------------------------------------------- aggregation
+def _count_images(patch: EmbeddingTable, by: tuple[str, ...]) -> np.ndarray:
+    """Distinct images per group, in the group order of `aggregate` (sorted keys)."""
+    grouped = patch.keys.groupby(list(by), sort=True, dropna=False)["image_id"].nunique()
+    return grouped.to_numpy()
+
+
+def _drop_patch_keys(table: EmbeddingTable) -> EmbeddingTable:
+    """Drops patch position keys that `aggregate` keeps when they happen to be constant
+    in every group (e.g. one patch per image): they mean nothing for a mean."""
+    table.keys = table.keys.drop(columns=[c for c in ("patch_index", "x", "y")
+                                          if c in table.keys.columns])
+    return table
+
+
+def aggregate_levels(patch: EmbeddingTable, gene_from: str = "patches",
+                     levels: Sequence[str] = LEVELS) -> dict[str, EmbeddingTable]:
+    """Image, donor and gene means of a patch table.
+
+    Args:
+      patch: patch-level table with at least image_id, gene_symbol, donor_id keys.
+      gene_from: "patches": donor and gene = mean of all their patches (n_patches,
+        n_images added); "images": mean of their image means (n_images and the total
+        n_patches added).
+      levels: which of "patch", "image", "donor", "gene" to return.
+
+    Returns:
+      level -> table, in the order of `LEVELS`.
+
+    Raises:
+      EmbedError: unknown `gene_from`.
+    """
+    if gene_from not in GENE_FROM:
+        raise EmbedError(f"gene_from must be one of {GENE_FROM}, got {gene_from!r}")
+    out: dict[str, EmbeddingTable] = {}
+    image = _drop_patch_keys(aggregate(patch, LEVEL_KEYS["image"]))
+    for level in ("donor", "gene"):
+        if level not in levels:
+            continue
+        by = LEVEL_KEYS[level]
+        if gene_from == "patches":
+            table = _drop_patch_keys(aggregate(patch, by))
+            table.keys["n_images"] = _count_images(patch, by)
+        else:
+            base = EmbeddingTable(image.keys.drop(columns=["n_patches"]), image.values,
+                                  image.source)
+            table = aggregate(base, by)
+            table.keys["n_patches"] = (image.keys.groupby(list(by), sort=True, dropna=False)
+                                       ["n_patches"].sum().to_numpy())
+        out[level] = table
+    result = {"patch": patch, "image": image, **out}
+    return {lv: result[lv] for lv in LEVELS if lv in levels}
+
+
+# --------------------------------------------------------------------------- driver
+def _selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
+    index = records.load_index(records_dir)
+    shards = sorted(index["shards"], key=lambda s: (s["split"], s["index"]))
+    have = sorted({s["split"] for s in shards})
+    if splits:
+        missing = [s for s in splits if s not in have]
+        if missing:
+            raise EmbedError(f"{records_dir}: no completed shards of split(s) {missing}; "
+                             f"splits with shards: {have or 'none'}")
+        shards = [s for s in shards if s["split"] in splits]
+    if not shards:
+        raise EmbedError(f"{records_dir}: the index lists no completed shards")
+    for s in shards:
+        path = os.path.join(records_dir, s["file"])
+        if not os.path.exists(path):
+            raise EmbedError(f"{records.index_path(records_dir)} lists {s['file']} but it is "
+                             f"not in {records_dir}")
+    return shards
+
+
+def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> EmbedResult:
+    """Embeds the records of `config.records_dir` with the SavedModel and writes the tables.
+
+    Args:
+      config: see `EmbedConfig`.
+      progress: draw a progress bar (None: only on a terminal / ISH_TF_PROGRESS).
+
+    Returns:
+      An `EmbedResult`.
+
+    Raises:
+      EmbedError: bad settings, no shards, an unusable signature, or nothing embedded.
+      ish_tf.data.records.RecordsError: no or unreadable index.
+    """
+    config.validate()
+    shards = _selected_shards(config.records_dir, config.splits)
+    served = ServedModel(config.saved_model, config.signature, config.output)
+    os.makedirs(os.path.join(config.out_dir, PARTS_DIR), exist_ok=True)
+
+    all_keys, all_values, skipped = [], [], []
+    reused = embedded = 0
+    seconds = 0.0
+    total = sum(int(s.get("num_records", 0)) for s in shards)
+    with Progress(total or None, desc="embed", enabled=progress) as bar:
+        for s in shards:
+            path = os.path.join(config.records_dir, s["file"])
+            part = _part_path(config.out_dir, s["file"])
+            stamp = _shard_stamp(path)
+            loaded = _load_part(part, served.model_id, stamp)
+            if loaded is not None:
+                reused += 1
+                bar.update(int(s.get("num_records", 0)))
+            else:
+                start = time.perf_counter()
+                loaded = embed_shard(served, path, s["split"], config.batch_size, bar)
+                seconds += time.perf_counter() - start
+                embedded += len(loaded[0])
+                _save_part(part, served.model_id, stamp, *loaded)
+            keys, values, bad = loaded
+            if len(keys):
+                all_keys.append(keys)
+                all_values.append(values)
+            skipped.extend(bad)
+    if not all_keys:
+        raise EmbedError(f"{config.records_dir}: no record could be embedded "
+                         f"({len(skipped)} skipped; see the reasons in "
+                         f"{os.path.join(config.out_dir, SKIPPED_NAME)})")
+    dims = {v.shape[1] for v in all_values}
+    if len(dims) != 1:
+        raise EmbedError(f"{config.out_dir}/{PARTS_DIR}: parts of different widths {dims}; "
+                         "delete the directory and rerun")
+    patch = EmbeddingTable(pd.concat(all_keys, ignore_index=True),
+                           np.concatenate(all_values), served.path)
+
+    ext = "parquet" if config.table_format == "parquet" else "csv"
+    tables, rows = {}, {}
+    for level, table in aggregate_levels(patch, config.gene_from, config.levels).items():
+        path = os.path.join(config.out_dir, f"{level}_embeddings.{ext}")
+        write_embedding_table(path, table)
+        tables[level], rows[level] = path, len(table)
+    skipped_path = os.path.join(config.out_dir, SKIPPED_NAME)
+    with atomic_path(skipped_path) as tmp:
+        pd.DataFrame(skipped, columns=_SKIPPED_COLUMNS).to_csv(tmp, index=False)
+
+    result = EmbedResult(
+        out_dir=config.out_dir, saved_model=served.path, tables=tables, rows=rows,
+        dim=patch.dim, skipped=len(skipped), skipped_path=skipped_path, shards_reused=reused,
+        patches_embedded=embedded, seconds=seconds,
+        patches_per_sec=embedded / seconds if seconds > 0 else 0.0)
+    summary: dict[str, Any] = dataclasses.asdict(result)
+    summary.update({"signature": served.signature, "output": served.output,
+                    "fingerprint": served.fingerprint, "gene_from": config.gene_from,
+                    "records_dir": os.path.abspath(config.records_dir),
+                    "splits": sorted({s["split"] for s in shards}),
+                    "family": served.metadata.get("family")})
+    atomic_write_text(os.path.join(config.out_dir, SUMMARY_NAME),
+                      json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    # The tables are complete: the resume cache would only double the disk use.
+    for s in shards:
+        part = _part_path(config.out_dir, s["file"])
+        if os.path.exists(part):
+            os.remove(part)
+    parts_dir = os.path.join(config.out_dir, PARTS_DIR)
+    if os.path.isdir(parts_dir) and not os.listdir(parts_dir):
+        os.rmdir(parts_dir)
+    return result

@@ -1,0 +1,586 @@
+"""Versioned TF Serving SavedModels whose signatures take encoded image bytes.
+
+Layout of an export base `EXPORT/<name>` (the TF Serving model base path)::
+
+    EXPORT/<name>/1/                      # integer versions; TF Serving serves the newest
+    EXPORT/<name>/2/saved_model.pb
+    EXPORT/<name>/2/variables/...
+    EXPORT/<name>/2/assets.extra/ish_tf.json   # sidecar: family, input, outputs, flags, schema
+    EXPORT/<name>/2/assets.extra/flags.cfg     # the training run's flagfile (replayable)
+
+Signatures of every export (`saved_model_cli show --dir EXPORT/<name>/2 --all`):
+
+* `serving_default`: `image_bytes` tf.string (B,) of JPEG or PNG files -> dict of the
+  family's outputs, e.g. `{"embedding": float32 (B, D)}`. Decoding, the resize to the
+  model's input size (bilinear, antialiased, only when the size differs) and the cast
+  to float32 [0, 255] happen inside the graph, so a client needs no ish_tf code.
+* the family's pixel signature (`embed_images` for triplet): `images` float32
+  (B, S, S, C) in [0, 255] -> the same outputs (skips decoding; for speed and tests).
+
+Any Keras model whose input is float32 images in [0, 255] of shape (S, S, C) can be
+exported; a model family declares its output names (`FAMILIES`, `register_family`).
+The SavedModel is written by `keras.export.ExportArchive` (which tracks the model's
+variables and sets `serving_default`) into a hidden temporary directory beside the
+versions, the sidecar is added, and the directory is renamed to its version number
+only when complete: a crash never leaves a half-written version that TF Serving
+(which ignores non-integer names) or `latest_version` would pick up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ish_tf.io_utils import atomic_write_text
+
+SIDECAR_DIR = "assets.extra"
+SIDECAR_NAME = "ish_tf.json"
+FLAGFILE_NAME = "flags.cfg"
+SIDECAR_FORMAT = 1
+BYTES_INPUT = "image_bytes"
+PIXELS_INPUT = "images"
+SERVING_DEFAULT = "serving_default"
+_TMP_PREFIX = ".export-"
+_TMP_SUFFIX = ".tmp"
+_TRASH_PREFIX = ".replaced-"
+# Scratch directories beside the versions carry their creator's pid: ".export-PID-..." or
+# ".replaced-PID-VERSION".
+_SCRATCH_RE = re.compile(rf"(?:{re.escape(_TMP_PREFIX)}|{re.escape(_TRASH_PREFIX)})(\d+)-.*")
+
+
+class ExportError(ValueError):
+    """A model or export directory that cannot be exported to or read; names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+    """What a model family's SavedModel returns.
+
+    Attributes:
+      outputs: output names, in the order of the Keras model's outputs.
+      pixels_signature: name of the signature taking float32 images.
+    """
+
+    outputs: tuple[str, ...]
+    pixels_signature: str = "predict_images"
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "triplet": FamilySpec(("embedding",), "embed_images"),
+    "cdae": FamilySpec(("code", "reconstruction"), "encode_images"),
+    "ish_cnn": FamilySpec(("probabilities",), "classify_images"),
+}
+
+
+def register_family(name: str, outputs: Sequence[str],
+                    pixels_signature: str = "predict_images") -> None:
+    """Declares (or redeclares) the output names of a model family.
+
+    Args:
+      name: the family (the `--model` value of training).
+      outputs: output names in the order of the Keras model's outputs.
+      pixels_signature: name of the signature taking float32 images.
+
+    Raises:
+      ExportError: no or repeated output names.
+    """
+    outputs = tuple(outputs)
+    if not outputs or len(set(outputs)) != len(outputs):
+        raise ExportError(f"family {name!r}: output names must be unique and non-empty, "
+                          f"got {outputs}")
+    FAMILIES[name] = FamilySpec(outputs, pixels_signature)
+
+
+# --------------------------------------------------------------------------- versions
+def list_versions(export_base: str) -> list[int]:
+    """Integer versions present under an export base, ascending (other names ignored)."""
+    if not os.path.isdir(export_base):
+        return []
+    return sorted(int(n) for n in os.listdir(export_base)
+                  if n.isdigit() and os.path.isdir(os.path.join(export_base, n)))
+
+
+def latest_version(export_base: str) -> int | None:
+    """The newest version under `export_base`, or None when there is none."""
+    versions = list_versions(export_base)
+    return versions[-1] if versions else None
+
+
+def resolve_saved_model(path: str) -> str:
+    """A SavedModel directory from a version directory or an export base (newest wins).
+
+    Args:
+      path: `EXPORT/<name>/<version>` or `EXPORT/<name>`.
+
+    Returns:
+      The version directory holding `saved_model.pb`.
+
+    Raises:
+      ExportError: neither a SavedModel nor an export base with versions.
+    """
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    version = latest_version(path)
+    if version is None:
+        raise ExportError(f"{path}: neither a SavedModel (no saved_model.pb) nor an export "
+                          "base with integer version directories; run bin/export first")
+    return os.path.join(path, str(version))
+
+
+def prune_versions(export_base: str, keep: int, protect: int | None = None) -> list[int]:
+    """Deletes all but the newest `keep` versions.
+
+    Args:
+      export_base: the directory holding the versions.
+      keep: versions to keep; 0 keeps all.
+      protect: a version never deleted (the one just exported, even when an explicit
+        version number is older than the kept ones).
+
+    Returns:
+      The deleted versions.
+    """
+    if keep <= 0:
+        return []
+    versions = list_versions(export_base)
+    doomed = [v for v in (versions[:-keep] if len(versions) > keep else []) if v != protect]
+    for v in doomed:
+        # Rename first so a half-deleted directory never looks like a servable version.
+        trash = os.path.join(export_base, f"{_TRASH_PREFIX}{os.getpid()}-{v}")
+        os.replace(os.path.join(export_base, str(v)), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_exports(export_base: str) -> list[str]:
+    """Removes temporary export directories left by killed exporters.
+
+    A temporary directory carries its exporter's pid; it is removed only when that
+    process no longer runs, so a concurrent export is left alone.
+
+    Returns:
+      The names removed.
+    """
+    removed = []
+    if not os.path.isdir(export_base):
+        return removed
+    for name in os.listdir(export_base):
+        m = _SCRATCH_RE.fullmatch(name)
+        if m is None:
+            continue
+        if not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+# --------------------------------------------------------------------------- metadata
+def parse_flagfile(text: str) -> dict[str, Any]:
+    """Flag values of a flagfile (`--name=value`, `--flag`, `--noflag`; `#` comments).
+
+    Returns:
+      name -> value string, or True/False for bare boolean flags.
+    """
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, sep, value = line[2:].partition("=")
+        if sep:
+            out[name] = value
+        elif name.startswith("no") and len(name) > 2:
+            out[name[2:]] = False
+        else:
+            out[name] = True
+    return out
+
+
+def read_metadata(saved_model_dir: str) -> dict:
+    """Reads the sidecar `assets.extra/ish_tf.json` of a version directory.
+
+    Raises:
+      ExportError: no sidecar (not exported by ish_tf) or unreadable JSON.
+    """
+    path = os.path.join(saved_model_dir, SIDECAR_DIR, SIDECAR_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise ExportError(f"{path}: missing; {saved_model_dir} was not exported by ish_tf") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: cannot read the export metadata: {e}") from e
+
+
+def model_input_shape(model) -> tuple[int, int, int]:
+    """(S_h, S_w, C) of a Keras model taking one batch of images.
+
+    Raises:
+      ExportError: several inputs, not rank 4, or dynamic height/width/channels.
+    """
+    inputs = model.inputs if getattr(model, "inputs", None) else None
+    if not inputs or len(inputs) != 1:
+        raise ExportError(f"model {model.name!r}: export needs exactly one image input, "
+                          f"got {0 if not inputs else len(inputs)}")
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise ExportError(f"model {model.name!r}: input shape {shape} is not (B, S, S, C) "
+                          "with a static size; build the model with a fixed input size")
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+# --------------------------------------------------------------------------- graph pieces
+def decode_images(image_bytes, size: tuple[int, int], channels: int = 3):
+    """Decodes a batch of JPEG/PNG strings to float32 images of one size.
+
+    Each image is decoded with `tf.io.decode_image(channels=C)` (grayscale is
+    expanded, alpha dropped) and, only when its size differs from `size`, resized
+    bilinearly with antialiasing. Pixels stay in [0, 255].
+
+    Args:
+      image_bytes: tf.string (B,) encoded images.
+      size: (H, W) of the output.
+      channels: C.
+
+    Returns:
+      float32 (B, H, W, C).
+    """
+    import tensorflow as tf
+
+    height, width = int(size[0]), int(size[1])
+
+    def one(data):
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        image = tf.cast(image, tf.float32)
+        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
+        image = tf.cond(same, lambda: image,
+                        lambda: tf.image.resize(image, [height, width], method="bilinear",
+                                                antialias=True))
+        return tf.ensure_shape(image, [height, width, channels])
+
+    return tf.map_fn(one, image_bytes,
+                     fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+
+
+def _name_outputs(result, names: Sequence[str], output_map: Mapping[str, Any] | None):
+    """Maps the model's raw output(s) to {name: float32 tensor}."""
+    import tensorflow as tf
+
+    if output_map:
+        picked = {}
+        for name, key in output_map.items():
+            picked[name] = result[key] if isinstance(result, (Mapping, list, tuple)) else result
+        return {k: tf.cast(v, tf.float32) for k, v in picked.items()}
+    if isinstance(result, Mapping):
+        result = [result[k] for k in result]
+    if not isinstance(result, (list, tuple)):
+        result = [result]
+    return {name: tf.cast(t, tf.float32) for name, t in zip(names, result, strict=True)}
+
+
+def _model_output_count(model) -> int:
+    outputs = getattr(model, "outputs", None)
+    return len(outputs) if outputs else 1
+
+
+# --------------------------------------------------------------------------- export
+def export_saved_model(model, export_base: str, *, family: str = "triplet",
+                       outputs: Sequence[str] | Mapping[str, Any] | None = None,
+                       metadata: Mapping[str, Any] | None = None,
+                       class_names: Sequence[str] | None = None,
+                       flagfile: str | None = None, version: int | None = None,
+                       keep: int = 5, overwrite: bool = False) -> str:
+    """Exports a Keras image model as a new integer version of a TF Serving model.
+
+    Args:
+      model: keras.Model, input float32 (B, S, S, C) in [0, 255], in inference mode
+        (it is called with `training=False`).
+      export_base: `EXPORT/<name>`; created if missing.
+      family: model family; sets the output names (`FAMILIES`) when `outputs` is None.
+      outputs: output names in the model's output order, or {name: index or key} to
+        pick from a list/dict-output model.
+      metadata: extra JSON-serialisable facts stored in the sidecar under "extra".
+      class_names: class names (classifier families), stored in the sidecar.
+      flagfile: a flagfile (e.g. RUN/flags.cfg) copied to `assets.extra/flags.cfg`
+        and parsed into the sidecar's "flags"; None or a missing file: no flags.
+      version: the version number; None = newest + 1 (1 for the first).
+      keep: keep only this many newest versions after exporting (0 = all); the new
+        version itself is always kept.
+      overwrite: replace `version` if it exists (else an existing version raises).
+
+    Returns:
+      The version directory, `export_base/<version>`.
+
+    Raises:
+      ExportError: unknown family, output names that do not fit the model, a model
+        input that is not (S, S, C), or an existing explicit version.
+    """
+    import keras
+    import tensorflow as tf
+
+    if family not in FAMILIES and outputs is None:
+        raise ExportError(f"unknown model family {family!r} (known: {sorted(FAMILIES)}); "
+                          "pass outputs=... or register_family()")
+    spec = FAMILIES.get(family, FamilySpec(()))
+    output_map = dict(outputs) if isinstance(outputs, Mapping) else None
+    names = tuple(output_map) if output_map else tuple(outputs or spec.outputs)
+    if not output_map and len(names) != _model_output_count(model):
+        raise ExportError(f"model {model.name!r} has {_model_output_count(model)} output(s) but "
+                          f"family {family!r} names {len(names)}: {names}")
+    if version is not None and version < 0:
+        raise ExportError(f"version must be a non-negative integer, got {version}")
+    height, width, channels = model_input_shape(model)
+
+    def serve_bytes(image_bytes):
+        images = decode_images(image_bytes, (height, width), channels)
+        return _name_outputs(model(images, training=False), names, output_map)
+
+    def serve_pixels(images):
+        return _name_outputs(model(images, training=False), names, output_map)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    # The first endpoint is also TF Serving's default; name it so explicitly.
+    archive.add_endpoint(SERVING_DEFAULT, serve_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+    archive.add_endpoint(spec.pixels_signature or "predict_images", serve_pixels,
+                         input_signature=[tf.TensorSpec([None, height, width, channels],
+                                                        tf.float32, name=PIXELS_INPUT)])
+
+    os.makedirs(export_base, exist_ok=True)
+    remove_stale_exports(export_base)
+    tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=_TMP_SUFFIX,
+                           dir=export_base)
+    try:
+        # write_out wants to create the directory itself.
+        os.rmdir(tmp)
+        with _quiet_tensorflow_logs():
+            archive.write_out(tmp, verbose=False)
+        flags_text = _read_text(flagfile)
+        sidecar = _sidecar(model, family, spec, names, (height, width, channels), class_names,
+                           flags_text, metadata)
+        _write_sidecar(tmp, sidecar, flags_text)
+        final = _commit(tmp, export_base, version, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_versions(export_base, keep, protect=int(os.path.basename(final)))
+    return final
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logs():
+    """Mutes the SavedModel writer's INFO lines (assets, fingerprint, renamed inputs).
+
+    TensorFlow logs them both through the "tensorflow" logger and through absl.
+    """
+    import logging
+
+    from absl import logging as absl_logging
+
+    logger = logging.getLogger("tensorflow")
+    level, verbosity = logger.level, absl_logging.get_verbosity()
+    logger.setLevel(max(level, logging.WARNING))
+    absl_logging.set_verbosity(min(verbosity, absl_logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        absl_logging.set_verbosity(verbosity)
+
+
+def _read_text(path: str | None) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _sidecar(model, family: str, spec: FamilySpec, names: Sequence[str],
+             input_shape: tuple[int, int, int], class_names: Sequence[str] | None,
+             flags_text: str | None, metadata: Mapping[str, Any] | None) -> dict:
+    import keras
+    import tensorflow as tf
+
+    import ish_tf
+    from ish_tf.data import records
+
+    outputs = list(model.outputs) if getattr(model, "outputs", None) else []
+    output_shapes = {}
+    for name, tensor in zip(names, outputs, strict=False):
+        output_shapes[name] = [None] + [int(d) if d is not None else None
+                                        for d in tuple(tensor.shape)[1:]]
+    height, width, channels = input_shape
+    pixels = spec.pixels_signature or "predict_images"
+    return {
+        "format_version": SIDECAR_FORMAT,
+        "family": family,
+        "model_name": model.name,
+        "input": {"height": height, "width": width, "channels": channels,
+                  "dtype": "float32", "range": [0, 255]},
+        "input_size": height,
+        "outputs": list(names),
+        "output_shapes": output_shapes,
+        "signatures": {
+            SERVING_DEFAULT: {"inputs": {BYTES_INPUT: "string (B,): JPEG or PNG bytes"},
+                              "outputs": list(names)},
+            pixels: {"inputs": {PIXELS_INPUT: f"float32 (B, {height}, {width}, {channels}) "
+                                              "in [0, 255]"},
+                     "outputs": list(names)},
+        },
+        "preprocessing": "decode_image(channels=C) -> bilinear antialiased resize to the "
+                         "input size when different -> float32 [0, 255] -> model",
+        "class_names": list(class_names) if class_names is not None else None,
+        "flags": parse_flagfile(flags_text) if flags_text else {},
+        "schema": {"record_features": list(records.FEATURE_KEYS)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"ish_tf": ish_tf.__version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__},
+        "extra": dict(metadata or {}),
+    }
+
+
+def _write_sidecar(saved_model_dir: str, sidecar: dict, flags_text: str | None) -> None:
+    extra = os.path.join(saved_model_dir, SIDECAR_DIR)
+    os.makedirs(extra, exist_ok=True)
+    atomic_write_text(os.path.join(extra, SIDECAR_NAME),
+                      json.dumps(sidecar, indent=1, sort_keys=True, default=str) + "\n")
+    if flags_text is not None:
+        atomic_write_text(os.path.join(extra, FLAGFILE_NAME), flags_text)
+
+
+def _commit(tmp: str, export_base: str, version: int | None, overwrite: bool) -> str:
+    """Renames the finished temporary directory to its version number."""
+    if version is not None:
+        final = os.path.join(export_base, str(version))
+        if os.path.exists(final):
+            if not overwrite:
+                raise ExportError(f"{final} already exists; choose another version, omit it "
+                                  "(next = newest + 1) or pass overwrite")
+            trash = os.path.join(export_base, f"{_TRASH_PREFIX}{os.getpid()}-{version}")
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        return final
+    # newest + 1; a concurrent exporter may take the number first (rename onto a
+    # non-empty directory fails), then try the next one.
+    for _ in range(100):
+        final = os.path.join(export_base, str((latest_version(export_base) or 0) + 1))
+        try:
+            if not os.path.exists(final):
+                os.rename(tmp, final)
+                return final
+        except OSError:
+            if not os.path.exists(final):
+                raise  # not a lost race: a real error (permissions, disk)
+    raise ExportError(f"{export_base}: could not claim a new version number")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Settings of `bin/export` (see `export_run`).
+
+    Attributes:
+      model_dir: the training run RUN (holding model.keras) or a `.keras` file.
+      export_dir: the export base `EXPORT/<name>`.
+      family: model family; "" = from RUN/model_config.json, else "triplet".
+      version: version number; None = newest + 1.
+      keep: newest versions kept (0 = all).
+      overwrite: replace an existing explicit version.
+    """
+
+    model_dir: str
+    export_dir: str
+    family: str = ""
+    version: int | None = None
+    keep: int = 5
+    overwrite: bool = False
+
+    def validate(self) -> ExportConfig:
+        """Checks the settings; returns self.
+
+        Raises:
+          ExportError: naming the offending flag.
+        """
+        if not self.model_dir:
+            raise ExportError("--model_dir is required: the training run directory RUN "
+                              "(with model.keras) or a .keras file")
+        if not self.export_dir:
+            raise ExportError("--export_dir is required: the export base EXPORT/<name>")
+        if self.version is not None and self.version < 0:
+            raise ExportError(f"--version must be >= 0, got {self.version}")
+        if self.keep < 0:
+            raise ExportError(f"--keep must be >= 0 (0 keeps all), got {self.keep}")
+        return self
+
+
+def export_run(model_dir: str, export_base: str, *, family: str | None = None,
+               version: int | None = None, keep: int = 5, overwrite: bool = False,
+               class_names: Sequence[str] | None = None) -> str:
+    """Exports a training run's `RUN/model.keras` (see `export_saved_model`).
+
+    The family is read from `RUN/model_config.json` ("builder") unless given;
+    `RUN/flags.cfg` goes into the sidecar, `model_config.json` under "extra".
+
+    Args:
+      model_dir: the run directory RUN (or a `.keras` file).
+      export_base: `EXPORT/<name>`.
+      family: model family; default from model_config.json, else "triplet".
+      version, keep, overwrite, class_names: as in `export_saved_model`.
+
+    Returns:
+      The version directory.
+
+    Raises:
+      ExportError: no model.keras, or a model that cannot be loaded or exported.
+    """
+    import keras
+
+    # The custom layers register themselves on import; load them before deserialising.
+    import ish_tf.models.backbones  # noqa: F401
+    import ish_tf.models.heads  # noqa: F401
+    if model_dir.endswith(".keras"):
+        model_path, run_dir = model_dir, os.path.dirname(model_dir)
+    else:
+        model_path, run_dir = os.path.join(model_dir, "model.keras"), model_dir
+    if not os.path.isfile(model_path):
+        raise ExportError(f"{model_path}: not found; has the training run in {run_dir} "
+                          "reached its last step (bin/train writes model.keras then)?")
+    extra: dict[str, Any] = {"source_model": os.path.abspath(model_path)}
+    config_path = os.path.join(run_dir, "model_config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                extra["model_config"] = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ExportError(f"{config_path}: cannot read: {e}") from e
+    if family is None:
+        family = str(extra.get("model_config", {}).get("builder") or "triplet")
+    try:
+        model = keras.saving.load_model(model_path, compile=False)
+    except Exception as e:  # Keras raises TypeError/ValueError for unknown layers etc.
+        raise ExportError(f"{model_path}: cannot load the Keras model "
+                          f"({type(e).__name__}: {e})") from e
+    return export_saved_model(model, export_base, family=family, metadata=extra,
+                              class_names=class_names,
+                              flagfile=os.path.join(run_dir, FLAGFILE_NAME),
+                              version=version, keep=keep, overwrite=overwrite)
