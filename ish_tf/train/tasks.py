@@ -17,6 +17,7 @@ cross-replica SUM then equals the single-device gradient of the global batch.
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -148,6 +149,11 @@ class Task(abc.ABC):
 
 _TASKS: dict[str, type[Task]] = {}
 
+# Tasks living in their own modules, imported on first use so `bin/train` for one
+# family does not import the others. The module registers itself with @register_task.
+_LAZY_TASKS: dict[str, str] = {
+}
+
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator registering a Task under the `--model` name `name`."""
@@ -161,8 +167,8 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 
 def task_names() -> list[str]:
-    """Registered task names."""
-    return sorted(_TASKS)
+    """Registered task names (including lazily imported ones)."""
+    return sorted(set(_TASKS) | set(_LAZY_TASKS))
 
 
 def make_task(model_config: ModelConfig, train_config: TrainConfig,
@@ -172,6 +178,8 @@ def make_task(model_config: ModelConfig, train_config: TrainConfig,
     Raises:
       ValueError: no such task.
     """
+    if model_config.model not in _TASKS and model_config.model in _LAZY_TASKS:
+        importlib.import_module(_LAZY_TASKS[model_config.model])
     if model_config.model not in _TASKS:
         raise ValueError(f"--model={model_config.model!r} has no training task; "
                          f"registered: {task_names()}")
