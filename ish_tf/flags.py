@@ -430,7 +430,7 @@ def define_evaluate() -> None:
     flags.DEFINE_enum("map_method", "pca", ["pca", "tsne", "umap", "auto", "none"],
                       "Projection of the per-embedding gene maps in the report (tsne: nicer, "
                       "~15-60 s per embedding on 2 cores; none: no maps).")
-    flags.DEFINE_integer("n_jobs", 2, "Threads scoring groups (or genes) in parallel.",
+    flags.DEFINE_integer("n_jobs", 2, "Processes scoring groups (or genes) in parallel.",
                          lower_bound=1)
 
 
@@ -564,3 +564,264 @@ def embed_config(fv=FLAGS) -> EmbedConfig:  # noqa: F821 - lazy import below
         splits=tuple(parse_list(fv.splits)), batch_size=fv.embed_batch_size,
         gene_from=fv.gene_from, table_format=fv.table_format, signature=fv.signature,
         output=fv.output_key or None, levels=tuple(parse_list(fv.levels))).validate()
+
+
+# --------------------------------------------------------------------------- unet
+def define_unet() -> None:
+    """Flags of `bin/train --model=unet` (the U-Net tissue segmenter on image/mask pairs)."""
+    if not _once("unet"):
+        return
+    flags.DEFINE_string("mask_manifest", "", "--model=unet: manifest CSV whose images have "
+                        "true tissue masks (bin/synth writes masks/{image_id}.png beside it).")
+    flags.DEFINE_string("mask_dir", "", "--model=unet: directory of the masks "
+                        "{image_id}.png; empty = masks/ beside --mask_manifest.")
+    flags.DEFINE_float("val_fraction", 0.1, "--model=unet: fraction of the pairs held out "
+                       "(listed in RUN/unet_split.csv, never trained on).",
+                       lower_bound=0.0, upper_bound=0.9)
+    flags.DEFINE_integer("unet_batch_size", 8, "--model=unet: image/mask pairs per step "
+                         "(global batch).", lower_bound=1)
+    flags.DEFINE_integer("unet_filters", 16, "--model=unet: filters of the first level "
+                         "(doubled at each level down).", lower_bound=1)
+    flags.DEFINE_integer("unet_depth", 4, "--model=unet: number of 2x downsamplings; "
+                         "--input_size must be divisible by 2**depth.", lower_bound=1)
+
+
+def unet_options(fv=FLAGS) -> dict:
+    """`ModelConfig.options` of the U-Net family from its flags (`FAMILY_OPTIONS["unet"]`).
+
+    Flags of a section the command did not define fall back to their defaults, so any
+    command that builds a `ModelConfig` with --model=unet works. --small_run caps the
+    batch at 4 pairs.
+
+    Returns:
+      {"base_filters", "depth", "batch_size", "mask_manifest", "mask_dir", "val_fraction"}.
+    """
+    # getattr: absl raises AttributeError for flags no section defined.
+    batch = int(getattr(fv, "unet_batch_size", 8))
+    if getattr(fv, "small_run", False):
+        batch = min(batch, 4)
+    return {"base_filters": int(getattr(fv, "unet_filters", 16)),
+            "depth": int(getattr(fv, "unet_depth", 4)),
+            "batch_size": batch,
+            "mask_manifest": str(getattr(fv, "mask_manifest", "") or ""),
+            "mask_dir": str(getattr(fv, "mask_dir", "") or ""),
+            "val_fraction": float(getattr(fv, "val_fraction", 0.1))}
+
+
+# --------------------------------------------------------------------------- cdae
+# Defaults of the CDAE flags, also used by `cdae_options` when a command did not define
+# the section (any command building a ModelConfig with --model=cdae still works).
+_CDAE_DEFAULTS: dict = {
+    "cdae_depth": 4, "cdae_filters": "16,32,64,64", "cdae_convs_per_block": 1,
+    "cdae_code_size": 128, "unpool": "switches", "cdae_invert": True, "cdae_aspect": 1.0,
+    "cdae_noise": "masking", "cdae_noise_level": 0.25, "cdae_loss": "bce",
+    "cdae_batch_size": 32, "cdae_image_every": 500, "cdae_dropout": 0.0,
+    "cdae_init_from": "", "cdae_gaf": "", "cdae_annotations": "",
+    "cdae_term_min_genes": 15, "cdae_term_max_genes": 500,
+}
+
+
+def define_cdae() -> None:
+    """Flags of `bin/train --model=cdae|cdae_supervised` (convolutional denoising autoencoder)."""
+    if not _once("cdae"):
+        return
+    d = _CDAE_DEFAULTS
+    flags.DEFINE_integer("cdae_depth", d["cdae_depth"], "--model=cdae: conv+pool blocks "
+                         "(each halves the size); --input_size must be >= 2**depth.",
+                         lower_bound=1)
+    flags.DEFINE_string("cdae_filters", d["cdae_filters"], "--model=cdae: filters per block, "
+                        "comma-separated (the last repeats if fewer than --cdae_depth).")
+    flags.DEFINE_integer("cdae_convs_per_block", d["cdae_convs_per_block"],
+                         "--model=cdae: 3x3 convolutions per block.", lower_bound=1)
+    flags.DEFINE_integer("cdae_code_size", d["cdae_code_size"], "--model=cdae: size of the "
+                         "dense code (the representation bin/embed stores).", lower_bound=1)
+    flags.DEFINE_enum("unpool", d["unpool"], ["switches", "nearest"], "--model=cdae: decoder "
+                      "unpooling: max-unpool at the encoder's switches, or nearest upsampling.")
+    flags.DEFINE_bool("cdae_invert", d["cdae_invert"], "--model=cdae: scale pixels to "
+                      "1 - x/255 inside the model (white slide -> 0, stain -> 1).")
+    flags.DEFINE_float("cdae_aspect", d["cdae_aspect"], "--model=cdae: input width / height "
+                       "(height = --input_size); must match the whole-image records.")
+    flags.DEFINE_enum("cdae_noise", d["cdae_noise"], ["none", "gaussian", "masking",
+                                                      "salt_pepper"],
+                      "--model=cdae: input corruption while training (in the [0, 1] scaled "
+                      "space): additive gaussian (std = level), masking (a fraction `level` of "
+                      "pixels set to 0) or salt-and-pepper (a fraction `level` set to 0 or 1).")
+    flags.DEFINE_float("cdae_noise_level", d["cdae_noise_level"], "--model=cdae: noise std or "
+                       "corrupted fraction.", lower_bound=0.0)
+    flags.DEFINE_enum("cdae_loss", d["cdae_loss"], ["mse", "bce"], "--model=cdae: "
+                      "reconstruction loss against the clean scaled image.")
+    flags.DEFINE_integer("cdae_batch_size", d["cdae_batch_size"], "--model=cdae*: images per "
+                         "step (global batch; replaces P*K).", lower_bound=1)
+    flags.DEFINE_integer("cdae_image_every", d["cdae_image_every"], "--model=cdae: steps "
+                         "between TensorBoard images of input / noisy input / reconstruction "
+                         "(logs/reconstruction); 0 = only at step 0.", lower_bound=0)
+    flags.DEFINE_float("cdae_dropout", d["cdae_dropout"], "--model=cdae_supervised: dropout "
+                       "before the sigmoid head.", lower_bound=0.0, upper_bound=0.95)
+    flags.DEFINE_string("cdae_init_from", d["cdae_init_from"], "--model=cdae_supervised: a "
+                        "CDAE run directory (or .keras) to initialise the encoder from; "
+                        "empty = from scratch.")
+    flags.DEFINE_string("cdae_gaf", d["cdae_gaf"], "--model=cdae_supervised: GAF file of the "
+                        "terms to predict (bin/synth writes OUT/go.gaf).")
+    flags.DEFINE_string("cdae_annotations", d["cdae_annotations"], "--model=cdae_supervised: "
+                        "or a gene annotation CSV (gene_symbol + categorical columns).")
+    flags.DEFINE_integer("cdae_term_min_genes", d["cdae_term_min_genes"],
+                         "--model=cdae_supervised: terms with fewer training genes are left "
+                         "out.", lower_bound=1)
+    flags.DEFINE_integer("cdae_term_max_genes", d["cdae_term_max_genes"],
+                         "--model=cdae_supervised: terms with more training genes are left "
+                         "out.", lower_bound=1)
+
+
+def cdae_options(fv=FLAGS) -> dict:
+    """`ModelConfig.options` of cdae / cdae_supervised from the --cdae_* flags.
+
+    Flags of a section the command did not define fall back to their defaults;
+    --small_run caps the batch at 8 images.
+
+    Returns:
+      {"depth", "filters", "convs_per_block", "code_size", "unpool", "invert", "aspect",
+       "noise", "noise_level", "loss", "batch_size", "image_every", "dropout",
+       "init_from", "gaf", "annotations", "term_min_genes", "term_max_genes"}
+      (documented in `ish_tf.models.cdae` and `ish_tf.train.task_cdae`).
+    """
+    # getattr: absl raises AttributeError for flags no section defined.
+    v = {name: getattr(fv, name, default) for name, default in _CDAE_DEFAULTS.items()}
+    batch = int(v["cdae_batch_size"])
+    if getattr(fv, "small_run", False):
+        batch = min(batch, 8)
+    return {
+        "depth": int(v["cdae_depth"]),
+        "filters": [int(f) for f in parse_list(v["cdae_filters"])],
+        "convs_per_block": int(v["cdae_convs_per_block"]), "code_size": int(v["cdae_code_size"]),
+        "unpool": str(v["unpool"]), "invert": bool(v["cdae_invert"]),
+        "aspect": float(v["cdae_aspect"]), "noise": str(v["cdae_noise"]),
+        "noise_level": float(v["cdae_noise_level"]), "loss": str(v["cdae_loss"]),
+        "batch_size": batch, "image_every": int(v["cdae_image_every"]),
+        "dropout": float(v["cdae_dropout"]), "init_from": str(v["cdae_init_from"] or ""),
+        "gaf": str(v["cdae_gaf"] or ""), "annotations": str(v["cdae_annotations"] or ""),
+        "term_min_genes": int(v["cdae_term_min_genes"]),
+        "term_max_genes": int(v["cdae_term_max_genes"]),
+    }
+
+
+# --------------------------------------------------------------------------- whole images
+def define_whole() -> None:
+    """Flags of whole-section records (`bin/extract --whole_images`, `ish_tf.data.whole`)."""
+    if not _once("whole"):
+        return
+    flags.DEFINE_bool("whole_images", False, "bin/extract: write one downsampled grayscale "
+                      "whole section per record (cropped to the tissue mask's bounding box, "
+                      "padded to --whole_aspect with the slide background) instead of patches.")
+    flags.DEFINE_integer("whole_size", 128, "Height of the stored whole sections, pixels.",
+                         lower_bound=8)
+    flags.DEFINE_float("whole_aspect", 1.0, "Width / height of the stored whole sections.",
+                       lower_bound=0.05)
+    flags.DEFINE_float("whole_margin", 0.02, "Margin around the tissue's bounding box, as a "
+                       "fraction of its longer side.", lower_bound=0.0, upper_bound=1.0)
+
+
+def whole_config(fv=FLAGS):
+    """`ish_tf.data.whole.WholeConfig` from the extract flags (manifest, out, genes, shards,
+    splits, mask, workers, seed, --format) and the --whole_* flags.
+
+    Raises:
+      ValueError: as `extract_config`, or a bad whole-image setting.
+    """
+    from ish_tf.data.whole import WholeConfig
+
+    ext = extract_config(fv)
+    return WholeConfig(
+        manifest=ext.manifest, out_dir=ext.out_dir, size=fv.whole_size, aspect=fv.whole_aspect,
+        margin=fv.whole_margin, image_format=ext.image_format,
+        jpeg_quality=ext.jpeg_quality, num_shards=ext.num_shards, compression=ext.compression,
+        split_by=ext.split_by, split_fractions=ext.split_fractions, workers=ext.workers,
+        seed=ext.seed, genes=ext.genes, mask=ext.mask)
+
+
+# --------------------------------------------------------------------------- tune
+def define_tune() -> None:
+    """Flags of `bin/tune` (KerasTuner search over bin/train runs; see ish_tf.tune)."""
+    if not _once("tune"):
+        return
+    _define_once(flags.DEFINE_string, "out", "", "Output directory.")
+    flags.DEFINE_enum("tuner", "random", ["grid", "random", "bayesian", "hyperband"],
+                      "KerasTuner oracle choosing each trial's hyperparameters.")
+    flags.DEFINE_integer("max_trials", 20, "Most trials (hyperband: its own budget too).",
+                         lower_bound=1)
+    flags.DEFINE_integer("executions_per_trial", 1, "Trainings per trial (seeds seed, seed+1, "
+                         "...); the objective is their mean.", lower_bound=1)
+    flags.DEFINE_float("steps_scale", 1.0, "Multiplies each trial's --steps (small runs); "
+                       "best.cfg keeps the full length.")
+    flags.DEFINE_string("validation_split", "validation", "Split the objective is computed on.")
+    flags.DEFINE_integer("val_batch_size", 64, "Patches per inference batch when scoring.",
+                         lower_bound=1)
+    flags.DEFINE_integer("val_batches", 20, "Validation batches of the task loss (families "
+                         "scored by validation loss).", lower_bound=1)
+    flags.DEFINE_bool("tune_overwrite", False, "Discard an existing search in --out instead "
+                      "of resuming it.")
+    flags.DEFINE_integer("hyperband_max_epochs", 9, "Hyperband's largest budget, in units of "
+                         "max(--tune_steps)/hyperband_max_epochs steps.", lower_bound=1)
+    flags.DEFINE_integer("hyperband_factor", 3, "Hyperband's reduction factor.", lower_bound=2)
+    flags.DEFINE_list("tune_flips", ["true", "false"], "Search values of --flips.")
+    flags.DEFINE_list("tune_P", ["5", "10", "12", "14", "16", "17", "18", "20", "40", "50", "60"],
+                      "Search values of --P (genes per batch); K = tune_batch_images // P.")
+    flags.DEFINE_integer("tune_batch_images", 300, "Images per global batch of a trial.",
+                         lower_bound=4)
+    flags.DEFINE_list("tune_margin", ["soft", "0.5", "1"], "Search values of --margin.")
+    flags.DEFINE_list("tune_learning_rate", ["1e-4", "9e-5", "8e-5", "7e-5", "6e-5", "5e-5",
+                                             "1e-5"], "Search values of --learning_rate.")
+    flags.DEFINE_list("tune_metric", ["euclidean", "sqeuclidean", "cityblock"],
+                      "Search values of --metric.")
+    flags.DEFINE_list("tune_steps", ["10000", "15000", "20000", "30000"],
+                      "Search values of --steps (before --steps_scale).")
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"--{name}: {text!r} is not true or false")
+
+
+def _parse_numbers(name: str, values, kind):
+    try:
+        return tuple(kind(float(v)) if kind is int else kind(v) for v in parse_list(values))
+    except ValueError as e:
+        raise ValueError(f"--{name}: expected a comma-separated list of numbers, got "
+                         f"{values!r}") from e
+
+
+def tune_config(fv=FLAGS):
+    """`ish_tf.tune.TuneConfig` from the tune flags (and --seed, --small_run).
+
+    Raises:
+      ish_tf.tune.TuneError (a ValueError): a value is malformed or out of range.
+    """
+    from ish_tf.tune import TuneConfig, TuneSpace
+
+    space = TuneSpace(
+        flips=tuple(_parse_bool("tune_flips", v) for v in parse_list(fv.tune_flips)),
+        P=_parse_numbers("tune_P", fv.tune_P, int), batch_images=fv.tune_batch_images,
+        margin=tuple(parse_list(fv.tune_margin)),
+        learning_rate=_parse_numbers("tune_learning_rate", fv.tune_learning_rate, float),
+        metric=tuple(parse_list(fv.tune_metric)),
+        steps=_parse_numbers("tune_steps", fv.tune_steps, int))
+    return TuneConfig(
+        out_dir=fv.out, tuner=fv.tuner, max_trials=fv.max_trials,
+        executions_per_trial=fv.executions_per_trial, steps_scale=fv.steps_scale,
+        validation_split=fv.validation_split, val_batch_size=fv.val_batch_size,
+        val_batches=fv.val_batches, space=space, overwrite=fv.tune_overwrite,
+        hyperband_max_epochs=fv.hyperband_max_epochs, hyperband_factor=fv.hyperband_factor,
+        small_run=fv.small_run, seed=fv.seed).validate()
+
+
+# --------------------------------------------------------------------------- quickstart
+def define_quickstart() -> None:
+    """Flags of `bin/quickstart` (besides the synth, extract, model and train sections)."""
+    if not _once("quickstart"):
+        return
+    flags.DEFINE_string("workdir", "work/quickstart", "Directory for every stage's output.")
+    flags.DEFINE_integer("embed_batch_size_qs", 128,
+                         "Patches per call of the served model when the quickstart embeds.")

@@ -1,0 +1,257 @@
+"""Evaluation tasks as library functions: what `bin/evaluate` (and the quickstart) run.
+
+`run(config)` runs the tasks named in an `EvaluateConfig`; the task functions take
+in-memory embedding tables too, so callers with tables already loaded (the
+quickstart's baselines) use the same code. Each writes its CSVs atomically under
+`config.out_dir`; `write_figures_and_report` adds figures/ and report.html.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+# Bars per category in figures/auc_bars.png (GO can have hundreds of groups).
+MAX_BARS_PER_CATEGORY = 12
+
+
+def _write_csv(df: pd.DataFrame, path: str) -> str:
+    from ish_tf.io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def load_tables(config) -> dict:
+    """Reads every --embedding/--embeddings table (name -> EmbeddingTable)."""
+    from ish_tf.data.embeddings import read_embedding_table
+
+    return {name: read_embedding_table(path) for name, path in config.embeddings.items()}
+
+
+def load_annotations(config) -> list:
+    """The annotation sources named by the config (Zeng, GO, generic tables)."""
+    from ish_tf.evaluate import annotations, go, zeng
+
+    sources = []
+    if config.zeng_table:
+        sources.append(zeng.load_zeng(config.zeng_table))
+    if config.gaf:
+        sources.append(go.load_go(config.gaf, config.obo or None, aspects=config.go_aspects,
+                                  exclude_evidence=config.go_exclude_evidence))
+    for path in config.annotation_tables:
+        sources.append(annotations.read_annotation_table(path, list(config.annotation_columns)
+                                                         or None))
+    return sources
+
+
+def donor_control_table(config):
+    """The donor matrix to score as an embedding, or None."""
+    from ish_tf.data.manifest import read_manifest
+    from ish_tf.evaluate import donor
+
+    if config.donor_matrix:
+        return donor.read_donor_matrix(config.donor_matrix)
+    if config.manifest and config.donor_control:
+        return donor.donor_matrix_from_manifest(read_manifest(config.manifest), config.manifest)
+    return None
+
+
+def run_annotations(config, tables: dict) -> dict:
+    """Annotation task: writes the CSVs; returns paths and frames for figures and report."""
+    from ish_tf.evaluate import annotations, compare, donor
+
+    sources = load_annotations(config)
+    tables = dict(tables)
+    control = donor_control_table(config)
+    if control is not None:
+        if donor.NAME in tables:
+            raise ValueError(f"embedding name '{donor.NAME}' is reserved for the donor matrix")
+        tables[donor.NAME] = control
+    results, skipped, matches = annotations.evaluate_many(
+        tables, sources, config.scoring, key=config.join_key, common_genes=config.common_genes)
+    out = config.out_dir
+    summary = annotations.summarize(results)
+    written = {
+        "annotations": _write_csv(results, os.path.join(out, "annotations.csv")),
+        "annotations_summary": _write_csv(summary, os.path.join(out, "annotations_summary.csv")),
+        "annotations_skipped": _write_csv(skipped, os.path.join(out, "annotations_skipped.csv")),
+        "gene_matches": _write_csv(matches, os.path.join(out, "gene_matches.csv")),
+    }
+    wide = compare.wide_table(results) if len(results) else pd.DataFrame()
+    written["annotations_wide"] = _write_csv(wide, os.path.join(out, "annotations_wide.csv"))
+    pairs = pd.DataFrame()
+    if results["embedding"].nunique() > 1:
+        pairs = compare.compare_pairs(results)
+        written["comparisons"] = _write_csv(pairs, os.path.join(out, "comparisons.csv"))
+    return {"written": written, "results": results, "summary": summary, "wide": wide,
+            "pairs": pairs, "matches": matches, "skipped": skipped, "sources": sources,
+            "tables": tables}
+
+
+def run_diagnosis(config, tables: dict) -> dict:
+    """Diagnosis task for every embedding; writes the CSVs and returns frames."""
+    from ish_tf.data.manifest import read_manifest
+    from ish_tf.evaluate import diagnosis
+
+    manifest = read_manifest(config.manifest)
+    dcfg = config.diagnosis
+    labels = diagnosis.donor_labels(manifest, dcfg.label_column, dcfg.positive, dcfg.negative,
+                                    source=config.manifest)
+    demo_cols = tuple(c for c in dcfg.demographics if c != dcfg.label_column)
+    demo = diagnosis.donor_demographics(manifest, demo_cols, source=config.manifest)
+    per_gene, skipped, summaries = [], [], []
+    for name, table in tables.items():
+        donor_table = diagnosis.donor_level_table(table, manifest)
+        g, s = diagnosis.predict_diagnosis(donor_table, labels, demo, dcfg)
+        g.insert(0, "embedding", name)
+        s.insert(0, "embedding", name)
+        summ = diagnosis.summarize_diagnosis(g)
+        summ.insert(0, "embedding", name)
+        per_gene.append(g)
+        skipped.append(s)
+        summaries.append(summ)
+    per_gene = pd.concat(per_gene, ignore_index=True)
+    top = per_gene.groupby("embedding", sort=False).head(config.top_genes)
+    summary = pd.concat(summaries, ignore_index=True)
+    out = config.out_dir
+    written = {
+        "diagnosis": _write_csv(per_gene, os.path.join(out, "diagnosis.csv")),
+        "diagnosis_top": _write_csv(top, os.path.join(out, "diagnosis_top.csv")),
+        "diagnosis_summary": _write_csv(summary, os.path.join(out, "diagnosis_summary.csv")),
+        "diagnosis_skipped": _write_csv(pd.concat(skipped, ignore_index=True),
+                                        os.path.join(out, "diagnosis_skipped.csv")),
+    }
+    return {"written": written, "per_gene": per_gene, "top": top, "summary": summary,
+            "labels": labels}
+
+
+def run_reid(config, tables: dict) -> dict:
+    """Re-identification of every embedding; writes OUT/reid.csv."""
+    from ish_tf.evaluate import reid
+
+    df = reid.reid_table(tables, level=config.reid_level, metric=config.reid_metric)
+    return {"written": {"reid": _write_csv(df, os.path.join(config.out_dir, "reid.csv"))},
+            "reid": df}
+
+
+def _embedding_maps(ann: dict, fig_dir: str, method: str) -> list[tuple[str, str]]:
+    """One 2-D map per embedding, genes coloured by the first categorical annotation."""
+    from ish_tf.evaluate import annotations, figures
+
+    source = ann["sources"][0]
+    cats = list(dict.fromkeys(source.groups["category"]))
+    category = "pattern" if "pattern" in cats else cats[0]
+    out = []
+    for name, table in ann["tables"].items():
+        aligned = annotations.align(table, source)
+        labels = annotations.category_labels(aligned, source, category)
+        path = os.path.join(fig_dir, f"map_{name}.png")
+        caption = figures.plot_embedding_map(aligned.values, labels,
+                                             f"{name}: genes by {category}", path,
+                                             method=method)
+        out.append((caption, path))
+    return out
+
+
+def _bar_frame(results: pd.DataFrame, max_groups: int = MAX_BARS_PER_CATEGORY) -> pd.DataFrame:
+    """Results shaped for `figures.plot_auc_bars` (one panel per category, a bar per group).
+
+    That plot calls the panel "annotation" and the bar "category", the reverse of our
+    columns. Categories with many groups (GO) keep their `max_groups` largest groups.
+    """
+    sizes = results.groupby(["category", "annotation"], sort=False)["n_genes"].max()
+    keep = (sizes.sort_values(ascending=False, kind="stable")
+            .groupby(level="category", sort=False).head(max_groups).index)
+    rows = results.set_index(["category", "annotation"]).index.isin(keep)
+    sub = results.loc[rows, ["category", "annotation", "auc", "embedding"]]
+    return sub.rename(columns={"category": "annotation", "annotation": "category"})
+
+
+def write_figures_and_report(config, done: dict) -> str:
+    """Figures for whatever ran and OUT/report.html; returns the report path."""
+    from ish_tf.evaluate import figures, report
+
+    fig_dir = os.path.join(config.out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    settings = {"seed": config.scoring.seed, "folds": config.scoring.n_splits,
+                "standardize_features": config.scoring.standardize,
+                "solver": config.scoring.solver, "max_iter": config.scoring.max_iter}
+    sections = []
+    if "annotations" in done:
+        ann = done["annotations"]
+        figs = []
+        if len(ann["results"]):
+            path = os.path.join(fig_dir, "auc_bars.png")
+            figs.append((figures.plot_auc_bars(_bar_frame(ann["results"]), path), path))
+            if config.map_method != "none":
+                figs += _embedding_maps(ann, fig_dir, config.map_method)
+        tables = [("Mean AUC per embedding and category", ann["summary"]),
+                  ("Genes matched per embedding and annotation source", ann["matches"]),
+                  ("AUC per group, one column per embedding", ann["wide"])]
+        if len(ann["pairs"]):
+            tables.append(("Paired comparisons across groups (Wilcoxon signed-rank)",
+                           ann["pairs"]))
+        sections.append(report.Section(
+            "Annotation prediction",
+            text=("Stratified, shuffled k-fold logistic regression (no penalty) per binary "
+                  "gene group; AUC, AUC-PR and F1 are fold means, max_p the largest one-sided "
+                  "Mann-Whitney U p-value over folds. 'donor_matrix' scores the assay design "
+                  "alone (which donors each gene was run in): an embedding beats donor bias "
+                  "only where it beats that row. The bar chart shows at most "
+                  f"{MAX_BARS_PER_CATEGORY} groups per category (the largest); "
+                  "annotations.csv has all."),
+            tables=tables, figures=figs,
+            settings={**settings, "min_group_genes": config.scoring.min_genes,
+                      "go_bounds": config.scoring.size_bounds.get("go"),
+                      "join_key": config.join_key, "common_genes": config.common_genes}))
+    if "diagnosis" in done:
+        d = done["diagnosis"]
+        dcfg = config.diagnosis
+        sections.append(report.Section(
+            "Diagnosis prediction",
+            text=(f"Per gene, donor-level mean embeddings predict {dcfg.label_column} "
+                  f"({dcfg.positive} vs {dcfg.negative or 'rest'}); compared with "
+                  f"demographics alone, demographics + embedding, and a random embedding."),
+            tables=[("Mean AUC over genes per feature set", d["summary"]),
+                    (f"Top {config.top_genes} genes by embedding AUC", d["top"])],
+            settings={**settings, "min_donors": dcfg.min_donors,
+                      "demographics": ",".join(dcfg.demographics)}))
+    if "reid" in done:
+        r = done["reid"]["reid"]
+        path = os.path.join(fig_dir, "reid_bars.png")
+        sections.append(report.Section(
+            "Gene re-identification",
+            text="Rank-1 of the nearest neighbour among images of other donors (and all, "
+                 "same donor), with the exact chance level.",
+            tables=[("Re-identification", r)],
+            figures=[(figures.plot_reid_bars(r, path), path)],
+            settings={"level": config.reid_level, "metric": config.reid_metric}))
+    inputs = {f"embedding {k}": v for k, v in config.embeddings.items()}
+    for key in ("zeng_table", "gaf", "obo", "donor_matrix", "manifest"):
+        if getattr(config, key):
+            inputs[key] = getattr(config, key)
+    for i, path in enumerate(config.annotation_tables):
+        inputs[f"annotations {i + 1}"] = path
+    return report.write_report(config.out_dir, sections, title="ish_tf evaluation",
+                               inputs=inputs)
+
+
+def run(config) -> dict:
+    """Runs the configured tasks; returns {task: {"written": {name: path}, ...frames}}.
+
+    Raises:
+      ValueError: bad inputs (the message names the file, column or flag).
+    """
+    os.makedirs(config.out_dir, exist_ok=True)
+    tables = load_tables(config)
+    done = {}
+    if "annotations" in config.tasks:
+        done["annotations"] = run_annotations(config, tables)
+    if "diagnosis" in config.tasks:
+        done["diagnosis"] = run_diagnosis(config, tables)
+    if "reid" in config.tasks:
+        done["reid"] = run_reid(config, tables)
+    return done
