@@ -45,9 +45,10 @@ def test_head_layers_and_orthogonal_init():
 
 def test_small_cnn_parameter_count_exact():
     model = bb.small_cnn(32)
-    # (kernel 3x3 x in x out + bias) for conv1/conv2 of blocks 32, 64, 128.
-    expected = sum(9 * i * o + o for i, o in [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)])
-    assert expected == 287_008
+    # conv1/conv2 of blocks 32, 64, 128: 3x3 x in x out kernels (no bias), each followed
+    # by a GroupNorm with gamma and beta (2 x out).
+    expected = sum(9 * i * o + 2 * o for i, o in [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)])
+    assert expected == 287_456
     assert model.count_params() == expected
     assert model.output.shape[-1] == 128
 
@@ -167,5 +168,5 @@ def test_model_config_json_roundtrip_and_registry(tmp_path):
     with pytest.raises(ValueError, match=f"{os.path.basename(str(path))}.*bogus"):
         load_model_config(str(path))
     assert "triplet" in model_names()
-    with pytest.raises(ValueError, match="--model='cdae'"):
-        get_builder("cdae")
+    with pytest.raises(ValueError, match="--model='no_such_family'"):
+        get_builder("no_such_family")

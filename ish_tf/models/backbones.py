@@ -135,16 +135,18 @@ def _load_weights_file(model: keras.Model, base: keras.Model, path: str) -> None
 @register_backbone("small_cnn")
 def small_cnn(input_size: int = 64, weights: str | None = None,
               widths: tuple[int, ...] = (32, 64, 128)) -> keras.Model:
-    """A small CNN for the quickstart and tests: [0, 255] -> [0, 1], 3 strided conv blocks.
+    """A small CNN for the quickstart and tests: [0, 255] -> [-1, 1], 3 strided conv blocks.
 
-    No batch normalisation: it has no per-replica batch statistics, so one training
-    step is identical on one device and under MirroredStrategy.
+    Group normalisation instead of batch normalisation: no per-replica batch
+    statistics, so one training step is identical on one device and under
+    MirroredStrategy.
 
     Args:
       input_size: side R of the square input (any size >= 8).
       weights: None/"none", or a weights file written by `backbone.save_weights`.
         ("imagenet" is not available for this backbone.)
-      widths: filters of each block; each block is conv3x3 stride 2 + conv3x3, ReLU.
+      widths: filters of each block; each block is conv3x3 stride 2 + conv3x3, each followed by
+        GroupNorm and ReLU.
 
     Returns:
       keras.Model named "small_cnn_backbone": (B, R, R, 3) -> (B, widths[-1]).
@@ -156,12 +158,18 @@ def small_cnn(input_size: int = 64, weights: str | None = None,
     if weights == "imagenet":
         raise BackboneWeightsError("--backbone=small_cnn has no ImageNet weights; use none or a file")
     inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = keras.layers.Rescaling(1.0 / 255.0, name="scale_01")(inputs)
+    # [0, 255] -> [-1, 1]: ISH patches are mostly near-white, so centring matters.
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_pm1")(inputs)
     for i, width in enumerate(widths):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", activation="relu",
-                                name=f"block{i + 1}_conv1")(x)
-        x = keras.layers.Conv2D(width, 3, padding="same", activation="relu",
-                                name=f"block{i + 1}_conv2")(x)
+        for j, stride in ((1, 2), (2, 1)):
+            x = keras.layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False,
+                                    name=f"block{i + 1}_conv{j}")(x)
+            # Group norm: per-sample statistics keep faint stain differences from vanishing
+            # (without it, near-white patches give near-constant features and the triplet
+            # embedding collapses), and no batch statistics means one step is identical on
+            # one device and under MirroredStrategy.
+            x = keras.layers.GroupNormalization(groups=min(8, width), name=f"block{i + 1}_gn{j}")(x)
+            x = keras.layers.ReLU(name=f"block{i + 1}_relu{j}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     model = keras.Model(inputs, x, name="small_cnn_backbone")
     if weights is not None:
