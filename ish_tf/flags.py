@@ -237,8 +237,10 @@ def define_train() -> None:
     flags.DEFINE_integer("decay_start", 25000,
                          "Hold the learning rate until this step, then decay it exponentially.")
     flags.DEFINE_float("final_lr_fraction", 0.001, "Learning rate at --steps as a fraction of the initial one.")
-    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "one_device", "default"],
-                      "tf.distribute strategy; auto = mirrored when more than one GPU is visible.")
+    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "one_device", "default",
+                                           "multi_worker"],
+                      "tf.distribute strategy; auto = mirrored when more than one GPU is visible; "
+                      "multi_worker = MultiWorkerMirroredStrategy from TF_CONFIG.")
     flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept on disk.")
     flags.DEFINE_integer("log_every", 100, "Steps between log lines, TensorBoard scalars and metrics.csv rows.")
@@ -825,3 +827,200 @@ def define_quickstart() -> None:
     flags.DEFINE_string("workdir", "work/quickstart", "Directory for every stage's output.")
     flags.DEFINE_integer("embed_batch_size_qs", 128,
                          "Patches per call of the served model when the quickstart embeds.")
+
+
+# --------------------------------------------------------------------------- ish_cnn
+# Defaults of the ISH CNN flags, also used by `ish_cnn_options` when a command did not
+# define the section.
+_ISH_CNN_DEFAULTS: dict = {
+    "ish_cnn_filters": "16,32,64,64,96", "ish_cnn_convs_per_block": 2, "ish_cnn_max_blocks": 5,
+    "ish_cnn_pooling": "avg", "ish_cnn_dropout": 0.3, "ish_cnn_batch_norm": True,
+    "ish_cnn_classes": "",
+}
+
+
+def define_ish_cnn() -> None:
+    """Flags of `bin/train --model=ish_cnn` (the patch classifier of `ish_tf.models.ish_cnn`).
+
+    The patch size is --input_size; --records_dir may be bin/spatial's output (the
+    record set p{input_size}/ is used) and --P/--K are classes / patches per class.
+    """
+    if not _once("ish_cnn"):
+        return
+    d = _ISH_CNN_DEFAULTS
+    flags.DEFINE_string("ish_cnn_filters", d["ish_cnn_filters"], "--model=ish_cnn: filters "
+                        "per conv block, comma-separated (the last repeats).")
+    flags.DEFINE_integer("ish_cnn_convs_per_block", d["ish_cnn_convs_per_block"],
+                         "--model=ish_cnn: 3x3 valid convolutions per block.", lower_bound=1)
+    flags.DEFINE_integer("ish_cnn_max_blocks", d["ish_cnn_max_blocks"], "--model=ish_cnn: most "
+                         "conv blocks (each halves the size; fewer when the patch is small).",
+                         lower_bound=1)
+    flags.DEFINE_enum("ish_cnn_pooling", d["ish_cnn_pooling"], ["avg", "flatten"],
+                      "--model=ish_cnn: global average pooling, or flatten (position-aware).")
+    flags.DEFINE_float("ish_cnn_dropout", d["ish_cnn_dropout"], "--model=ish_cnn: dropout "
+                       "before the softmax layer.", lower_bound=0.0, upper_bound=0.95)
+    flags.DEFINE_bool("ish_cnn_batch_norm", d["ish_cnn_batch_norm"], "--model=ish_cnn: batch "
+                      "normalisation after each convolution.")
+    flags.DEFINE_string("ish_cnn_classes", d["ish_cnn_classes"], "--model=ish_cnn: expected "
+                        "class names, comma-separated; empty = read from the records.")
+
+
+def ish_cnn_options(fv=FLAGS) -> dict:
+    """`ModelConfig.options` of the ISH CNN from its flags (`FAMILY_OPTIONS["ish_cnn"]`).
+
+    Returns:
+      {"filters", "convs_per_block", "max_blocks", "pooling", "dropout", "batch_norm"}
+      plus "classes" when --ish_cnn_classes is set (documented in `ish_tf.models.ish_cnn`).
+
+    Raises:
+      ValueError: --ish_cnn_filters is not a list of positive integers.
+    """
+    # getattr: absl raises AttributeError for flags no section defined.
+    v = {name: getattr(fv, name, default) for name, default in _ISH_CNN_DEFAULTS.items()}
+    try:
+        filters = [int(f) for f in parse_list(v["ish_cnn_filters"])]
+    except ValueError as e:
+        raise ValueError(f"--ish_cnn_filters must be integers, got {v['ish_cnn_filters']!r}") from e
+    if not filters or min(filters) < 1:
+        raise ValueError(f"--ish_cnn_filters must be positive integers, got {v['ish_cnn_filters']!r}")
+    out = {"filters": filters, "convs_per_block": int(v["ish_cnn_convs_per_block"]),
+           "max_blocks": int(v["ish_cnn_max_blocks"]), "pooling": str(v["ish_cnn_pooling"]),
+           "dropout": float(v["ish_cnn_dropout"]), "batch_norm": bool(v["ish_cnn_batch_norm"])}
+    classes = parse_list(v["ish_cnn_classes"])
+    if classes:
+        out["classes"] = classes
+    return out
+
+
+# --------------------------------------------------------------------------- spatial
+def _define_outside_enum(name: str, default: str, help_text: str) -> None:
+    """DEFINE_enum in the (name, default, help) form `_define_once` calls."""
+    flags.DEFINE_enum(name, default, ["error", "drop"], help_text)
+
+
+def define_spatial() -> None:
+    """Flags of `bin/spatial` (sections + spot tables -> labels -> record sets per patch size)."""
+    if not _once("spatial"):
+        return
+    _define_once(flags.DEFINE_string, "out", "", "Output directory.")
+    _define_once(flags.DEFINE_string, "genes", "", "Comma-separated genes (the gene classes, "
+                 "in label order).")
+    flags.DEFINE_string("section_images", "", "Section images (TIFF/PNG), comma-separated.")
+    flags.DEFINE_string("spot_tables", "", "Spot table CSVs (x, y, gene), one per image.")
+    flags.DEFINE_string("section_masks", "", "Tissue mask PNGs, one per image; empty = "
+                        "computed with the classical segmenter.")
+    _define_once(flags.DEFINE_float, "spot_scale", 1.0, "Spot table units -> image pixels "
+                 "(e.g. 0.5 for an image downsampled twice).")
+    _define_once(_define_outside_enum, "outside_spots", "error", "Spots outside the image: "
+                 "error (stop, naming the row) or drop.")
+    flags.DEFINE_string("patch_sizes", "16,32,48,64,128", "Patch sides in pixels; one record "
+                        "set OUT/p{R} (and one model) each.")
+    flags.DEFINE_float("label_radius", 8.0, "Radius (px): a gene spot nearer than this to "
+                       "another chosen gene's spot is ambiguous; tissue centres keep this "
+                       "distance from every chosen gene's spot.", lower_bound=0.0)
+    flags.DEFINE_bool("keep_ambiguous", False, "Keep ambiguous gene spots (labelled with "
+                      "their own gene) instead of skipping them.")
+    flags.DEFINE_integer("max_per_class", 2000, "Most patch centres per class and section; "
+                         "0 = all gene spots, and as many tissue/background centres as the "
+                         "largest gene class.", lower_bound=0)
+    flags.DEFINE_bool("balance_classes", True, "Cut every class to the smallest one's count.")
+    flags.DEFINE_float("validation_fraction", 0.1, "Share of each class's centres written to "
+                       "the validation split.", lower_bound=0.0, upper_bound=0.9)
+    flags.DEFINE_string("synthetic_pair", "", "Generate a synthetic pair of sections (two "
+                        "animals) into this directory first; without --section_images the "
+                        "first animal is labelled (the second is the independent test).")
+    flags.DEFINE_integer("synthetic_size", 512, "Side of the synthetic sections, pixels.",
+                         lower_bound=64)
+
+
+def spatial_config(fv=FLAGS):
+    """`ish_tf.data.spatial.SpatialConfig` (+ the synthetic settings or None) from the flags.
+
+    Returns:
+      (SpatialConfig, SpatialSynthConfig or None).
+
+    Raises:
+      ValueError (SpatialError): missing inputs or invalid values, naming the flag.
+    """
+    from ish_tf.data.spatial import LabelConfig, SpatialConfig, SpatialError
+    from ish_tf.data.synthetic_spatial import SpatialSynthConfig
+
+    synth = None
+    images, spots, masks = (tuple(parse_list(fv.section_images)),
+                            tuple(parse_list(fv.spot_tables)), tuple(parse_list(fv.section_masks)))
+    genes = tuple(parse_list(fv.genes))
+    if fv.synthetic_pair:
+        kw = {"genes": genes} if genes else {}
+        synth = SpatialSynthConfig(out_dir=fv.synthetic_pair, height=fv.synthetic_size,
+                                   width=fv.synthetic_size, seed=fv.seed, **kw)
+        genes = synth.genes
+        if not images:
+            d = fv.synthetic_pair
+            images = (os.path.join(d, "animal0.png"),)
+            spots = (os.path.join(d, "animal0_spots.csv"),)
+            masks = (os.path.join(d, "animal0_mask.png"),)
+    if not genes:
+        raise SpatialError("--genes is required: the gene classes, e.g. --genes=Sst,Pvalb")
+    try:
+        sizes = tuple(int(v) for v in parse_list(fv.patch_sizes))
+    except ValueError as e:
+        raise SpatialError(f"--patch_sizes must be integers, got {fv.patch_sizes!r}") from e
+    labels = LabelConfig(genes=genes, radius=fv.label_radius, keep_ambiguous=fv.keep_ambiguous,
+                         max_per_class=fv.max_per_class, balance=fv.balance_classes, seed=fv.seed)
+    cfg = SpatialConfig(images=images, spot_tables=spots, masks=masks, out_dir=fv.out,
+                        labels=labels, patch_sizes=sizes, spot_scale=fv.spot_scale,
+                        outside=fv.outside_spots, validation_fraction=fv.validation_fraction)
+    return cfg.validate(), synth
+
+
+# --------------------------------------------------------------------------- predict
+def define_predict() -> None:
+    """Flags of `bin/predict` (ISH CNN dense prediction + Dice on an independent section)."""
+    if not _once("predict"):
+        return
+    _define_once(flags.DEFINE_string, "out", "", "Output directory.")
+    flags.DEFINE_string("model_dirs", "", "ISH CNN training runs (or .keras files), one per "
+                        "patch size, comma-separated; shell-style patterns allowed "
+                        "(runs/ish_cnn/p*).")
+    flags.DEFINE_string("section_image", "", "The section to predict (TIFF/PNG).")
+    flags.DEFINE_string("spot_table", "", "Its spot table (x, y, gene): the Dice ground truth.")
+    flags.DEFINE_string("section_mask", "", "Its tissue mask PNG; empty = computed.")
+    _define_once(flags.DEFINE_float, "spot_scale", 1.0, "Spot table units -> image pixels.")
+    _define_once(_define_outside_enum, "outside_spots", "error", "Spots outside the image: "
+                 "error (stop, naming the row) or drop.")
+    flags.DEFINE_float("truth_radius", 6.0, "Radius (px) of the discs drawn around the "
+                       "section's spots as gene ground truth.", lower_bound=0.5)
+    flags.DEFINE_integer("predict_stride", 4, "Pixels between window centres; 0 = each "
+                         "model's native stride. Must divide or be a multiple of it (dense).",
+                         lower_bound=0)
+    flags.DEFINE_enum("predict_method", "dense", ["dense", "sliding"], "Fully convolutional "
+                      "(shift-and-stitch for small strides) or cropped sliding windows.")
+    flags.DEFINE_integer("predict_batch_size", 256, "Windows per call (sliding).",
+                         lower_bound=1)
+    _define_once(flags.DEFINE_bool, "report", True, "Write report.html.")
+
+
+def segmentation_config(fv=FLAGS):
+    """`ish_tf.evaluate.segmentation.SegmentationConfig` from the predict flags.
+
+    Raises:
+      ValueError (SegmentationError): a missing input or a pattern matching nothing.
+    """
+    import glob
+
+    from ish_tf.evaluate.segmentation import SegmentationConfig, SegmentationError
+
+    dirs: list[str] = []
+    for item in parse_list(fv.model_dirs):
+        if any(ch in item for ch in "*?["):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise SegmentationError(f"--model_dirs pattern {item!r} matches nothing")
+            dirs.extend(found)
+        else:
+            dirs.append(item)
+    return SegmentationConfig(
+        model_dirs=tuple(dirs), image=fv.section_image, spots=fv.spot_table,
+        mask=fv.section_mask, out_dir=fv.out, radius=fv.truth_radius, stride=fv.predict_stride,
+        method=fv.predict_method, spot_scale=fv.spot_scale, outside=fv.outside_spots,
+        batch_size=fv.predict_batch_size, seed=fv.seed, report=fv.report).validate()

@@ -23,6 +23,9 @@ from ish_tf import flags
 flags.define_common()
 flags.define_model()
 flags.define_train()
+flags.define_cdae()
+flags.define_unet()
+flags.define_ish_cnn()
 FLAGS = flags.FLAGS
 
 

@@ -19,6 +19,10 @@ from typing import Any
 # name -> "module:function" (resolved lazily) or the builder itself.
 _BUILDERS: dict[str, str | Callable[..., Any]] = {
     "triplet": "ish_tf.models.triplet:build_triplet_model",
+    "cdae": "ish_tf.models.cdae:build_cdae",
+    "cdae_supervised": "ish_tf.models.cdae:build_cdae_supervised",
+    "unet": "ish_tf.models.unet:build_unet_model",
+    "ish_cnn": "ish_tf.models.ish_cnn:build_ish_cnn",
 }
 
 
@@ -80,7 +84,12 @@ class ModelConfig:
 
 # name -> function(flag values) -> dict of family options; lets each family's flag
 # section (ish_tf/flags.py) fill ModelConfig.options without touching the others.
-FAMILY_OPTIONS: dict[str, str | Callable[..., dict[str, Any]]] = {}
+FAMILY_OPTIONS: dict[str, str | Callable[..., dict[str, Any]]] = {
+    "cdae": "ish_tf.flags:cdae_options",
+    "cdae_supervised": "ish_tf.flags:cdae_options",
+    "unet": "ish_tf.flags:unet_options",
+    "ish_cnn": "ish_tf.flags:ish_cnn_options",
+}
 
 
 def family_options(name: str, flag_values: Any) -> dict[str, Any]:

@@ -152,6 +152,10 @@ _TASKS: dict[str, type[Task]] = {}
 # Tasks living in their own modules, imported on first use so `bin/train` for one
 # family does not import the others. The module registers itself with @register_task.
 _LAZY_TASKS: dict[str, str] = {
+    "cdae": "ish_tf.train.task_cdae",
+    "cdae_supervised": "ish_tf.train.task_cdae",
+    "unet": "ish_tf.train.task_unet",
+    "ish_cnn": "ish_tf.train.task_ish_cnn",
 }
 
 
