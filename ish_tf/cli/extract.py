@@ -22,6 +22,7 @@ from ish_tf import flags
 
 flags.define_common()
 flags.define_extract()
+flags.define_whole()
 FLAGS = flags.FLAGS
 
 
@@ -31,6 +32,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.manifest or not FLAGS.out:
         raise app.UsageError("--manifest and --out are required")
+    if FLAGS.whole_images:
+        from ish_tf.data import whole  # one whole section per record (CDAE input)
+
+        return whole.main_from_flags(FLAGS)
     from ish_tf.data import patches
     from ish_tf.data.manifest import ManifestError
     from ish_tf.data.records import RecordsError

@@ -575,6 +575,12 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
             raise ExportError(f"{config_path}: cannot read: {e}") from e
     if family is None:
         family = str(extra.get("model_config", {}).get("builder") or "triplet")
+    # Importing the family's builder module registers its custom layers (and its export
+    # outputs) before deserialising, whatever the family: no list to keep up to date.
+    from ish_tf.models import get_builder, model_names
+
+    if family in model_names():
+        get_builder(family)
     try:
         model = keras.saving.load_model(model_path, compile=False)
     except Exception as e:  # Keras raises TypeError/ValueError for unknown layers etc.

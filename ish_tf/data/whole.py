@@ -1,0 +1,425 @@
+"""Whole-section records: one downsampled grayscale section per record (CDAE input).
+
+`bin/extract --whole_images` (or `python -m ish_tf.data.whole` with the same flags)
+reads a manifest (`bin/fetch --study=mouse`, `bin/synth`, any study), computes or
+reuses each image's tissue mask (`ish_tf.data.segment`, cached in OUT/masks), crops
+the image to the mask's bounding box (plus a margin), pads it to the target aspect
+ratio with the slide's background grey level (the median of the non-tissue pixels),
+converts it to grayscale and resizes it (Lanczos, antialiased) to
+`size x round(size * aspect)`. Records use the patch schema of `ish_tf.data.records`
+(one record per image, patch_index 0; x, y = the crop's top-left corner in the
+original image; source_size = the padded crop's height in original pixels), in
+whole-gene shards with the same gene split, index, genes.csv and resume rules as
+patch extraction, so `patch_dataset`, `bin/embed` and `bin/evaluate` read them as is.
+
+Outputs in OUT: shards, index.json, genes.csv, masks/, whole_report.csv (one row per
+image: status ok | no_tissue | unreadable, and why), extract_flags.cfg.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+from absl import logging
+from PIL import Image
+
+from ish_tf.data.patches import (
+    NO_TISSUE,
+    OK,
+    UNREADABLE,
+    ExtractConfig,
+    ExtractError,
+    encode_patch,
+    plan_extraction,
+    read_rgb,
+)
+from ish_tf.data.segment import MaskConfig, load_or_compute_mask
+from ish_tf.io_utils import Progress, atomic_path, remove_stale_tmp
+
+REPORT_NAME = "whole_report.csv"
+REPORT_COLUMNS: tuple[str, ...] = ("image_id", "gene_symbol", "donor_id", "split", "shard",
+                                   "status", "x0", "y0", "x1", "y1", "tissue_fraction", "reason")
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeConfig:
+    """Settings of whole-section extraction.
+
+    Attributes:
+      manifest: manifest CSV.
+      out_dir: records directory.
+      size: height H of the stored sections.
+      aspect: width / height; W = round(H * aspect).
+      margin: margin around the tissue's bounding box, fraction of its longer side.
+      image_format: "png" (lossless, preferred) or "jpeg".
+      jpeg_quality: JPEG quality (1-95).
+      num_shards, compression, split_by, split_fractions, workers, seed, genes, mask:
+        as in `ish_tf.data.patches.ExtractConfig`.
+    """
+
+    manifest: str
+    out_dir: str
+    size: int = 128
+    aspect: float = 1.0
+    margin: float = 0.02
+    image_format: str = "png"
+    jpeg_quality: int = 90
+    num_shards: int = 4
+    compression: str | None = None
+    split_by: str = "gene"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    workers: int = 1
+    seed: int = 0
+    genes: tuple[str, ...] = ()
+    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise ExtractError(f"whole_size must be >= 8, got {self.size}")
+        if self.aspect <= 0:
+            raise ExtractError(f"whole_aspect must be > 0, got {self.aspect}")
+        if not 0.0 <= self.margin <= 1.0:
+            raise ExtractError(f"whole_margin must lie in [0, 1], got {self.margin}")
+        self.extract_config()  # checks the shared settings
+
+    @property
+    def width(self) -> int:
+        """W = round(size * aspect)."""
+        return max(int(round(self.size * self.aspect)), 1)
+
+    def extract_config(self) -> ExtractConfig:
+        """The patch-extraction config with the same shared settings (for the shard plan)."""
+        return ExtractConfig(
+            manifest=self.manifest, out_dir=self.out_dir, patches_per_image=1, source_size=1,
+            patch_size=self.size, image_format=self.image_format,
+            jpeg_quality=self.jpeg_quality, num_shards=self.num_shards,
+            compression=self.compression, split_by=self.split_by,
+            split_fractions=self.split_fractions, workers=self.workers, seed=self.seed,
+            genes=self.genes, mask=self.mask)
+
+    def sampling_key(self) -> dict:
+        """The settings that determine the records; a resumed run must match them."""
+        return {"mode": "whole", "size": self.size, "width": self.width, "margin": self.margin,
+                "image_format": self.image_format, "jpeg_quality": self.jpeg_quality,
+                "seed": self.seed, "split_by": self.split_by,
+                "split_fractions": list(self.split_fractions), "num_shards": self.num_shards,
+                "compression": self.compression, "mask": dataclasses.asdict(self.mask)}
+
+
+# --------------------------------------------------------------------------- per image
+def tissue_box(mask: np.ndarray, margin: float = 0.0) -> tuple[int, int, int, int]:
+    """Bounding box of the mask's foreground, grown by a margin, clipped to the image.
+
+    Args:
+      mask: bool (H, W), at least one True.
+      margin: fraction of the box's longer side added on every side.
+
+    Returns:
+      (x0, y0, x1, y1), exclusive ends.
+
+    Raises:
+      ValueError: the mask is empty.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("empty mask: no tissue bounding box")
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    pad = int(round(margin * max(y1 - y0, x1 - x0)))
+    h, w = mask.shape
+    return max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, w), min(y1 + pad, h)
+
+
+def background_level(gray: np.ndarray, mask: np.ndarray) -> int:
+    """The slide's grey level: median of the pixels outside the mask (255 if none)."""
+    outside = gray[~mask]
+    return int(np.median(outside)) if outside.size else 255
+
+
+def whole_section(rgb: np.ndarray, mask: np.ndarray, size: int, aspect: float = 1.0,
+                  margin: float = 0.02) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
+    """Crops a section to its tissue, pads it to the aspect ratio and downsamples it.
+
+    Args:
+      rgb: uint8 (H, W, 3).
+      mask: bool (H, W) tissue mask with at least one True.
+      size: output height S_h.
+      aspect: output width / height; S_w = round(S_h * aspect).
+      margin: margin around the bounding box (fraction of its longer side).
+
+    Returns:
+      (uint8 (S_h, S_w) grayscale section, crop box (x0, y0, x1, y1) in the image,
+       side of the padded crop's height in original pixels).
+
+    Raises:
+      ValueError: the mask is empty or its shape differs from the image's.
+    """
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask {mask.shape} and image {rgb.shape[:2]} differ in size")
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    x0, y0, x1, y1 = tissue_box(mask, margin)
+    bg = background_level(gray, mask)
+    crop = gray[y0:y1, x0:x1]
+    h, w = crop.shape
+    width = max(int(round(size * aspect)), 1)
+    target = width / size
+    # Pad the short dimension (centred) so the crop has the output's aspect ratio.
+    ch, cw = (h, int(np.ceil(h * target))) if w / h < target else (int(np.ceil(w / target)), w)
+    canvas = np.full((max(ch, h), max(cw, w)), bg, dtype=np.uint8)
+    top, left = (canvas.shape[0] - h) // 2, (canvas.shape[1] - w) // 2
+    canvas[top:top + h, left:left + w] = crop
+    out = Image.fromarray(canvas).resize((width, size), Image.LANCZOS, reducing_gap=2.0)
+    return np.asarray(out), (x0, y0, x1, y1), int(canvas.shape[0])
+
+
+@dataclasses.dataclass
+class WholeResult:
+    """Outcome of one image: status (ok | no_tissue | unreadable), the encoded section."""
+
+    image_id: int
+    status: str
+    reason: str = ""
+    encoded: bytes = b""
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    source_size: int = 0
+    tissue_fraction: float = 0.0
+
+
+def extract_whole_image(image_path: str, image_id: int, cfg: WholeConfig,
+                        mask_dir: str | None = None) -> WholeResult:
+    """Reads one image, gets its mask and encodes its whole section; never raises for bad images.
+
+    Returns:
+      WholeResult with status ok, no_tissue (empty mask) or unreadable (reason says why).
+    """
+    try:
+        rgb = read_rgb(image_path)
+    except FileNotFoundError:
+        return WholeResult(image_id, UNREADABLE, f"{image_path}: file not found")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return WholeResult(image_id, UNREADABLE, f"{image_path}: cannot decode image: {e}")
+    try:
+        mask, _ = load_or_compute_mask(rgb, image_id, cfg.mask, mask_dir)
+    except Exception as e:  # a segmenter failure must not stop the stage
+        return WholeResult(image_id, UNREADABLE, f"{image_path}: mask failed: {e}")
+    fraction = float(mask.mean())
+    if not mask.any():
+        return WholeResult(image_id, NO_TISSUE, f"{image_path}: no tissue found "
+                           f"({cfg.mask.segmenter} segmenter)")
+    section, box, side = whole_section(rgb, mask, cfg.size, cfg.aspect, cfg.margin)
+    encoded = encode_patch(Image.fromarray(section), cfg.image_format, cfg.jpeg_quality)
+    return WholeResult(image_id, OK, "", encoded, box, side, fraction)
+
+
+def _whole_task(args: tuple) -> WholeResult:
+    """Worker entry point (top level so it pickles)."""
+    image_path, image_id, cfg, mask_dir = args
+    try:
+        return extract_whole_image(image_path, image_id, cfg, mask_dir)
+    except Exception as e:  # never lose the whole shard to one image
+        return WholeResult(image_id, UNREADABLE, f"{image_path}: {type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------- whole stage
+def _read_report(path: str) -> dict[int, dict]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        logging.warning("%s: unreadable, rebuilding it (%s)", path, e)
+        return {}
+    return {int(r["image_id"]): dict(r) for r in df.to_dict("records")} if "image_id" in df else {}
+
+
+def _write_report(path: str, rows: dict[int, dict]) -> None:
+    df = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(REPORT_COLUMNS))
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _text(value) -> str:
+    return "" if value is None or pd.isna(value) else str(value)
+
+
+def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
+    """Writes one whole-section record per manifest image into sharded TFRecords (resumable).
+
+    Args:
+      cfg: settings.
+      progress_enabled: force the progress bar on/off (default: when stderr is a tty).
+
+    Returns:
+      Summary dict in the shape of `ish_tf.data.patches.run_extract`'s (so
+      `patches.format_summary` prints it): out_dir, report, index, removed_tmp,
+      shards_written, shards_resumed, splits {split: images, patches (= records),
+      shards, status}, skipped {status: count}.
+
+    Raises:
+      ManifestError: unreadable manifest. ExtractError: nothing to extract, or OUT holds
+      records of other settings.
+    """
+    from ish_tf.data import manifest as mf
+    from ish_tf.data import records
+    from ish_tf.data.patches import _check_resume  # same resume rules as patch extraction
+
+    df = mf.read_manifest(cfg.manifest)
+    if cfg.genes:
+        df = df[df["gene_symbol"].astype(str).isin(set(cfg.genes))].reset_index(drop=True)
+    if len(df) == 0:
+        raise ExtractError(f"{cfg.manifest}: no images to extract (empty manifest or gene list)")
+    info, plans, _ = plan_extraction(df, cfg.extract_config())
+    # Whole sections: the records' size is S_h x S_w; a non-square size has no single
+    # patch_size (readers then take the shape from the images).
+    info.patch_size = cfg.size if cfg.width == cfg.size else 0
+    info.source_size = 0
+    info.extra["sampling"] = cfg.sampling_key()
+    info.extra["whole"] = {"height": cfg.size, "width": cfg.width, "channels": 1}
+
+    out = cfg.out_dir
+    mask_dir = os.path.join(out, "masks")
+    os.makedirs(mask_dir, exist_ok=True)
+    removed = [os.path.join(d, n) for d in (out, mask_dir) for n in remove_stale_tmp(d)]
+    _check_resume(out, info)
+    records.write_dataset_info(out, info)
+
+    report_path = os.path.join(out, REPORT_NAME)
+    report = _read_report(report_path)
+    done = {split: records.completed_shards(out, split) for split in records.SPLITS}
+    pending = [p for p in plans if p.index not in done[p.split]]
+    gene_index = info.gene_index()
+    entrez = {g.gene_symbol: g.entrez_id for g in info.genes}
+    donor_index = {d: i for i, d in enumerate(info.donors)}
+    pool = None
+    if cfg.workers > 1 and sum(len(p.rows) for p in pending) > 1:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(cfg.workers)
+    written = 0
+    try:
+        with Progress(sum(len(p.rows) for p in pending), "whole", progress_enabled) as bar:
+            for plan in pending:
+                tasks = [(mf.image_path(cfg.manifest, str(r.path)), int(r.image_id), cfg, mask_dir)
+                         for r in plan.rows.itertuples(index=False)]
+                results = pool.imap(_whole_task, tasks) if pool else map(_whole_task, tasks)
+                new_rows = {}
+                with records.ShardWriter(out, plan.split, plan.index, plan.num_shards,
+                                         cfg.compression) as writer:
+                    for row, res in zip(plan.rows.itertuples(index=False), results, strict=True):
+                        gene = str(row.gene_symbol)
+                        if res.status == OK:
+                            writer.write(records.make_example(
+                                image_encoded=res.encoded, image_format=cfg.image_format,
+                                image_height=cfg.size, image_width=cfg.width,
+                                image_id=int(row.image_id), patch_index=0, x=res.box[0],
+                                y=res.box[1], source_size=res.source_size, gene_symbol=gene,
+                                gene_index=gene_index[gene], entrez_id=entrez.get(gene, -1),
+                                donor_id=str(row.donor_id),
+                                donor_index=donor_index[str(row.donor_id)],
+                                region=_text(row.region), study=_text(row.study)),
+                                gene, int(row.image_id))
+                        new_rows[int(row.image_id)] = {
+                            "image_id": int(row.image_id), "gene_symbol": gene,
+                            "donor_id": str(row.donor_id), "split": plan.split,
+                            "shard": plan.index, "status": res.status,
+                            "x0": res.box[0], "y0": res.box[1], "x1": res.box[2],
+                            "y1": res.box[3], "tissue_fraction": round(res.tissue_fraction, 4),
+                            "reason": res.reason}
+                        bar.update()
+                report.update(new_rows)
+                _write_report(report_path, report)
+                records.update_index(out, writer.info)
+                written += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    planned = {int(i) for p in plans for i in p.rows["image_id"]}
+    report = {k: v for k, v in report.items() if k in planned}
+    _write_report(report_path, report)
+    return _summary(out, report, plans, removed, written, len(plans) - len(pending), report_path)
+
+
+def _summary(out, report, plans, removed, written, resumed, report_path) -> dict:
+    from ish_tf.data import records
+
+    index = records.load_index(out, missing_ok=True)
+    splits: dict[str, dict] = {}
+    for plan in plans:
+        s = splits.setdefault(plan.split, {"images": 0, "patches": 0, "shards": 0, "status": {}})
+        s["images"] += len(plan.rows)
+        s["shards"] += 1
+    for shard in index["shards"]:
+        if shard["split"] in splits:
+            splits[shard["split"]]["patches"] += int(shard["num_records"])
+    skipped: dict[str, int] = {}
+    for row in report.values():
+        status = str(row["status"])
+        s = splits.get(str(row["split"]))
+        if s is not None:
+            s["status"][status] = s["status"].get(status, 0) + 1
+        if status != OK:
+            skipped[status] = skipped.get(status, 0) + 1
+    return {"out_dir": out, "report": report_path, "index": records.index_path(out),
+            "removed_tmp": removed, "shards_written": written, "shards_resumed": resumed,
+            "splits": splits, "skipped": skipped}
+
+
+def main_from_flags(fv) -> int:
+    """`bin/extract --whole_images`: runs `run_whole` from flags; returns the exit status.
+
+    Args:
+      fv: absl flag values with the extract and whole sections defined.
+    """
+    from ish_tf import flags
+    from ish_tf.data.manifest import ManifestError
+    from ish_tf.data.patches import format_summary
+    from ish_tf.data.records import RecordsError
+    from ish_tf.data.segment import SegmentError
+
+    try:
+        config = flags.whole_config(fv)
+    except (ValueError, SegmentError) as e:
+        print(f"extract: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(config.out_dir, exist_ok=True)
+    flags.write_flagfile(os.path.join(config.out_dir, "extract_flags.cfg"))
+    try:
+        summary = run_whole(config)
+    except KeyboardInterrupt:
+        print("extract: interrupted; completed shards are kept, rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    except (ManifestError, ExtractError, RecordsError, SegmentError) as e:
+        print(f"extract: error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary).replace("patches", "sections"))
+    print(f"  whole sections {config.size}x{config.width} grayscale {config.image_format}; "
+          f"report {summary['report']}")
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    from absl import app
+
+    from ish_tf import flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS.manifest or not flags.FLAGS.out:
+        raise app.UsageError("--manifest and --out are required")
+    return main_from_flags(flags.FLAGS)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from ish_tf import flags as _flags
+
+    _flags.define_common()
+    _flags.define_extract()
+    _flags.define_whole()
+    app.run(_main)

@@ -1,0 +1,641 @@
+"""Training tasks of the CDAE family, whole-section input pipeline, baselines and term AUCs.
+
+Tasks (registered lazily through `ish_tf.train.tasks._LAZY_TASKS`):
+
+* `cdae`: denoising reconstruction. Batches are `{"images": float32 (b, S_h, S_w, 1)
+  in [0, 255], "step": int64 scalar}` (the global step of the batch: it seeds the
+  corruption, so a resumed run corrupts exactly as an uninterrupted one, and times
+  the reconstruction images). The clean image scaled to the model's [0, 1] space is
+  the target; while training the input is corrupted in that space (options `noise`
+  = none | gaussian (std = `noise_level`) | masking (a fraction `noise_level` of
+  pixels set to 0, i.e. to background) | salt_pepper (a fraction set to 0 or 1)).
+  Loss (`loss`): per-pixel mse or binary cross-entropy, averaged over the global batch.
+  Stats: mse, mae (always, [0, 1] units, against the clean target) and code_rms.
+* `cdae_supervised`: the CDAE encoder + a sigmoid head over annotation terms
+  (options `gaf` or `annotations`, terms with `term_min_genes`..`term_max_genes`
+  training genes); labels joined to records by gene_index at dataset time. Loss: mean
+  binary cross-entropy over terms; stats: bce, accuracy, positive_rate. After
+  training, `term_auc` (also `python -m ish_tf.train.task_cdae term_auc`) reports
+  per-term AUC on held-out genes.
+
+Both read whole-section records (`bin/extract --whole_images`) through
+`whole_dataset`; the global batch is `options["batch_size"]` (not P*K).
+
+TensorBoard: `image_summaries` (step 0) shows inputs, corrupted inputs and the
+untrained reconstructions; every `image_every` steps the cdae task writes
+[clean | corrupted | reconstruction] strips to RUN/logs/reconstruction.
+
+Command line (after training):
+  python -m ish_tf.train.task_cdae term_auc --run_dir=RUN [--split=test]
+  python -m ish_tf.train.task_cdae baselines --run_dir=RUN --out=DIR [--records_dir=R]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from ish_tf.models import ModelConfig
+from ish_tf.models.cdae import cdae_options, encoder_model, scale_images, unscale_images
+from ish_tf.train import TrainConfig
+from ish_tf.train.tasks import DatasetFn, Task, global_mean, register_task, replicas_per_pipeline
+
+NOISES: tuple[str, ...] = ("none", "gaussian", "masking", "salt_pepper")
+LOSSES: tuple[str, ...] = ("mse", "bce")
+RECON_LOG = "reconstruction"
+TERMS_NAME = "terms.csv"
+_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------- pure pieces
+def to_gray(images: tf.Tensor) -> tf.Tensor:
+    """(B, H, W, C) -> (B, H, W, 1) float32: the channel mean (exact for gray stored as RGB)."""
+    images = tf.cast(images, tf.float32)
+    if images.shape[-1] == 1:
+        return images
+    return tf.reduce_mean(images, axis=-1, keepdims=True)
+
+
+def corrupt(scaled: tf.Tensor, noise: str, level: float, seed: tf.Tensor | None = None) -> tf.Tensor:
+    """Corrupts images in the model's [0, 1] space.
+
+    Args:
+      scaled: float32 (B, H, W, 1) in [0, 1].
+      noise: none | gaussian | masking | salt_pepper.
+      level: gaussian std, or the fraction of pixels corrupted.
+      seed: int (2,) stateless seed; None uses the stateful global generator.
+
+    Returns:
+      float32 (B, H, W, 1) in [0, 1].
+
+    Raises:
+      ValueError: unknown noise.
+    """
+    if noise not in NOISES:
+        raise ValueError(f"--cdae_noise must be one of {NOISES}, got {noise!r}")
+    if noise == "none" or level <= 0:
+        return scaled
+    shape = tf.shape(scaled)
+
+    def uniform(k: int) -> tf.Tensor:
+        if seed is None:
+            return tf.random.uniform(shape)
+        return tf.random.stateless_uniform(shape, tf.cast(seed, tf.int64) + [0, 7919 * k])
+
+    if noise == "gaussian":
+        if seed is None:
+            gauss = tf.random.normal(shape)
+        else:
+            gauss = tf.random.stateless_normal(shape, tf.cast(seed, tf.int64) + [0, 104729])
+        return tf.clip_by_value(scaled + level * gauss, 0.0, 1.0)
+    hit = uniform(1) < level
+    if noise == "masking":
+        return tf.where(hit, tf.zeros_like(scaled), scaled)
+    salt = tf.cast(uniform(2) < 0.5, scaled.dtype)
+    return tf.where(hit, salt, scaled)
+
+
+def reconstruction_loss(target: tf.Tensor, recon: tf.Tensor, loss: str) -> tf.Tensor:
+    """Per-pixel loss (B, H, W, 1) of a [0, 1] reconstruction against a [0, 1] target.
+
+    Raises:
+      ValueError: unknown loss.
+    """
+    if loss == "mse":
+        return tf.square(recon - target)
+    if loss == "bce":
+        r = tf.clip_by_value(recon, _EPS, 1.0 - _EPS)
+        return -(target * tf.math.log(r) + (1.0 - target) * tf.math.log(1.0 - r))
+    raise ValueError(f"--cdae_loss must be one of {LOSSES}, got {loss!r}")
+
+
+def _replica_id() -> tf.Tensor:
+    ctx = tf.distribute.get_replica_context()
+    rid = 0 if ctx is None else ctx.replica_id_in_sync_group
+    return tf.cast(rid, tf.int64)
+
+
+def _unpack(batch) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
+    """(images, step or None, labels or None) from a dict, tuple or bare image batch."""
+    if isinstance(batch, dict):
+        return batch["images"], batch.get("step"), batch.get("labels")
+    if isinstance(batch, (tuple, list)):
+        return batch[0], None, (batch[1] if len(batch) > 1 else None)
+    return batch, None, None
+
+
+def whole_dataset(records_dir: str, split: str, *, batch_size: int, height: int, width: int,
+                  seed: int = 0, flips: bool = False,
+                  input_context: tf.distribute.InputContext | None = None, start_step: int = 0,
+                  label_matrix: np.ndarray | None = None,
+                  shuffle_buffer: int = 2048) -> tf.data.Dataset:
+    """Infinite shuffled batches of whole sections for training, starting at `start_step`.
+
+    The order is deterministic given the seed (so skipping `start_step` batches
+    resumes exactly); sections stored at another size are resized to (height, width).
+
+    Args:
+      records_dir: records written by `bin/extract --whole_images`.
+      split: split to read.
+      batch_size: GLOBAL batch size.
+      height, width: model input size.
+      seed: shuffle (and flip) seed.
+      flips: random left-right and up-down flips.
+      input_context: per-replica pipelines (see `patch_dataset`).
+      start_step: first global step (resume).
+      label_matrix: float32 (G, T) labels per gene_index, for cdae_supervised.
+      shuffle_buffer: records in the shuffle buffer.
+
+    Returns:
+      Dataset of {"images": float32 (b, height, width, 1) in [0, 255], "step": int64 ()}
+      (+ "labels": float32 (b, T) with a label matrix).
+
+    Raises:
+      RecordsError: no shards of the split.
+    """
+    from ish_tf.data.pipeline import patch_dataset
+
+    ds = patch_dataset(records_dir, split, batch_size=batch_size, training=True, flips=flips,
+                       seed=seed, input_context=input_context, deterministic=True,
+                       shuffle_buffer=shuffle_buffer,
+                       label_key="gene_index" if label_matrix is not None else None)
+    rpp = replicas_per_pipeline(input_context)
+    ds = ds.skip(start_step * rpp).enumerate()
+    labels = None if label_matrix is None else tf.constant(label_matrix, tf.float32)
+
+    def fit(images):
+        images = to_gray(images)
+        if tuple(images.shape[1:3]) != (height, width):
+            images = tf.image.resize(images, (height, width), antialias=True)
+        return tf.ensure_shape(images, [None, height, width, 1])
+
+    def element(k, item):
+        step = tf.cast(start_step, tf.int64) + k // rpp
+        if labels is None:
+            return {"images": fit(item), "step": step}
+        images, gene_index = item
+        return {"images": fit(images), "step": step, "labels": tf.gather(labels, gene_index)}
+
+    return ds.map(element, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------- cdae task
+class _WholeTask(Task):
+    """Shared pieces: batch size from options, the model kept for image summaries."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 dataset_fn: DatasetFn | None = None):
+        super().__init__(model_config, train_config, dataset_fn)
+        self.opts = cdae_options(model_config)  # fail at construction on bad options
+        self.batch_size = int(model_config.option("batch_size", 32))
+        if self.batch_size < 1:
+            raise ValueError(f"--cdae_batch_size must be >= 1, got {self.batch_size}")
+        self._model: keras.Model | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step (`--cdae_batch_size`)."""
+        return self.batch_size
+
+    def build_model(self) -> keras.Model:
+        self._model = super().build_model()
+        return self._model
+
+    def _require_records(self) -> str:
+        if not self.train_config.records_dir:
+            raise ValueError("--records_dir is required: whole-section records written by "
+                             "bin/extract --whole_images")
+        return self.train_config.records_dir
+
+    def _display(self, scaled: tf.Tensor) -> tf.Tensor:
+        """Model-space images -> [0, 1] as they look on the slide (for TensorBoard)."""
+        return tf.clip_by_value(unscale_images(scaled, self.opts["invert"]) / 255.0, 0.0, 1.0)
+
+
+@register_task("cdae")
+class CDAETask(_WholeTask):
+    """Denoising reconstruction of whole sections (see the module docstring)."""
+
+    stat_names = ("mse", "mae", "code_rms")
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 dataset_fn: DatasetFn | None = None):
+        super().__init__(model_config, train_config, dataset_fn)
+        self.noise = str(model_config.option("noise", "masking"))
+        self.noise_level = float(model_config.option("noise_level", 0.25))
+        self.loss = str(model_config.option("loss", "bce"))
+        if self.noise not in NOISES:
+            raise ValueError(f"--cdae_noise must be one of {NOISES}, got {self.noise!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--cdae_loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.noise_level < 0 or (self.noise != "gaussian" and self.noise_level > 1):
+            raise ValueError(f"--cdae_noise_level must be in [0, 1] for {self.noise}, got "
+                             f"{self.noise_level}")
+        self.image_every = int(model_config.option("image_every", 0))
+        self._writer = None
+
+    def build_model(self) -> keras.Model:
+        model = super().build_model()
+        # In-graph image summaries cannot be XLA-compiled; they are skipped with --jit_compile.
+        if self.image_every > 0 and not self.train_config.jit_compile and self._writer is None:
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(self.train_config.run_dir, "logs", RECON_LOG), max_queue=1)
+        return model
+
+    def make_records_dataset(self, input_context, start_step=0):
+        """Whole-section batches from `records_dir` (see `whole_dataset`)."""
+        cfg = self.train_config
+        return whole_dataset(self._require_records(), cfg.split, batch_size=self.batch_size,
+                             height=self.opts["height"], width=self.opts["width"], seed=cfg.seed,
+                             flips=cfg.flips, input_context=input_context, start_step=start_step)
+
+    def corrupted(self, images: tf.Tensor, step: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(clean target, corrupted input) in the model's [0, 1] space, (b, H, W, 1) each."""
+        target = scale_images(to_gray(images), self.opts["invert"])
+        seed = None
+        if step is not None:
+            seed = tf.stack([tf.cast(self.train_config.seed, tf.int64),
+                             tf.cast(step, tf.int64) * 64 + _replica_id()])
+        return target, corrupt(target, self.noise, self.noise_level, seed)
+
+    def compute_loss(self, model, batch, training):
+        """Reconstruction loss of the corrupted (training) or clean input against the clean one."""
+        images, step, _ = _unpack(batch)
+        target, noisy = self.corrupted(images, step)
+        model_in = noisy if training else target
+        code, recon = model(unscale_images(model_in, self.opts["invert"]), training=training)
+        recon, code = tf.cast(recon, tf.float32), tf.cast(code, tf.float32)
+        loss = global_mean(reconstruction_loss(target, recon, self.loss))
+        stats = {"mse": global_mean(tf.square(recon - target)),
+                 "mae": global_mean(tf.abs(recon - target)),
+                 "code_rms": tf.sqrt(global_mean(tf.square(code)))}
+        if training and step is not None and self._writer is not None:
+            self._write_images(step, target, model_in, recon)
+        return loss, {k: tf.stop_gradient(v) for k, v in stats.items()}
+
+    def _write_images(self, step, target, noisy, recon) -> None:
+        """[clean | corrupted | reconstruction] strips every `image_every` steps (replica 0)."""
+        done = tf.cast(step, tf.int64) + 1  # the step count after this update, as in metrics.csv
+        with self._writer.as_default(step=done), \
+                tf.summary.record_if(tf.equal(done % self.image_every, 0)):
+            strip = tf.concat([self._display(target[:4]), self._display(noisy[:4]),
+                               self._display(tf.stop_gradient(recon[:4]))], axis=2)
+            tf.summary.image("clean_noisy_reconstruction", strip, max_outputs=4)
+
+    def image_summaries(self, batch):
+        """Inputs, corrupted inputs and (with the model built) reconstructions at step 0."""
+        images, step, _ = _unpack(batch)
+        target, noisy = self.corrupted(images[:4], step)
+        out = {"cdae_inputs": self._display(target), "cdae_noisy_inputs": self._display(noisy)}
+        if self._model is not None:
+            _, recon = self._model(unscale_images(noisy, self.opts["invert"]), training=False)
+            out["cdae_reconstructions"] = self._display(tf.cast(recon, tf.float32))
+        return out
+
+
+# --------------------------------------------------------------------------- supervised
+def load_term_groups(gaf: str = "", annotations: str = "") -> dict[str, set[str]]:
+    """Term -> upper-case gene symbols, from a GAF or a categorical annotation CSV.
+
+    Args:
+      gaf: GAF 2.x file (terms are GO ids).
+      annotations: CSV of gene_symbol + categorical columns (terms are "column=value").
+
+    Returns:
+      Term -> set of members' gene symbols (upper case); the key "" holds every
+      annotated gene (the evaluation universe).
+
+    Raises:
+      ValueError: neither or both sources given.
+      AnnotationError: unreadable file.
+    """
+    from ish_tf.evaluate import annotations as ann_lib
+
+    if bool(gaf) == bool(annotations):
+        raise ValueError("cdae_supervised: give exactly one of --cdae_gaf and --cdae_annotations")
+    if gaf:
+        from ish_tf.evaluate.go import load_go
+
+        ann = load_go(gaf)
+    else:
+        ann = ann_lib.read_annotation_table(annotations)
+    if "gene_symbol" not in ann.genes.columns:
+        raise ValueError(f"{ann.source}: needs gene symbols to join to the records")
+    symbols = ann_lib.normalize_symbols(ann.genes["gene_symbol"]).to_numpy()
+    groups: dict[str, set[str]] = {"": {str(s) for s in symbols if isinstance(s, str)}}
+    for k, row in enumerate(ann.groups.itertuples(index=False)):
+        name = row.annotation if gaf else f"{row.category}={row.annotation}"
+        groups[name] = {str(s) for s in symbols[ann.members[k]] if isinstance(s, str)}
+    return groups
+
+
+def term_matrix(records_dir: str, groups: dict[str, set[str]], terms: Sequence[str] | None = None,
+                min_genes: int = 15, max_genes: int = 500) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Selects terms by their number of TRAINING genes and builds the label matrix.
+
+    Args:
+      records_dir: records with a dataset info (gene vocabulary and splits).
+      groups: from `load_term_groups`.
+      terms: use exactly these terms (a saved run) instead of selecting.
+      min_genes, max_genes: inclusive bounds on a term's training genes.
+
+    Returns:
+      (terms, float32 (G, T) labels per gene_index, bool (G,) annotated genes).
+
+    Raises:
+      ValueError: no dataset info, or no term passes the bounds.
+    """
+    from ish_tf.data import records
+
+    info = records.load_dataset_info(records_dir)
+    if info is None:
+        raise ValueError(f"{records_dir}: no dataset info in index.json; run bin/extract first")
+    size = max(g.gene_index for g in info.genes) + 1
+    symbols = np.array([""] * size, dtype=object)
+    splits = np.array([""] * size, dtype=object)
+    for g in info.genes:
+        symbols[g.gene_index] = g.gene_symbol.strip().upper()
+        splits[g.gene_index] = g.split
+    if terms is None:
+        train = {s for s, sp in zip(symbols, splits, strict=True) if sp == "train"}
+        terms = sorted(t for t, members in groups.items()
+                       if t and min_genes <= len(members & train) <= max_genes)
+        if not terms:
+            sizes = sorted((len(m & train) for t, m in groups.items() if t), reverse=True)[:5]
+            raise ValueError(f"no annotation term has {min_genes}..{max_genes} training genes in "
+                             f"{records_dir} (largest: {sizes}); adjust --cdae_term_min_genes/"
+                             "--cdae_term_max_genes")
+    matrix = np.zeros((size, len(terms)), dtype=np.float32)
+    for j, t in enumerate(terms):
+        members = groups.get(t, set())
+        matrix[:, j] = [s in members for s in symbols]
+    annotated = np.array([s in groups.get("", set()) for s in symbols], dtype=bool)
+    return list(terms), matrix, annotated
+
+
+@register_task("cdae_supervised")
+class CDAESupervisedTask(_WholeTask):
+    """Encoder + multi-label sigmoid head over annotation terms (see the module docstring).
+
+    The selected terms are stored in `model_config.options["terms"]` (so the run's
+    model_config.json rebuilds the same head) and in RUN/terms.csv.
+    """
+
+    stat_names = ("bce", "accuracy", "positive_rate")
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 dataset_fn: DatasetFn | None = None):
+        super().__init__(model_config, train_config, dataset_fn)
+        self.label_matrix: np.ndarray | None = None
+        if not model_config.option("terms") and dataset_fn is None:
+            groups = load_term_groups(model_config.option("gaf", ""),
+                                      model_config.option("annotations", ""))
+            terms, self.label_matrix, _ = term_matrix(
+                self._require_records(), groups,
+                min_genes=int(model_config.option("term_min_genes", 15)),
+                max_genes=int(model_config.option("term_max_genes", 500)))
+            model_config.options["terms"] = terms
+        elif model_config.option("terms") and dataset_fn is None:
+            groups = load_term_groups(model_config.option("gaf", ""),
+                                      model_config.option("annotations", ""))
+            _, self.label_matrix, _ = term_matrix(self._require_records(), groups,
+                                                  model_config.option("terms"))
+        if not model_config.option("terms"):
+            raise ValueError("cdae_supervised: options['terms'] is empty")
+
+    def build_model(self) -> keras.Model:
+        model = super().build_model()
+        path = os.path.join(self.train_config.run_dir, TERMS_NAME)
+        os.makedirs(self.train_config.run_dir, exist_ok=True)
+        pd.DataFrame({"term": self.model_config.option("terms")}).to_csv(path, index=False)
+        return model
+
+    def make_records_dataset(self, input_context, start_step=0):
+        """Whole-section batches with their genes' term labels."""
+        cfg = self.train_config
+        return whole_dataset(self._require_records(), cfg.split, batch_size=self.batch_size,
+                             height=self.opts["height"], width=self.opts["width"], seed=cfg.seed,
+                             flips=cfg.flips, input_context=input_context, start_step=start_step,
+                             label_matrix=self.label_matrix)
+
+    def compute_loss(self, model, batch, training):
+        """Mean binary cross-entropy over terms and the global batch."""
+        images, _, labels = _unpack(batch)
+        probs, _ = model(to_gray(images), training=training)
+        probs = tf.clip_by_value(tf.cast(probs, tf.float32), _EPS, 1.0 - _EPS)
+        labels = tf.cast(labels, tf.float32)
+        bce = -(labels * tf.math.log(probs) + (1.0 - labels) * tf.math.log(1.0 - probs))
+        loss = global_mean(bce)
+        stats = {"bce": loss,
+                 "accuracy": global_mean(tf.cast(tf.equal(probs > 0.5, labels > 0.5), tf.float32)),
+                 "positive_rate": global_mean(labels)}
+        return loss, {k: tf.stop_gradient(v) for k, v in stats.items()}
+
+    def image_summaries(self, batch):
+        images, _, _ = _unpack(batch)
+        return {"cdae_supervised_inputs": tf.clip_by_value(to_gray(images[:4]) / 255.0, 0.0, 1.0)}
+
+
+# --------------------------------------------------------------------------- evaluation
+def predict_records(model: keras.Model, records_dir: str, split: str | Sequence[str],
+                    batch_size: int = 64, output: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Runs one model output over every record of the split(s), in record order.
+
+    Args:
+      model: a CDAE-family Keras model (or its encoder).
+      records_dir: whole-section records.
+      split: a split name or several.
+      batch_size: images per call.
+      output: index of the output to keep when the model has several.
+
+    Returns:
+      (keys DataFrame: image_id, gene_symbol, entrez_id, donor_id, split; float32 (N, D)).
+    """
+    from ish_tf.data.pipeline import patch_dataset
+
+    height, width = int(model.inputs[0].shape[1]), int(model.inputs[0].shape[2])
+    keys, values = [], []
+    for sp in [split] if isinstance(split, str) else list(split):
+        ds = patch_dataset(records_dir, sp, batch_size=batch_size, training=False, with_keys=True)
+        for images, feats in ds:
+            images = to_gray(images)
+            if tuple(images.shape[1:3]) != (height, width):
+                images = tf.image.resize(images, (height, width), antialias=True)
+            out = model(images, training=False)
+            out = out[output] if isinstance(out, (list, tuple)) else out
+            values.append(np.asarray(out, dtype=np.float32).reshape(len(images), -1))
+            keys.append(pd.DataFrame({
+                "image_id": feats["image_id"].numpy(),
+                "gene_symbol": [s.decode() for s in feats["gene_symbol"].numpy()],
+                "entrez_id": feats["entrez_id"].numpy(),
+                "donor_id": [s.decode() for s in feats["donor_id"].numpy()],
+                "gene_index": feats["gene_index"].numpy(), "split": sp}))
+    if not values:
+        return pd.DataFrame(columns=["image_id", "gene_symbol"]), np.zeros((0, 0), np.float32)
+    return pd.concat(keys, ignore_index=True), np.concatenate(values)
+
+
+def term_auc(model: keras.Model, records_dir: str, terms: Sequence[str],
+             groups: dict[str, set[str]], split: str = "test",
+             batch_size: int = 64) -> pd.DataFrame:
+    """Per-term AUC of a supervised CDAE on the annotated genes of a held-out split.
+
+    Image probabilities are averaged per gene; a term is scored when the split has at
+    least one positive and one negative annotated gene.
+
+    Returns:
+      Columns term, n_genes, n_positive, auc (NaN when not scorable); sorted by term.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    keys, probs = predict_records(model, records_dir, split, batch_size, output=0)
+    _, matrix, annotated = term_matrix(records_dir, groups, terms)
+    frame = pd.DataFrame(probs).assign(gene_index=keys["gene_index"].to_numpy())
+    per_gene = frame.groupby("gene_index").mean()
+    idx = per_gene.index.to_numpy()
+    keep = annotated[idx]
+    rows = []
+    for j, t in enumerate(terms):
+        y = matrix[idx[keep], j]
+        s = per_gene.to_numpy()[keep, j]
+        ok = 0 < y.sum() < len(y)
+        rows.append({"term": t, "n_genes": int(len(y)), "n_positive": int(y.sum()),
+                     "auc": float(roc_auc_score(y, s)) if ok else float("nan")})
+    return pd.DataFrame(rows, columns=["term", "n_genes", "n_positive", "auc"])
+
+
+def gene_tables(keys: pd.DataFrame, values: np.ndarray, source: str):
+    """(image table, gene table) EmbeddingTables of per-image vectors."""
+    from ish_tf.data.embeddings import EmbeddingTable, aggregate
+
+    image = EmbeddingTable(keys.drop(columns=["gene_index"], errors="ignore").reset_index(drop=True),
+                           values.astype(np.float32), source)
+    return image, aggregate(image, ("gene_symbol",))
+
+
+def pixel_pca(records_dir: str, n_components: int, height: int, width: int,
+              splits: Sequence[str] = ("train", "validation", "test"), seed: int = 0,
+              invert: bool = True):
+    """Baseline: raw downsampled pixels reduced by PCA to `n_components` values per image.
+
+    PCA is fit on the train split's images only and applied to all, like the encoder.
+
+    Returns:
+      (image EmbeddingTable, gene EmbeddingTable).
+    """
+    from sklearn.decomposition import PCA
+
+    identity = keras.Sequential([keras.Input((height, width, 1)),
+                                 keras.layers.Rescaling(-1 / 255 if invert else 1 / 255,
+                                                        offset=1.0 if invert else 0.0),
+                                 keras.layers.Flatten()])
+    keys, pixels = predict_records(identity, records_dir, list(splits))
+    train = (keys["split"] == "train").to_numpy()
+    k = min(n_components, int(train.sum()) - 1, pixels.shape[1])
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(pixels[train])
+    return gene_tables(keys, pca.transform(pixels).astype(np.float32), "pixels_pca")
+
+
+def untrained_encoder(model_config: ModelConfig, records_dir: str,
+                      splits: Sequence[str] = ("train", "validation", "test")):
+    """Baseline: codes of the randomly initialised encoder (same config and seed).
+
+    Returns:
+      (image EmbeddingTable, gene EmbeddingTable).
+    """
+    from ish_tf.models import build_model
+
+    cfg = dataclasses.replace(model_config, model="cdae",
+                              options={**model_config.options, "init_from": ""})
+    encoder = encoder_model(build_model(cfg))
+    keys, codes = predict_records(encoder, records_dir, list(splits))
+    return gene_tables(keys, codes, "untrained_encoder")
+
+
+# --------------------------------------------------------------------------- command line
+def _load_run(run_dir: str) -> tuple[ModelConfig, dict, keras.Model | None]:
+    from ish_tf.models import load_model_config
+
+    config = load_model_config(os.path.join(run_dir, "model_config.json"))
+    with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
+        train = json.load(f)
+    path = os.path.join(run_dir, "model.keras")
+    model = keras.saving.load_model(path, compile=False) if os.path.isfile(path) else None
+    return config, train, model
+
+
+def main(argv: list[str]) -> int:
+    """`python -m ish_tf.train.task_cdae term_auc|baselines --run_dir=RUN [...]`."""
+    import sys
+
+    from absl import flags as absl_flags
+
+    from ish_tf.data.embeddings import write_embedding_table
+
+    fv = absl_flags.FLAGS
+    if len(argv) != 2 or argv[1] not in ("term_auc", "baselines"):
+        print("usage: python -m ish_tf.train.task_cdae term_auc|baselines --run_dir=RUN "
+              "[--records_dir=R] [--split=test] [--out=DIR]", file=sys.stderr)
+        return 2
+    try:
+        config, train, model = _load_run(fv.run_dir)
+    except (OSError, ValueError) as e:
+        print(f"task_cdae: error: {fv.run_dir}: {e}", file=sys.stderr)
+        return 1
+    records_dir = fv.records_dir or train.get("records_dir", "")
+    if argv[1] == "term_auc":
+        if model is None or config.model != "cdae_supervised":
+            print(f"task_cdae: error: {fv.run_dir} holds no finished cdae_supervised model",
+                  file=sys.stderr)
+            return 1
+        groups = load_term_groups(config.option("gaf", ""), config.option("annotations", ""))
+        table = term_auc(model, records_dir, config.option("terms"), groups, fv.split)
+        path = os.path.join(fv.out or fv.run_dir, f"term_auc_{fv.split}.csv")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        table.to_csv(path, index=False)
+        print(f"term_auc: {int(table['auc'].notna().sum())} of {len(table)} terms scored on "
+              f"{fv.split} genes, mean AUC {table['auc'].mean():.3f} -> {path}")
+        return 0
+    out = fv.out or os.path.join(fv.run_dir, "baselines")
+    os.makedirs(out, exist_ok=True)
+    opts = cdae_options(config)
+    made = {"pixels_pca": pixel_pca(records_dir, opts["code_size"], opts["height"],
+                                    opts["width"], seed=config.seed or 0,
+                                    invert=opts["invert"]),
+            "untrained_encoder": untrained_encoder(config, records_dir)}
+    for name, (image, gene) in made.items():
+        write_embedding_table(os.path.join(out, f"{name}_image_embeddings.csv"), image)
+        write_embedding_table(os.path.join(out, f"{name}_gene_embeddings.csv"), gene)
+        print(f"baselines: {name}: {len(gene)} genes x {gene.dim} -> "
+              f"{os.path.join(out, name + '_gene_embeddings.csv')}")
+    return 0
+
+
+def _cli() -> None:
+    from absl import app
+    from absl import flags as absl_flags
+
+    absl_flags.DEFINE_string("run_dir", "", "A cdae or cdae_supervised training run.")
+    absl_flags.DEFINE_string("records_dir", "", "Whole-section records; empty = the run's.")
+    absl_flags.DEFINE_string("split", "test", "term_auc: held-out split to score.")
+    absl_flags.DEFINE_string("out", "", "Output directory; empty = RUN (term_auc) or "
+                             "RUN/baselines.")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _cli()
+
+
+__all__: Sequence[str] = (
+    "CDAESupervisedTask", "CDAETask", "LOSSES", "NOISES", "corrupt", "load_term_groups",
+    "pixel_pca", "predict_records", "reconstruction_loss", "term_auc", "term_matrix",
+    "to_gray", "untrained_encoder", "whole_dataset",
+)

@@ -1,0 +1,298 @@
+"""CDAE family: builder, corruption and losses, whole-section records, training, export,
+embedding, baselines and the supervised variant (ish_tf.models.cdae, ish_tf.train.task_cdae,
+ish_tf.data.whole)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from ish_tf.models import ModelConfig, build_model
+from ish_tf.models.cdae import build_cdae, cdae_options, encoder_model, scale_images
+from ish_tf.train import TrainConfig
+from ish_tf.train.task_cdae import corrupt, reconstruction_loss
+from ish_tf.train.tasks import make_task
+from ish_tf.train.trainer import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTS = {"depth": 2, "filters": [4, 8], "code_size": 6, "batch_size": 4, "noise": "masking",
+        "noise_level": 0.2, "loss": "bce", "image_every": 2}
+
+
+def _cfg(model="cdae", size=16, **options) -> ModelConfig:
+    return ModelConfig(model=model, input_size=size, seed=0, options={**OPTS, **options})
+
+
+# --------------------------------------------------------------------------- builder
+@pytest.mark.parametrize("unpool,size,aspect", [("switches", 16, 1.0), ("nearest", 18, 1.0),
+                                                ("switches", 13, 1.5)])
+def test_cdae_shapes_for_even_odd_and_wide_inputs(unpool, size, aspect):
+    model = build_cdae(_cfg(size=size, unpool=unpool, aspect=aspect))
+    width = round(size * aspect)
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, width, 1)).astype(np.float32)
+    code, recon = model(x)
+    assert code.shape == (2, 6) and recon.shape == (2, size, width, 1)
+    r = recon.numpy()
+    assert (r >= 0).all() and (r <= 1).all()
+    assert encoder_model(model)(x).shape == (2, 6)
+
+
+@pytest.mark.parametrize("bad,match", [({"unpool": "bilinear"}, "--unpool"),
+                                       ({"depth": 0}, "--cdae_depth"),
+                                       ({"code_size": 0}, "--cdae_code_size"),
+                                       ({"depth": 5}, "too small")])
+def test_bad_options_name_the_flag(bad, match):
+    with pytest.raises(ValueError, match=match):
+        cdae_options(_cfg(**bad))
+
+
+def test_corruptions_are_seeded_and_bounded():
+    x = tf.fill((2, 32, 32, 1), 0.6)
+    seed = tf.constant([0, 5], tf.int64)
+    m = corrupt(x, "masking", 0.3, seed).numpy()
+    assert set(np.unique(m)) <= {0.0, np.float32(0.6)}
+    assert 0.25 < (m == 0).mean() < 0.35
+    np.testing.assert_array_equal(m, corrupt(x, "masking", 0.3, seed).numpy())
+    assert not np.array_equal(m, corrupt(x, "masking", 0.3, seed + [0, 1]).numpy())
+    sp = corrupt(x, "salt_pepper", 0.4, seed).numpy()
+    hit = sp != np.float32(0.6)
+    assert 0.35 < hit.mean() < 0.45 and set(np.unique(sp[hit])) <= {0.0, 1.0}
+    g = corrupt(x, "gaussian", 0.5, seed).numpy()
+    assert g.min() >= 0 and g.max() <= 1 and g.std() > 0.2
+    np.testing.assert_array_equal(corrupt(x, "none", 0.5, seed).numpy(), x.numpy())
+    with pytest.raises(ValueError, match="--cdae_noise"):
+        corrupt(x, "speckle", 0.1)
+
+
+def test_reconstruction_losses():
+    t = tf.constant([[0.0, 1.0, 0.5]])
+    r = tf.constant([[0.1, 0.8, 0.5]])
+    np.testing.assert_allclose(reconstruction_loss(t, r, "mse").numpy(), [[0.01, 0.04, 0.0]],
+                               atol=1e-7)
+    want = [[-np.log(0.9), -np.log(0.8), -np.log(0.5)]]
+    np.testing.assert_allclose(reconstruction_loss(t, r, "bce").numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(scale_images(tf.constant([255.0, 0.0]), True).numpy(), [0, 1])
+
+
+# --------------------------------------------------------------------------- whole sections
+def test_whole_section_crops_to_tissue_and_pads_with_background():
+    from ish_tf.data.whole import tissue_box, whole_section
+
+    rgb = np.full((60, 100, 3), 230, np.uint8)
+    rgb[10:30, 20:80] = 40  # tissue: 20 x 60, wider than tall
+    mask = np.zeros((60, 100), bool)
+    mask[10:30, 20:80] = True
+    assert tissue_box(mask) == (20, 10, 80, 30)
+    out, box, side = whole_section(rgb, mask, size=12, aspect=1.0, margin=0.0)
+    assert out.shape == (12, 12) and box == (20, 10, 80, 30) and side == 60
+    # Padded top and bottom (centred) with the slide grey; the tissue band in the middle.
+    assert abs(int(out[0, 6]) - 230) <= 2 and abs(int(out[-1, 6]) - 230) <= 2
+    assert abs(int(out[6, 6]) - 40) <= 2
+    wide, _, _ = whole_section(rgb, mask, size=10, aspect=3.0, margin=0.0)
+    assert wide.shape == (10, 30) and abs(int(wide[5, 15]) - 40) <= 2
+    with pytest.raises(ValueError, match="empty mask"):
+        tissue_box(np.zeros((4, 4), bool))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny synthetic study and its 16x16 whole-section records (split by gene)."""
+    from ish_tf.data.synthetic import SynthConfig, generate_dataset
+    from ish_tf.data.whole import WholeConfig, run_whole
+
+    root = tmp_path_factory.mktemp("cdae")
+    synth = str(root / "synth")
+    generate_dataset(SynthConfig(out_dir=synth, n_genes=12, n_donors=2, donors_per_gene=2,
+                                 images_per_gene_donor=1, height=64, width=80, n_groups=3, seed=0))
+    records = str(root / "whole")
+    summary = run_whole(WholeConfig(manifest=os.path.join(synth, "manifest.csv"), out_dir=records,
+                                    size=16, num_shards=2, split_fractions=(0.5, 0.25, 0.25)),
+                        progress_enabled=False)
+    return {"root": root, "synth": synth, "records": records, "summary": summary}
+
+
+def test_whole_records_one_per_image_and_resume(data):
+    from ish_tf.data import records
+    from ish_tf.data.whole import WholeConfig, run_whole
+
+    s = data["summary"]
+    assert sum(v["images"] for v in s["splits"].values()) == 24
+    assert sum(v["patches"] for v in s["splits"].values()) == 24 and not s["skipped"]
+    info = records.load_dataset_info(data["records"])
+    assert info.patch_size == 16 and info.extra["whole"] == {"height": 16, "width": 16,
+                                                            "channels": 1}
+    report = pd.read_csv(os.path.join(data["records"], "whole_report.csv"))
+    assert len(report) == 24 and (report["status"] == "ok").all()
+    again = run_whole(WholeConfig(manifest=os.path.join(data["synth"], "manifest.csv"),
+                                  out_dir=data["records"], size=16, num_shards=2,
+                                  split_fractions=(0.5, 0.25, 0.25)), progress_enabled=False)
+    assert again["shards_written"] == 0 and again["shards_resumed"] == s["shards_written"]
+    from ish_tf.data.patches import ExtractError
+
+    with pytest.raises(ExtractError, match="other settings"):
+        run_whole(WholeConfig(manifest=os.path.join(data["synth"], "manifest.csv"),
+                              out_dir=data["records"], size=24, num_shards=2,
+                              split_fractions=(0.5, 0.25, 0.25)), progress_enabled=False)
+
+
+def test_whole_dataset_is_resumable_by_step(data):
+    from ish_tf.train.task_cdae import whole_dataset
+
+    def batches(start, n):
+        ds = whole_dataset(data["records"], "train", batch_size=4, height=16, width=16,
+                           start_step=start)
+        return [b for _, b in zip(range(n), ds, strict=False)]
+
+    full, resumed = batches(0, 4), batches(2, 2)
+    assert full[0]["images"].shape == (4, 16, 16, 1)
+    for a, b in zip(full[2:], resumed, strict=True):
+        assert int(a["step"]) == int(b["step"])
+        np.testing.assert_array_equal(a["images"].numpy(), b["images"].numpy())
+
+
+# --------------------------------------------------------------------------- training
+def _train_cfg(run_dir, records="", steps=6, **kw) -> TrainConfig:
+    return TrainConfig(run_dir=str(run_dir), records_dir=records, steps=steps, decay_start=steps,
+                       learning_rate=3e-3, checkpoint_every=3, log_every=2, flips=False, seed=0,
+                       **kw)
+
+
+def test_cdae_trains_on_records_with_reconstruction_images_and_exports(data, tmp_path):
+    from ish_tf.embed import EmbedConfig, embed_records
+    from ish_tf.export.saved_model import export_run, read_metadata
+    from ish_tf.train.tensorboard import event_tags
+
+    run = tmp_path / "run"
+    cfg = _train_cfg(run, data["records"], steps=8)
+    result = train(make_task(_cfg(), cfg), cfg)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["step"]) == [2, 4, 6, 8]
+    assert {"mse", "mae", "code_rms"} <= set(metrics.columns)
+    assert metrics["loss"].iloc[-1] < metrics["loss"].iloc[0]
+    tags = event_tags(str(run / "logs"))
+    assert tags.get("clean_noisy_reconstruction") == 4  # steps 2, 4, 6, 8
+    assert "cdae_reconstructions" in tags
+    # Export through the shared exporter and embed one code per image and per gene.
+    out = export_run(result.run_dir, str(tmp_path / "export"))
+    assert read_metadata(out)["outputs"] == ["code", "reconstruction"]
+    emb = embed_records(EmbedConfig(saved_model=out, records_dir=data["records"],
+                                    out_dir=str(tmp_path / "emb")).validate(), progress=False)
+    del emb
+    image = pd.read_csv(tmp_path / "emb" / "image_embeddings.csv")
+    gene = pd.read_csv(tmp_path / "emb" / "gene_embeddings.csv")
+    assert len(image) == 24 and len(gene) == 12
+    dims = [c for c in gene.columns if c.isdigit()]
+    assert len(dims) == 6
+    # The served code is the Keras encoder's code.
+    model = keras.saving.load_model(str(run / "model.keras"), compile=False)
+    from ish_tf.train.task_cdae import predict_records
+
+    keys, codes = predict_records(encoder_model(model), data["records"], ["train", "validation",
+                                                                         "test"])
+    served = image.set_index("image_id").loc[keys["image_id"], dims].to_numpy()
+    np.testing.assert_allclose(served, codes, rtol=1e-4, atol=1e-4)
+
+
+def test_cdae_resume_matches_uninterrupted(data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg_a, cfg_b = _train_cfg(a, data["records"]), _train_cfg(b, data["records"])
+    train(make_task(_cfg(image_every=0), cfg_a), cfg_a)
+    train(make_task(_cfg(image_every=0), cfg_b), cfg_b, stop_after=3)
+    train(make_task(_cfg(image_every=0), cfg_b), cfg_b)
+    wa = keras.saving.load_model(str(a / "model.keras"), compile=False).get_weights()
+    wb = keras.saving.load_model(str(b / "model.keras"), compile=False).get_weights()
+    for x, y in zip(wa, wb, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_baselines_and_supervised_from_cdae(data, tmp_path):
+    from ish_tf.train.task_cdae import (
+        load_term_groups,
+        pixel_pca,
+        term_auc,
+        term_matrix,
+        untrained_encoder,
+    )
+
+    # A CDAE run to initialise from.
+    cdae_run = tmp_path / "cdae"
+    cfg = _train_cfg(cdae_run, data["records"], steps=2)
+    train(make_task(_cfg(image_every=0), cfg), cfg)
+    image, gene = pixel_pca(data["records"], 6, 16, 16)
+    assert image.values.shape == (24, 6) and gene.values.shape == (12, 6)
+    _, capped = pixel_pca(data["records"], 100, 16, 16)
+    assert capped.values.shape == (12, 11)  # 12 training images: at most 11 components
+    _, ugene = untrained_encoder(_cfg(), data["records"])
+    assert ugene.values.shape == (12, 6)
+
+    gaf = os.path.join(data["synth"], "go.gaf")
+    groups = load_term_groups(gaf=gaf)
+    terms, matrix, annotated = term_matrix(data["records"], groups, min_genes=1, max_genes=100)
+    assert matrix.shape == (12, len(terms)) and annotated.all()
+    assert (matrix.sum(axis=1) >= 1).all()
+    with pytest.raises(ValueError, match="--cdae_term_min_genes"):
+        term_matrix(data["records"], groups, min_genes=50)
+
+    sup_cfg = _cfg("cdae_supervised", gaf=gaf, term_min_genes=1, term_max_genes=100,
+                   init_from=str(cdae_run))
+    run = tmp_path / "sup"
+    tcfg = _train_cfg(run, data["records"], steps=2)
+    task = make_task(sup_cfg, tcfg)
+    assert task.model_config.option("terms") == terms
+    model = task.build_model()
+    trained = keras.saving.load_model(str(cdae_run / "model.keras"), compile=False)
+    np.testing.assert_array_equal(model.get_layer("code").get_weights()[0],
+                                  trained.get_layer("code").get_weights()[0])
+    train(task, tcfg)
+    saved = json.loads((run / "model_config.json").read_text())
+    assert saved["config"]["options"]["terms"] == terms
+    assert pd.read_csv(run / "terms.csv")["term"].tolist() == terms
+    model = keras.saving.load_model(str(run / "model.keras"), compile=False)
+    table = term_auc(model, data["records"], terms, groups, split="test")
+    assert list(table.columns) == ["term", "n_genes", "n_positive", "auc"]
+    assert (table["n_genes"] == 3).all()
+    scored = table["auc"].dropna()
+    assert ((scored >= 0) & (scored <= 1)).all()
+
+
+def test_bin_train_and_extract_flags(data, tmp_path, capsys):
+    from absl import flags as absl_flags
+
+    from ish_tf import flags
+    from ish_tf.cli import train as cli
+
+    run = tmp_path / "run"
+    argv = ["train", f"--flagfile={os.path.join(ROOT, 'configs', 'cdae_quickstart.cfg')}",
+            f"--records_dir={data['records']}", f"--run_dir={run}", "--input_size=16",
+            "--cdae_depth=2", "--cdae_filters=4,8", "--cdae_code_size=6", "--steps=2",
+            "--log_every=1", "--small_run"]
+    absl_flags.FLAGS.unparse_flags()
+    try:
+        absl_flags.FLAGS(argv)
+        options = flags.cdae_options(absl_flags.FLAGS)
+        assert options["batch_size"] == 8 and options["unpool"] == "switches"
+        assert options["filters"] == [4, 8]
+        assert cli.main(["train"]) == 0
+    finally:
+        absl_flags.FLAGS.unparse_flags()
+    assert "steps 0->2" in capsys.readouterr().out
+    saved = json.loads((run / "model_config.json").read_text())["config"]
+    assert saved["model"] == "cdae" and saved["options"]["code_size"] == 6
+    # The mouse config parses into a valid model configuration.
+    absl_flags.FLAGS.unparse_flags()
+    try:
+        absl_flags.FLAGS(["train", f"--flagfile={os.path.join(ROOT, 'configs', 'cdae_mouse.cfg')}"])
+        mcfg = flags.model_config(absl_flags.FLAGS)
+    finally:
+        absl_flags.FLAGS.unparse_flags()
+    opts = cdae_options(mcfg)
+    assert (opts["height"], opts["width"], opts["code_size"]) == (128, 192, 256)
+    model = build_model(dataclasses.replace(mcfg, options={**mcfg.options, "filters": [2]}))
+    assert model.outputs[0].shape[-1] == 256
