@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 
@@ -188,15 +189,19 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     config.validate()
     paths = run_paths(config.run_dir)
     os.makedirs(config.run_dir, exist_ok=True)
-    remove_stale_tmp(config.run_dir)
-    atomic_write_text(paths["train_config"], json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    atomic_write_text(paths["model_config"], task.model_config.to_json() + "\n")
+    # First: MultiWorkerMirroredStrategy must exist before the runtime runs any op.
+    strategy = strategy or make_strategy(config.strategy)
+    chief, worker_dir = worker_role(strategy, config.run_dir)
+    if chief:
+        remove_stale_tmp(config.run_dir)
+        atomic_write_text(paths["train_config"],
+                          json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        atomic_write_text(paths["model_config"], task.model_config.to_json() + "\n")
 
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     policy = set_precision(config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
-    strategy = strategy or make_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
     if task.global_batch_size % replicas:
         raise ValueError(f"global batch {task.global_batch_size} (P*K) is not divisible by "
@@ -216,16 +221,20 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     # (seed, step) and restart at the restored step (generator-backed and distributed
     # iterators cannot be saved, and shuffle buffers would bloat checkpoints).
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
-    manager = tf.train.CheckpointManager(checkpoint, paths["checkpoints"],
-                                         max_to_keep=config.keep_checkpoints)
-    if manager.latest_checkpoint:
+    # Multi-worker: every worker saves (saving is collective), the chief into RUN,
+    # the others into a scratch directory removed at the end; all restore from RUN.
+    manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(worker_dir, CHECKPOINT_DIR) if worker_dir else paths["checkpoints"],
+        max_to_keep=config.keep_checkpoints)
+    latest = tf.train.latest_checkpoint(paths["checkpoints"])
+    if latest:
         try:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            checkpoint.restore(latest).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
             raise TrainingError(
-                f"{manager.latest_checkpoint} does not fit this model/optimizer (changed "
+                f"{latest} does not fit this model/optimizer (changed "
                 f"--backbone or sizes?); use a new --run_dir: {e}") from e
-        logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
+        logging.info("resumed from %s at step %d", latest, int(step.numpy()))
     start_step = int(step.numpy())
     end_step = config.steps if stop_after is None else min(config.steps, stop_after)
     if replicas > 1:
@@ -239,7 +248,20 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     variables = model.trainable_variables
     forward = _JitForward(model) if (config.jit_compile and replicas > 1) else model
 
+    # MultiWorkerMirroredStrategy with one device per worker passes the batch in as
+    # function inputs without a device, and all_gather of such a tensor (the triplet
+    # labels) fails with "destinations can not be empty": copy it onto the device.
+    pin = (strategy.extended.worker_devices[0]
+           if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+           and len(strategy.extended.worker_devices) == 1 else None)
+
     def replica_step(batch):
+        if pin is not None:
+            with tf.device(pin):
+                batch = tf.nest.map_structure(tf.identity, batch)
+        return _replica_step(batch)
+
+    def _replica_step(batch):
         loss, stats, grads = replica_gradients(task, forward, batch, variables, replicas, loss_scale)
         # This replica's share, rescaled to the global gradient's units (exact with one
         # replica); with float16 loss scaling the scale is divided out.
@@ -269,13 +291,15 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         step.assign_add(1)
         return loss, stats, nonfinite
 
-    writer = tf.summary.create_file_writer(os.path.join(paths["logs"], "train"))
+    writer = (tf.summary.create_file_writer(os.path.join(paths["logs"], "train")) if chief
+              else tf.summary.create_noop_writer())
     columns = ["step", "loss", "lr", *task.stat_names, "grad_norm", "images_per_sec", "elapsed_s"]
     rows = _read_metrics(paths["metrics"], start_step)
     logging.info("run %s: %s steps %d..%d, global batch %d on %d replica(s), policy %s; "
                  "tensorboard --logdir %s", config.run_dir, task.name, start_step, end_step,
                  task.global_batch_size, replicas, policy, paths["logs"])
-    print(f"tensorboard --logdir {paths['logs']}", flush=True)
+    if chief:
+        print(f"tensorboard --logdir {paths['logs']}", flush=True)
 
     last_loss, last_rate = float("nan"), 0.0
     current = start_step
@@ -313,7 +337,8 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                 row = {"step": current, "loss": last_loss, "lr": lr, **values,
                        "images_per_sec": last_rate, "elapsed_s": now - t_start}
                 rows.append(row)
-                _write_metrics(paths["metrics"], columns, rows)
+                if chief:
+                    _write_metrics(paths["metrics"], columns, rows)
                 with writer.as_default(step=current):
                     tf.summary.scalar("loss", last_loss)
                     tf.summary.scalar("lr", lr)
@@ -335,10 +360,36 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         writer.close()
 
     model_path = ""
-    if current >= config.steps:
-        model_path = paths["model"]
-        if current > start_step or not os.path.exists(model_path):
-            save_keras_model(model, model_path)
+    try:
+        if current >= config.steps:
+            model_path = paths["model"]
+            if current > start_step or not os.path.exists(model_path):
+                save_keras_model(model, model_path if chief else os.path.join(worker_dir, MODEL_NAME))
+    finally:
+        if worker_dir:
+            shutil.rmtree(worker_dir, ignore_errors=True)
     return TrainResult(run_dir=config.run_dir, step=current, start_step=start_step, loss=last_loss,
                        images_per_sec=last_rate, model_path=model_path,
-                       checkpoint=manager.latest_checkpoint or "")
+                       checkpoint=tf.train.latest_checkpoint(paths["checkpoints"]) or "")
+
+
+def worker_role(strategy: tf.distribute.Strategy, run_dir: str) -> tuple[bool, str]:
+    """Whether this process writes the run (the chief), and else its scratch directory.
+
+    Under MultiWorkerMirroredStrategy every worker runs the same program; only the
+    chief ("chief" task, else worker 0) writes RUN. The others write what must be
+    written collectively (checkpoints, the final model) to RUN/.workertemp_<type>_<id>,
+    deleted at the end of `train`.
+
+    Returns:
+      (is_chief, "" for the chief or the worker's scratch directory).
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True, ""
+    task_type, task_id = resolver.task_type, resolver.task_id
+    cluster = resolver.cluster_spec().as_dict()
+    if task_type in (None, "chief") or (task_type == "worker" and task_id == 0
+                                        and "chief" not in cluster):
+        return True, ""
+    return False, os.path.join(run_dir, f".workertemp_{task_type}_{task_id}")
