@@ -31,7 +31,8 @@ setup(
     packages=find_packages(include=["ish_tf", "ish_tf.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6",
+                 "tensorflow-serving-api>=2.21,<2.22"],
         "umap": ["umap-learn>=0.5"],
         "parquet": ["pyarrow>=15"],
     },

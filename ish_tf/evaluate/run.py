@@ -12,6 +12,8 @@ import os
 
 import pandas as pd
 
+from ish_tf.evaluate import report as report_module
+
 # Bars per category in figures/auc_bars.png (GO can have hundreds of groups).
 MAX_BARS_PER_CATEGORY = 12
 
@@ -170,8 +172,14 @@ def _bar_frame(results: pd.DataFrame, max_groups: int = MAX_BARS_PER_CATEGORY) -
     return sub.rename(columns={"category": "annotation", "annotation": "category"})
 
 
-def write_figures_and_report(config, done: dict) -> str:
-    """Figures for whatever ran and OUT/report.html; returns the report path."""
+def write_figures_and_report(config, done: dict, intro: report_module.Section | None = None) -> str:
+    """Figures for whatever ran and OUT/report.html; returns the report path.
+
+    Args:
+      config: the EvaluateConfig.
+      done: what `run` (or the task functions) returned.
+      intro: an optional first section (e.g. how the quickstart produced the embeddings).
+    """
     from ish_tf.evaluate import figures, report
 
     fig_dir = os.path.join(config.out_dir, "figures")
@@ -179,7 +187,7 @@ def write_figures_and_report(config, done: dict) -> str:
     settings = {"seed": config.scoring.seed, "folds": config.scoring.n_splits,
                 "standardize_features": config.scoring.standardize,
                 "solver": config.scoring.solver, "max_iter": config.scoring.max_iter}
-    sections = []
+    sections = [intro] if intro is not None else []
     if "annotations" in done:
         ann = done["annotations"]
         figs = []
