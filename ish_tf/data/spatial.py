@@ -1,0 +1,761 @@
+"""Spatial inputs of the ISH CNN: sections, spot tables, per-pixel labels and patches.
+
+A *section* is one large single-channel image (TIFF or PNG, read with Pillow), a
+*spot table* (CSV with columns x, y, gene: one detected transcript per row, in
+pixel coordinates of the image after multiplying by a scale factor) and a tissue
+mask (a PNG beside it, or computed with the data layer's segmenter).
+
+Classes, in label order: the chosen genes (`--genes`, e.g. two), then "tissue"
+(general tissue) and "background". Patch centres:
+
+* gene g: every spot of g, rounded to the nearest pixel, unless a spot of another
+  chosen gene lies closer than `radius` (ambiguous; skipped by default);
+* tissue: mask pixels at distance >= `radius` from every spot of the chosen genes;
+* background: pixels outside the mask.
+
+A patch of size R centred at (x, y) is the window with top-left corner
+(x - R // 2, y - R // 2) of the image reflect-padded by R on every side; dense
+prediction (`ish_tf.evaluate.segmentation`) uses exactly the same convention, which
+is what makes patch-wise and dense predictions comparable centre by centre.
+
+Output of `run_spatial` (`bin/spatial`)::
+
+    OUT/labels.csv                 section, x, y, label, class_name, split (the centres)
+    OUT/label_summary.csv          per section and class: candidates, kept, skipped
+    OUT/p{R}/train-00000-of-00001.tfrecord (+ validation) + index.json + genes.csv
+    OUT/spatial_flags.cfg          (written by the CLI)
+
+Each record is a grey PNG patch with gene_symbol = class name and gene_index =
+label = class index, so `pipeline.pk_dataset` with P = number of classes draws
+class-balanced batches. One record set per patch size, all from the same centres.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ish_tf.io_utils import atomic_write_text
+
+TISSUE = "tissue"
+BACKGROUND = "background"
+SPOT_COLUMNS: tuple[str, str, str] = ("x", "y", "gene")
+LABELS_NAME = "labels.csv"
+LABEL_SUMMARY_NAME = "label_summary.csv"
+
+# Large microscopy images are legitimate inputs; Pillow's bomb guard would refuse them.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class SpatialError(ValueError):
+    """A section, spot table or mask that cannot be used; the message names the file/row."""
+
+
+@dataclasses.dataclass
+class Section:
+    """One section ready for labelling.
+
+    Attributes:
+      name: identifier (used in records and reports).
+      image: uint8 (H, W) grey image.
+      spots: DataFrame with float columns x, y and str column gene (pixel coordinates).
+      mask: bool (H, W) tissue mask.
+      image_path: where the image came from ("" for in-memory sections).
+      dropped_spots: spots outside the image that were dropped on loading.
+    """
+
+    name: str
+    image: np.ndarray
+    spots: pd.DataFrame
+    mask: np.ndarray
+    image_path: str = ""
+    dropped_spots: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W)."""
+        return tuple(self.image.shape[:2])
+
+
+# --------------------------------------------------------------------------- reading
+def read_section_image(path: str) -> np.ndarray:
+    """Reads a section image (TIFF, PNG, ...) as uint8 grey (H, W).
+
+    16-bit and float images are scaled linearly from [0, max] to [0, 255]; colour
+    images are converted to luminance.
+
+    Raises:
+      SpatialError: missing or unreadable file, naming it.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                top = float(a.max()) if a.size else 0.0
+                return (np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8) if top > 0 \
+                    else np.zeros(a.shape, np.uint8)
+            return np.asarray(im.convert("L"))
+    except (OSError, ValueError) as e:
+        raise SpatialError(f"{path}: cannot read the section image: {e}") from e
+
+
+def read_spot_table(path: str, scale: float = 1.0,
+                    columns: Sequence[str] = SPOT_COLUMNS) -> pd.DataFrame:
+    """Reads a spot table CSV into columns x, y (float pixels, times `scale`) and gene.
+
+    Args:
+      path: CSV file with a header.
+      scale: factor from the table's units to image pixels (e.g. 0.5 when the image
+        was downsampled twice).
+      columns: names of the x, y and gene columns in the file.
+
+    Returns:
+      DataFrame (N, 3) with columns x, y, gene.
+
+    Raises:
+      SpatialError: unreadable file, missing column, empty table, or a row whose
+        coordinate is not a finite number (names the file, line and column).
+    """
+    if scale <= 0 or not math.isfinite(scale):
+        raise SpatialError(f"{path}: spot scale must be a positive number, got {scale}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise SpatialError(f"{path}: cannot read the spot table: {e}") from e
+    xc, yc, gc = columns
+    missing = [c for c in (xc, yc, gc) if c not in df.columns]
+    if missing:
+        raise SpatialError(f"{path}: spot table lacks column(s) {missing}; has {list(df.columns)}")
+    if df.empty:
+        raise SpatialError(f"{path}: spot table has no rows")
+    return spots_frame(df[xc], df[yc], df[gc], scale=scale, source=path,
+                       column_names=(xc, yc, gc))
+
+
+def spots_frame(x, y, gene, scale: float = 1.0, source: str = "<spots>",
+                column_names: Sequence[str] = SPOT_COLUMNS) -> pd.DataFrame:
+    """Validates raw spot columns into the canonical x, y, gene frame.
+
+    Args:
+      x, y: sequences of numbers (or numeric strings), table units.
+      gene: sequence of gene names.
+      scale: table units -> pixels.
+      source: name used in error messages.
+      column_names: the source's column names (for messages).
+
+    Returns:
+      DataFrame with float64 x, y (pixels) and str gene.
+
+    Raises:
+      SpatialError: empty input, or a non-numeric/non-finite coordinate or empty gene
+        (naming the line: header = line 1).
+    """
+    df = pd.DataFrame({"x": pd.Series(x, dtype=object).to_numpy(),
+                       "y": pd.Series(y, dtype=object).to_numpy(),
+                       "gene": pd.Series(gene, dtype=object).astype(str).str.strip().to_numpy()})
+    if df.empty:
+        raise SpatialError(f"{source}: spot table has no rows")
+    for col, name in (("x", column_names[0]), ("y", column_names[1])):
+        values = pd.to_numeric(df[col], errors="coerce").astype(float)
+        bad = ~np.isfinite(values.to_numpy())
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise SpatialError(f"{source}: line {i + 2}, column '{name}': "
+                               f"{df[col].iloc[i]!r} is not a finite number")
+        df[col] = values * scale
+    empty = (df["gene"] == "") | (df["gene"].str.lower() == "nan")
+    if empty.any():
+        i = int(np.flatnonzero(empty.to_numpy())[0])
+        raise SpatialError(f"{source}: line {i + 2}, column '{column_names[2]}': empty gene name")
+    return df.reset_index(drop=True)
+
+
+def check_spots(spots: pd.DataFrame, shape: tuple[int, int], genes: Sequence[str] = (),
+                outside: str = "error", source: str = "<spots>") -> tuple[pd.DataFrame, int]:
+    """Checks spots against the image size and the chosen genes.
+
+    Args:
+      spots: canonical frame (x, y, gene) in pixels.
+      shape: image (H, W).
+      genes: chosen genes; each must have at least one spot.
+      outside: "error" (raise on the first spot outside the image) or "drop".
+      source: name used in messages.
+
+    Returns:
+      (spots inside the image, number of dropped spots).
+
+    Raises:
+      SpatialError: a spot outside [0, W) x [0, H) with outside="error", a chosen gene
+        without spots, or an unknown `outside` policy.
+    """
+    if outside not in ("error", "drop"):
+        raise SpatialError(f"outside policy must be 'error' or 'drop', got {outside!r}")
+    h, w = shape
+    x, y = spots["x"].to_numpy(), spots["y"].to_numpy()
+    # Rounded centres must be valid pixel indices.
+    inside = (x > -0.5) & (x < w - 0.5) & (y > -0.5) & (y < h - 0.5)
+    if not inside.all() and outside == "error":
+        i = int(np.flatnonzero(~inside)[0])
+        raise SpatialError(
+            f"{source}: line {i + 2}: spot ({x[i]:g}, {y[i]:g}) of gene '{spots['gene'].iloc[i]}' "
+            f"is outside the {w} x {h} image (wrong --spot_scale? or pass --outside_spots=drop); "
+            f"{int((~inside).sum())} spot(s) are outside")
+    kept = spots[inside].reset_index(drop=True)
+    present = set(kept["gene"])
+    unknown = [g for g in genes if g not in present]
+    if unknown:
+        have = sorted(present)
+        shown = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "")
+        raise SpatialError(f"{source}: gene(s) {unknown} have no spots in the image; "
+                           f"genes in the table: {shown}")
+    return kept, int((~inside).sum())
+
+
+def load_section(image_path: str, spots_path: str, mask_path: str = "", *, name: str = "",
+                 scale: float = 1.0, genes: Sequence[str] = (), outside: str = "error",
+                 mask_config=None) -> Section:
+    """Reads a section image, its spot table and its mask (or computes the mask).
+
+    Args:
+      image_path: the section image.
+      spots_path: the spot table CSV.
+      mask_path: tissue mask PNG (non-zero = tissue); "" computes it with
+        `ish_tf.data.segment.compute_mask(mask_config)`.
+      name: section name (default: the image file's stem).
+      scale: spot table units -> image pixels.
+      genes: chosen genes (checked to have spots).
+      outside: policy for spots outside the image ("error" or "drop").
+      mask_config: `segment.MaskConfig` for a computed mask (default classical).
+
+    Returns:
+      Section.
+
+    Raises:
+      SpatialError: unreadable inputs, bad spots, or a mask whose size differs from the image.
+    """
+    image = read_section_image(image_path)
+    spots = read_spot_table(spots_path, scale=scale)
+    spots, n_out = check_spots(spots, image.shape, genes, outside, spots_path)
+    from ish_tf.data import segment
+
+    if mask_path:
+        try:
+            mask = segment.load_mask(mask_path)
+        except segment.SegmentError as e:
+            raise SpatialError(str(e)) from e
+        if mask.shape != image.shape:
+            raise SpatialError(f"{mask_path}: mask is {mask.shape[1]} x {mask.shape[0]} but the "
+                               f"image {image_path} is {image.shape[1]} x {image.shape[0]}")
+    else:
+        mask = segment.compute_mask(image, mask_config or segment.MaskConfig())
+    name = name or os.path.splitext(os.path.basename(image_path))[0]
+    return Section(name=name, image=image, spots=spots, mask=mask, image_path=image_path,
+                   dropped_spots=n_out)
+
+
+# --------------------------------------------------------------------------- labels
+def class_names(genes: Sequence[str]) -> list[str]:
+    """Class names in label order: the genes, then tissue and background.
+
+    Raises:
+      SpatialError: no genes, repeated genes, or a gene named like a reserved class.
+    """
+    genes = [str(g) for g in genes]
+    if not genes:
+        raise SpatialError("choose at least one gene (--genes)")
+    if len(set(genes)) != len(genes):
+        raise SpatialError(f"--genes repeats a gene: {genes}")
+    reserved = [g for g in genes if g in (TISSUE, BACKGROUND)]
+    if reserved:
+        raise SpatialError(f"gene names {reserved} clash with the reserved class names")
+    return [*genes, TISSUE, BACKGROUND]
+
+
+def disc_raster(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray,
+                radius: float) -> np.ndarray:
+    """Pixels closer than `radius` to any of the points.
+
+    Args:
+      shape: (H, W).
+      xs, ys: (N,) point coordinates in pixels.
+      radius: strict distance bound (a pixel at exactly `radius` is outside).
+
+    Returns:
+      bool (H, W).
+    """
+    h, w = shape
+    out = np.zeros((h, w), bool)
+    if radius <= 0 or len(xs) == 0:
+        return out
+    r = int(math.ceil(radius))
+    for x, y in zip(np.asarray(xs, float), np.asarray(ys, float), strict=True):
+        x0, x1 = max(0, int(math.floor(x)) - r), min(w, int(math.ceil(x)) + r + 1)
+        y0, y1 = max(0, int(math.floor(y)) - r), min(h, int(math.ceil(y)) + r + 1)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        out[y0:y1, x0:x1] |= (xx - x) ** 2 + (yy - y) ** 2 < radius * radius
+    return out
+
+
+def ambiguous_spots(spots: pd.DataFrame, genes: Sequence[str], radius: float) -> np.ndarray:
+    """Spots of a chosen gene with a spot of another chosen gene closer than `radius`.
+
+    Args:
+      spots: canonical frame (x, y, gene).
+      genes: chosen genes.
+      radius: ambiguity distance in pixels.
+
+    Returns:
+      bool (N,) over the rows of `spots` (False for spots of other genes).
+    """
+    out = np.zeros(len(spots), bool)
+    if radius <= 0:
+        return out
+    xy = spots[["x", "y"]].to_numpy(float)
+    g = spots["gene"].to_numpy()
+    chosen = np.isin(g, list(genes))
+    idx = np.flatnonzero(chosen)
+    # Grid hashing keeps this O(N) for large tables: only neighbouring cells are compared.
+    cell = max(radius, 1e-9)
+    keys = np.floor(xy[idx] / cell).astype(np.int64)
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i, (kx, ky) in zip(idx, keys, strict=True):
+        buckets.setdefault((int(kx), int(ky)), []).append(int(i))
+    r2 = radius * radius
+    for i, (kx, ky) in zip(idx, keys, strict=True):
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for j in buckets.get((int(kx) + dx, int(ky) + dy), ()):
+                    if g[j] != g[i] and ((xy[i] - xy[j]) ** 2).sum() < r2:
+                        out[i] = True
+                        break
+                if out[i]:
+                    break
+            if out[i]:
+                break
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """How patch centres and their classes are chosen.
+
+    Attributes:
+      genes: chosen genes (classes 0..G-1); tissue = G, background = G + 1.
+      radius: ambiguity and exclusion radius in pixels (see the module docstring).
+      keep_ambiguous: keep gene spots near another chosen gene's spot (labelled with
+        their own gene) instead of skipping them.
+      max_per_class: most centres per class (random subset); 0 = no cap. Tissue and
+        background, which have a candidate at nearly every pixel, get this many, or
+        as many as the largest gene class when it is 0.
+      balance: cut every class to the size of the smallest one (exact balance).
+      seed: seed of the random choices.
+    """
+
+    genes: tuple[str, ...] = ()
+    radius: float = 8.0
+    keep_ambiguous: bool = False
+    max_per_class: int = 2000
+    balance: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        class_names(self.genes)
+        if self.radius < 0:
+            raise SpatialError(f"label radius must be >= 0, got {self.radius}")
+        if self.max_per_class < 0:
+            raise SpatialError(f"max_per_class must be >= 0, got {self.max_per_class}")
+
+
+@dataclasses.dataclass
+class LabelSet:
+    """Patch centres of one section.
+
+    Attributes:
+      centres: DataFrame with int x, y, int label, str class_name.
+      summary: DataFrame with one row per class: class_name, label, candidates
+        (before sampling), kept, ambiguous (gene classes: skipped spots).
+    """
+
+    centres: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def _sample(rng: np.random.Generator, n_items: int, n: int) -> np.ndarray:
+    """Sorted random subset of range(n_items) of size min(n, n_items)."""
+    if n >= n_items:
+        return np.arange(n_items)
+    return np.sort(rng.choice(n_items, size=n, replace=False))
+
+
+def make_labels(spots: pd.DataFrame, mask: np.ndarray, cfg: LabelConfig) -> LabelSet:
+    """Chooses the patch centres of one section (see the module docstring for the rules).
+
+    Deterministic for a given seed. Gene centres are the rounded spot positions
+    (duplicates at the same pixel are kept once); tissue and background centres are
+    drawn uniformly from their candidate pixels.
+
+    Args:
+      spots: canonical frame (x, y, gene) in pixels, inside the image.
+      mask: bool (H, W) tissue mask.
+      cfg: the labelling rules.
+
+    Returns:
+      LabelSet.
+
+    Raises:
+      SpatialError: a class without any candidate (e.g. an all-tissue mask leaves no
+        background), naming the class.
+    """
+    names = class_names(cfg.genes)
+    n_genes = len(cfg.genes)
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    rng = np.random.default_rng([cfg.seed, 7])
+    ambiguous = ambiguous_spots(spots, cfg.genes, cfg.radius)
+    gene_col = spots["gene"].to_numpy()
+    per_class: list[np.ndarray] = []  # (n, 2) int (x, y)
+    rows = []
+    for label, gene in enumerate(cfg.genes):
+        sel = gene_col == gene
+        skipped = int((sel & ambiguous).sum())
+        if not cfg.keep_ambiguous:
+            sel = sel & ~ambiguous
+        xy = np.rint(spots.loc[sel, ["x", "y"]].to_numpy(float)).astype(np.int64)
+        xy[:, 0] = np.clip(xy[:, 0], 0, w - 1)
+        xy[:, 1] = np.clip(xy[:, 1], 0, h - 1)
+        xy = np.unique(xy, axis=0) if len(xy) else xy.reshape(0, 2)
+        per_class.append(xy)
+        rows.append({"class_name": gene, "label": label, "candidates": len(xy),
+                     "ambiguous": skipped})
+    chosen = spots[np.isin(gene_col, list(cfg.genes))]
+    near = disc_raster((h, w), chosen["x"].to_numpy(), chosen["y"].to_numpy(), cfg.radius)
+    for label, cand in ((n_genes, mask & ~near), (n_genes + 1, ~mask)):
+        ys, xs = np.nonzero(cand)
+        per_class.append(np.stack([xs, ys], axis=1).astype(np.int64))
+        rows.append({"class_name": names[label], "label": label, "candidates": len(xs),
+                     "ambiguous": 0})
+    empty = [names[i] for i, xy in enumerate(per_class) if len(xy) == 0]
+    if empty:
+        raise SpatialError(f"no candidate centres for class(es) {empty} (gene spots all "
+                           "ambiguous, no tissue away from spots, or no background outside "
+                           "the mask); check the mask and --label_radius")
+
+    gene_sizes = [len(xy) for xy in per_class[:n_genes]]
+    targets = []
+    for i, xy in enumerate(per_class):
+        if i < n_genes:
+            t = cfg.max_per_class or len(xy)
+        else:
+            t = cfg.max_per_class or max(gene_sizes)
+        targets.append(min(t, len(xy)))
+    if cfg.balance:
+        targets = [min(targets)] * len(targets)
+    frames = []
+    for label, (xy, t) in enumerate(zip(per_class, targets, strict=True)):
+        pick = xy[_sample(rng, len(xy), t)]
+        frames.append(pd.DataFrame({"x": pick[:, 0], "y": pick[:, 1], "label": label,
+                                    "class_name": names[label]}))
+        rows[label]["kept"] = int(t)
+    centres = pd.concat(frames, ignore_index=True)
+    summary = pd.DataFrame(rows)[["class_name", "label", "candidates", "kept", "ambiguous"]]
+    return LabelSet(centres=centres, summary=summary)
+
+
+# --------------------------------------------------------------------------- patches
+def pad_for_patches(image: np.ndarray, size: int, extra: int = 0) -> np.ndarray:
+    """Reflect-pads an image by `size + extra` on every side (the patch convention).
+
+    Args:
+      image: (H, W) or (H, W, C).
+      size: patch size R.
+      extra: additional padding (dense prediction needs room for its last window).
+
+    Returns:
+      Padded array (H + 2p, W + 2p[, C]) with p = size + extra.
+    """
+    p = size + extra
+    pad = [(p, p), (p, p)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, pad, mode="reflect" if min(image.shape[:2]) > 1 else "edge")
+
+
+def crop_patches(image: np.ndarray, xs: Sequence[int], ys: Sequence[int], size: int,
+                 padded: np.ndarray | None = None) -> np.ndarray:
+    """Patches of side `size` centred at integer pixel positions.
+
+    Window of centre (x, y): rows y - size//2 .. y - size//2 + size - 1 (same for
+    columns) of the reflect-padded image.
+
+    Args:
+      image: (H, W) or (H, W, C).
+      xs, ys: (N,) integer centres inside the image.
+      size: patch size R.
+      padded: `pad_for_patches(image, size)` when already computed.
+
+    Returns:
+      (N, R, R[, C]) array of the image's dtype.
+    """
+    if padded is None:
+        padded = pad_for_patches(image, size)
+    off = size - size // 2  # padding minus half the window
+    out = np.empty((len(xs), size, size, *image.shape[2:]), image.dtype)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        out[i] = padded[int(y) + off:int(y) + off + size, int(x) + off:int(x) + off + size]
+    return out
+
+
+def encode_png(patch: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (R, R) grey patch."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(patch, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def assign_splits(labels: np.ndarray, validation_fraction: float, seed: int) -> np.ndarray:
+    """Per-class random train/validation assignment (each class keeps its share).
+
+    Args:
+      labels: (N,) class labels.
+      validation_fraction: share of each class sent to "validation".
+      seed: seed.
+
+    Returns:
+      str array (N,) of "train" / "validation".
+    """
+    out = np.full(len(labels), "train", dtype=object)
+    if validation_fraction <= 0:
+        return out
+    rng = np.random.default_rng([seed, 11])
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_val = int(round(validation_fraction * len(idx)))
+        if 0 < n_val < len(idx):
+            out[rng.choice(idx, size=n_val, replace=False)] = "validation"
+    return out
+
+
+def write_patch_records(sections: Sequence[Section], centres: pd.DataFrame, out_dir: str,
+                        size: int, names: Sequence[str], extra: dict | None = None,
+                        seed: int = 0) -> dict:
+    """Writes the patches of one size as a records directory (one shard per split).
+
+    Records of a split are written class by class (class contiguous, as the P×K
+    reader requires), gene_symbol = class name, gene_index = label = class index,
+    image_id = section position, patch_index = row of `centres`, region = section name.
+
+    Args:
+      sections: the sections the centres refer to (`centres.section` = position).
+      centres: DataFrame with section, x, y, label, split.
+      out_dir: records directory (created).
+      size: patch size R.
+      names: class names in label order.
+      extra: facts stored in the dataset info (`index.json`).
+      seed: stored in the dataset info.
+
+    Returns:
+      {split: number of records}.
+    """
+    from ish_tf.data import records
+
+    os.makedirs(out_dir, exist_ok=True)
+    padded = [pad_for_patches(s.image, size) for s in sections]
+    counts = {}
+    for split in ("train", "validation"):
+        part = centres[centres["split"] == split]
+        if part.empty:
+            continue
+        with records.ShardWriter(out_dir, split, 0, 1) as writer:
+            for label in sorted(part["label"].unique()):
+                rows = part[part["label"] == label]
+                for row in rows.itertuples():
+                    sec = sections[int(row.section)]
+                    patch = crop_patches(sec.image, [row.x], [row.y], size, padded[int(row.section)])[0]
+                    writer.write(records.make_example(
+                        encoded=encode_png(patch), format="png", height=size, width=size,
+                        image_id=int(row.section), patch_index=int(row.Index), x=int(row.x),
+                        y=int(row.y), source_size=size, gene_symbol=names[int(label)],
+                        gene_index=int(label), label=int(label), region=sec.name,
+                        study="spatial"), names[int(label)], int(row.section))
+        records.update_index(out_dir, writer.info)
+        counts[split] = writer.info.num_records
+    genes = [records.GeneEntry(n, i, -1, "") for i, n in enumerate(names)]
+    records.write_dataset_info(out_dir, records.DatasetInfo(
+        genes=genes, donors=[s.name for s in sections], source_size=size, patch_size=size,
+        format="png", seed=seed, split_by="gene", extra=dict(extra or {})))
+    return counts
+
+
+# --------------------------------------------------------------------------- stage
+@dataclasses.dataclass(frozen=True)
+class SpatialConfig:
+    """Settings of `bin/spatial` (sections -> labels -> one record set per patch size).
+
+    Attributes:
+      images: section images.
+      spot_tables: one spot table per image.
+      masks: one mask PNG per image, or empty (computed masks).
+      out_dir: output directory.
+      labels: the labelling rules (genes, radius, balance, ...).
+      patch_sizes: patch sides R; one record set `OUT/p{R}` each.
+      spot_scale: spot table units -> pixels.
+      outside: "error" or "drop" spots outside the image.
+      validation_fraction: share of each class's centres in the validation split.
+      mask_config: `segment.MaskConfig` for computed masks (None: default).
+    """
+
+    images: tuple[str, ...]
+    spot_tables: tuple[str, ...]
+    out_dir: str
+    labels: LabelConfig
+    masks: tuple[str, ...] = ()
+    patch_sizes: tuple[int, ...] = (16, 32, 48, 64, 128)
+    spot_scale: float = 1.0
+    outside: str = "error"
+    validation_fraction: float = 0.1
+    mask_config: object = None
+
+    def validate(self) -> SpatialConfig:
+        """Checks the settings; returns self.
+
+        Raises:
+          SpatialError: naming the flag at fault.
+        """
+        if not self.images:
+            raise SpatialError("--section_images is required")
+        if len(self.spot_tables) != len(self.images):
+            raise SpatialError(f"--spot_tables has {len(self.spot_tables)} file(s) for "
+                               f"{len(self.images)} --section_images")
+        if self.masks and len(self.masks) != len(self.images):
+            raise SpatialError(f"--section_masks has {len(self.masks)} file(s) for "
+                               f"{len(self.images)} --section_images")
+        if not self.out_dir:
+            raise SpatialError("--out is required")
+        if not self.patch_sizes or any(p < 4 for p in self.patch_sizes):
+            raise SpatialError(f"--patch_sizes must be sizes >= 4, got {self.patch_sizes}")
+        if len(set(self.patch_sizes)) != len(self.patch_sizes):
+            raise SpatialError(f"--patch_sizes repeats a size: {self.patch_sizes}")
+        if not 0 <= self.validation_fraction < 1:
+            raise SpatialError(f"--validation_fraction must be in [0, 1), got "
+                               f"{self.validation_fraction}")
+        return self
+
+    def digest(self) -> str:
+        """Hash of everything that determines the centres (resume check)."""
+        key = {"images": self.images, "spots": self.spot_tables, "masks": self.masks,
+               "labels": dataclasses.asdict(self.labels), "scale": self.spot_scale,
+               "outside": self.outside, "val": self.validation_fraction}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def records_dir_for(out_dir: str, size: int) -> str:
+    """`OUT/p{size}`: the record set of one patch size."""
+    return os.path.join(out_dir, f"p{int(size)}")
+
+
+def _records_done(path: str, digest: str) -> bool:
+    from ish_tf.data import records
+
+    try:
+        info = records.load_dataset_info(path)
+    except records.RecordsError:
+        return False
+    return (info is not None and info.extra.get("digest") == digest
+            and bool(records.completed_shards(path, "train")))
+
+
+def run_spatial(cfg: SpatialConfig, log=None) -> dict:
+    """Labels the sections and writes one record set per patch size.
+
+    Resumable: a patch size whose record set was completed with the same inputs and
+    rules (same digest) is kept; others are (re)written.
+
+    Args:
+      cfg: the stage's settings.
+      log: optional `fn(str)` for progress lines.
+
+    Returns:
+      {"out_dir", "classes", "labels" (path), "summary" (DataFrame), "records": {size:
+       {"dir", "counts", "reused"}}, "dropped_spots": {section: n}}.
+
+    Raises:
+      SpatialError: bad inputs (named), or a class without candidates.
+    """
+    cfg.validate()
+    log = log or (lambda s: None)
+    names = class_names(cfg.labels.genes)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    sections, frames, summaries, dropped = [], [], [], {}
+    for i, image_path in enumerate(cfg.images):
+        sec = load_section(image_path, cfg.spot_tables[i], cfg.masks[i] if cfg.masks else "",
+                           scale=cfg.spot_scale, genes=cfg.labels.genes, outside=cfg.outside,
+                           mask_config=cfg.mask_config)
+        n_out = sec.dropped_spots
+        if any(sec.name == other.name for other in sections):
+            sec.name = f"{sec.name}_{i}"  # records and reports tell sections apart by name
+        sections.append(sec)
+        dropped[sec.name] = n_out
+        lab = make_labels(sec.spots, sec.mask,
+                          dataclasses.replace(cfg.labels, seed=cfg.labels.seed + 1000 * i))
+        c = lab.centres.copy()
+        c.insert(0, "section", i)
+        frames.append(c)
+        s = lab.summary.copy()
+        s.insert(0, "section", sec.name)
+        s["dropped_outside"] = n_out
+        summaries.append(s)
+        log(f"{sec.name}: {len(c)} centres ({', '.join(f'{r.class_name} {r.kept}' for r in lab.summary.itertuples())})")
+    centres = pd.concat(frames, ignore_index=True)
+    centres["split"] = assign_splits(centres["label"].to_numpy(), cfg.validation_fraction,
+                                     cfg.labels.seed)
+    summary = pd.concat(summaries, ignore_index=True)
+    labels_path = os.path.join(cfg.out_dir, LABELS_NAME)
+    atomic_write_text(labels_path, centres.to_csv(index=False))
+    atomic_write_text(os.path.join(cfg.out_dir, LABEL_SUMMARY_NAME), summary.to_csv(index=False))
+    digest = cfg.digest()
+    out = {"out_dir": cfg.out_dir, "classes": names, "labels": labels_path, "summary": summary,
+           "records": {}, "dropped_spots": dropped}
+    for size in cfg.patch_sizes:
+        path = records_dir_for(cfg.out_dir, size)
+        if _records_done(path, digest):
+            from ish_tf.data import records
+
+            index = records.load_index(path)
+            counts = {}
+            for s in index["shards"]:
+                counts[s["split"]] = counts.get(s["split"], 0) + s["num_records"]
+            out["records"][size] = {"dir": path, "counts": counts, "reused": True}
+            log(f"p{size}: complete already, kept")
+            continue
+        extra = {"digest": digest, "classes": names, "radius": cfg.labels.radius,
+                 "sections": [s.name for s in sections], "kind": "spatial"}
+        counts = write_patch_records(sections, centres, path, size, names, extra,
+                                     seed=cfg.labels.seed)
+        out["records"][size] = {"dir": path, "counts": counts, "reused": False}
+        log(f"p{size}: {counts}")
+    return out
+
+
+def format_summary(result: dict) -> str:
+    """A few lines describing what `run_spatial` wrote."""
+    lines = [f"spatial: classes {', '.join(result['classes'])}; centres in {result['labels']}"]
+    for row in result["summary"].itertuples():
+        lines.append(f"  {row.section} {row.class_name}: {row.kept} kept of {row.candidates} "
+                     f"candidates" + (f", {row.ambiguous} ambiguous skipped" if row.ambiguous else ""))
+    for sec, n in result["dropped_spots"].items():
+        if n:
+            lines.append(f"  {sec}: {n} spot(s) outside the image dropped")
+    for size, r in result["records"].items():
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r["counts"].items()))
+        lines.append(f"  p{size}: {r['dir']} ({counts}{'; kept' if r['reused'] else ''})")
+    return "\n".join(lines)

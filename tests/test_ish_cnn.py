@@ -1,0 +1,179 @@
+"""The ISH CNN builder, its fully convolutional twin, and training through `bin/train`'s task."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ish_tf.models import ModelConfig, build_model
+
+keras = pytest.importorskip("keras")
+
+
+def _config(size=16, pooling="avg", **opts):
+    options = {"classes": ["A", "B", "tissue", "background"], "filters": [4, 8, 8],
+               "pooling": pooling, **opts}
+    return ModelConfig(model="ish_cnn", input_size=size, head_units=8, seed=3, options=options)
+
+
+def _perturb_batch_norm(model):
+    # Non-trivial moving statistics, so inference-mode BN is exercised too.
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([g * 1.3, b + 0.1, m + 0.2, v * 1.7])
+
+
+def test_plan_blocks():
+    from ish_tf.models.ish_cnn import plan_blocks
+
+    assert plan_blocks(16) == (2, 1)
+    assert plan_blocks(32) == (2, 5)
+    assert plan_blocks(48) == (3, 2)
+    assert plan_blocks(128) == (4, 4)
+    assert plan_blocks(128, convs_per_block=1, max_blocks=3) == (3, 14)
+    with pytest.raises(ValueError, match="too small"):
+        plan_blocks(5)
+
+
+def test_build_shapes_and_registry():
+    from ish_tf.models.ish_cnn import stride_of
+
+    model = build_model(_config(24))
+    assert model.input_shape == (None, 24, 24, 3) and model.output_shape == (None, 4)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 24, 24, 3)).astype(np.float32)
+    p = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+    assert stride_of(model) == 4
+    with pytest.raises(ValueError, match="at least two classes"):
+        build_model(ModelConfig(model="ish_cnn", input_size=16, options={}))
+    with pytest.raises(ValueError, match="pooling"):
+        build_model(_config(16, pooling="max"))
+
+
+@pytest.mark.parametrize("size,pooling", [(16, "avg"), (24, "flatten"), (48, "avg")])
+def test_dense_prediction_equals_patchwise(size, pooling):
+    """The fully convolutional twin reproduces the classifier at the same window centres."""
+    from ish_tf.data.spatial import crop_patches
+    from ish_tf.models.ish_cnn import dense_model, predict_windows, stride_of
+
+    model = build_model(_config(size, pooling))
+    _perturb_batch_norm(model)
+    dense = dense_model(model)
+    s = stride_of(model)
+    image = np.random.default_rng(1).integers(0, 256, (size + 3 * s + 1, size + 4 * s + 2)
+                                              ).astype(np.uint8)
+    out = np.asarray(dense(np.repeat(image[None, ..., None].astype(np.float32), 3, -1)))[0]
+    assert out.shape == ((image.shape[0] - size) // s + 1, (image.shape[1] - size) // s + 1, 4)
+    ii, jj = np.meshgrid(np.arange(out.shape[0]), np.arange(out.shape[1]), indexing="ij")
+    # Window with top-left (i s, j s) = centre (i s + R//2, j s + R//2).
+    xs, ys = (jj * s + size // 2).ravel(), (ii * s + size // 2).ravel()
+    windows = crop_patches(image, xs, ys, size)
+    np.testing.assert_allclose(out.reshape(-1, 4), predict_windows(model, windows), atol=1e-5)
+    # A second twin of the same model works too (layers shared, not consumed).
+    np.testing.assert_allclose(np.asarray(dense_model(model)(
+        np.repeat(image[None, ..., None].astype(np.float32), 3, -1)))[0], out, atol=1e-6)
+
+
+def test_dense_model_rejects_branching_models():
+    from ish_tf.models.ish_cnn import dense_model
+
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(2, 3)(inp)
+    b = keras.layers.Conv2D(2, 3)(inp)
+    out = keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([a, b]))
+    with pytest.raises(ValueError, match="not supported"):
+        dense_model(keras.Model(inp, out))
+
+
+def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
+    """`--model=ish_cnn` through the shared trainer on bin/spatial's records (tiny run)."""
+    from ish_tf.data import spatial
+    from ish_tf.data.synthetic_spatial import SpatialSynthConfig, generate_pair
+    from ish_tf.models import load_model_config
+    from ish_tf.train import TrainConfig
+    from ish_tf.train.tasks import make_task
+    from ish_tf.train.trainer import train
+
+    table = generate_pair(SpatialSynthConfig(out_dir=str(tmp_path / "sec"), height=96, width=96,
+                                             n_animals=1, seed=1))
+    out = str(tmp_path / "rec")
+    spatial.run_spatial(spatial.SpatialConfig(
+        images=(table["image"][0],), spot_tables=(table["spots"][0],), masks=(table["mask"][0],),
+        out_dir=out, labels=spatial.LabelConfig(genes=("Sst", "Pvalb"), radius=4,
+                                                max_per_class=20, balance=False),
+        patch_sizes=(16,)))
+    run = str(tmp_path / "run")
+    mcfg = ModelConfig(model="ish_cnn", input_size=16, head_units=8,
+                       options={"filters": [4, 8], "dropout": 0.0})
+    tcfg = TrainConfig(run_dir=run, records_dir=out, P=4, K=2, steps=3, decay_start=3,
+                       checkpoint_every=3, log_every=1, learning_rate=1e-3, image_summaries=False)
+    task = make_task(mcfg, tcfg)
+    assert type(task).__name__ == "IshCnnTask"
+    result = train(task, tcfg)
+    assert result.step == 3 and np.isfinite(result.loss)
+    saved = load_model_config(os.path.join(run, "model_config.json"))
+    assert saved.option("classes") == ["Sst", "Pvalb", "tissue", "background"]
+    with open(os.path.join(run, "metrics.csv")) as f:
+        header = f.readline()
+    assert "accuracy" in header
+    # Wrong patch size / class list / P are refused with the reason.
+    with pytest.raises(ValueError, match="p24"):
+        make_task(ModelConfig(model="ish_cnn", input_size=24), tcfg)
+    with pytest.raises(ValueError, match="have classes"):
+        make_task(ModelConfig(model="ish_cnn", input_size=16,
+                              options={"classes": ["x", "y"]}), tcfg)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="--P=5"):
+        make_task(ModelConfig(model="ish_cnn", input_size=16),
+                  dataclasses.replace(tcfg, P=5))
+
+
+def test_compute_loss_matches_crossentropy():
+    import tensorflow as tf
+
+    from ish_tf.train import TrainConfig
+    from ish_tf.train.tasks import make_task
+
+    cfg = _config(16)
+    task = make_task(cfg, TrainConfig(P=4, K=2), dataset_fn=lambda ctx: None)
+    model = task.build_model()
+    x = np.random.default_rng(2).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32)
+    loss, stats = task.compute_loss(model, (tf.constant(x), tf.constant(y)), training=False)
+    p = np.asarray(model(x, training=False))
+    assert float(loss) == pytest.approx(float(-np.log(p[np.arange(8), y]).mean()), rel=1e-4)
+    assert float(stats["accuracy"]) == pytest.approx(float((p.argmax(-1) == y).mean()))
+
+
+def test_flags_fill_options():
+    from absl import flags as absl_flags
+
+    from ish_tf import flags
+
+    flags.define_common()
+    flags.define_model()
+    flags.define_ish_cnn()
+    fv = absl_flags.FlagValues()
+    # A fresh FlagValues with just the section's defaults reads like an undefined one.
+    opts = flags.ish_cnn_options(fv)
+    assert opts["filters"] == [16, 32, 64, 64, 96] and "classes" not in opts
+    json.dumps(opts)  # serialisable into model_config.json
+
+
+def test_intensity_jitter_is_seeded_and_resumable():
+    import tensorflow as tf
+
+    from ish_tf.train.task_ish_cnn import jitter_intensity
+
+    ds = tf.data.Dataset.from_tensors((tf.fill([2, 4, 4, 3], 100.0), tf.constant([0, 1]))).repeat(5)
+    full = [x.numpy() for x, _ in jitter_intensity(ds, 0.2, seed=3)]
+    resumed = [x.numpy() for x, _ in jitter_intensity(ds.skip(2), 0.2, seed=3, start_element=2)]
+    for a, b in zip(full[2:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    values = np.stack(full)[..., 0, 0, 0]  # (5 batches, 2 images)
+    assert (values >= 80).all() and (values <= 120).all() and len(np.unique(values)) == 10
