@@ -434,6 +434,14 @@ def define_evaluate() -> None:
                       "~15-60 s per embedding on 2 cores; none: no maps).")
     flags.DEFINE_integer("n_jobs", 2, "Processes scoring groups (or genes) in parallel.",
                          lower_bound=1)
+    # The paper's Fig 3: the patches of one gene that most and least activate a dimension.
+    flags.DEFINE_string("patch_embeddings", "", "Patch-level table from bin/embed; with "
+                        "--records_dir and --extreme_gene adds the extreme-patches figure.")
+    _define_once(flags.DEFINE_string, "records_dir", "", "TFRecord shards + index.json "
+                 "(from bin/extract) holding the patches of --patch_embeddings.")
+    flags.DEFINE_string("extreme_gene", "", "Gene whose extreme patches are shown.")
+    flags.DEFINE_integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
+                         "figure; -1 = the dimension varying most over that gene's patches.")
 
 
 def parse_named_paths(value: str) -> dict[str, str]:
@@ -495,7 +503,9 @@ def evaluate_config(FLAGS) -> EvaluateConfig:  # noqa: F821, N803 - lazy import 
         donor_control=FLAGS.donor_control, join_key=FLAGS.join_key,
         common_genes=FLAGS.common_genes, scoring=scoring, diagnosis=diagnosis,
         top_genes=FLAGS.top_genes, reid_level=FLAGS.reid_level, reid_metric=FLAGS.reid_metric,
-        report=FLAGS.report, map_method=FLAGS.map_method).validate()
+        report=FLAGS.report, map_method=FLAGS.map_method,
+        patch_embeddings=FLAGS.patch_embeddings, records_dir=FLAGS.records_dir,
+        extreme_gene=FLAGS.extreme_gene, extreme_dim=FLAGS.extreme_dim).validate()
 
 
 # --------------------------------------------------------------------------- export
@@ -551,6 +561,9 @@ def define_embed() -> None:
     flags.DEFINE_string("output_key", "", "Output of the signature to store; empty = the "
                         "export's first output (embedding for triplet).")
     flags.DEFINE_list("levels", ["patch", "image", "donor", "gene"], "Tables to write.")
+    flags.DEFINE_string("projector_dir", "", "Also write a TensorBoard embedding-projector view "
+                        "of the gene-level embeddings (labelled by gene) here; open it with "
+                        "tensorboard --logdir DIR. Empty = none.")
 
 
 def embed_config(fv=FLAGS) -> EmbedConfig:  # noqa: F821 - lazy import below
@@ -835,7 +848,7 @@ def define_quickstart() -> None:
 _ISH_CNN_DEFAULTS: dict = {
     "ish_cnn_filters": "16,32,64,64,96", "ish_cnn_convs_per_block": 2, "ish_cnn_max_blocks": 5,
     "ish_cnn_pooling": "avg", "ish_cnn_dropout": 0.3, "ish_cnn_batch_norm": True,
-    "ish_cnn_classes": "",
+    "ish_cnn_classes": "", "ish_cnn_intensity_jitter": 0.15,
 }
 
 
@@ -863,13 +876,18 @@ def define_ish_cnn() -> None:
                       "normalisation after each convolution.")
     flags.DEFINE_string("ish_cnn_classes", d["ish_cnn_classes"], "--model=ish_cnn: expected "
                         "class names, comma-separated; empty = read from the records.")
+    flags.DEFINE_float("ish_cnn_intensity_jitter", d["ish_cnn_intensity_jitter"],
+                       "--model=ish_cnn: training images are multiplied by a random factor "
+                       "in [1 - x, 1 + x] (robustness to stain and slide brightness).",
+                       lower_bound=0.0, upper_bound=0.9)
 
 
 def ish_cnn_options(fv=FLAGS) -> dict:
     """`ModelConfig.options` of the ISH CNN from its flags (`FAMILY_OPTIONS["ish_cnn"]`).
 
     Returns:
-      {"filters", "convs_per_block", "max_blocks", "pooling", "dropout", "batch_norm"}
+      {"filters", "convs_per_block", "max_blocks", "pooling", "dropout", "batch_norm",
+       "intensity_jitter"}
       plus "classes" when --ish_cnn_classes is set (documented in `ish_tf.models.ish_cnn`).
 
     Raises:
@@ -885,7 +903,8 @@ def ish_cnn_options(fv=FLAGS) -> dict:
         raise ValueError(f"--ish_cnn_filters must be positive integers, got {v['ish_cnn_filters']!r}")
     out = {"filters": filters, "convs_per_block": int(v["ish_cnn_convs_per_block"]),
            "max_blocks": int(v["ish_cnn_max_blocks"]), "pooling": str(v["ish_cnn_pooling"]),
-           "dropout": float(v["ish_cnn_dropout"]), "batch_norm": bool(v["ish_cnn_batch_norm"])}
+           "dropout": float(v["ish_cnn_dropout"]), "batch_norm": bool(v["ish_cnn_batch_norm"]),
+           "intensity_jitter": float(v["ish_cnn_intensity_jitter"])}
     classes = parse_list(v["ish_cnn_classes"])
     if classes:
         out["classes"] = classes

@@ -108,6 +108,24 @@ def _tables_are_current(out_dir: str, export_dir: str) -> bool:
                for f in files)
 
 
+def _first_gene(table: EmbeddingTable, split: str) -> str:
+    """The alphabetically first gene of a split (the quickstart's Fig 3 gene)."""
+    return str(sorted(_split_rows(table, split).keys["gene_symbol"].astype(str).unique())[0])
+
+
+def write_gene_projector(logdir: str, gene_table: EmbeddingTable, annotations_csv: str) -> int:
+    """TensorBoard projector of gene-level embeddings, labelled by gene and its annotations."""
+    from ish_tf.train.tensorboard import write_projector
+
+    keys = gene_table.keys[["gene_symbol"]].astype(str)
+    if os.path.exists(annotations_csv):
+        ann = pd.read_csv(annotations_csv, dtype=str)
+        cols = [c for c in ("pattern", "level", "group_name") if c in ann.columns]
+        keys = keys.merge(ann[["gene_symbol"] + cols], on="gene_symbol", how="left").fillna("")
+    labels = {c: keys[c].tolist() for c in keys.columns}
+    return write_projector(logdir, gene_table.values, labels)
+
+
 def random_like(table: EmbeddingTable, dim: int, seed: int) -> EmbeddingTable:
     """Random-embedding baseline: i.i.d. normal values with the same keys (rows)."""
     rng = np.random.default_rng(seed)
@@ -193,6 +211,9 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         tables["random"] = {"patch": rnd_patch, "image": aggregate(rnd_patch, ("image_id",)),
                             "gene": aggregate(rnd_patch, ("gene_symbol",))}
 
+        write_gene_projector(os.path.join(paths["run"], "logs", "projector"),
+                             tables["trained"]["gene"], paths["annotations"])
+
     with stage("re-identification on held-out genes"):
         from ish_tf.evaluate.reid import reid_table
 
@@ -264,7 +285,10 @@ def evaluate_and_report(cfg: QuickstartConfig, paths: dict[str, str], tables: di
             for name in ("trained", "untrained")},
         out_dir=paths["evaluation"], annotation_tables=(paths["annotations"],),
         annotation_columns=("level", "pattern", "group_name", "layer_marker", "cell_type"),
-        scoring=ScoringConfig(seed=cfg.seed), reid_level="image")
+        scoring=ScoringConfig(seed=cfg.seed), reid_level="image",
+        patch_embeddings=os.path.join(paths["embeddings"], "trained", "patch_embeddings.csv"),
+        records_dir=paths["records"], extreme_gene=_first_gene(tables["trained"]["image"],
+                                                               cfg.eval_split))
     from ish_tf.evaluate.report import Section
 
     gene_tables = {name: t["gene"] for name, t in tables.items()}

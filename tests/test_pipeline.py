@@ -8,12 +8,11 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_records import write_tiny_dataset
 
 from ish_tf import flags as ish_flags
 from ish_tf.data import pipeline, records
 from ish_tf.data.records import RecordsError
-
-from test_records import write_tiny_dataset
 
 GENES = {"A": 4, "B": 4, "C": 3, "D": 2, "E": 1, "F": 4, "G": 5}
 
@@ -83,15 +82,15 @@ def test_training_batches_labels_determinism_and_flips(tiny):
     a = take(pipeline.patch_dataset(out, "train", seed=1, **kw), 12)
     b = take(pipeline.patch_dataset(out, "train", seed=1, **kw), 12)
     c = take(pipeline.patch_dataset(out, "train", seed=2, **kw), 12)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=False):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
-    assert any(not np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+    assert any(not np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c, strict=False))
     kinds = set()
     for images, labels in a:
         assert images.shape == (5, 16, 16, 3) and labels.dtype == np.int32
         assert images.min() >= 0 and images.max() <= 255
-        for img, label in zip(images, labels):
+        for img, label in zip(images, labels, strict=False):
             key, v = which_variant(img, expected)
             assert label == expected[key]["gene_index"]
             kinds.add(v)
@@ -122,7 +121,7 @@ def test_input_context_gives_disjoint_files(tiny):
         for images, feats in ds:
             assert images.shape[0] <= 2  # per-replica batch
             got |= set(zip(feats["image_id"].numpy().tolist(),
-                           feats["patch_index"].numpy().tolist()))
+                           feats["patch_index"].numpy().tolist(), strict=False))
         keys.append(got)
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert keys[0] | keys[1] == set(expected)
@@ -166,7 +165,7 @@ def test_pk_batches_structure_and_epochs(tiny):
         groups = labels.reshape(P, K)
         assert (groups == groups[:, :1]).all()  # K adjacent records per gene
         assert len(set(groups[:, 0])) == P  # P distinct genes
-        for img, label in zip(images, labels):
+        for img, label in zip(images, labels, strict=False):
             key, v = which_variant(img, expected)
             assert v == 0 and expected[key]["gene_index"] == label
         for g in groups[:, 0]:
@@ -197,10 +196,10 @@ def test_pk_deterministic_resume_and_flips_match_eager(tiny):
     b = take(pipeline.pk_dataset(out, "train", P=2, K=3, seed=7), 5)
     c = take(pipeline.pk_dataset(out, "train", P=2, K=3, seed=8), 5)
     late = take(pipeline.pk_dataset(out, "train", P=2, K=3, seed=7, start_batch=3), 1)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=False):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
-    assert any(not np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+    assert any(not np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c, strict=False))
     np.testing.assert_array_equal(late[0][0], a[3][0])
     # Rebuild batch 1 eagerly from the sampler and the original images.
     ext = records.gene_extents(out, "train")
@@ -208,7 +207,7 @@ def test_pk_deterministic_resume_and_flips_match_eager(tiny):
     by_gene = {}
     for rec in sorted(expected.values(), key=lambda r: (r["image_id"], r["patch_index"])):
         by_gene.setdefault(rec["gene_symbol"], []).append(rec["image"])
-    want = np.stack([by_gene[ext[g].gene_symbol][r] for g, r in zip(genes, recs)])
+    want = np.stack([by_gene[ext[g].gene_symbol][r] for g, r in zip(genes, recs, strict=False)])
     want = pipeline.augment(want, tf.constant(bits)).numpy()
     np.testing.assert_array_equal(a[1][0], want)
     assert bits.any() and not bits.all()

@@ -55,6 +55,14 @@ def main(argv: list[str]) -> int:
         print(f"  {level:<6} {result.rows[level]:>8} rows  {path}")
     if result.skipped:
         print(f"  skipped {result.skipped} record(s): see {result.skipped_path}")
+    if FLAGS.projector_dir and "gene" in result.tables:
+        from ish_tf.data.embeddings import read_embedding_table
+        from ish_tf.train.tensorboard import write_projector_from_table
+
+        n = write_projector_from_table(FLAGS.projector_dir,
+                                       read_embedding_table(result.tables["gene"]),
+                                       ("gene_symbol", "split", "entrez_id"))
+        print(f"  projector: {n} genes -> tensorboard --logdir {FLAGS.projector_dir}")
     return 0
 
 

@@ -501,7 +501,7 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
         genes, recs, bits = sampler.batch(int(t))
         sl = slice(int(r) * b, (int(r) + 1) * b)
         serialized = np.array([sampler_files.read(int(gene_file[g]), int(starts[g] + i))
-                               for g, i in zip(genes[sl], recs[sl])], dtype=object)
+                               for g, i in zip(genes[sl], recs[sl], strict=True)], dtype=object)
         return serialized, labels[genes[sl]], bits[sl]
 
     def load(t, r):

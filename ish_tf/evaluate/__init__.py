@@ -52,6 +52,10 @@ class EvaluateConfig:
       reid_metric: distance of re-identification.
       report: write figures and OUT/report.html.
       map_method: projection of the gene maps (pca, tsne, umap, auto) or "none".
+      patch_embeddings: patch-level table for the extreme-patches figure (paper Fig 3).
+      records_dir: the records holding those patches.
+      extreme_gene: gene of that figure ("" = no figure).
+      extreme_dim: its dimension; -1 = the one varying most over the gene's patches.
     """
 
     tasks: tuple[str, ...] = ("annotations",)
@@ -76,6 +80,10 @@ class EvaluateConfig:
     reid_metric: str = "euclidean"
     report: bool = True
     map_method: str = "pca"
+    patch_embeddings: str = ""
+    records_dir: str = ""
+    extreme_gene: str = ""
+    extreme_dim: int = -1
 
     def validate(self) -> EvaluateConfig:
         """Checks that each task has its inputs.
@@ -99,4 +107,6 @@ class EvaluateConfig:
             raise ValueError("--task=reid needs --embedding/--embeddings")
         if self.obo and not self.gaf:
             raise ValueError("--obo needs --gaf")
+        if self.extreme_gene and not (self.patch_embeddings and self.records_dir):
+            raise ValueError("--extreme_gene needs --patch_embeddings and --records_dir")
         return self

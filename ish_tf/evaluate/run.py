@@ -237,6 +237,8 @@ def write_figures_and_report(config, done: dict, intro: report_module.Section | 
             tables=[("Re-identification", r)],
             figures=[(figures.plot_reid_bars(r, path), path)],
             settings={"level": config.reid_level, "metric": config.reid_metric}))
+    if config.extreme_gene:
+        sections.append(extreme_patches_section(config, fig_dir))
     inputs = {f"embedding {k}": v for k, v in config.embeddings.items()}
     for key in ("zeng_table", "gaf", "obo", "donor_matrix", "manifest"):
         if getattr(config, key):
@@ -263,3 +265,33 @@ def run(config) -> dict:
     if "reid" in config.tasks:
         done["reid"] = run_reid(config, tables)
     return done
+
+
+def most_varying_dimension(table, gene: str) -> int:
+    """The embedding dimension with the largest variance over one gene's rows."""
+    import numpy as np
+
+    rows = (table.keys["gene_symbol"].astype(str) == gene).to_numpy()
+    if not rows.any():
+        raise ValueError(f"{table.source}: gene {gene!r} has no rows")
+    return int(np.argmax(table.values[rows].var(axis=0)))
+
+
+def extreme_patches_section(config, fig_dir: str):
+    """The paper's Fig 3 for --extreme_gene: patches that most and least activate a dimension."""
+    from ish_tf.data.embeddings import read_embedding_table
+    from ish_tf.evaluate import figures
+
+    table = read_embedding_table(config.patch_embeddings,
+                                 require=("image_id", "patch_index", "gene_symbol"))
+    dim = config.extreme_dim if config.extreme_dim >= 0 else most_varying_dimension(
+        table, config.extreme_gene)
+    path = os.path.join(fig_dir, f"extreme_{config.extreme_gene}_dim{dim}.png")
+    caption = figures.plot_extreme_patches(config.records_dir, table, config.extreme_gene, dim, path)
+    return report_module.Section(
+        "Patches that most and least activate a dimension",
+        text=(f"Gene {config.extreme_gene}, embedding dimension {dim}"
+              f"{' (the one varying most over its patches)' if config.extreme_dim < 0 else ''}; "
+              "patches read back from the TFRecords."),
+        figures=[(caption, path)],
+        settings={"patch_embeddings": config.patch_embeddings, "records_dir": config.records_dir})
