@@ -110,7 +110,7 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     mcfg = ModelConfig(model="ish_cnn", input_size=16, head_units=8,
                        options={"filters": [4, 8], "dropout": 0.0})
     tcfg = TrainConfig(run_dir=run, records_dir=out, P=4, K=2, steps=3, decay_start=3,
-                       checkpoint_every=3, log_every=1, learning_rate=1e-3, image_summaries=False)
+                       checkpoint_every=3, log_every=1, learning_rate=1e-3, image_summaries=True)
     task = make_task(mcfg, tcfg)
     assert type(task).__name__ == "IshCnnTask"
     result = train(task, tcfg)
@@ -120,6 +120,11 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     with open(os.path.join(run, "metrics.csv")) as f:
         header = f.readline()
     assert "accuracy" in header
+    from ish_tf.train.tensorboard import event_tags
+
+    tags = event_tags(os.path.join(run, "logs"))
+    # Patches framed by true and predicted class, at step 0 and at the checkpoint.
+    assert tags.get("predicted_class", 0) >= 2 and "true_class" in tags
     # Wrong patch size / class list / P are refused with the reason.
     with pytest.raises(ValueError, match="p24"):
         make_task(ModelConfig(model="ish_cnn", input_size=24), tcfg)

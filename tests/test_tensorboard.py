@@ -39,7 +39,8 @@ def test_training_run_logs_scalars_per_step_and_input_images(tmp_path):
     for tag in ("loss", "lr", "active_fraction", "mean_d_pos", "mean_d_neg", "top1",
                 "embedding_norm", "grad_norm", "images_per_sec"):
         assert tags.get(tag) == 3, (tag, tags)  # one value per step at --log_every=1
-    assert tags.get("input_patches") == 1  # the first batch's patches, as fed (flipped)
+    # The patches as fed (flipped): at step 0 and at the last step's checkpoint.
+    assert tags.get("input_patches") == 2
 
 
 def test_hparams_config_and_session_read_back(tmp_path):

@@ -66,6 +66,20 @@ def jitter_intensity(ds: tf.data.Dataset, amount: float, seed: int,
     return ds.enumerate(start_element).map(apply, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+# Frame colours per class index (RGB in [0, 1]); classes beyond the palette reuse it.
+_PALETTE = tf.constant([[0.89, 0.10, 0.11], [0.22, 0.49, 0.72], [0.30, 0.69, 0.29],
+                        [0.60, 0.60, 0.60], [0.60, 0.31, 0.64], [1.00, 0.50, 0.00]], tf.float32)
+
+
+def _framed(patches: tf.Tensor, classes: tf.Tensor, width: int = 2) -> tf.Tensor:
+    """Patches (N, H, W, 3) in [0, 1] with a frame coloured by class (N,) int."""
+    colours = tf.gather(_PALETTE, tf.math.floormod(classes, tf.shape(_PALETTE)[0]))
+    h, w = tf.shape(patches)[1], tf.shape(patches)[2]
+    inner = tf.pad(tf.ones([h - 2 * width, w - 2 * width, 1]),
+                   [[width, width], [width, width], [0, 0]])
+    return patches * inner + colours[:, None, None, :] * (1.0 - inner)
+
+
 @register_task("ish_cnn")
 class IshCnnTask(Task):
     """Patch classification (genes, tissue, background) with class-balanced P×K batches.
@@ -146,6 +160,16 @@ class IshCnnTask(Task):
         return global_mean(losses), {"accuracy": global_mean(correct)}
 
     def image_summaries(self, batch):
-        """The first 8 patches of the batch."""
-        images, _ = batch
-        return {"input_patches": tf.clip_by_value(tf.cast(images[:8], tf.float32) / 255.0, 0.0, 1.0)}
+        """The first 8 patches, framed by their true class and by the predicted class.
+
+        Frame colours follow the class order (gene classes, tissue, background), so a
+        patch whose two frames differ is misclassified.
+        """
+        images, labels = batch
+        patches = tf.clip_by_value(tf.cast(images[:8], tf.float32) / 255.0, 0.0, 1.0)
+        out = {"input_patches": patches,
+               "true_class": _framed(patches, tf.cast(tf.reshape(labels[:8], [-1]), tf.int32))}
+        if self.model is not None:
+            probs = self.model(tf.cast(images[:8], tf.float32), training=False)
+            out["predicted_class"] = _framed(patches, tf.argmax(probs, axis=-1, output_type=tf.int32))
+        return out

@@ -142,8 +142,15 @@ class Task(abc.ABC):
           (float32 scalar loss over the global batch, {name: float32 scalar}).
         """
 
+    # The model being trained, set by the trainer after `build_model` (None before).
+    model: keras.Model | None = None
+
     def image_summaries(self, batch: Batch) -> dict[str, tf.Tensor]:
-        """Images to show in TensorBoard: {name: (N, H, W, C) float in [0, 1]}."""
+        """Images to show in TensorBoard: {name: (N, H, W, C) float in [0, 1]}.
+
+        Called at step 0 and at every checkpoint; `self.model` holds the current model,
+        so a task can show its predictions.
+        """
         return {}
 
 

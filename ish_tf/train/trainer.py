@@ -163,6 +163,17 @@ def save_keras_model(model: keras.Model, path: str) -> None:
                 os.remove(tmp_keras)
 
 
+def _write_image_summaries(task: Task, strategy: tf.distribute.Strategy, batch,
+                           writer, step: int) -> None:
+    """Writes the task's images for this batch (replica 0's slice) at `step`."""
+    local = (strategy.experimental_local_results(batch)[0]
+             if strategy.num_replicas_in_sync > 1 else batch)
+    with writer.as_default(step=step):
+        for name, images in task.image_summaries(local).items():
+            tf.summary.image(name, images, max_outputs=8)
+    writer.flush()
+
+
 def _scalar(x) -> float:
     return float(x.numpy()) if hasattr(x, "numpy") else float(x)
 
@@ -209,6 +220,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
 
     with strategy.scope():
         model = task.build_model()
+        task.model = model  # for image summaries that show the model's current predictions
         schedule = HoldThenExponentialDecay(config.learning_rate, config.decay_start,
                                             config.steps, config.final_lr_fraction)
         optimizer = keras.optimizers.Adam(schedule, epsilon=config.adam_epsilon)
@@ -308,11 +320,10 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     try:
         while current < end_step:
             batch = next(iterator)
-            if current == start_step and config.image_summaries and start_step == 0:
-                local = strategy.experimental_local_results(batch)[0] if replicas > 1 else batch
-                with writer.as_default(step=0):
-                    for name, images in task.image_summaries(local).items():
-                        tf.summary.image(name, images, max_outputs=8)
+            # Images at the start and at every checkpoint, so predictions (U-Net masks,
+            # ISH CNN classes) can be watched improving.
+            if config.image_summaries and chief and current == start_step == 0:
+                _write_image_summaries(task, strategy, batch, writer, 0)
             loss, stats, nonfinite = train_step(batch)
             current += 1
             is_log = current % config.log_every == 0 or current == end_step
@@ -351,6 +362,8 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                              last_rate)
             if is_ckpt:
                 manager.save(checkpoint_number=current)
+                if config.image_summaries and chief:
+                    _write_image_summaries(task, strategy, batch, writer, current)
     except KeyboardInterrupt:
         if current > start_step:
             path = manager.save(checkpoint_number=current)
