@@ -67,7 +67,9 @@ def main(argv: list[str]) -> int:
     if result.start_step == result.step:
         print(f"train: {result.run_dir} had already reached step {result.step}; nothing to do")
     else:
-        print(f"train: {model_cfg.model}/{model_cfg.backbone} steps {result.start_step}->{result.step} "
+        # Only the triplet family has a --backbone; the others would print a misleading one.
+        name = model_cfg.model + (f"/{model_cfg.backbone}" if model_cfg.model == "triplet" else "")
+        print(f"train: {name} steps {result.start_step}->{result.step} "
               f"in {result.run_dir}: loss {result.loss:.4f}, {result.images_per_sec:.1f} images/s")
     print(f"  checkpoints: {result.checkpoint}")
     print(f"  metrics:     {os.path.join(result.run_dir, 'metrics.csv')}")
