@@ -11,13 +11,13 @@ and sets the quickstart's sizes; paths are taken from --workdir. Rerunning resum
 from __future__ import annotations
 
 import json
-import logging as pylogging
 import os
 import sys
 
 from absl import app, logging
 
 from ish_tf import flags
+from ish_tf.cli import quiet_tensorflow_info
 
 flags.define_common()
 flags.define_synth()
@@ -27,10 +27,6 @@ flags.define_train()
 flags.define_quickstart()
 FLAGS = flags.FLAGS
 
-
-class _QuietTensorFlowInfo(pylogging.Filter):
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno > pylogging.INFO or f"{os.sep}tensorflow{os.sep}" not in record.pathname
 
 
 def main(argv: list[str]) -> int:
@@ -48,7 +44,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(str(e)) from e
     os.makedirs(FLAGS.workdir, exist_ok=True)
     flags.write_flagfile(os.path.join(FLAGS.workdir, "quickstart_flags.cfg"))
-    logging.get_absl_logger().addFilter(_QuietTensorFlowInfo())
+    quiet_tensorflow_info()
     logging.set_verbosity(logging.WARNING)
     print(f"ish_tf quickstart: writing to {os.path.abspath(FLAGS.workdir)}")
     print(f"  watch training with: tensorboard --logdir {os.path.join(FLAGS.workdir, 'run', 'logs')}")

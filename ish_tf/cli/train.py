@@ -12,13 +12,13 @@ Rerunning with the same --run_dir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import sys
 
-from absl import app, logging
+from absl import app
 
 from ish_tf import flags
+from ish_tf.cli import quiet_tensorflow_info
 
 flags.define_common()
 flags.define_model()
@@ -28,12 +28,6 @@ flags.define_unet()
 flags.define_ish_cnn()
 FLAGS = flags.FLAGS
 
-
-class _QuietTensorFlowInfo(pylogging.Filter):
-    """Drops INFO records logged from TensorFlow's own modules."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno > pylogging.INFO or f"{os.sep}tensorflow{os.sep}" not in record.pathname
 
 
 def main(argv: list[str]) -> int:
@@ -52,7 +46,7 @@ def main(argv: list[str]) -> int:
     from ish_tf.train.trainer import TrainingError, train
 
     # TensorFlow's own INFO lines (one per checkpoint save, via absl) drown the step lines.
-    logging.get_absl_logger().addFilter(_QuietTensorFlowInfo())
+    quiet_tensorflow_info()
 
     try:
         task = make_task(model_cfg, train_cfg)

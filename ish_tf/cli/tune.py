@@ -20,9 +20,10 @@ import os
 import subprocess
 import sys
 
-from absl import app, logging
+from absl import app
 
 from ish_tf import flags
+from ish_tf.cli import quiet_tensorflow_info
 from ish_tf.cli import train as _train_cli  # noqa: F401 - defines exactly bin/train's flags
 
 flags.define_common()
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> int:
                 base[name] = line
     os.makedirs(tune_cfg.out_dir, exist_ok=True)
     flags.write_flagfile(os.path.join(tune_cfg.out_dir, "tune_flags.cfg"))
-    logging.get_absl_logger().addFilter(_train_cli._QuietTensorFlowInfo())
+    quiet_tensorflow_info()
     try:
         result = run_search(model_cfg, train_cfg, tune_cfg, base)
     except KeyboardInterrupt:
