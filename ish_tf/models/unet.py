@@ -71,8 +71,15 @@ def build_unet(input_size: int = 256, base_filters: int = 16, depth: int = 4) ->
 
 
 def build_unet_model(config: Any) -> keras.Model:
-    """Registry adapter: `ModelConfig` (uses `input_size`) -> U-Net with default width/depth."""
-    return build_unet(input_size=int(getattr(config, "input_size", 256)))
+    """Registry adapter: `ModelConfig` -> U-Net (input_size; options base_filters, depth).
+
+    Reads the same options the training task uses, so `build_model(load_model_config(
+    RUN/model_config.json))` rebuilds the architecture that was trained.
+    """
+    options = getattr(config, "options", {}) or {}
+    return build_unet(input_size=int(getattr(config, "input_size", 256)),
+                      base_filters=int(options.get("base_filters", 16)),
+                      depth=int(options.get("depth", 4)))
 
 
 # --------------------------------------------------------------------------- data

@@ -299,20 +299,12 @@ class UNetTask(Task):
                              f"2**--unet_depth = {2 ** self.depth}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        self._model: keras.Model | None = None
         self.split: pd.DataFrame | None = None
 
     @property
     def global_batch_size(self) -> int:
         """--unet_batch_size pairs per step (P and K do not apply)."""
         return self.batch_size
-
-    def build_model(self) -> keras.Model:
-        """The U-Net with this run's width and depth (kept for the image summaries)."""
-        from ish_tf.models.unet import build_unet
-
-        self._model = build_unet(self.model_config.input_size, self.base_filters, self.depth)
-        return self._model
 
     def load_split(self) -> tuple[np.ndarray, np.ndarray]:
         """Lists, splits and loads the pairs; writes RUN/unet_split.csv.
@@ -381,7 +373,7 @@ class UNetTask(Task):
         images = tf.cast(images[:4], tf.float32)
         out = {"unet_inputs": tf.clip_by_value(images / 255.0, 0.0, 1.0),
                "unet_true_masks": tf.image.grayscale_to_rgb(tf.cast(masks[:4], tf.float32))}
-        if self._model is not None:
-            prob = tf.cast(self._model(images, training=False), tf.float32)
+        if self.model is not None:
+            prob = tf.cast(self.model(images, training=False), tf.float32)
             out["unet_predicted_masks"] = tf.image.grayscale_to_rgb(prob)
         return out
