@@ -628,7 +628,8 @@ def unet_options(fv=FLAGS) -> dict:
 # the section (any command building a ModelConfig with --model=cdae still works).
 _CDAE_DEFAULTS: dict = {
     "cdae_depth": 4, "cdae_filters": "16,32,64,64", "cdae_convs_per_block": 1,
-    "cdae_code_size": 128, "unpool": "switches", "cdae_invert": True, "cdae_aspect": 1.0,
+    "cdae_code_size": 128, "cdae_code_pooling": "flatten",
+    "cdae_norm": "batch", "unpool": "switches", "cdae_invert": True, "cdae_aspect": 1.0,
     "cdae_noise": "masking", "cdae_noise_level": 0.25, "cdae_loss": "bce",
     "cdae_batch_size": 32, "cdae_image_every": 500, "cdae_dropout": 0.0,
     "cdae_init_from": "", "cdae_gaf": "", "cdae_annotations": "",
@@ -650,6 +651,14 @@ def define_cdae() -> None:
                          "--model=cdae: 3x3 convolutions per block.", lower_bound=1)
     flags.DEFINE_integer("cdae_code_size", d["cdae_code_size"], "--model=cdae: size of the "
                          "dense code (the representation bin/embed stores).", lower_bound=1)
+    flags.DEFINE_enum("cdae_code_pooling", d["cdae_code_pooling"], ["flatten", "average"],
+                      "--model=cdae*: what the code is computed from: the flattened last "
+                      "pooled block (where and what), or the average of the last block's "
+                      "features over all positions (translation-invariant: the decoder gets "
+                      "the layout from the switches).")
+    flags.DEFINE_enum("cdae_norm", d["cdae_norm"], ["batch", "none"], "--model=cdae*: batch "
+                      "normalisation between each 3x3 convolution and its ReLU (without it "
+                      "the quickstart CDAE barely beats the mean image in reconstruction).")
     flags.DEFINE_enum("unpool", d["unpool"], ["switches", "nearest"], "--model=cdae: decoder "
                       "unpooling: max-unpool at the encoder's switches, or nearest upsampling.")
     flags.DEFINE_bool("cdae_invert", d["cdae_invert"], "--model=cdae: scale pixels to "
@@ -694,7 +703,8 @@ def cdae_options(fv=FLAGS) -> dict:
     --small_run caps the batch at 8 images.
 
     Returns:
-      {"depth", "filters", "convs_per_block", "code_size", "unpool", "invert", "aspect",
+      {"depth", "filters", "convs_per_block", "code_size", "code_pooling", "norm", "unpool",
+       "invert", "aspect",
        "noise", "noise_level", "loss", "batch_size", "image_every", "dropout",
        "init_from", "gaf", "annotations", "term_min_genes", "term_max_genes"}
       (documented in `ish_tf.models.cdae` and `ish_tf.train.task_cdae`).
@@ -708,6 +718,7 @@ def cdae_options(fv=FLAGS) -> dict:
         "depth": int(v["cdae_depth"]),
         "filters": [int(f) for f in parse_list(v["cdae_filters"])],
         "convs_per_block": int(v["cdae_convs_per_block"]), "code_size": int(v["cdae_code_size"]),
+        "code_pooling": str(v["cdae_code_pooling"]), "norm": str(v["cdae_norm"]),
         "unpool": str(v["unpool"]), "invert": bool(v["cdae_invert"]),
         "aspect": float(v["cdae_aspect"]), "noise": str(v["cdae_noise"]),
         "noise_level": float(v["cdae_noise_level"]), "loss": str(v["cdae_loss"]),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -23,7 +25,7 @@ from ish_tf.train.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = {"depth": 2, "filters": [4, 8], "code_size": 6, "batch_size": 4, "noise": "masking",
-        "noise_level": 0.2, "loss": "bce", "image_every": 2}
+        "noise_level": 0.2, "loss": "bce", "image_every": 2, "norm": "batch"}
 
 
 def _cfg(model="cdae", size=16, **options) -> ModelConfig:
@@ -31,10 +33,13 @@ def _cfg(model="cdae", size=16, **options) -> ModelConfig:
 
 
 # --------------------------------------------------------------------------- builder
-@pytest.mark.parametrize("unpool,size,aspect", [("switches", 16, 1.0), ("nearest", 18, 1.0),
-                                                ("switches", 13, 1.5)])
-def test_cdae_shapes_for_even_odd_and_wide_inputs(unpool, size, aspect):
-    model = build_cdae(_cfg(size=size, unpool=unpool, aspect=aspect))
+@pytest.mark.parametrize("unpool,size,aspect,norm", [("switches", 16, 1.0, "batch"),
+                                                     ("nearest", 18, 1.0, "none"),
+                                                     ("switches", 13, 1.5, "none")])
+def test_cdae_shapes_for_even_odd_and_wide_inputs(unpool, size, aspect, norm):
+    model = build_cdae(_cfg(size=size, unpool=unpool, aspect=aspect, norm=norm))
+    assert any(isinstance(x, keras.layers.BatchNormalization) for x in model.layers) == \
+        (norm == "batch")
     width = round(size * aspect)
     x = np.random.default_rng(0).uniform(0, 255, (2, size, width, 1)).astype(np.float32)
     code, recon = model(x)
@@ -44,9 +49,30 @@ def test_cdae_shapes_for_even_odd_and_wide_inputs(unpool, size, aspect):
     assert encoder_model(model)(x).shape == (2, 6)
 
 
+def test_average_code_is_translation_invariant_and_flatten_is_not():
+    # Stain on a white slide, shifted by a multiple of the pooling grid (4 = 2**2 before
+    # the last block) while staying clear of the borders: the last block's features move
+    # with it over a constant background, so their average (the code's input) is unchanged.
+    rng = np.random.default_rng(0)
+    x = np.full((1, 32, 32, 1), 255.0, np.float32)
+    x[0, 6:14, 5:15, 0] = rng.uniform(0, 200, (8, 10))
+    shifted = np.roll(x, (8, 12), axis=(1, 2))
+    average = build_cdae(_cfg(size=32, code_pooling="average", unpool="switches"))
+    flat = build_cdae(_cfg(size=32, code_pooling="flatten"))
+    a, b = average(x)[0].numpy(), average(shifted)[0].numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.abs(a).max() > 1e-3
+    assert np.abs(flat(x)[0].numpy() - flat(shifted)[0].numpy()).max() > 1e-2
+    # The decoder still reconstructs the shifted layout (through the switches).
+    assert average(x)[1].shape == (1, 32, 32, 1)
+    assert average.get_layer("enc_global_pool") is not None
+
+
 @pytest.mark.parametrize("bad,match", [({"unpool": "bilinear"}, "--unpool"),
                                        ({"depth": 0}, "--cdae_depth"),
                                        ({"code_size": 0}, "--cdae_code_size"),
+                                       ({"code_pooling": "max"}, "--cdae_code_pooling"),
+                                       ({"norm": "layer"}, "--cdae_norm"),
                                        ({"depth": 5}, "too small")])
 def test_bad_options_name_the_flag(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -214,6 +240,7 @@ def test_cdae_resume_matches_uninterrupted(data, tmp_path):
 
 def test_baselines_and_supervised_from_cdae(data, tmp_path):
     from ish_tf.train.task_cdae import (
+        codes_term_auc,
         load_term_groups,
         pixel_pca,
         term_auc,
@@ -260,6 +287,44 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
     assert (table["n_genes"] == 3).all()
     scored = table["auc"].dropna()
     assert ((scored >= 0) & (scored <= 1)).all()
+    # Codes of the CDAE the model started from + logistic regression, on the same genes.
+    encoder = encoder_model(keras.saving.load_model(str(cdae_run / "model.keras"), compile=False))
+    codes = codes_term_auc(encoder, data["records"], terms, groups, split="test")
+    assert list(codes.columns) == list(table.columns)
+    assert codes["term"].tolist() == terms
+    assert codes["n_positive"].tolist() == table["n_positive"].tolist()
+    # A term the supervised model cannot score (no positive or negative held-out gene)
+    # cannot be scored from codes either.
+    assert (codes["auc"].isna() | table["auc"].notna()).all()
+    assert ((codes["auc"].dropna() >= 0) & (codes["auc"].dropna() <= 1)).all()
+    # The command writes both side by side (codes from the run's --cdae_init_from).
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
+                           f"--run_dir={run}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "codes of" in done.stdout and "logistic regression" in done.stdout
+    written = pd.read_csv(run / "term_auc_test.csv")
+    assert list(written.columns) == ["term", "n_genes", "n_positive", "auc", "auc_codes_lr"]
+    np.testing.assert_allclose(written["auc_codes_lr"], codes["auc"], equal_nan=True)
+
+
+def test_heldout_lr_auc_fits_on_some_rows_and_scores_others():
+    from ish_tf.train.task_cdae import heldout_lr_auc
+
+    rng = np.random.default_rng(0)
+    n = 80
+    y = np.stack([rng.integers(0, 2, n), rng.integers(0, 2, n), np.zeros(n)], axis=1)
+    x = np.column_stack([y[:, 0] * 3.0 + rng.normal(0, 0.3, n), rng.normal(0, 1, (n, 2))])
+    fit = np.arange(n) < 60
+    aucs = heldout_lr_auc(x, y, fit, ~fit)
+    assert aucs[0] == 1.0  # label 0 is readable from feature 0
+    assert 0.15 < aucs[1] < 0.85  # label 1 is noise
+    assert np.isnan(aucs[2])  # no positive at all
+    # Fitting on the held-out rows' labels flipped turns a perfect AUC into 0.
+    flipped = y.copy()
+    flipped[fit, 0] = 1 - flipped[fit, 0]
+    assert heldout_lr_auc(x, flipped, fit, ~fit)[0] == 0.0
 
 
 def test_bin_train_and_extract_flags(data, tmp_path, capsys):

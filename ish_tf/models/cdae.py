@@ -18,7 +18,12 @@ head over `options["terms"]`: outputs [probabilities (B, T), code (B, code_size)
 
 Family options (`ModelConfig.options`, filled from the --cdae_* flags):
   depth (4), filters ([16, 32, 64, 64]; the last repeats if shorter than depth),
-  convs_per_block (1), code_size (128), unpool ("switches" | "nearest"),
+  convs_per_block (1), code_size (128), code_pooling ("flatten": the code is a dense
+  layer of the flattened last pooled block; "average": of the last block's features
+  averaged over all positions, so the code is translation-invariant and the decoder
+  gets the layout only through the switches), norm ("none": conv + ReLU as in the
+  papers; "batch": conv + batch normalisation + ReLU, which --cdae_norm defaults to),
+  unpool ("switches" | "nearest"),
   invert (True), aspect (1.0: S_w = round(S_h * aspect); S_h = input_size),
   supervised only: terms (list of term ids), dropout (0.0), init_from (a CDAE run
   directory or .keras file, or "").
@@ -40,6 +45,8 @@ from ish_tf.models import ModelConfig
 from ish_tf.models.layers import MaxPoolWithArgmax, MaxUnpool, unpool_nearest
 
 UNPOOL_MODES: tuple[str, ...] = ("switches", "nearest")
+CODE_POOLING: tuple[str, ...] = ("flatten", "average")
+NORMS: tuple[str, ...] = ("batch", "none")
 DEFAULT_FILTERS: tuple[int, ...] = (16, 32, 64, 64)
 
 # Output names of the exported families (see ish_tf.export.saved_model.FAMILIES).
@@ -52,7 +59,7 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
 
     Returns:
       {"depth", "filters" (list of `depth` ints), "convs_per_block", "code_size",
-       "unpool", "invert", "aspect", "height", "width"}.
+       "code_pooling", "norm", "unpool", "invert", "aspect", "height", "width"}.
 
     Raises:
       ValueError: naming the offending option.
@@ -62,6 +69,10 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
     convs = int(config.option("convs_per_block", 1))
     code_size = int(config.option("code_size", 128))
     unpool = str(config.option("unpool", "switches"))
+    pooling = str(config.option("code_pooling", "flatten"))
+    norm = str(config.option("norm", "none"))
+    if norm not in NORMS:
+        raise ValueError(f"--cdae_norm must be one of {NORMS}, got {norm!r}")
     aspect = float(config.option("aspect", 1.0))
     if depth < 1:
         raise ValueError(f"--cdae_depth must be >= 1, got {depth}")
@@ -73,6 +84,8 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"--cdae_code_size must be >= 1, got {code_size}")
     if unpool not in UNPOOL_MODES:
         raise ValueError(f"--unpool must be one of {UNPOOL_MODES}, got {unpool!r}")
+    if pooling not in CODE_POOLING:
+        raise ValueError(f"--cdae_code_pooling must be one of {CODE_POOLING}, got {pooling!r}")
     if aspect <= 0:
         raise ValueError(f"--cdae_aspect must be > 0, got {aspect}")
     filters = (filters + [filters[-1]] * depth)[:depth]
@@ -82,8 +95,8 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"input {height}x{width} is too small for --cdae_depth={depth} "
                          f"(each side must be >= 2**depth = {2 ** depth})")
     return {"depth": depth, "filters": filters, "convs_per_block": convs, "code_size": code_size,
-            "unpool": unpool, "invert": bool(config.option("invert", True)), "aspect": aspect,
-            "height": height, "width": width}
+            "unpool": unpool, "code_pooling": pooling, "norm": norm, "invert": bool(config.option("invert", True)),
+            "aspect": aspect, "height": height, "width": width}
 
 
 def scale_images(images, invert: bool = True):
@@ -114,6 +127,17 @@ def _glorot(seed: int | None, k: int):
     return keras.initializers.GlorotUniform(seed=None if seed is None else seed * 1000 + k)
 
 
+def _conv_block(x, filters: int, opts: dict, seed: int | None, k: int, name: str):
+    """3x3 convolution + ReLU, with batch normalisation in between when opts["norm"] says so."""
+    if opts.get("norm", "none") == "batch":
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                                kernel_initializer=_initializer(seed, k), name=name)(x)
+        x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+        return keras.layers.Activation("relu", name=f"{name}_relu")(x)
+    return keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                               kernel_initializer=_initializer(seed, k), name=name)(x)
+
+
 def _encoder(inputs, opts: dict, seed: int | None):
     """Conv blocks with switch pooling down to the dense code.
 
@@ -126,14 +150,17 @@ def _encoder(inputs, opts: dict, seed: int | None):
     k = 0
     for level, f in enumerate(opts["filters"]):
         for j in range(opts["convs_per_block"]):
-            x = keras.layers.Conv2D(f, 3, padding="same", activation="relu",
-                                    kernel_initializer=_initializer(seed, k),
-                                    name=f"enc{level}_conv{j}")(x)
+            x = _conv_block(x, f, opts, seed, k, f"enc{level}_conv{j}")
             k += 1
         pre = x
         x, switches = MaxPoolWithArgmax(2, name=f"enc{level}_pool")(x)
         skips.append((pre, switches))
-    x = keras.layers.Flatten(name="enc_flatten")(x)
+    if opts["code_pooling"] == "average":
+        # The mean of the last block's features over all positions: the code cannot hold
+        # where things are (the decoder gets that from the switches), only what is there.
+        x = keras.layers.GlobalAveragePooling2D(name="enc_global_pool")(pre)
+    else:
+        x = keras.layers.Flatten(name="enc_flatten")(x)
     code = keras.layers.Dense(opts["code_size"], kernel_initializer=_glorot(seed, 900),
                               name="code")(x)
     return code, skips
@@ -157,9 +184,7 @@ def _decoder(code, skips, opts: dict, seed: int | None):
         # Channels of the next (shallower) level's pooled tensor, so its switches fit.
         out_f = filters[level - 1] if level > 0 else filters[0]
         for j in range(opts["convs_per_block"]):
-            x = keras.layers.Conv2D(out_f, 3, padding="same", activation="relu",
-                                    kernel_initializer=_initializer(seed, k),
-                                    name=f"dec{level}_conv{j}")(x)
+            x = _conv_block(x, out_f, opts, seed, k, f"dec{level}_conv{j}")
             k += 1
     return keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", dtype="float32",
                                kernel_initializer=_glorot(seed, 902), name="reconstruction")(x)
@@ -277,7 +302,7 @@ def parameter_count(model: keras.Model) -> int:
 
 
 __all__: Sequence[str] = (
-    "UNPOOL_MODES", "build_cdae", "build_cdae_supervised", "cdae_options", "encoder_model",
+    "CODE_POOLING", "NORMS", "UNPOOL_MODES", "build_cdae", "build_cdae_supervised", "cdae_options", "encoder_model",
     "load_encoder_weights", "parameter_count", "scale_images",
     "unscale_images",
 )

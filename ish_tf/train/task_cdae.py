@@ -511,6 +511,67 @@ def term_auc(model: keras.Model, records_dir: str, terms: Sequence[str],
     return pd.DataFrame(rows, columns=["term", "n_genes", "n_positive", "auc"])
 
 
+def heldout_lr_auc(x: np.ndarray, labels: np.ndarray, fit: np.ndarray, test: np.ndarray
+                   ) -> np.ndarray:
+    """Per-label AUC of logistic regressions fit on some rows and scored on others.
+
+    Features are z-scored with the fit rows' mean and deviation; one unpenalised
+    logistic regression per label (the estimator of `bin/evaluate --task=annotations`).
+
+    Args:
+      x: (n, D) features.
+      labels: (n, T) in {0, 1}.
+      fit, test: (n,) bool masks of the rows to fit on and to score.
+
+    Returns:
+      float64 (T,) AUCs; NaN where the fit or the test rows lack a positive or a negative.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    x = np.asarray(x, dtype=np.float64)
+    mean, std = x[fit].mean(axis=0), x[fit].std(axis=0)
+    std[std == 0] = 1.0
+    x = (x - mean) / std
+    aucs = np.full(labels.shape[1], np.nan)
+    for j in range(labels.shape[1]):
+        y_fit, y_test = labels[fit, j], labels[test, j]
+        if 0 < y_fit.sum() < len(y_fit) and 0 < y_test.sum() < len(y_test):
+            model = LogisticRegression(penalty=None, max_iter=500, solver="newton-cg")
+            model.fit(x[fit], y_fit)
+            aucs[j] = roc_auc_score(y_test, model.decision_function(x[test]))
+    return aucs
+
+
+def codes_term_auc(encoder: keras.Model, records_dir: str, terms: Sequence[str],
+                   groups: dict[str, set[str]], split: str = "test",
+                   fit_splits: Sequence[str] = ("train", "validation"),
+                   batch_size: int = 64) -> pd.DataFrame:
+    """Per-term AUC of codes + logistic regression on the same held-out genes as `term_auc`.
+
+    The two-stage alternative to the supervised model: gene codes (image codes averaged
+    per gene) of the annotated `fit_splits` genes fit `heldout_lr_auc`'s regressions,
+    which score the annotated `split` genes.
+
+    Returns:
+      Columns term, n_genes, n_positive, auc (as `term_auc`).
+    """
+    keys, codes = predict_records(encoder, records_dir, [*fit_splits, split], batch_size)
+    _, matrix, annotated = term_matrix(records_dir, groups, terms)
+    frame = pd.DataFrame(codes).assign(gene_index=keys["gene_index"].to_numpy(),
+                                       held_out=(keys["split"] == split).to_numpy())
+    per_gene = frame.groupby("gene_index").mean()
+    idx = per_gene.index.to_numpy()
+    held_out = per_gene.pop("held_out").to_numpy() > 0.5
+    keep = annotated[idx]
+    labels = matrix[idx]
+    test = keep & held_out
+    aucs = heldout_lr_auc(per_gene.to_numpy(), labels, keep & ~held_out, test)
+    return pd.DataFrame({"term": list(terms), "n_genes": int(test.sum()),
+                         "n_positive": labels[test].sum(axis=0).astype(int), "auc": aucs},
+                        columns=["term", "n_genes", "n_positive", "auc"])
+
+
 def gene_tables(keys: pd.DataFrame, values: np.ndarray, source: str):
     """(image table, gene table) EmbeddingTables of per-image vectors."""
     from ish_tf.data.embeddings import EmbeddingTable, aggregate
@@ -582,7 +643,8 @@ def main(argv: list[str]) -> int:
     fv = absl_flags.FLAGS
     if len(argv) != 2 or argv[1] not in ("term_auc", "baselines"):
         print("usage: python -m ish_tf.train.task_cdae term_auc|baselines --run_dir=RUN "
-              "[--records_dir=R] [--split=test] [--out=DIR]", file=sys.stderr)
+              "[--records_dir=R] [--split=test] [--codes_run=CDAE_RUN] [--out=DIR]",
+              file=sys.stderr)
         return 2
     try:
         config, train, model = _load_run(fv.run_dir)
@@ -596,12 +658,28 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
             return 1
         groups = load_term_groups(config.option("gaf", ""), config.option("annotations", ""))
-        table = term_auc(model, records_dir, config.option("terms"), groups, fv.split)
+        terms = config.option("terms")
+        table = term_auc(model, records_dir, terms, groups, fv.split)
+        codes_run = fv.codes_run or str(config.option("init_from", "") or "")
+        if codes_run:  # the two-stage alternative, on the same held-out genes
+            try:
+                _, _, cdae = _load_run(codes_run)
+            except (OSError, ValueError) as e:
+                print(f"task_cdae: error: --codes_run={codes_run}: {e}", file=sys.stderr)
+                return 1
+            if cdae is None:
+                print(f"task_cdae: error: {codes_run} holds no finished model", file=sys.stderr)
+                return 1
+            codes = codes_term_auc(encoder_model(cdae), records_dir, terms, groups, fv.split)
+            table["auc_codes_lr"] = codes["auc"].to_numpy()
         path = os.path.join(fv.out or fv.run_dir, f"term_auc_{fv.split}.csv")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         table.to_csv(path, index=False)
-        print(f"term_auc: {int(table['auc'].notna().sum())} of {len(table)} terms scored on "
-              f"{fv.split} genes, mean AUC {table['auc'].mean():.3f} -> {path}")
+        line = (f"term_auc: {int(table['auc'].notna().sum())} of {len(table)} terms scored on "
+                f"{fv.split} genes, mean AUC supervised {table['auc'].mean():.3f}")
+        if codes_run:
+            line += f", codes of {codes_run} + logistic regression {codes['auc'].mean():.3f}"
+        print(f"{line} -> {path}")
         return 0
     out = fv.out or os.path.join(fv.run_dir, "baselines")
     os.makedirs(out, exist_ok=True)
@@ -625,6 +703,9 @@ def _cli() -> None:
     absl_flags.DEFINE_string("run_dir", "", "A cdae or cdae_supervised training run.")
     absl_flags.DEFINE_string("records_dir", "", "Whole-section records; empty = the run's.")
     absl_flags.DEFINE_string("split", "test", "term_auc: held-out split to score.")
+    absl_flags.DEFINE_string("codes_run", "", "term_auc: a CDAE run whose codes + logistic "
+                             "regression (fit on the other splits' genes) are scored on the "
+                             "same genes; empty = the supervised run's --cdae_init_from.")
     absl_flags.DEFINE_string("out", "", "Output directory; empty = RUN (term_auc) or "
                              "RUN/baselines.")
     app.run(main)
@@ -636,6 +717,6 @@ if __name__ == "__main__":
 
 __all__: Sequence[str] = (
     "CDAESupervisedTask", "CDAETask", "LOSSES", "NOISES", "corrupt", "load_term_groups",
-    "pixel_pca", "predict_records", "reconstruction_loss", "term_auc", "term_matrix",
-    "to_gray", "untrained_encoder", "whole_dataset",
+    "codes_term_auc", "heldout_lr_auc", "pixel_pca", "predict_records", "reconstruction_loss",
+    "term_auc", "term_matrix", "to_gray", "untrained_encoder", "whole_dataset",
 )
