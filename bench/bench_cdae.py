@@ -1,21 +1,24 @@
-"""CDAE quickstart benchmark: throughput, reconstruction error over steps, and the synthetic check.
+"""CDAE benchmark: throughput, reconstruction over steps, and the synthetic GO-group check.
 
-Runs, in a work directory (resumable: existing outputs are reused):
-  1. bin/synth --flagfile=configs/synth_quickstart.cfg (60 genes in 8 GO-like groups);
-  2. whole-section records at 64x64 (bin/extract --whole_images);
-  3. bin/train --flagfile=configs/cdae_quickstart.cfg (or --config);
-  4. export (SavedModel, family cdae) and bin/embed's embed_records -> gene codes;
-  5. baselines: pixel PCA to the code size, the untrained encoder;
-  6. GO-group prediction (ish_tf.evaluate.annotations, 5-fold CV logistic regression)
-     of the three gene tables on the same genes.
-Prints images/s and the reconstruction error (mse, [0, 1] units) over steps from
-RUN/metrics.csv, the AUC table, and the ratios CDAE / PCA and CDAE / untrained; plus
-a timed comparison of train-step throughput with --unpool=switches vs nearest (the
-baseline measured in the same script).
+Runs, in a work directory (resumable: finished synthesis, records and runs are reused):
+  1. bin/synth --flagfile=configs/synth_quickstart.cfg --n_genes=N (default 160 genes in
+     8 GO-like groups: 60 make 5-fold AUCs of 8 groups too noisy to compare);
+  2. whole-section records (bin/extract --whole_images, --size);
+  3. for each --seeds value: bin/train --flagfile=configs/cdae_quickstart.cfg --seed=S;
+  4. for the first seed, bin/export + bin/embed's embed_records (the product path),
+     checked against the in-process codes;
+  5. per seed, the same genes scored three ways (ish_tf.evaluate.annotations, 5-fold CV
+     logistic regression, mean per-group AUC over --cv_seeds): the trained codes, the
+     untrained encoder (the same seed's initial weights) and pixel PCA to the code size;
+  6. how much the decoder uses the code (task_cdae.code_reliance);
+  7. the supervised variant from the first seed's CDAE, per-term AUC on the held-out
+     genes next to the CDAE codes + logistic regression fit on the training genes;
+  8. train-step throughput with --unpool=switches vs nearest (the baseline, same script).
 
 Usage:
-  .venv/bin/python bench/bench_cdae.py [--work=/tmp/ish_cdae_bench] [--steps=600]
-      [--config=configs/cdae_quickstart.cfg] [--run=NAME] [--extra="--cdae_code_size=16 ..."]
+  .venv/bin/python bench/bench_cdae.py [--work=/tmp/ish_cdae_bench] [--seeds=0,1,2]
+      [--n_genes=160] [--size=64] [--steps=0] [--extra="--cdae_code_pooling=average"]
+      [--supervised_steps=400] [--skip_throughput]
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = os.path.join(ROOT, ".venv", "bin", "python")
 
 
 def sh(args: list[str]) -> None:
@@ -45,8 +47,8 @@ def throughput(unpool: str, size: int = 64, batch: int = 32, steps: int = 30) ->
     from ish_tf.models.cdae import build_cdae
 
     cfg = ModelConfig(model="cdae", input_size=size, seed=0,
-                      options={"depth": 3, "filters": [16, 32, 32], "code_size": 64,
-                               "unpool": unpool})
+                      options={"depth": 3, "filters": [16, 32, 32], "code_size": 16,
+                               "unpool": unpool, "norm": "batch"})
     model = build_cdae(cfg)
     opt = keras.optimizers.Adam(1e-3)
     x = tf.random.uniform((batch, size, size, 1), 0, 255, seed=0)
@@ -71,40 +73,47 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/ish_cdae_bench")
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "cdae_quickstart.cfg"))
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds (one run each)")
+    ap.add_argument("--cv_seeds", default="0,1,2", help="cross-validation fold seeds")
+    ap.add_argument("--n_genes", type=int, default=160)
     ap.add_argument("--steps", type=int, default=0, help="override --steps (0 = the config's)")
     ap.add_argument("--size", type=int, default=64, help="whole-section size")
     ap.add_argument("--extra", default="", help="extra bin/train flags")
-    ap.add_argument("--run", default="run", help="run directory name under --work")
+    ap.add_argument("--run", default="run", help="run directory prefix under --work")
+    ap.add_argument("--supervised_steps", type=int, default=400, help="0 = skip")
     ap.add_argument("--skip_throughput", action="store_true")
     args = ap.parse_args()
     work = args.work
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cv_seeds = [int(s) for s in args.cv_seeds.split(",")]
     synth, records = os.path.join(work, "synth"), os.path.join(work, f"whole{args.size}")
-    run = os.path.join(work, args.run)
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(synth, "manifest.csv")):
         sh([os.path.join(ROOT, "bin", "synth"),
-            f"--flagfile={os.path.join(ROOT, 'configs', 'synth_quickstart.cfg')}", f"--out={synth}"])
+            f"--flagfile={os.path.join(ROOT, 'configs', 'synth_quickstart.cfg')}",
+            f"--out={synth}", f"--n_genes={args.n_genes}", "--synth_workers=2"])
     t = time.perf_counter()
+    # 30% of the genes held out, so the supervised comparison has ~6 test genes per group.
     sh([os.path.join(ROOT, "bin", "extract"), f"--manifest={synth}/manifest.csv",
         f"--out={records}", "--whole_images", f"--whole_size={args.size}", "--format=png",
-        "--num_shards=4", "--workers=2"])
+        "--num_shards=4", "--workers=2", "--split_fractions=0.6,0.1,0.3"])
     print(f"whole-section extraction: {time.perf_counter() - t:.1f} s")
-    train = [os.path.join(ROOT, "bin", "train"), f"--flagfile={args.config}",
-             f"--records_dir={records}", f"--run_dir={run}", f"--input_size={args.size}"]
-    if args.steps:
-        train.append(f"--steps={args.steps}")
-    train += shlex.split(args.extra)
-    t = time.perf_counter()
-    sh(train)
-    print(f"training wall time: {time.perf_counter() - t:.1f} s")
+    runs = {}
+    for seed in seeds:
+        run = runs[seed] = os.path.join(work, f"{args.run}_s{seed}")
+        train = [os.path.join(ROOT, "bin", "train"), f"--flagfile={args.config}",
+                 f"--records_dir={records}", f"--run_dir={run}", f"--input_size={args.size}",
+                 f"--seed={seed}"]
+        if args.steps:
+            train.append(f"--steps={args.steps}")
+        train += shlex.split(args.extra)
+        t = time.perf_counter()
+        sh(train)
+        print(f"training wall time (seed {seed}): {time.perf_counter() - t:.1f} s")
 
+    import keras
     import numpy as np
     import pandas as pd
-
-    metrics = pd.read_csv(os.path.join(run, "metrics.csv"))
-    print("\nreconstruction error over steps (mse in [0, 1] units; images/s per interval):")
-    print(metrics[["step", "loss", "mse", "mae", "images_per_sec"]].to_string(index=False))
-    print(f"median images/s: {metrics['images_per_sec'].iloc[1:].median():.1f}")
 
     import ish_tf.models.cdae  # noqa: F401 - registers the custom layers before loading
     from ish_tf.data.embeddings import read_embedding_table
@@ -112,35 +121,109 @@ def main() -> int:
     from ish_tf.evaluate import annotations as ann
     from ish_tf.evaluate.go import load_go
     from ish_tf.export.saved_model import export_run
-    from ish_tf.models import load_model_config
-    from ish_tf.models.cdae import cdae_options
-    from ish_tf.train.task_cdae import pixel_pca, untrained_encoder
+    from ish_tf.models import build_model, load_model_config
+    from ish_tf.models.cdae import cdae_options, encoder_model
+    from ish_tf.train import task_cdae
 
-    export = export_run(run, os.path.join(work, "export_" + args.run), overwrite=True, version=1)
-    emb_dir = os.path.join(work, "embeddings_" + args.run)
-    embed_records(EmbedConfig(saved_model=export, records_dir=records, out_dir=emb_dir).validate())
-    config = load_model_config(os.path.join(run, "model_config.json"))
-    opts = cdae_options(config)
-    tables = {"cdae": read_embedding_table(os.path.join(emb_dir, "gene_embeddings.csv")),
-              "pixels_pca": pixel_pca(records, opts["code_size"], opts["height"], opts["width"],
-                                      invert=opts["invert"])[1],
-              "untrained_encoder": untrained_encoder(config, records)[1]}
+    first = runs[seeds[0]]
+    metrics = pd.read_csv(os.path.join(first, "metrics.csv"))
+    print(f"\nreconstruction over steps, seed {seeds[0]} (mse in [0, 1] units of the noisy "
+          "training batch; images/s per interval):")
+    print(metrics[["step", "loss", "mse", "mae", "images_per_sec"]].to_string(index=False))
+    print(f"median images/s: {metrics['images_per_sec'].iloc[1:].median():.1f}")
+
     go = load_go(os.path.join(synth, "go.gaf"))
-    scoring = ann.ScoringConfig(n_splits=5, seed=0, min_genes=3, size_bounds={"go": (3, 500)},
-                                n_jobs=2)
-    results, _, _ = ann.evaluate_many(tables, [go], scoring)
-    summary = ann.summarize(results)
-    summary = summary[summary["category"] == "all"]
-    print("\nGO-like group prediction on the synthetic genes (5-fold CV, per-term AUC):")
-    print(summary[["embedding", "n_groups", "mean_auc", "median_auc", "mean_auc_pr",
-                   "n_significant"]].to_string(index=False))
-    auc = dict(zip(summary["embedding"], summary["mean_auc"], strict=True))
-    print(f"ratio mean AUC cdae / pixels_pca: {auc['cdae'] / auc['pixels_pca']:.3f}")
-    print(f"ratio mean AUC cdae / untrained_encoder: {auc['cdae'] / auc['untrained_encoder']:.3f}")
-    per_term = results.pivot_table(index="annotation", columns="embedding", values="auc")
-    print(per_term.round(3).to_string())
-    print(f"cdae wins on {int(np.sum(per_term['cdae'] > per_term['pixels_pca']))} of "
-          f"{len(per_term)} terms against pixels_pca")
+    splits = ["train", "validation", "test"]
+
+    def score(tables: dict) -> dict[str, float]:
+        """Mean per-group AUC of each table, averaged over the CV seeds."""
+        out: dict[str, list[float]] = {}
+        for cv in cv_seeds:
+            scoring = ann.ScoringConfig(n_splits=5, seed=cv, min_genes=3,
+                                        size_bounds={"go": (3, 500)}, n_jobs=2)
+            results, _, _ = ann.evaluate_many(tables, [go], scoring)
+            for name, auc in results.groupby("embedding")["auc"].mean().items():
+                out.setdefault(str(name), []).append(float(auc))
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+    rows = []
+    pca_table = None
+    for seed, run in runs.items():
+        config = load_model_config(os.path.join(run, "model_config.json"))
+        opts = cdae_options(config)
+        model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+        keys, codes = task_cdae.predict_records(encoder_model(model), records, splits)
+        tables = {"cdae": task_cdae.gene_tables(keys, codes, "cdae")[1],
+                  "untrained_encoder": task_cdae.untrained_encoder(config, records)[1]}
+        if pca_table is None:
+            pca_table = task_cdae.pixel_pca(records, opts["code_size"], opts["height"],
+                                            opts["width"], invert=opts["invert"])[1]
+        tables["pixels_pca"] = pca_table
+        if seed == seeds[0]:  # the product path: SavedModel -> bin/embed's gene table
+            export = export_run(run, os.path.join(work, f"export_{args.run}"), overwrite=True,
+                                version=1)
+            emb_dir = os.path.join(work, f"embeddings_{args.run}")
+            embed_records(EmbedConfig(saved_model=export, records_dir=records,
+                                      out_dir=emb_dir).validate())
+            served = read_embedding_table(os.path.join(emb_dir, "gene_embeddings.csv"))
+            mine = tables["cdae"]
+            order = pd.Index(served.keys["gene_symbol"]).get_indexer(mine.keys["gene_symbol"])
+            diff = float(np.abs(served.values[order] - mine.values).max())
+            print(f"bin/embed gene codes vs in-process codes: max |diff| {diff:.2e}")
+        aucs = score(tables)
+        ident = keras.Sequential([keras.Input((opts["height"], opts["width"], 1)),
+                                  keras.layers.Identity()])
+        pkeys, pixels = task_cdae.predict_records(ident, records, "train")
+        reliance = task_cdae.code_reliance(model, pixels.reshape(-1, opts["height"],
+                                                                 opts["width"], 1)[:512],
+                                           invert=opts["invert"])
+        rows.append({"seed": seed, **aucs, **reliance})
+        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()
+                                            if k != "seed"), flush=True)
+    table = pd.DataFrame(rows)
+    names = ["cdae", "untrained_encoder", "pixels_pca"]
+    print(f"\nGO-like group prediction, {args.n_genes} synthetic genes in 8 groups "
+          f"(5-fold CV x {len(cv_seeds)} fold seeds, mean per-group AUC), "
+          f"{len(seeds)} training seed(s):")
+    print(table[["seed", *names]].round(4).to_string(index=False))
+    for name in names:
+        print(f"  {name:18s} mean {table[name].mean():.4f}  sd {table[name].std(ddof=0):.4f}")
+    wins = int((table["cdae"] > table["untrained_encoder"]).sum())
+    print(f"cdae > its own untrained initialisation in {wins} of {len(table)} seeds; "
+          f"mean ratio cdae / untrained {(table['cdae'] / table['untrained_encoder']).mean():.3f},"
+          f" cdae / pixels_pca {(table['cdae'] / table['pixels_pca']).mean():.3f}")
+    print("\nreconstruction error of the trained models on training images ([0, 1] units):")
+    print(table[["seed", "mse", "mse_mean_code", "mse_mean_image", "code_share"]]
+          .round(5).to_string(index=False))
+
+    if args.supervised_steps:
+        sup_runs = {}
+        for name, init in (("supervised", first), ("supervised_scratch", "")):
+            sup = sup_runs[name] = os.path.join(work, f"{args.run}_{name}")
+            sh([os.path.join(ROOT, "bin", "train"), f"--flagfile={args.config}",
+                "--model=cdae_supervised", f"--records_dir={records}", f"--run_dir={sup}",
+                f"--input_size={args.size}", f"--seed={seeds[0]}", f"--cdae_init_from={init}",
+                f"--cdae_gaf={os.path.join(synth, 'go.gaf')}", "--cdae_term_min_genes=5",
+                f"--steps={args.supervised_steps}",
+                f"--decay_start={args.supervised_steps // 2}", "--learning_rate=3e-4",
+                *shlex.split(args.extra)])
+            sh([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc", f"--run_dir={sup}",
+                f"--codes_run={first}"])
+        terms = pd.read_csv(os.path.join(sup_runs["supervised"], "term_auc_test.csv"))
+        scratch = pd.read_csv(os.path.join(sup_runs["supervised_scratch"], "term_auc_test.csv"))
+        terms.insert(4, "auc_scratch", scratch["auc"].to_numpy())
+        # The same two-stage scoring of the untrained encoder (the first seed's init).
+        untrained = encoder_model(build_model(load_model_config(
+            os.path.join(first, "model_config.json"))))
+        groups = task_cdae.load_term_groups(gaf=os.path.join(synth, "go.gaf"))
+        terms["auc_untrained_lr"] = task_cdae.codes_term_auc(
+            untrained, records, terms["term"].tolist(), groups)["auc"].to_numpy()
+        print("\nper-term AUC on the held-out test genes: supervised end to end (from the "
+              "CDAE; from scratch) vs codes + logistic regression fit on the train + "
+              "validation genes (the CDAE's; its untrained initialisation's):")
+        print(terms.round(3).to_string(index=False))
+        print("mean: " + ", ".join(f"{c} {terms[c].mean():.3f}" for c in terms.columns
+                                   if c.startswith("auc")))
 
     if not args.skip_throughput:
         base = throughput("nearest", args.size)

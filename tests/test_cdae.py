@@ -361,3 +361,25 @@ def test_bin_train_and_extract_flags(data, tmp_path, capsys):
     assert (opts["height"], opts["width"], opts["code_size"]) == (128, 192, 256)
     model = build_model(dataclasses.replace(mcfg, options={**mcfg.options, "filters": [2]}))
     assert model.outputs[0].shape[-1] == 256
+
+
+def test_code_reliance_measures_what_the_decoder_takes_from_the_code():
+    from ish_tf.train.task_cdae import code_reliance
+
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (6, 16, 16, 1)).astype(np.float32)
+    images[:3] *= 0.2  # two kinds of image, so the mean image is a poor reconstruction
+    model = build_cdae(_cfg(unpool="nearest"))
+    before = [w.copy() for w in model.get_weights()]
+    got = code_reliance(model, images, batch_size=4)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # the code layer is put back
+    target = 1.0 - images / 255.0
+    assert got["mse"] == pytest.approx(float(np.mean((model(images)[1].numpy() - target) ** 2)),
+                                       rel=1e-5)
+    # Without switches the decoder sees only the code: one code, one reconstruction for
+    # every image, which cannot beat the best constant image.
+    assert got["mse_mean_code"] >= got["mse_mean_image"] - 1e-7
+    assert got["mse_mean_image"] == pytest.approx(float(np.mean((target - target.mean(0)) ** 2)))
+    with pytest.raises(ValueError, match="N >= 2"):
+        code_reliance(model, images[:1])

@@ -572,6 +572,57 @@ def codes_term_auc(encoder: keras.Model, records_dir: str, terms: Sequence[str],
                         columns=["term", "n_genes", "n_positive", "auc"])
 
 
+def code_reliance(model: keras.Model, images: np.ndarray, invert: bool = True,
+                  batch_size: int = 64) -> dict[str, float]:
+    """How much a CDAE's reconstructions depend on its code.
+
+    With switch unpooling the decoder also sees where each pooling window's maximum
+    was, which can be enough to redraw a section without the code. This compares the
+    reconstruction error (mean squared, in the model's [0, 1] space) of the model as it
+    is, of the same model with every image given the MEAN code of `images` (the code
+    layer's kernel zeroed and its bias set to that mean; the switches still come from
+    each image), and of the mean image itself.
+
+    Args:
+      model: a CDAE (outputs [code, reconstruction]); its weights are restored afterwards.
+      images: float (N, H, W, 1) pixels in [0, 255], N >= 2.
+      invert: the model's --cdae_invert.
+      batch_size: images per call.
+
+    Returns:
+      {"mse": ..., "mse_mean_code": ..., "mse_mean_image": ..., "code_share": fraction
+      of the gap between the mean-code and the model's error that the code closes,
+      (mse_mean_code - mse) / (mse_mean_image - mse); ~0 when the code is bypassed}.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) < 2:
+        raise ValueError(f"code_reliance: need (N >= 2, H, W, 1) images, got {images.shape}")
+    target = np.asarray(scale_images(images, invert))
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        codes, recons = [], []
+        for i in range(0, len(images), batch_size):
+            code, recon = model(images[i:i + batch_size], training=False)
+            codes.append(np.asarray(code))
+            recons.append(np.asarray(recon))
+        return np.concatenate(codes), np.concatenate(recons)
+
+    codes, recon = run()
+    layer = model.get_layer("code")
+    kernel, bias = layer.get_weights()
+    try:
+        layer.set_weights([np.zeros_like(kernel), codes.mean(axis=0).astype(bias.dtype)])
+        _, mean_code_recon = run()
+    finally:
+        layer.set_weights([kernel, bias])
+    mse = float(np.mean((recon - target) ** 2))
+    mse_mean_code = float(np.mean((mean_code_recon - target) ** 2))
+    mse_mean_image = float(np.mean((target - target.mean(axis=0)) ** 2))
+    gap = mse_mean_image - mse
+    return {"mse": mse, "mse_mean_code": mse_mean_code, "mse_mean_image": mse_mean_image,
+            "code_share": float((mse_mean_code - mse) / gap) if gap > 0 else float("nan")}
+
+
 def gene_tables(keys: pd.DataFrame, values: np.ndarray, source: str):
     """(image table, gene table) EmbeddingTables of per-image vectors."""
     from ish_tf.data.embeddings import EmbeddingTable, aggregate
@@ -717,6 +768,6 @@ if __name__ == "__main__":
 
 __all__: Sequence[str] = (
     "CDAESupervisedTask", "CDAETask", "LOSSES", "NOISES", "corrupt", "load_term_groups",
-    "codes_term_auc", "heldout_lr_auc", "pixel_pca", "predict_records", "reconstruction_loss",
+    "code_reliance", "codes_term_auc", "heldout_lr_auc", "pixel_pca", "predict_records", "reconstruction_loss",
     "term_auc", "term_matrix", "to_gray", "untrained_encoder", "whole_dataset",
 )
