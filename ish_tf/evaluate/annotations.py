@@ -334,6 +334,38 @@ class ScoringConfig:
     n_jobs: int = 1
 
 
+def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *,
+                  standardize: bool = True, max_iter: int = 500,
+                  solver: str = "newton-cg") -> tuple[np.ndarray, bool]:
+    """The scoring model of every annotation task: one unpenalised logistic regression.
+
+    Args:
+      x_train, y_train: (n, D) features and (n,) labels in {0, 1} to fit on.
+      x_test: (m, D) features to score.
+      standardize: z-score both with the training rows' mean and deviation.
+      max_iter, solver: as `cross_validate_binary`.
+
+    Returns:
+      (decision function values (m,), whether the solver converged).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x_train = np.asarray(x_train, dtype=np.float64)
+    x_test = np.asarray(x_test, dtype=np.float64)
+    if standardize:
+        mean = x_train.mean(axis=0)
+        std = x_train.std(axis=0)
+        std[std == 0] = 1.0  # constant columns stay constant instead of dividing by 0
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    model = LogisticRegression(penalty=None, max_iter=max_iter, solver=solver)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(x_train, y_train)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return model.decision_function(x_test), converged
+
+
 def cross_validate_binary(x: np.ndarray, y: np.ndarray, *, n_splits: int = 5, seed: int = 0,
                           standardize: bool = True, max_iter: int = 500,
                           solver: str = "newton-cg") -> dict[str, float]:
@@ -358,8 +390,6 @@ def cross_validate_binary(x: np.ndarray, y: np.ndarray, *, n_splits: int = 5, se
       ValueError: a class has fewer members than folds.
     """
     from scipy.stats import mannwhitneyu
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
@@ -371,18 +401,9 @@ def cross_validate_binary(x: np.ndarray, y: np.ndarray, *, n_splits: int = 5, se
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     aucs, aps, f1s, ps, conv = [], [], [], [], 0
     for train, test in folds.split(x, y):
-        x_train, x_test = x[train], x[test]
-        if standardize:
-            mean = x_train.mean(axis=0)
-            std = x_train.std(axis=0)
-            std[std == 0] = 1.0  # constant columns stay constant instead of dividing by 0
-            x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-        model = LogisticRegression(penalty=None, max_iter=max_iter, solver=solver)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(x_train, y[train])
-        conv += not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        score = model.decision_function(x_test)
+        score, converged = fit_and_score(x[train], y[train], x[test], standardize=standardize,
+                                         max_iter=max_iter, solver=solver)
+        conv += converged
         y_test = y[test]
         aucs.append(roc_auc_score(y_test, score))
         aps.append(average_precision_score(y_test, score))

@@ -515,8 +515,9 @@ def heldout_lr_auc(x: np.ndarray, labels: np.ndarray, fit: np.ndarray, test: np.
                    ) -> np.ndarray:
     """Per-label AUC of logistic regressions fit on some rows and scored on others.
 
-    Features are z-scored with the fit rows' mean and deviation; one unpenalised
-    logistic regression per label (the estimator of `bin/evaluate --task=annotations`).
+    The model of `bin/evaluate --task=annotations` (`annotations.fit_and_score`: features
+    z-scored with the fit rows' mean and deviation, one unpenalised logistic regression
+    per label).
 
     Args:
       x: (n, D) features.
@@ -526,20 +527,16 @@ def heldout_lr_auc(x: np.ndarray, labels: np.ndarray, fit: np.ndarray, test: np.
     Returns:
       float64 (T,) AUCs; NaN where the fit or the test rows lack a positive or a negative.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    x = np.asarray(x, dtype=np.float64)
-    mean, std = x[fit].mean(axis=0), x[fit].std(axis=0)
-    std[std == 0] = 1.0
-    x = (x - mean) / std
+    from ish_tf.evaluate.annotations import fit_and_score
+
     aucs = np.full(labels.shape[1], np.nan)
     for j in range(labels.shape[1]):
         y_fit, y_test = labels[fit, j], labels[test, j]
         if 0 < y_fit.sum() < len(y_fit) and 0 < y_test.sum() < len(y_test):
-            model = LogisticRegression(penalty=None, max_iter=500, solver="newton-cg")
-            model.fit(x[fit], y_fit)
-            aucs[j] = roc_auc_score(y_test, model.decision_function(x[test]))
+            scores, _ = fit_and_score(x[fit], y_fit, x[test])
+            aucs[j] = roc_auc_score(y_test, scores)
     return aucs
 
 
