@@ -109,6 +109,17 @@ def test_make_example_defaults_aliases_and_sniffing():
     assert records.decode_image(p, size=4).shape == (4, 4, 3)
 
 
+def test_make_example_bytes_do_not_depend_on_the_process():
+    # Protobuf maps serialize in an order that can differ between processes; records
+    # list their features in key order so the same patches give the same shard bytes.
+    data = records.make_example(image_encoded=encode(np.zeros((8, 8, 3), np.uint8), "png"),
+                                image_height=8, image_width=8,
+                                image_id=7, gene_symbol="G", gene_index=0, donor_id="D1")
+    keys = sorted(records.FEATURE_KEYS)
+    positions = [data.index(b"\n" + bytes([len(k)]) + k.encode()) for k in keys]
+    assert positions == sorted(positions)
+
+
 def test_make_example_rejects_bad_input():
     base = dict(image_encoded=encode(np.zeros((2, 2, 3), np.uint8)), height=2, width=2,
                 image_id=1, gene_symbol="A", gene_index=0)

@@ -24,7 +24,7 @@ import io
 import math
 import multiprocessing as mp
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -580,8 +580,9 @@ def _read_report(path: str) -> dict[int, dict]:
     return {int(r["image_id"]): dict(r) for r in df.to_dict("records")}
 
 
-def _write_report(path: str, rows: dict[int, dict]) -> None:
-    df = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(REPORT_COLUMNS))
+def _write_report(path: str, rows: dict[int, dict],
+                  columns: Sequence[str] = REPORT_COLUMNS) -> None:
+    df = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(columns))
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
 
@@ -609,6 +610,115 @@ def _check_resume(out_dir: str, info: Any) -> None:
         raise ExtractError(
             f"{out_dir} holds patches extracted with other settings ({'; '.join(diffs)}); "
             "rerun with the original settings to resume, or use a fresh --out")
+
+
+@dataclasses.dataclass
+class ShardedStage:
+    """What one stage that turns a manifest's images into sharded records does per image.
+
+    `write_shards` runs the rest (pending shards, worker processes, atomic shard files,
+    the report, the index, resume), the same for patches and whole sections.
+
+    Attributes:
+      name: progress bar label.
+      worker: top-level (picklable) function: task tuple -> result with `status` and
+        `reason`; must not raise for a bad image.
+      task: (image path, manifest row) -> the worker's task tuple.
+      examples: (record fields common to every record of the image, row, result) ->
+        the image's tf.train.Examples, in write order.
+      report_fields: result -> its report columns beyond image_id, gene_symbol,
+        donor_id, split, shard and status.
+      report_name, report_columns: the report file in OUT and its columns.
+      hooks: callbacks (tests use them to simulate crashes).
+    """
+
+    name: str
+    worker: Callable[[tuple], Any]
+    task: Callable[[str, Any], tuple]
+    examples: Callable[[dict, Any, Any], list]
+    report_fields: Callable[[Any], dict]
+    report_name: str
+    report_columns: Sequence[str]
+    hooks: ExtractHooks = dataclasses.field(default_factory=ExtractHooks)
+
+
+def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
+                 plans: list[ShardPlan], *, workers: int, compression: str,
+                 progress_enabled: bool | None = None) -> tuple[dict[int, dict], int, int]:
+    """Writes every shard of `plans` not yet complete in OUT/index.json (resumable).
+
+    Each pending shard is written to a temporary file and renamed when complete; then
+    its images' rows go into the report and the shard into the index, so an interrupted
+    run loses at most the shard in progress. Rows of images no longer planned (another
+    --genes) are dropped from the report.
+
+    Returns:
+      (report rows by image id, shards written, shards resumed).
+    """
+    from ish_tf.data import manifest as mf
+    from ish_tf.data import records
+
+    report_path = os.path.join(out, stage.report_name)
+    report = _read_report(report_path)
+    done = {split: records.completed_shards(out, split) for split in records.SPLITS}
+    pending = [p for p in plans if p.index not in done[p.split]]
+    resumed = len(plans) - len(pending)
+    if resumed:
+        logging.info("resuming: %d of %d shard(s) already complete", resumed, len(plans))
+    gene_index = info.gene_index()
+    entrez = {g.gene_symbol: g.entrez_id for g in info.genes}
+    donor_index = {d: i for i, d in enumerate(info.donors)}
+    pool = None
+    if workers > 1 and sum(len(p.rows) for p in pending) > 1:
+        # Fork the workers before this process runs any TensorFlow op (forking a live TF
+        # runtime is unsafe); workers only use NumPy and Pillow (and Keras for a U-Net).
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(workers)
+    written = 0
+    hooks = stage.hooks
+    try:
+        with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled) as bar:
+            for plan in pending:
+                rows = list(plan.rows.itertuples(index=False))
+                tasks = [stage.task(mf.image_path(manifest, str(r.path)), r) for r in rows]
+                results = pool.imap(stage.worker, tasks) if pool else map(stage.worker, tasks)
+                new_rows = {}
+                with records.ShardWriter(out, plan.split, plan.index, plan.num_shards,
+                                         compression) as writer:
+                    for row, res in zip(rows, results, strict=True):
+                        gene, image_id = str(row.gene_symbol), int(row.image_id)
+                        common = dict(
+                            image_id=image_id, gene_symbol=gene, gene_index=gene_index[gene],
+                            entrez_id=entrez.get(gene, -1), donor_id=str(row.donor_id),
+                            donor_index=donor_index[str(row.donor_id)],
+                            region=_text(row.region), study=_text(row.study))
+                        for example in stage.examples(common, row, res):
+                            writer.write(example, gene, image_id)
+                        new_rows[image_id] = {
+                            "image_id": image_id, "gene_symbol": gene,
+                            "donor_id": str(row.donor_id), "split": plan.split,
+                            "shard": plan.index, "status": res.status,
+                            **stage.report_fields(res)}
+                        if res.status not in (OK, FEW_PATCHES):
+                            logging.debug("image %s: %s", image_id, res.reason)
+                        bar.update()
+                        if hooks.after_image:
+                            hooks.after_image(plan.split, plan.index, res)
+                # The shard file is in place; record its images, then mark it complete.
+                report.update(new_rows)
+                _write_report(report_path, report, stage.report_columns)
+                records.update_index(out, writer.info)
+                written += 1
+                if hooks.after_shard:
+                    hooks.after_shard(writer.info)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    planned = {int(i) for p in plans for i in p.rows["image_id"]}
+    report = {k: v for k, v in report.items() if k in planned}
+    _write_report(report_path, report, stage.report_columns)
+    return report, written, resumed
 
 
 def run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None = None,
@@ -667,77 +777,25 @@ def run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None = None,
     _check_resume(out, info)
     records.write_dataset_info(out, info)
 
+    def examples(common: dict, row: Any, res: ImageResult) -> list:
+        return [records.make_example(
+            image_encoded=p.encoded, patch_index=k, x=p.x, y=p.y,
+            source_size=cfg.source_size, image_format=cfg.image_format,
+            image_height=cfg.patch_size, image_width=cfg.patch_size, **common)
+            for k, p in enumerate(res.patches)]
+
+    stage = ShardedStage(
+        name="extract", worker=_extract_task,
+        task=lambda path, row: (path, int(row.image_id), cfg, mask_dir, overlay_dir),
+        examples=examples,
+        report_fields=lambda res: {"n_patches": res.n_patches,
+                                   "tissue_fraction": round(res.tissue_fraction, 4),
+                                   "reason": res.reason},
+        report_name=REPORT_NAME, report_columns=REPORT_COLUMNS, hooks=hooks)
+    report, written, resumed = write_shards(
+        stage, out, cfg.manifest, info, plans, workers=cfg.workers,
+        compression=cfg.compression, progress_enabled=progress_enabled)
     report_path = os.path.join(out, REPORT_NAME)
-    report = _read_report(report_path)
-    done = {split: records.completed_shards(out, split) for split in records.SPLITS}
-    pending = [p for p in plans if p.index not in done[p.split]]
-    resumed = len(plans) - len(pending)
-    if resumed:
-        logging.info("resuming: %d of %d shard(s) already complete", resumed, len(plans))
-    gene_index = info.gene_index()
-    entrez = {g.gene_symbol: g.entrez_id for g in info.genes}
-    donor_index = {d: i for i, d in enumerate(info.donors)}
-
-    pool = None
-    if cfg.workers > 1 and sum(len(p.rows) for p in pending) > 1:
-        # Fork the workers before this process runs any TensorFlow op (forking a live TF
-        # runtime is unsafe); workers only use NumPy and Pillow (and Keras for a U-Net).
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(cfg.workers)
-    written = 0
-    try:
-        with Progress(sum(len(p.rows) for p in pending), "extract", progress_enabled) as bar:
-            for plan in pending:
-                tasks = [(mf.image_path(cfg.manifest, str(r.path)), int(r.image_id), cfg,
-                          mask_dir, overlay_dir) for r in plan.rows.itertuples(index=False)]
-                results = (pool.imap(_extract_task, tasks) if pool
-                           else map(_extract_task, tasks))
-                new_rows = {}
-                with records.ShardWriter(out, plan.split, plan.index, plan.num_shards,
-                                         cfg.compression) as writer:
-                    for row, res in zip(plan.rows.itertuples(index=False), results, strict=True):
-                        gene = str(row.gene_symbol)
-                        common = dict(
-                            image_id=int(row.image_id), gene_symbol=gene,
-                            gene_index=gene_index[gene],
-                            entrez_id=entrez.get(gene, -1),
-                            donor_id=str(row.donor_id),
-                            donor_index=donor_index[str(row.donor_id)],
-                            region=_text(row.region), study=_text(row.study),
-                            source_size=cfg.source_size, image_format=cfg.image_format,
-                            image_height=cfg.patch_size, image_width=cfg.patch_size)
-                        for k, p in enumerate(res.patches):
-                            writer.write(records.make_example(
-                                image_encoded=p.encoded, patch_index=k, x=p.x, y=p.y, **common),
-                                gene, int(row.image_id))
-                        new_rows[int(row.image_id)] = {
-                            "image_id": int(row.image_id), "gene_symbol": gene,
-                            "donor_id": str(row.donor_id), "split": plan.split,
-                            "shard": plan.index, "status": res.status,
-                            "n_patches": res.n_patches,
-                            "tissue_fraction": round(res.tissue_fraction, 4),
-                            "reason": res.reason}
-                        if res.status not in (OK, FEW_PATCHES):
-                            logging.debug("image %s: %s", row.image_id, res.reason)
-                        bar.update()
-                        if hooks.after_image:
-                            hooks.after_image(plan.split, plan.index, res)
-                # The shard file is in place; record its images, then mark it complete.
-                report.update(new_rows)
-                _write_report(report_path, report)
-                records.update_index(out, writer.info)
-                written += 1
-                if hooks.after_shard:
-                    hooks.after_shard(writer.info)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-    # Rows of images no longer planned (a different --genes) are dropped from the report.
-    planned = {int(i) for p in plans for i in p.rows["image_id"]}
-    report = {k: v for k, v in report.items() if k in planned}
-    _write_report(report_path, report)
     return _summary(out, report, plans, removed, written, resumed, report_path)
 
 

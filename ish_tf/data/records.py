@@ -183,7 +183,9 @@ def make_example(**fields: Any) -> bytes:
                 raise RecordsError(f"feature 'vector' must be a sequence of floats: {e}") from e
             feature[key] = feature_pb2.Feature(float_list=feature_pb2.FloatList(value=floats))
     example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
-    return example.SerializeToString()
+    # Deterministic: features in key order. The default map order differs between
+    # processes, so the same records would give different shard bytes from run to run.
+    return example.SerializeToString(deterministic=True)
 
 
 def feature_spec(keys: Iterable[str] | None = None) -> dict[str, Any]:

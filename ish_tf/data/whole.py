@@ -19,13 +19,10 @@ image: status ok | no_tissue | unreadable, and why), extract_flags.cfg.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import os
 import sys
 
 import numpy as np
-import pandas as pd
-from absl import logging
 from PIL import Image
 
 from ish_tf.data.patches import (
@@ -34,12 +31,14 @@ from ish_tf.data.patches import (
     UNREADABLE,
     ExtractConfig,
     ExtractError,
+    ShardedStage,
     encode_patch,
     plan_extraction,
     read_rgb,
+    write_shards,
 )
 from ish_tf.data.segment import MaskConfig, load_or_compute_mask
-from ish_tf.io_utils import Progress, atomic_path, remove_stale_tmp
+from ish_tf.io_utils import remove_stale_tmp
 
 REPORT_NAME = "whole_report.csv"
 REPORT_COLUMNS: tuple[str, ...] = ("image_id", "gene_symbol", "donor_id", "split", "shard",
@@ -225,27 +224,6 @@ def _whole_task(args: tuple) -> WholeResult:
 
 
 # --------------------------------------------------------------------------- whole stage
-def _read_report(path: str) -> dict[int, dict]:
-    if not os.path.exists(path):
-        return {}
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        logging.warning("%s: unreadable, rebuilding it (%s)", path, e)
-        return {}
-    return {int(r["image_id"]): dict(r) for r in df.to_dict("records")} if "image_id" in df else {}
-
-
-def _write_report(path: str, rows: dict[int, dict]) -> None:
-    df = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(REPORT_COLUMNS))
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def _text(value) -> str:
-    return "" if value is None or pd.isna(value) else str(value)
-
-
 def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
     """Writes one whole-section record per manifest image into sharded TFRecords (resumable).
 
@@ -265,7 +243,9 @@ def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
     """
     from ish_tf.data import manifest as mf
     from ish_tf.data import records
-    from ish_tf.data.patches import _check_resume  # same resume rules as patch extraction
+
+    # The same resume rules and summary as patch extraction.
+    from ish_tf.data.patches import _check_resume, _summary
 
     df = mf.read_manifest(cfg.manifest)
     if cfg.genes:
@@ -287,85 +267,28 @@ def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
     _check_resume(out, info)
     records.write_dataset_info(out, info)
 
-    report_path = os.path.join(out, REPORT_NAME)
-    report = _read_report(report_path)
-    done = {split: records.completed_shards(out, split) for split in records.SPLITS}
-    pending = [p for p in plans if p.index not in done[p.split]]
-    gene_index = info.gene_index()
-    entrez = {g.gene_symbol: g.entrez_id for g in info.genes}
-    donor_index = {d: i for i, d in enumerate(info.donors)}
-    pool = None
-    if cfg.workers > 1 and sum(len(p.rows) for p in pending) > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(cfg.workers)
-    written = 0
-    try:
-        with Progress(sum(len(p.rows) for p in pending), "whole", progress_enabled) as bar:
-            for plan in pending:
-                tasks = [(mf.image_path(cfg.manifest, str(r.path)), int(r.image_id), cfg, mask_dir)
-                         for r in plan.rows.itertuples(index=False)]
-                results = pool.imap(_whole_task, tasks) if pool else map(_whole_task, tasks)
-                new_rows = {}
-                with records.ShardWriter(out, plan.split, plan.index, plan.num_shards,
-                                         cfg.compression) as writer:
-                    for row, res in zip(plan.rows.itertuples(index=False), results, strict=True):
-                        gene = str(row.gene_symbol)
-                        if res.status == OK:
-                            writer.write(records.make_example(
-                                image_encoded=res.encoded, image_format=cfg.image_format,
-                                image_height=cfg.size, image_width=cfg.width,
-                                image_id=int(row.image_id), patch_index=0, x=res.box[0],
-                                y=res.box[1], source_size=res.source_size, gene_symbol=gene,
-                                gene_index=gene_index[gene], entrez_id=entrez.get(gene, -1),
-                                donor_id=str(row.donor_id),
-                                donor_index=donor_index[str(row.donor_id)],
-                                region=_text(row.region), study=_text(row.study)),
-                                gene, int(row.image_id))
-                        new_rows[int(row.image_id)] = {
-                            "image_id": int(row.image_id), "gene_symbol": gene,
-                            "donor_id": str(row.donor_id), "split": plan.split,
-                            "shard": plan.index, "status": res.status,
-                            "x0": res.box[0], "y0": res.box[1], "x1": res.box[2],
-                            "y1": res.box[3], "tissue_fraction": round(res.tissue_fraction, 4),
-                            "reason": res.reason}
-                        bar.update()
-                report.update(new_rows)
-                _write_report(report_path, report)
-                records.update_index(out, writer.info)
-                written += 1
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    planned = {int(i) for p in plans for i in p.rows["image_id"]}
-    report = {k: v for k, v in report.items() if k in planned}
-    _write_report(report_path, report)
-    return _summary(out, report, plans, removed, written, len(plans) - len(pending), report_path)
+    def examples(common: dict, row, res: WholeResult) -> list:
+        if res.status != OK:
+            return []
+        return [records.make_example(
+            image_encoded=res.encoded, image_format=cfg.image_format, image_height=cfg.size,
+            image_width=cfg.width, patch_index=0, x=res.box[0], y=res.box[1],
+            source_size=res.source_size, **common)]
 
-
-def _summary(out, report, plans, removed, written, resumed, report_path) -> dict:
-    from ish_tf.data import records
-
-    index = records.load_index(out, missing_ok=True)
-    splits: dict[str, dict] = {}
-    for plan in plans:
-        s = splits.setdefault(plan.split, {"images": 0, "patches": 0, "shards": 0, "status": {}})
-        s["images"] += len(plan.rows)
-        s["shards"] += 1
-    for shard in index["shards"]:
-        if shard["split"] in splits:
-            splits[shard["split"]]["patches"] += int(shard["num_records"])
-    skipped: dict[str, int] = {}
-    for row in report.values():
-        status = str(row["status"])
-        s = splits.get(str(row["split"]))
-        if s is not None:
-            s["status"][status] = s["status"].get(status, 0) + 1
-        if status != OK:
-            skipped[status] = skipped.get(status, 0) + 1
-    return {"out_dir": out, "report": report_path, "index": records.index_path(out),
-            "removed_tmp": removed, "shards_written": written, "shards_resumed": resumed,
-            "splits": splits, "skipped": skipped}
+    stage = ShardedStage(
+        name="whole", worker=_whole_task,
+        task=lambda path, row: (path, int(row.image_id), cfg, mask_dir),
+        examples=examples,
+        report_fields=lambda res: {"x0": res.box[0], "y0": res.box[1], "x1": res.box[2],
+                                   "y1": res.box[3],
+                                   "tissue_fraction": round(res.tissue_fraction, 4),
+                                   "reason": res.reason},
+        report_name=REPORT_NAME, report_columns=REPORT_COLUMNS)
+    report, written, resumed = write_shards(
+        stage, out, cfg.manifest, info, plans, workers=cfg.workers,
+        compression=cfg.compression, progress_enabled=progress_enabled)
+    return _summary(out, report, plans, removed, written, resumed,
+                    os.path.join(out, REPORT_NAME))
 
 
 def main_from_flags(fv) -> int:
