@@ -304,6 +304,16 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "codes of" in done.stdout and "logistic regression" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "baselines",
+                           f"--run_dir={cdae_run}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    base = cdae_run / "baselines"
+    assert (base / "pixels_pca_gene_embeddings.csv").exists()
+    assert (base / "untrained_encoder_gene_embeddings.csv").exists()
+    reliance = json.loads((base / "code_reliance.json").read_text())
+    assert set(reliance) == {"mse", "mse_mean_code", "mse_mean_image", "code_share"}
+    assert "of the gain over the mean image" in done.stdout
     written = pd.read_csv(run / "term_auc_test.csv")
     assert list(written.columns) == ["term", "n_genes", "n_positive", "auc", "auc_codes_lr"]
     np.testing.assert_allclose(written["auc_codes_lr"], codes["auc"], equal_nan=True)
