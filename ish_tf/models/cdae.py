@@ -3,11 +3,13 @@
 `build_cdae(ModelConfig)` (registry key "cdae"): grayscale whole sections
 (B, S_h, S_w, 1) float32 in [0, 255] -> scaled to [0, 1] inside the model (inverted by
 default, so the slide background is ~0 and stain is bright) -> `depth` blocks of
-3x3 ReLU convolutions each followed by 2x2 max pooling with switches -> flatten ->
-a linear dense "code" of `code_size` values -> a dense layer back to the bottleneck
-shape -> the mirrored decoder: unpool with the encoder's switches (or nearest
-upsampling, `unpool="nearest"`) then convolutions, down to a 1-channel sigmoid
-"reconstruction" in the model's [0, 1] scaled space (i.e. of `scale_images(x)`).
+3x3 ReLU convolutions (batch-normalised with norm="batch") each followed by 2x2 max
+pooling with switches -> flatten (or, code_pooling="average", the last block's features
+averaged over positions) -> a linear dense "code" of `code_size` values -> a dense
+layer back to the bottleneck shape -> the mirrored decoder: unpool with the encoder's
+switches (or nearest upsampling, `unpool="nearest"`) then convolutions, down to a
+1-channel sigmoid "reconstruction" in the model's [0, 1] scaled space (i.e. of
+`scale_images(x)`).
 
 Outputs, in order: [code (B, code_size), reconstruction (B, S_h, S_w, 1)] (the
 export family "cdae" serves both, code first so `bin/embed` stores the code).
@@ -95,8 +97,9 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"input {height}x{width} is too small for --cdae_depth={depth} "
                          f"(each side must be >= 2**depth = {2 ** depth})")
     return {"depth": depth, "filters": filters, "convs_per_block": convs, "code_size": code_size,
-            "unpool": unpool, "code_pooling": pooling, "norm": norm, "invert": bool(config.option("invert", True)),
-            "aspect": aspect, "height": height, "width": width}
+            "unpool": unpool, "code_pooling": pooling, "norm": norm,
+            "invert": bool(config.option("invert", True)), "aspect": aspect,
+            "height": height, "width": width}
 
 
 def scale_images(images, invert: bool = True):
