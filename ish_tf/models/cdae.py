@@ -305,7 +305,7 @@ def parameter_count(model: keras.Model) -> int:
 
 
 __all__: Sequence[str] = (
-    "CODE_POOLING", "NORMS", "UNPOOL_MODES", "build_cdae", "build_cdae_supervised", "cdae_options", "encoder_model",
-    "load_encoder_weights", "parameter_count", "scale_images",
+    "CODE_POOLING", "NORMS", "UNPOOL_MODES", "build_cdae", "build_cdae_supervised",
+    "cdae_options", "encoder_model", "load_encoder_weights", "parameter_count", "scale_images",
     "unscale_images",
 )

@@ -780,7 +780,8 @@ if __name__ == "__main__":
 
 
 __all__: Sequence[str] = (
-    "CDAESupervisedTask", "CDAETask", "LOSSES", "NOISES", "corrupt", "load_term_groups",
-    "code_reliance", "codes_term_auc", "heldout_lr_auc", "pixel_pca", "predict_records", "reconstruction_loss",
-    "term_auc", "term_matrix", "to_gray", "untrained_encoder", "whole_dataset",
+    "CDAESupervisedTask", "CDAETask", "LOSSES", "NOISES", "code_reliance", "codes_term_auc",
+    "corrupt", "heldout_lr_auc", "load_term_groups", "pixel_pca", "predict_records",
+    "reconstruction_loss", "term_auc", "term_matrix", "to_gray", "untrained_encoder",
+    "whole_dataset",
 )
