@@ -688,6 +688,7 @@ def main(argv: list[str]) -> int:
     from absl import flags as absl_flags
 
     from ish_tf.data.embeddings import write_embedding_table
+    from ish_tf.io_utils import atomic_write_text
 
     fv = absl_flags.FLAGS
     if len(argv) != 2 or argv[1] not in ("term_auc", "baselines"):
@@ -751,8 +752,7 @@ def main(argv: list[str]) -> int:
         reliance = code_reliance(model, pixels.reshape(-1, opts["height"], opts["width"], 1),
                                  invert=opts["invert"])
         path = os.path.join(out, "code_reliance.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(reliance, f, indent=1)
+        atomic_write_text(path, json.dumps(reliance, indent=1))
         print(f"baselines: reconstruction mse {reliance['mse']:.5f}, with every image given "
               f"the mean code {reliance['mse_mean_code']:.5f}, mean image "
               f"{reliance['mse_mean_image']:.5f}: the code accounts for "
