@@ -347,3 +347,33 @@ def test_bin_evaluate_annotations_end_to_end(tmp_path):
                           timeout=120)
     assert proc.returncode == 1
     assert f"{rnd_path}: no gene matches {ann_path} by 'gene_symbol'" in proc.stderr
+
+
+def test_mouse_go_config_scores_terms_of_15_to_500_genes(tmp_path):
+    # configs/evaluate_mouse_go.cfg: FuncISH's GO category sizes for whole-section codes.
+    genes, _, _ = _groups(60)
+    rng = np.random.default_rng(6)
+    emb_path, gaf_path = str(tmp_path / "emb.csv"), str(tmp_path / "go.gaf")
+    _table(rng.standard_normal((60, 3)), genes).to_frame().to_csv(emb_path, index=False)
+    # (GO's universe is the annotated genes: GO:0000030 makes it all 60.)
+    members = {"GO:0000010": genes[:10], "GO:0000020": genes[10:30], "GO:0000030": genes[30:],
+               "GO:0000040": genes[:40]}
+    lines = ["!gaf-version: 2.2"]
+    for term, syms in members.items():
+        for k, sym in enumerate(syms):
+            lines.append("\t".join(["test", f"ID{k}", sym, "involved_in", term, "REF:1", "IDA",
+                                    "", "P", "", "", "protein", "taxon:10090", "20240101",
+                                    "test", "", ""]))
+    with open(gaf_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ish_tf.cli.evaluate",
+           f"--flagfile={os.path.join(ROOT, 'configs', 'evaluate_mouse_go.cfg')}",
+           f"--gaf={gaf_path}", f"--embedding={emb_path}", f"--out={out}", "--noreport",
+           "--n_jobs=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = set(pd.read_csv(out / "annotations.csv")["annotation"])
+    assert scored == {"GO:0000020", "GO:0000030", "GO:0000040"}  # 10 genes are below 15
+    skipped = pd.read_csv(out / "annotations_skipped.csv")
+    assert skipped["reason"].tolist() == ["10 matched genes < minimum 15"]
