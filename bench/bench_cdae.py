@@ -147,7 +147,7 @@ def main() -> int:
         return {k: float(np.mean(v)) for k, v in out.items()}
 
     rows = []
-    pca_table = None
+    pca_table = train_pixels = None
     for seed, run in runs.items():
         config = load_model_config(os.path.join(run, "model_config.json"))
         opts = cdae_options(config)
@@ -171,12 +171,10 @@ def main() -> int:
             diff = float(np.abs(served.values[order] - mine.values).max())
             print(f"bin/embed gene codes vs in-process codes: max |diff| {diff:.2e}")
         aucs = score(tables)
-        ident = keras.Sequential([keras.Input((opts["height"], opts["width"], 1)),
-                                  keras.layers.Identity()])
-        pkeys, pixels = task_cdae.predict_records(ident, records, "train")
-        reliance = task_cdae.code_reliance(model, pixels.reshape(-1, opts["height"],
-                                                                 opts["width"], 1)[:512],
-                                           invert=opts["invert"])
+        if train_pixels is None:  # the same images for every seed's reliance
+            train_pixels = task_cdae.whole_pixels(records, "train", opts["height"],
+                                                  opts["width"])[1][:512]
+        reliance = task_cdae.code_reliance(model, train_pixels, invert=opts["invert"])
         rows.append({"seed": seed, **aucs, **reliance})
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()
                                             if k != "seed"), flush=True)

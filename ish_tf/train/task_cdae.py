@@ -630,6 +630,18 @@ def gene_tables(keys: pd.DataFrame, values: np.ndarray, source: str):
     return image, aggregate(image, ("gene_symbol",))
 
 
+def whole_pixels(records_dir: str, split: str | Sequence[str], height: int, width: int
+                 ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The grayscale whole sections of the split(s) as stored, in record order.
+
+    Returns:
+      (keys as `predict_records`, float32 (N, height, width, 1) pixels in [0, 255]).
+    """
+    identity = keras.Sequential([keras.Input((height, width, 1)), keras.layers.Identity()])
+    keys, pixels = predict_records(identity, records_dir, split)
+    return keys, pixels.reshape(-1, height, width, 1)
+
+
 def pixel_pca(records_dir: str, n_components: int, height: int, width: int,
               splits: Sequence[str] = ("train", "validation", "test"), seed: int = 0,
               invert: bool = True):
@@ -642,11 +654,8 @@ def pixel_pca(records_dir: str, n_components: int, height: int, width: int,
     """
     from sklearn.decomposition import PCA
 
-    identity = keras.Sequential([keras.Input((height, width, 1)),
-                                 keras.layers.Rescaling(-1 / 255 if invert else 1 / 255,
-                                                        offset=1.0 if invert else 0.0),
-                                 keras.layers.Flatten()])
-    keys, pixels = predict_records(identity, records_dir, list(splits))
+    keys, pixels = whole_pixels(records_dir, list(splits), height, width)
+    pixels = np.asarray(scale_images(pixels, invert)).reshape(len(pixels), -1)
     train = (keys["split"] == "train").to_numpy()
     k = min(n_components, int(train.sum()) - 1, pixels.shape[1])
     pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(pixels[train])
@@ -746,11 +755,8 @@ def main(argv: list[str]) -> int:
     if model is not None and config.model == "cdae":
         # How much the trained decoder takes from the code (vs the switches), on up to
         # 512 training images.
-        pixels = predict_records(keras.Sequential([keras.Input((opts["height"], opts["width"], 1)),
-                                                   keras.layers.Identity()]),
-                                 records_dir, "train")[1][:512]
-        reliance = code_reliance(model, pixels.reshape(-1, opts["height"], opts["width"], 1),
-                                 invert=opts["invert"])
+        pixels = whole_pixels(records_dir, "train", opts["height"], opts["width"])[1]
+        reliance = code_reliance(model, pixels[:512], invert=opts["invert"])
         path = os.path.join(out, "code_reliance.json")
         atomic_write_text(path, json.dumps(reliance, indent=1))
         print(f"baselines: reconstruction mse {reliance['mse']:.5f}, with every image given "
@@ -783,5 +789,5 @@ __all__: Sequence[str] = (
     "CDAESupervisedTask", "CDAETask", "LOSSES", "NOISES", "code_reliance", "codes_term_auc",
     "corrupt", "heldout_lr_auc", "load_term_groups", "pixel_pca", "predict_records",
     "reconstruction_loss", "term_auc", "term_matrix", "to_gray", "untrained_encoder",
-    "whole_dataset",
+    "whole_dataset", "whole_pixels",
 )
