@@ -11,14 +11,17 @@ Runs, in a work directory (resumable: finished synthesis, records and runs are r
      logistic regression, mean per-group AUC over --cv_seeds): the trained codes, the
      untrained encoder (the same seed's initial weights) and pixel PCA to the code size;
   6. how much the decoder uses the code (task_cdae.code_reliance);
-  7. the supervised variant from the first seed's CDAE, per-term AUC on the held-out
-     genes next to the CDAE codes + logistic regression fit on the training genes;
+  7. the supervised variant from the CDAE of each --supervised_seeds value (default: the
+     first seed) and from scratch, per-term AUC on the held-out genes next to that CDAE's
+     codes (and its untrained initialisation's) + logistic regression fit on the
+     training genes;
   8. train-step throughput with --unpool=switches vs nearest (the baseline, same script).
 
 Usage:
   .venv/bin/python bench/bench_cdae.py [--work=/tmp/ish_cdae_bench] [--seeds=0,1,2]
       [--n_genes=160] [--size=64] [--steps=0] [--extra="--cdae_code_pooling=average"]
-      [--supervised_steps=400] [--skip_throughput]
+      [--split_fractions=0.6,0.1,0.3] [--supervised_steps=400]
+      [--supervised_seeds=0,1,2] [--skip_throughput]
 """
 
 from __future__ import annotations
@@ -79,8 +82,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="override --steps (0 = the config's)")
     ap.add_argument("--size", type=int, default=64, help="whole-section size")
     ap.add_argument("--extra", default="", help="extra bin/train flags")
+    ap.add_argument("--split_fractions", default="0.6,0.1,0.3",
+                    help="genes per split; 30%% held out gives the supervised comparison "
+                         "~6 test genes per group (the quickstart extracts 0.8,0.1,0.1)")
     ap.add_argument("--run", default="run", help="run directory prefix under --work")
     ap.add_argument("--supervised_steps", type=int, default=400, help="0 = skip")
+    ap.add_argument("--supervised_seeds", default="",
+                    help="training seeds whose CDAE starts a supervised run (and a run from "
+                         "scratch with the same seed); default: the first of --seeds")
     ap.add_argument("--skip_throughput", action="store_true")
     args = ap.parse_args()
     work = args.work
@@ -93,10 +102,9 @@ def main() -> int:
             f"--flagfile={os.path.join(ROOT, 'configs', 'synth_quickstart.cfg')}",
             f"--out={synth}", f"--n_genes={args.n_genes}", "--synth_workers=2"])
     t = time.perf_counter()
-    # 30% of the genes held out, so the supervised comparison has ~6 test genes per group.
     sh([os.path.join(ROOT, "bin", "extract"), f"--manifest={synth}/manifest.csv",
         f"--out={records}", "--whole_images", f"--whole_size={args.size}", "--format=png",
-        "--num_shards=4", "--workers=2", "--split_fractions=0.6,0.1,0.3"])
+        "--num_shards=4", "--workers=2", f"--split_fractions={args.split_fractions}"])
     print(f"whole-section extraction: {time.perf_counter() - t:.1f} s")
     runs = {}
     for seed in seeds:
@@ -195,33 +203,48 @@ def main() -> int:
           .round(5).to_string(index=False))
 
     if args.supervised_steps:
-        sup_runs = {}
-        for name, init in (("supervised", first), ("supervised_scratch", "")):
-            sup = sup_runs[name] = os.path.join(work, f"{args.run}_{name}")
-            sh([os.path.join(ROOT, "bin", "train"), f"--flagfile={args.config}",
-                "--model=cdae_supervised", f"--records_dir={records}", f"--run_dir={sup}",
-                f"--input_size={args.size}", f"--seed={seeds[0]}", f"--cdae_init_from={init}",
-                f"--cdae_gaf={os.path.join(synth, 'go.gaf')}", "--cdae_term_min_genes=5",
-                f"--steps={args.supervised_steps}",
-                f"--decay_start={args.supervised_steps // 2}", "--learning_rate=3e-4",
-                *shlex.split(args.extra)])
-            sh([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc", f"--run_dir={sup}",
-                f"--codes_run={first}"])
-        terms = pd.read_csv(os.path.join(sup_runs["supervised"], "term_auc_test.csv"))
-        scratch = pd.read_csv(os.path.join(sup_runs["supervised_scratch"], "term_auc_test.csv"))
-        terms.insert(4, "auc_scratch", scratch["auc"].to_numpy())
-        # The same two-stage scoring of the untrained encoder (the first seed's init).
-        untrained = encoder_model(build_model(load_model_config(
-            os.path.join(first, "model_config.json"))))
+        sup_seeds = ([int(v) for v in args.supervised_seeds.split(",")]
+                     if args.supervised_seeds else seeds[:1])
+        missing = [v for v in sup_seeds if v not in runs]
+        if missing:
+            raise SystemExit(f"--supervised_seeds {missing} are not among --seeds {seeds}")
         groups = task_cdae.load_term_groups(gaf=os.path.join(synth, "go.gaf"))
-        terms["auc_untrained_lr"] = task_cdae.codes_term_auc(
-            untrained, records, terms["term"].tolist(), groups)["auc"].to_numpy()
-        print("\nper-term AUC on the held-out test genes: supervised end to end (from the "
-              "CDAE; from scratch) vs codes + logistic regression fit on the train + "
-              "validation genes (the CDAE's; its untrained initialisation's):")
-        print(terms.round(3).to_string(index=False))
-        print("mean: " + ", ".join(f"{c} {terms[c].mean():.3f}" for c in terms.columns
-                                   if c.startswith("auc")))
+        means = []
+        for seed in sup_seeds:
+            cdae_run, sup_runs = runs[seed], {}
+            for name, init in (("supervised", cdae_run), ("supervised_scratch", "")):
+                sup = sup_runs[name] = os.path.join(work, f"{args.run}_{name}_s{seed}")
+                sh([os.path.join(ROOT, "bin", "train"), f"--flagfile={args.config}",
+                    "--model=cdae_supervised", f"--records_dir={records}", f"--run_dir={sup}",
+                    f"--input_size={args.size}", f"--seed={seed}", f"--cdae_init_from={init}",
+                    f"--cdae_gaf={os.path.join(synth, 'go.gaf')}", "--cdae_term_min_genes=5",
+                    f"--steps={args.supervised_steps}",
+                    f"--decay_start={args.supervised_steps // 2}", "--learning_rate=3e-4",
+                    *shlex.split(args.extra)])
+                sh([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
+                    f"--run_dir={sup}", f"--codes_run={cdae_run}"])
+            terms = pd.read_csv(os.path.join(sup_runs["supervised"], "term_auc_test.csv"))
+            scratch = pd.read_csv(os.path.join(sup_runs["supervised_scratch"],
+                                               "term_auc_test.csv"))
+            terms.insert(4, "auc_scratch", scratch["auc"].to_numpy())
+            # The same two-stage scoring of the untrained encoder (this seed's init).
+            untrained = encoder_model(build_model(load_model_config(
+                os.path.join(cdae_run, "model_config.json"))))
+            terms["auc_untrained_lr"] = task_cdae.codes_term_auc(
+                untrained, records, terms["term"].tolist(), groups)["auc"].to_numpy()
+            print(f"\nseed {seed}: per-term AUC on the held-out test genes: supervised end to "
+                  "end (from the CDAE; from scratch) vs codes + logistic regression fit on "
+                  "the train + validation genes (the CDAE's; its untrained initialisation's):")
+            print(terms.round(3).to_string(index=False))
+            aucs = [c for c in terms.columns if c.startswith("auc")]
+            means.append({"seed": seed, **{c: float(terms[c].mean()) for c in aucs}})
+            print("mean: " + ", ".join(f"{c} {terms[c].mean():.3f}" for c in aucs))
+        means = pd.DataFrame(means)
+        print(f"\nsupervised vs two-stage, mean per-term AUC on the test genes, "
+              f"{len(means)} seed(s):")
+        print(means.round(3).to_string(index=False))
+        for col in means.columns[1:]:
+            print(f"  {col:18s} mean {means[col].mean():.3f}  sd {means[col].std(ddof=0):.3f}")
 
     if not args.skip_throughput:
         base = throughput("nearest", args.size)
