@@ -14,6 +14,7 @@ lazily so `bin/fetch` does not pay for importing TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import flags
@@ -753,15 +754,13 @@ def whole_config(fv=FLAGS):
     Raises:
       ValueError: as `extract_config`, or a bad whole-image setting.
     """
+    from ish_tf.data.patches import RecordSetConfig
     from ish_tf.data.whole import WholeConfig
 
     ext = extract_config(fv)
-    return WholeConfig(
-        manifest=ext.manifest, out_dir=ext.out_dir, size=fv.whole_size, aspect=fv.whole_aspect,
-        margin=fv.whole_margin, image_format=ext.image_format,
-        jpeg_quality=ext.jpeg_quality, num_shards=ext.num_shards, compression=ext.compression,
-        split_by=ext.split_by, split_fractions=ext.split_fractions, workers=ext.workers,
-        seed=ext.seed, genes=ext.genes, mask=ext.mask)
+    shared = {f.name: getattr(ext, f.name) for f in dataclasses.fields(RecordSetConfig)}
+    return WholeConfig(size=fv.whole_size, aspect=fv.whole_aspect, margin=fv.whole_margin,
+                       **shared)
 
 
 # --------------------------------------------------------------------------- tune

@@ -168,6 +168,28 @@ def test_whole_records_one_per_image_and_resume(data):
                               split_fractions=(0.5, 0.25, 0.25)), progress_enabled=False)
 
 
+def test_whole_gene_filter_is_the_patch_extractions(data, tmp_path, caplog):
+    """--genes selects the same way for whole sections as for patches: unknown genes are
+    named and ignored, and a list with none of the manifest's genes is an error."""
+    from ish_tf.data import records
+    from ish_tf.data.patches import ExtractError
+    from ish_tf.data.whole import WholeConfig, run_whole
+
+    manifest = os.path.join(data["synth"], "manifest.csv")
+    gene = sorted(pd.read_csv(manifest)["gene_symbol"].astype(str).unique())[0]
+    out = str(tmp_path / "one_gene")
+    with caplog.at_level("WARNING"):
+        s = run_whole(WholeConfig(manifest=manifest, out_dir=out, size=16, num_shards=1,
+                                  genes=(gene, "NOT_A_GENE")), progress_enabled=False)
+    assert "NOT_A_GENE" in caplog.text
+    assert sum(v["images"] for v in s["splits"].values()) == 2  # 2 donors x 1 image
+    info = records.load_dataset_info(out)
+    assert [g.gene_symbol for g in info.genes] == [gene] and info.source_size == 0
+    with pytest.raises(ExtractError, match=r"manifest\.csv: none of the requested genes"):
+        run_whole(WholeConfig(manifest=manifest, out_dir=str(tmp_path / "none"), size=16,
+                              genes=("NOT_A_GENE",)), progress_enabled=False)
+
+
 def test_whole_dataset_is_resumable_by_step(data):
     from ish_tf.train.task_cdae import whole_dataset
 

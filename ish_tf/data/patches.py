@@ -51,19 +51,14 @@ class ExtractError(ValueError):
     """Extraction settings or inputs that make the whole stage impossible; names the culprit."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of patch extraction (`bin/extract`).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecordSetConfig:
+    """What every sharded record set of a manifest shares (patches, whole sections).
 
     Attributes:
-      manifest: manifest CSV written by `bin/fetch` or `bin/synth`.
-      out_dir: records directory (shards, index.json, genes.csv, extract_report.csv, masks/).
-      patches_per_image: N, most patches kept per image.
-      source_size: S, side of the window in original-image pixels.
-      patch_size: R, side of the stored patch (resized with an antialiasing filter).
-      min_fraction: F, least tissue fraction of a window.
-      max_tries: T, most candidate windows drawn per image.
-      image_format: "jpeg" or "png" encoding of the stored patches.
+      manifest: manifest CSV (`bin/fetch`, `bin/synth`).
+      out_dir: records directory (shards, index.json, genes.csv, the report, masks/).
+      image_format: "jpeg" or "png" encoding of the stored images.
       jpeg_quality: JPEG quality (1-95).
       num_shards: most shards per split (a split with fewer genes gets one per gene).
       compression: None or "GZIP".
@@ -73,16 +68,10 @@ class ExtractConfig:
       seed: seed of the split and of every image's sampling.
       genes: restrict extraction to these genes (empty = all of the manifest).
       mask: foreground mask settings.
-      save_overlays: also write `OUT/overlays/{image_id}.png` (mask over image) for checks.
     """
 
     manifest: str
     out_dir: str
-    patches_per_image: int = 50
-    source_size: int = 1024
-    patch_size: int = 256
-    min_fraction: float = 0.9
-    max_tries: int = 500
     image_format: str = "jpeg"
     jpeg_quality: int = 90
     num_shards: int = 4
@@ -93,15 +82,9 @@ class ExtractConfig:
     seed: int = 0
     genes: tuple[str, ...] = ()
     mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
-    save_overlays: bool = False
 
     def __post_init__(self) -> None:
         checks = [
-            (self.patches_per_image >= 1, "patches_per_image must be >= 1"),
-            (self.source_size >= 1, "source_size must be >= 1"),
-            (self.patch_size >= 1, "patch_size must be >= 1"),
-            (0.0 <= self.min_fraction <= 1.0, "min_fraction must lie in [0, 1]"),
-            (self.max_tries >= 1, "max_tries must be >= 1"),
             (self.image_format in IMAGE_FORMATS, f"image_format must be one of {IMAGE_FORMATS}"),
             (1 <= self.jpeg_quality <= 95, "jpeg_quality must lie in 1..95"),
             (self.num_shards >= 1, "num_shards must be >= 1"),
@@ -116,17 +99,66 @@ class ExtractConfig:
             if not ok:
                 raise ExtractError(message)
 
+    def sharing_key(self) -> dict:
+        """The shared settings that determine the records (part of `sampling_key`)."""
+        return {"image_format": self.image_format, "jpeg_quality": self.jpeg_quality,
+                "seed": self.seed, "split_by": self.split_by,
+                "split_fractions": list(self.split_fractions), "num_shards": self.num_shards,
+                "compression": self.compression, "mask": dataclasses.asdict(self.mask)}
+
+    def sampling_key(self) -> dict:
+        """The settings that determine the records; a resumed run must match them."""
+        raise NotImplementedError
+
+    def record_sizes(self) -> tuple[int, int]:
+        """(source_size, patch_size) for `records.DatasetInfo` (0 where not one number)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExtractConfig(RecordSetConfig):
+    """Settings of patch extraction (`bin/extract`): `RecordSetConfig` and the sampling.
+
+    Attributes:
+      patches_per_image: N, most patches kept per image.
+      source_size: S, side of the window in original-image pixels.
+      patch_size: R, side of the stored patch (resized with an antialiasing filter).
+      min_fraction: F, least tissue fraction of a window.
+      max_tries: T, most candidate windows drawn per image.
+      save_overlays: also write `OUT/overlays/{image_id}.png` (mask over image) for checks.
+    """
+
+    patches_per_image: int = 50
+    source_size: int = 1024
+    patch_size: int = 256
+    min_fraction: float = 0.9
+    max_tries: int = 500
+    save_overlays: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.patches_per_image >= 1, "patches_per_image must be >= 1"),
+            (self.source_size >= 1, "source_size must be >= 1"),
+            (self.patch_size >= 1, "patch_size must be >= 1"),
+            (0.0 <= self.min_fraction <= 1.0, "min_fraction must lie in [0, 1]"),
+            (self.max_tries >= 1, "max_tries must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ExtractError(message)
+        super().__post_init__()
+
     def sampling_key(self) -> dict:
         """The settings that determine the patches; a resumed run must match them."""
         return {
             "patches_per_image": self.patches_per_image, "source_size": self.source_size,
             "patch_size": self.patch_size, "min_fraction": self.min_fraction,
-            "max_tries": self.max_tries, "image_format": self.image_format,
-            "jpeg_quality": self.jpeg_quality, "seed": self.seed, "split_by": self.split_by,
-            "split_fractions": list(self.split_fractions), "num_shards": self.num_shards,
-            "compression": self.compression, "segmenter": self.mask.segmenter,
-            "mask": dataclasses.asdict(self.mask),
+            "max_tries": self.max_tries, "segmenter": self.mask.segmenter,
+            **self.sharing_key(),
         }
+
+    def record_sizes(self) -> tuple[int, int]:
+        return self.source_size, self.patch_size
 
 
 # --------------------------------------------------------------------------- sampling
@@ -502,12 +534,13 @@ def _manifest_digest(df) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def plan_extraction(df: pd.DataFrame, cfg: ExtractConfig) -> tuple[Any, list[ShardPlan], dict[int, str]]:
+def plan_extraction(df: pd.DataFrame,
+                    cfg: RecordSetConfig) -> tuple[Any, list[ShardPlan], dict[int, str]]:
     """Splits, vocabularies and the shard plan of a manifest.
 
     Args:
       df: validated manifest (already filtered to `cfg.genes`).
-      cfg: extraction settings.
+      cfg: extraction settings (patches or whole sections).
 
     Returns:
       (records.DatasetInfo, [ShardPlan, ...] in split then shard order,
@@ -536,9 +569,10 @@ def plan_extraction(df: pd.DataFrame, cfg: ExtractConfig) -> tuple[Any, list[Sha
         image_split = dict(zip(df["image_id"].astype(int),
                                df["donor_id"].astype(str).map(donor_split), strict=True))
         gene_split = {}
+    source_size, patch_size = cfg.record_sizes()
     info = records.DatasetInfo(
         genes=records.make_gene_vocabulary(genes, gene_split, entrez), donors=donors,
-        source_size=cfg.source_size, patch_size=cfg.patch_size, format=cfg.image_format,
+        source_size=source_size, patch_size=patch_size, format=cfg.image_format,
         seed=cfg.seed, split_by=cfg.split_by, donor_splits=donor_split,
         extra={"manifest": os.path.abspath(cfg.manifest), "manifest_digest": _manifest_digest(df),
                "sampling": cfg.sampling_key()})
@@ -721,6 +755,56 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
     return report, written, resumed
 
 
+def select_images(cfg: RecordSetConfig) -> pd.DataFrame:
+    """The manifest's rows to extract: all, or those of `cfg.genes`.
+
+    Genes asked for but absent from the manifest are named in a warning and ignored.
+
+    Raises:
+      ManifestError: the manifest is missing, unreadable or misses a column.
+      ExtractError: no rows, or none of the requested genes is in the manifest.
+    """
+    from ish_tf.data import manifest as mf
+
+    df = mf.read_manifest(cfg.manifest)
+    if len(df) == 0:
+        raise ExtractError(f"{cfg.manifest}: the manifest has no rows (empty gene list)")
+    if cfg.genes:
+        present = set(df["gene_symbol"].astype(str))
+        unknown = [g for g in cfg.genes if g not in present]
+        if unknown:
+            logging.warning("genes not in %s, ignored: %s", cfg.manifest, ", ".join(unknown))
+        df = df[df["gene_symbol"].astype(str).isin(set(cfg.genes))].reset_index(drop=True)
+        if len(df) == 0:
+            raise ExtractError(f"{cfg.manifest}: none of the requested genes "
+                               f"({', '.join(cfg.genes)}) is in the manifest")
+    return df
+
+
+def prepare_out_dir(out: str, info: Any, *subdirs: str | None) -> list[str]:
+    """Readies OUT for writing: makes the sub-directories, removes the temporary files of
+    an interrupted run, refuses records of other settings, and writes the dataset info.
+
+    Returns:
+      The paths of the partial files removed.
+
+    Raises:
+      ExtractError: OUT holds records of other settings or manifests.
+    """
+    from ish_tf.data import records
+
+    dirs = [out, *(d for d in subdirs if d)]
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    removed = [os.path.join(d, n) for d in dirs for n in remove_stale_tmp(d)]
+    if removed:
+        logging.info("removed %d partial file(s) of an interrupted run: %s", len(removed),
+                     ", ".join(os.path.basename(r) for r in removed))
+    _check_resume(out, info)
+    records.write_dataset_info(out, info)
+    return removed
+
+
 def run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None = None,
                 progress_enabled: bool | None = None) -> dict:
     """Extracts patches from every image of a manifest into sharded TFRecords (resumable).
@@ -745,37 +829,14 @@ def run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None = None,
       ManifestError: the manifest is missing, unreadable or misses a column.
       ExtractError: nothing to extract, or OUT holds a dataset of other settings.
     """
-    from ish_tf.data import manifest as mf
     from ish_tf.data import records
 
     hooks = hooks or ExtractHooks()
-    df = mf.read_manifest(cfg.manifest)
-    if len(df) == 0:
-        raise ExtractError(f"{cfg.manifest}: the manifest has no rows (empty gene list)")
-    if cfg.genes:
-        present = set(df["gene_symbol"].astype(str))
-        unknown = [g for g in cfg.genes if g not in present]
-        if unknown:
-            logging.warning("genes not in %s, ignored: %s", cfg.manifest, ", ".join(unknown))
-        df = df[df["gene_symbol"].astype(str).isin(set(cfg.genes))].reset_index(drop=True)
-        if len(df) == 0:
-            raise ExtractError(f"{cfg.manifest}: none of the requested genes "
-                               f"({', '.join(cfg.genes)}) is in the manifest")
-    info, plans, _ = plan_extraction(df, cfg)
-
+    info, plans, _ = plan_extraction(select_images(cfg), cfg)
     out = cfg.out_dir
     mask_dir = os.path.join(out, "masks")
     overlay_dir = os.path.join(out, "overlays") if cfg.save_overlays else None
-    os.makedirs(mask_dir, exist_ok=True)
-    removed = []
-    for d in (out, mask_dir, overlay_dir):
-        if d:
-            removed += [os.path.join(d, n) for n in remove_stale_tmp(d)]
-    if removed:
-        logging.info("removed %d partial file(s) of an interrupted run: %s", len(removed),
-                     ", ".join(os.path.basename(r) for r in removed))
-    _check_resume(out, info)
-    records.write_dataset_info(out, info)
+    removed = prepare_out_dir(out, info, mask_dir, overlay_dir)
 
     def examples(common: dict, row: Any, res: ImageResult) -> list:
         return [records.make_example(

@@ -29,53 +29,39 @@ from ish_tf.data.patches import (
     NO_TISSUE,
     OK,
     UNREADABLE,
-    ExtractConfig,
     ExtractError,
+    RecordSetConfig,
     ShardedStage,
     encode_patch,
     plan_extraction,
+    prepare_out_dir,
     read_rgb,
+    select_images,
     write_shards,
 )
-from ish_tf.data.segment import MaskConfig, load_or_compute_mask
-from ish_tf.io_utils import remove_stale_tmp
+from ish_tf.data.segment import load_or_compute_mask
 
 REPORT_NAME = "whole_report.csv"
 REPORT_COLUMNS: tuple[str, ...] = ("image_id", "gene_symbol", "donor_id", "split", "shard",
                                    "status", "x0", "y0", "x1", "y1", "tissue_fraction", "reason")
 
 
-@dataclasses.dataclass(frozen=True)
-class WholeConfig:
-    """Settings of whole-section extraction.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WholeConfig(RecordSetConfig):
+    """Settings of whole-section extraction: `patches.RecordSetConfig` (manifest, out_dir,
+    format, sharding, splits, workers, seed, genes, mask) and the section's size.
 
     Attributes:
-      manifest: manifest CSV.
-      out_dir: records directory.
       size: height H of the stored sections.
       aspect: width / height; W = round(H * aspect).
       margin: margin around the tissue's bounding box, fraction of its longer side.
       image_format: "png" (lossless, preferred) or "jpeg".
-      jpeg_quality: JPEG quality (1-95).
-      num_shards, compression, split_by, split_fractions, workers, seed, genes, mask:
-        as in `ish_tf.data.patches.ExtractConfig`.
     """
 
-    manifest: str
-    out_dir: str
     size: int = 128
     aspect: float = 1.0
     margin: float = 0.02
     image_format: str = "png"
-    jpeg_quality: int = 90
-    num_shards: int = 4
-    compression: str | None = None
-    split_by: str = "gene"
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    workers: int = 1
-    seed: int = 0
-    genes: tuple[str, ...] = ()
-    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -84,30 +70,22 @@ class WholeConfig:
             raise ExtractError(f"whole_aspect must be > 0, got {self.aspect}")
         if not 0.0 <= self.margin <= 1.0:
             raise ExtractError(f"whole_margin must lie in [0, 1], got {self.margin}")
-        self.extract_config()  # checks the shared settings
+        super().__post_init__()
 
     @property
     def width(self) -> int:
         """W = round(size * aspect)."""
         return max(int(round(self.size * self.aspect)), 1)
 
-    def extract_config(self) -> ExtractConfig:
-        """The patch-extraction config with the same shared settings (for the shard plan)."""
-        return ExtractConfig(
-            manifest=self.manifest, out_dir=self.out_dir, patches_per_image=1, source_size=1,
-            patch_size=self.size, image_format=self.image_format,
-            jpeg_quality=self.jpeg_quality, num_shards=self.num_shards,
-            compression=self.compression, split_by=self.split_by,
-            split_fractions=self.split_fractions, workers=self.workers, seed=self.seed,
-            genes=self.genes, mask=self.mask)
-
     def sampling_key(self) -> dict:
         """The settings that determine the records; a resumed run must match them."""
         return {"mode": "whole", "size": self.size, "width": self.width, "margin": self.margin,
-                "image_format": self.image_format, "jpeg_quality": self.jpeg_quality,
-                "seed": self.seed, "split_by": self.split_by,
-                "split_fractions": list(self.split_fractions), "num_shards": self.num_shards,
-                "compression": self.compression, "mask": dataclasses.asdict(self.mask)}
+                **self.sharing_key()}
+
+    def record_sizes(self) -> tuple[int, int]:
+        # S_h x S_w sections of no single source window; a non-square size has no single
+        # patch_size (readers then take the shape from the images).
+        return 0, (self.size if self.width == self.size else 0)
 
 
 # --------------------------------------------------------------------------- per image
@@ -241,31 +219,16 @@ def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
       ManifestError: unreadable manifest. ExtractError: nothing to extract, or OUT holds
       records of other settings.
     """
-    from ish_tf.data import manifest as mf
     from ish_tf.data import records
 
-    # The same resume rules and summary as patch extraction.
-    from ish_tf.data.patches import _check_resume, _summary
+    # The same manifest selection, resume rules and summary as patch extraction.
+    from ish_tf.data.patches import _summary
 
-    df = mf.read_manifest(cfg.manifest)
-    if cfg.genes:
-        df = df[df["gene_symbol"].astype(str).isin(set(cfg.genes))].reset_index(drop=True)
-    if len(df) == 0:
-        raise ExtractError(f"{cfg.manifest}: no images to extract (empty manifest or gene list)")
-    info, plans, _ = plan_extraction(df, cfg.extract_config())
-    # Whole sections: the records' size is S_h x S_w; a non-square size has no single
-    # patch_size (readers then take the shape from the images).
-    info.patch_size = cfg.size if cfg.width == cfg.size else 0
-    info.source_size = 0
-    info.extra["sampling"] = cfg.sampling_key()
+    info, plans, _ = plan_extraction(select_images(cfg), cfg)
     info.extra["whole"] = {"height": cfg.size, "width": cfg.width, "channels": 1}
-
     out = cfg.out_dir
     mask_dir = os.path.join(out, "masks")
-    os.makedirs(mask_dir, exist_ok=True)
-    removed = [os.path.join(d, n) for d in (out, mask_dir) for n in remove_stale_tmp(d)]
-    _check_resume(out, info)
-    records.write_dataset_info(out, info)
+    removed = prepare_out_dir(out, info, mask_dir)
 
     def examples(common: dict, row, res: WholeResult) -> list:
         if res.status != OK:
