@@ -415,3 +415,42 @@ def test_code_reliance_measures_what_the_decoder_takes_from_the_code():
     assert got["mse_mean_image"] == pytest.approx(float(np.mean((target - target.mean(0)) ** 2)))
     with pytest.raises(ValueError, match="N >= 2"):
         code_reliance(model, images[:1])
+
+
+def test_whole_record_of_a_real_allen_mouse_section(tmp_path):
+    """A real Allen Mouse Brain Atlas section (Prox1, sagittal, downsample 2) becomes one
+    64x96 grayscale record cropped to the tissue, padded with the slide's white, that the
+    CDAE encodes."""
+    import shutil
+
+    from conftest import shared_data_path
+
+    from ish_tf.data import manifest as mf
+    from ish_tf.data.whole import WholeConfig, run_whole
+    from ish_tf.train.task_cdae import predict_records, whole_pixels
+
+    src = shared_data_path("allen", "mouse_prox1_sagittal_ds2.jpg")
+    os.makedirs(tmp_path / "img")
+    shutil.copy(src, tmp_path / "img" / "prox1.jpg")
+    mf.write_manifest(pd.DataFrame([{
+        "image_id": 1, "experiment_id": 69289763, "study": "mouse", "gene_symbol": "Prox1",
+        "donor_id": "mouse", "plane_of_section": "sagittal", "width": 2980, "height": 1888,
+        "path": "img/prox1.jpg"}]), str(tmp_path / "manifest.csv"))
+    out = str(tmp_path / "whole")
+    s = run_whole(WholeConfig(manifest=str(tmp_path / "manifest.csv"), out_dir=out, size=64,
+                              aspect=1.5, num_shards=1), progress_enabled=False)
+    assert s["splits"]["train"]["status"] == {"ok": 1}
+    row = pd.read_csv(os.path.join(out, "whole_report.csv")).iloc[0]
+    # The section fills most of the slide: its box (plus the 2% margin) spans > 90% of it.
+    assert row["x1"] - row["x0"] > 0.9 * 2980 and row["y1"] - row["y0"] > 0.9 * 1888
+    assert 0.5 < row["tissue_fraction"] < 0.7  # 0.589 measured (tests/test_segment.py)
+    _, pixels = whole_pixels(out, "train", 64, 96)
+    img = pixels[0].reshape(64, 96)
+    assert img[0].mean() > 235 and img[-1].mean() > 235  # slide background at the edges
+    assert img[24:40, 32:64].mean() < 225  # tissue in the middle
+    assert img.min() < 120  # the dentate gyrus's dark Prox1 stain survives downsampling
+    model = build_cdae(ModelConfig(model="cdae", input_size=64, seed=0, options={
+        "depth": 3, "filters": [8, 8, 8], "code_size": 16, "aspect": 1.5, "norm": "batch"}))
+    keys, codes = predict_records(encoder_model(model), out, "train")
+    assert keys["gene_symbol"].tolist() == ["Prox1"] and codes.shape == (1, 16)
+    assert np.isfinite(codes).all()
