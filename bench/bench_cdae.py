@@ -15,13 +15,15 @@ Runs, in a work directory (resumable: finished synthesis, records and runs are r
      first seed) and from scratch, per-term AUC on the held-out genes next to that CDAE's
      codes (and its untrained initialisation's) + logistic regression fit on the
      training genes;
-  8. train-step throughput with --unpool=switches vs nearest (the baseline, same script).
+  8. train-step throughput with --unpool=switches vs nearest (the baseline, same script),
+     for the config's model and any --throughput_configs (the paper-sized model).
 
 Usage:
   .venv/bin/python bench/bench_cdae.py [--work=/tmp/ish_cdae_bench] [--seeds=0,1,2]
       [--n_genes=160] [--size=64] [--steps=0] [--extra="--cdae_code_pooling=average"]
       [--split_fractions=0.6,0.1,0.3] [--supervised_steps=400]
       [--supervised_seeds=0,1,2] [--skip_throughput]
+      [--throughput_configs configs/cdae_mouse.cfg] [--throughput_steps=5]
 """
 
 from __future__ import annotations
@@ -41,20 +43,39 @@ def sh(args: list[str]) -> None:
     subprocess.run(args, cwd=ROOT, check=True)
 
 
-def throughput(unpool: str, size: int = 64, batch: int = 32, steps: int = 30) -> float:
-    """Images/s of the CDAE train step (forward, loss, backward, Adam) on random images."""
+def config_model(flagfile: str):
+    """(ModelConfig, batch size) of a training flagfile, read through the flags edge."""
+    from absl import flags as absl_flags
+
+    from ish_tf import flags
+    from ish_tf.cli import train as _  # noqa: F401 - defines the training flags
+
+    absl_flags.FLAGS.unparse_flags()
+    try:
+        absl_flags.FLAGS(["train", f"--flagfile={flagfile}"])
+        return (flags.model_config(absl_flags.FLAGS),
+                int(flags.cdae_options(absl_flags.FLAGS)["batch_size"]))
+    finally:
+        absl_flags.FLAGS.unparse_flags()
+
+
+def throughput(flagfile: str, unpool: str, steps: int = 30) -> tuple[float, str]:
+    """Images/s of the CDAE train step (forward, loss, backward, Adam) of a config's model
+    and batch size on random images, with --unpool forced to `unpool`; and the shape."""
+    import dataclasses
+
     import keras
     import tensorflow as tf
 
-    from ish_tf.models import ModelConfig
-    from ish_tf.models.cdae import build_cdae
+    from ish_tf.models import build_model
+    from ish_tf.models.cdae import cdae_options
 
-    cfg = ModelConfig(model="cdae", input_size=size, seed=0,
-                      options={"depth": 3, "filters": [16, 32, 32], "code_size": 16,
-                               "unpool": unpool, "norm": "batch"})
-    model = build_cdae(cfg)
+    config, batch = config_model(flagfile)
+    config = dataclasses.replace(config, options={**config.options, "unpool": unpool})
+    opts = cdae_options(config)
+    model = build_model(config)
     opt = keras.optimizers.Adam(1e-3)
-    x = tf.random.uniform((batch, size, size, 1), 0, 255, seed=0)
+    x = tf.random.uniform((batch, opts["height"], opts["width"], 1), 0, 255, seed=0)
 
     @tf.function
     def step():
@@ -69,7 +90,8 @@ def throughput(unpool: str, size: int = 64, batch: int = 32, steps: int = 30) ->
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    return batch * steps / (time.perf_counter() - t)
+    shape = f"{opts['height']}x{opts['width']}, batch {batch}"
+    return batch * steps / (time.perf_counter() - t), shape
 
 
 def main() -> int:
@@ -91,6 +113,11 @@ def main() -> int:
                     help="training seeds whose CDAE starts a supervised run (and a run from "
                          "scratch with the same seed); default: the first of --seeds")
     ap.add_argument("--skip_throughput", action="store_true")
+    ap.add_argument("--throughput_configs", nargs="*", default=[],
+                    help="more flagfiles whose model's train step to time (e.g. "
+                         "configs/cdae_mouse.cfg, the paper-sized model)")
+    ap.add_argument("--throughput_steps", type=int, default=5,
+                    help="timed steps for --throughput_configs")
     args = ap.parse_args()
     work = args.work
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -247,10 +274,13 @@ def main() -> int:
             print(f"  {col:18s} mean {means[col].mean():.3f}  sd {means[col].std(ddof=0):.3f}")
 
     if not args.skip_throughput:
-        base = throughput("nearest", args.size)
-        sw = throughput("switches", args.size)
-        print(f"\ntrain-step throughput at {args.size}x{args.size}, batch 32: nearest "
-              f"{base:.1f} img/s, switches {sw:.1f} img/s, ratio switches/nearest {sw / base:.3f}")
+        for flagfile, steps in [(args.config, 30)] + [(f, args.throughput_steps)
+                                                      for f in args.throughput_configs]:
+            base, shape = throughput(flagfile, "nearest", steps)
+            sw, _ = throughput(flagfile, "switches", steps)
+            print(f"\ntrain-step throughput of {os.path.basename(flagfile)}'s model ({shape}): "
+                  f"nearest {base:.1f} img/s, switches {sw:.1f} img/s, ratio switches/nearest "
+                  f"{sw / base:.3f}")
     return 0
 
 
