@@ -395,14 +395,15 @@ def test_cli_subprocess_against_fake_server(tmp_path):
 def test_cli_ctrl_c_then_resume(tmp_path):
     fake = FakeAllen(make_study(n_genes=4, donors_per_gene=1, images_per_set=3), image_delay=0.15)
     ids = fake.image_ids()
+    running: dict = {}
+    # Ctrl-C from the server's thread right after the third image is sent: polling from
+    # here could be starved on a loaded machine until the fetch had finished (exit 0).
+    fake.on_image_served = lambda n: running["proc"].send_signal(signal.SIGINT) if n == 3 else None
     with serve(fake) as url:
         args = ["--study=cortex", f"--api_url={url}", f"--out={tmp_path}", "--workers=1"]
-        proc = _cli(args)
-        deadline = time.monotonic() + 60
-        while fake.images_served < 3 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        running["proc"] = proc = _cli(args)
         _, err = proc.communicate(timeout=60)
+        fake.on_image_served = None
         assert proc.returncode == 130, err
         assert "rerun" in err
         first = _assert_consistent(tmp_path, fake)
