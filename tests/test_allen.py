@@ -371,9 +371,15 @@ def test_unusable_data_set_is_recorded(tmp_path):
 
 
 # --------------------------------------------------------------------------- CLI
+# `python -m ish_tf.cli.fetch` with Python's own Ctrl-C handling (KeyboardInterrupt) even
+# where the tests run with SIGINT ignored, as a background job's children do (inherited).
+_FETCH = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "runpy.run_module('ish_tf.cli.fetch', run_name='__main__', alter_sys=True)")
+
+
 def _cli(args, **kw) -> subprocess.Popen:
     env = dict(os.environ, ISH_TF_PROGRESS="0")
-    return subprocess.Popen([sys.executable, "-m", "ish_tf.cli.fetch", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-c", _FETCH, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
