@@ -18,6 +18,7 @@ patches do not depend on which worker processes it or in which order.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import io
@@ -52,8 +53,11 @@ class ExtractError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RecordSetConfig:
+class RecordSetConfig(abc.ABC):
     """What every sharded record set of a manifest shares (patches, whole sections).
+
+    A stage's config extends it with what its records are made of, and says which of its
+    settings determine the records (`sampling_key`) and their sizes (`record_sizes`).
 
     Attributes:
       manifest: manifest CSV (`bin/fetch`, `bin/synth`).
@@ -106,13 +110,13 @@ class RecordSetConfig:
                 "split_fractions": list(self.split_fractions), "num_shards": self.num_shards,
                 "compression": self.compression, "mask": dataclasses.asdict(self.mask)}
 
+    @abc.abstractmethod
     def sampling_key(self) -> dict:
         """The settings that determine the records; a resumed run must match them."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def record_sizes(self) -> tuple[int, int]:
         """(source_size, patch_size) for `records.DatasetInfo` (0 where not one number)."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
