@@ -43,8 +43,9 @@ def sh(args: list[str]) -> None:
     subprocess.run(args, cwd=ROOT, check=True)
 
 
-def config_model(flagfile: str):
-    """(ModelConfig, batch size) of a training flagfile, read through the flags edge."""
+def config_model(flagfile: str, extra: list[str] = ()):
+    """(ModelConfig, batch size) of a training flagfile (and extra flags after it), read
+    through the flags edge."""
     from absl import flags as absl_flags
 
     from ish_tf import flags
@@ -52,16 +53,18 @@ def config_model(flagfile: str):
 
     absl_flags.FLAGS.unparse_flags()
     try:
-        absl_flags.FLAGS(["train", f"--flagfile={flagfile}"])
+        absl_flags.FLAGS(["train", f"--flagfile={flagfile}", *extra])
         return (flags.model_config(absl_flags.FLAGS),
                 int(flags.cdae_options(absl_flags.FLAGS)["batch_size"]))
     finally:
         absl_flags.FLAGS.unparse_flags()
 
 
-def throughput(flagfile: str, unpool: str, steps: int = 30) -> tuple[float, str]:
+def throughput(flagfile: str, unpool: str, steps: int = 30,
+               extra: list[str] = ()) -> tuple[float, str]:
     """Images/s of the CDAE train step (forward, loss, backward, Adam) of a config's model
-    and batch size on random images, with --unpool forced to `unpool`; and the shape."""
+    and batch size (with `extra` flags) on random images, with --unpool forced to `unpool`;
+    and the shape."""
     import dataclasses
 
     import keras
@@ -70,7 +73,7 @@ def throughput(flagfile: str, unpool: str, steps: int = 30) -> tuple[float, str]
     from ish_tf.models import build_model
     from ish_tf.models.cdae import cdae_options
 
-    config, batch = config_model(flagfile)
+    config, batch = config_model(flagfile, extra)
     config = dataclasses.replace(config, options={**config.options, "unpool": unpool})
     opts = cdae_options(config)
     model = build_model(config)
@@ -274,10 +277,12 @@ def main() -> int:
             print(f"  {col:18s} mean {means[col].mean():.3f}  sd {means[col].std(ddof=0):.3f}")
 
     if not args.skip_throughput:
-        for flagfile, steps in [(args.config, 30)] + [(f, args.throughput_steps)
-                                                      for f in args.throughput_configs]:
-            base, shape = throughput(flagfile, "nearest", steps)
-            sw, _ = throughput(flagfile, "switches", steps)
+        # The trained model (the config with --size and --extra), then any other configs.
+        trained = [f"--input_size={args.size}", *shlex.split(args.extra)]
+        for flagfile, steps, extra in [(args.config, 30, trained)] + [
+                (f, args.throughput_steps, []) for f in args.throughput_configs]:
+            base, shape = throughput(flagfile, "nearest", steps, extra)
+            sw, _ = throughput(flagfile, "switches", steps, extra)
             print(f"\ntrain-step throughput of {os.path.basename(flagfile)}'s model ({shape}): "
                   f"nearest {base:.1f} img/s, switches {sw:.1f} img/s, ratio switches/nearest "
                   f"{sw / base:.3f}")
