@@ -326,6 +326,21 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "codes of" in done.stdout and "logistic regression" in done.stdout
+    # --codes_run takes a .keras file as --cdae_init_from does, and names a missing one.
+    keras_file = str(cdae_run / "model.keras")
+    out = tmp_path / "codes_from_file"
+    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
+                           f"--run_dir={run}", f"--codes_run={keras_file}", f"--out={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from_file = pd.read_csv(out / "term_auc_test.csv")
+    from_run = pd.read_csv(run / "term_auc_test.csv")
+    np.testing.assert_allclose(from_file["auc_codes_lr"], from_run["auc_codes_lr"], atol=1e-6)
+    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
+                           f"--run_dir={run}", f"--codes_run={tmp_path / 'nothing'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "--codes_run=" in done.stderr
+    assert "model.keras not found" in done.stderr
     done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "baselines",
                            f"--run_dir={cdae_run}"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -258,6 +258,19 @@ def build_cdae_supervised(config: ModelConfig) -> keras.Model:
     return model
 
 
+def cdae_model_path(source: str, flag: str) -> str:
+    """The .keras file of a trained CDAE given as a run directory or as the file itself.
+
+    Raises:
+      FileNotFoundError: naming `flag`, the source and the path looked for.
+    """
+    path = source if source.endswith(".keras") else os.path.join(source, "model.keras")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}={source}: {path} not found (train a CDAE first: "
+                                "bin/train --model=cdae)")
+    return path
+
+
 def load_encoder_weights(model: keras.Model, source: str) -> list[str]:
     """Copies the encoder weights (scale, enc*, code) of a trained CDAE into `model`.
 
@@ -272,10 +285,7 @@ def load_encoder_weights(model: keras.Model, source: str) -> list[str]:
       FileNotFoundError: no model at `source`.
       ValueError: the source has no matching encoder or its shapes differ.
     """
-    path = source if source.endswith(".keras") else os.path.join(source, "model.keras")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--cdae_init_from={source}: {path} not found (train a CDAE "
-                                "first: bin/train --model=cdae)")
+    path = cdae_model_path(source, "--cdae_init_from")
     trained = keras.saving.load_model(path, compile=False)
     copied = []
     for layer in model.layers:
@@ -306,6 +316,6 @@ def parameter_count(model: keras.Model) -> int:
 
 __all__: Sequence[str] = (
     "CODE_POOLING", "NORMS", "UNPOOL_MODES", "build_cdae", "build_cdae_supervised",
-    "cdae_options", "encoder_model", "load_encoder_weights", "parameter_count", "scale_images",
+    "cdae_model_path", "cdae_options", "encoder_model", "load_encoder_weights", "parameter_count", "scale_images",
     "unscale_images",
 )

@@ -43,7 +43,13 @@ import pandas as pd
 import tensorflow as tf
 
 from ish_tf.models import ModelConfig
-from ish_tf.models.cdae import cdae_options, encoder_model, scale_images, unscale_images
+from ish_tf.models.cdae import (
+    cdae_model_path,
+    cdae_options,
+    encoder_model,
+    scale_images,
+    unscale_images,
+)
 from ish_tf.train import TrainConfig
 from ish_tf.train.tasks import DatasetFn, Task, global_mean, register_task, replicas_per_pipeline
 
@@ -721,19 +727,17 @@ def main(argv: list[str]) -> int:
         table = term_auc(model, records_dir, terms, groups, fv.split)
         codes_run = fv.codes_run or str(config.option("init_from", "") or "")
         if codes_run:  # the two-stage alternative, on the same held-out genes
-            try:
-                _, _, cdae = _load_run(codes_run)
+            try:  # a run directory or a .keras file, as --cdae_init_from takes
+                cdae = keras.saving.load_model(cdae_model_path(codes_run, "--codes_run"),
+                                               compile=False)
             except (OSError, ValueError) as e:
-                print(f"task_cdae: error: --codes_run={codes_run}: {e}", file=sys.stderr)
-                return 1
-            if cdae is None:
-                print(f"task_cdae: error: {codes_run} holds no finished model", file=sys.stderr)
+                print(f"task_cdae: error: {e}", file=sys.stderr)
                 return 1
             codes = codes_term_auc(encoder_model(cdae), records_dir, terms, groups, fv.split)
             table["auc_codes_lr"] = codes["auc"].to_numpy()
         path = os.path.join(fv.out or fv.run_dir, f"term_auc_{fv.split}.csv")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        table.to_csv(path, index=False)
+        atomic_write_text(path, table.to_csv(index=False))
         line = (f"term_auc: {int(table['auc'].notna().sum())} of {len(table)} terms scored on "
                 f"{fv.split} genes, mean AUC supervised {table['auc'].mean():.3f}")
         if codes_run:
