@@ -97,6 +97,35 @@ def throughput(flagfile: str, unpool: str, steps: int = 30,
     return batch * steps / (time.perf_counter() - t), shape
 
 
+def generator_tables(synth: str):
+    """Reference rows: the generator's own per-gene parameters (specs.json) as embeddings.
+
+    `section_params`: what a whole section downsampled to 64 px can show (level, per-layer
+    profile, white matter, expressing fraction, cell classes, pattern); `all_params` adds
+    the cell-scale ones (cell size, elongation, punctate texture, neuropil, intensity
+    spread) that such a section blurs away. Noise-free: an upper reference for codes of
+    the images, not a bound.
+    """
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from ish_tf.data.embeddings import EmbeddingTable
+
+    with open(os.path.join(synth, "specs.json")) as f:
+        genes = json.load(f)["genes"]
+    patterns = sorted({g["pattern"] for g in genes})
+    section = [[g["intensity"], g["wm_expression"], g["fraction"], *g["profile"],
+                *g["class_weights"], *[float(g["pattern"] == p) for p in patterns]]
+               for g in genes]
+    cell = [[g["cell_size"], g["elongation"], g["punctate"], g["neuropil"], g["intensity_cv"]]
+            for g in genes]
+    keys = pd.DataFrame({"gene_symbol": [g["symbol"] for g in genes]})
+    return {"section_params": EmbeddingTable(keys, np.asarray(section, np.float32)),
+            "all_params": EmbeddingTable(keys.copy(), np.hstack([section, cell]).astype(np.float32))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/ish_cdae_bench")
@@ -218,6 +247,7 @@ def main() -> int:
                                             if k != "seed"), flush=True)
     table = pd.DataFrame(rows)
     names = ["cdae", "untrained_encoder", "pixels_pca"]
+    reference = score(generator_tables(synth))
     print(f"\nGO-like group prediction, {args.n_genes} synthetic genes in 8 groups "
           f"(5-fold CV x {len(cv_seeds)} fold seeds, mean per-group AUC), "
           f"{len(seeds)} training seed(s):")
@@ -228,6 +258,9 @@ def main() -> int:
     print(f"cdae > its own untrained initialisation in {wins} of {len(table)} seeds; "
           f"mean ratio cdae / untrained {(table['cdae'] / table['untrained_encoder']).mean():.3f},"
           f" cdae / pixels_pca {(table['cdae'] / table['pixels_pca']).mean():.3f}")
+    print("reference, the generator's own gene parameters (noise-free, same scoring): "
+          f"section-scale {reference['section_params']:.4f}, with cell-scale "
+          f"{reference['all_params']:.4f}")
     print("\nreconstruction error of the trained models on training images ([0, 1] units):")
     print(table[["seed", "mse", "mse_mean_code", "mse_mean_image", "code_share"]]
           .round(5).to_string(index=False))
