@@ -69,6 +69,14 @@ def test_trainer_steps_under_mirrored_match_single_device(mirrored_result):
     assert r["train_loss_diff"] < TOL, r
 
 
+def test_logged_gradient_norm_is_the_global_gradients(mirrored_result):
+    # The gradient norm written to metrics.csv and TensorBoard is the norm of the
+    # summed (global-batch) gradient, not one replica's share scaled up.
+    r = mirrored_result
+    assert len(r["train_grad_norms"]) == 3 and min(r["train_grad_norms"]) > 1e-3, r
+    assert r["train_grad_norm_max_rel_diff"] < TOL, r
+
+
 def _main() -> None:  # pragma: no cover - runs in the subprocess
     import tensorflow as tf
 
@@ -81,6 +89,7 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
 
     import keras
     import numpy as np
+    import pandas as pd
 
     from ish_tf.losses.triplet import triplet_loss
     from ish_tf.models import ModelConfig
@@ -162,7 +171,8 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
             t = make_task(mcfg, cfg, dataset_fn)
             result = train(t, cfg, strategy=strat)
             model = keras.saving.load_model(result.model_path)
-            results[name] = (result, model.get_weights())
+            metrics = pd.read_csv(os.path.join(cfg.run_dir, "metrics.csv"))
+            results[name] = (result, model.get_weights(), metrics["grad_norm"].to_numpy())
 
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
@@ -179,6 +189,9 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
         "trained_steps": results["mirrored"][0].step,
         "train_loss_diff": abs(results["single"][0].loss - results["mirrored"][0].loss),
         "train_weights_max_abs_diff": max_diff(results["single"][1], results["mirrored"][1]),
+        "train_grad_norms": [float(v) for v in results["single"][2]],
+        "train_grad_norm_max_rel_diff": float(np.max(
+            np.abs(results["single"][2] - results["mirrored"][2]) / results["single"][2])),
     }))
 
 

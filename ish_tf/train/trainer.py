@@ -16,7 +16,9 @@ reached its step count only (re)writes model.keras if it is missing.
 One step: each replica computes the task's global-batch loss on its slice (tasks
 gather across replicas where they mine across the batch), divides it by the number
 of replicas, differentiates, and the optimizer sums the replicas' gradients: the
-result equals the single-device gradient of the global batch.
+result equals the single-device gradient of the global batch. The logged grad_norm is
+that global gradient's norm (on logging steps the replicas' shares are all-reduced once
+more to measure it).
 """
 
 from __future__ import annotations
@@ -267,18 +269,24 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
            and len(strategy.extended.worker_devices) == 1 else None)
 
-    def replica_step(batch):
+    def replica_step(batch, exact_norm):
         if pin is not None:
             with tf.device(pin):
                 batch = tf.nest.map_structure(tf.identity, batch)
-        return _replica_step(batch)
+        return _replica_step(batch, exact_norm)
 
-    def _replica_step(batch):
+    def _replica_step(batch, exact_norm):
         loss, stats, grads = replica_gradients(task, forward, batch, variables, replicas, loss_scale)
-        # This replica's share, rescaled to the global gradient's units (exact with one
-        # replica); with float16 loss scaling the scale is divided out.
-        grad_norm = tf.linalg.global_norm([g for g in grads if g is not None]) * float(replicas)
-        if loss_scale is not None:
+        present = [g for g in grads if g is not None]
+        if exact_norm and replicas > 1:
+            # The norm of the global gradient (the sum of the replicas' shares): one
+            # more all-reduce, so only on the steps that log it.
+            present = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, present)
+        # Otherwise this replica's share: exact with one replica, and with several
+        # enough for the every-step check that the gradients are finite.
+        grad_norm = tf.linalg.global_norm(present)
+        if loss_scale is not None:  # float16 loss scaling: divide the scale out
             grad_norm = grad_norm / tf.cast(loss_scale.dynamic_scale, tf.float32)
         optimizer.apply(grads, variables)
         return loss, stats, grad_norm
@@ -287,8 +295,9 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         replica_step = tf.function(replica_step, jit_compile=True)
 
     @tf.function
-    def train_step(batch):
-        loss, stats, grad_norm = strategy.run(replica_step, args=(batch,))
+    def train_step(batch, exact_norm):
+        """One step; `exact_norm` (a Python bool: one trace each way) on logging steps."""
+        loss, stats, grad_norm = strategy.run(replica_step, args=(batch, exact_norm))
         # Every replica holds the same global-batch values; take replica 0's.
         loss = strategy.experimental_local_results(loss)[0]
         stats = {k: strategy.experimental_local_results(v)[0] for k, v in stats.items()}
@@ -324,9 +333,9 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
             # ISH CNN classes) can be watched improving.
             if config.image_summaries and chief and current == start_step == 0:
                 _write_image_summaries(task, strategy, batch, writer, 0)
-            loss, stats, nonfinite = train_step(batch)
+            is_log = (current + 1) % config.log_every == 0 or current + 1 == end_step
+            loss, stats, nonfinite = train_step(batch, is_log)
             current += 1
-            is_log = current % config.log_every == 0 or current == end_step
             is_ckpt = current % config.checkpoint_every == 0 or current == end_step
             if is_log or is_ckpt:
                 last_loss = _scalar(loss)
