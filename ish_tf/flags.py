@@ -125,6 +125,33 @@ def fetch_config(FLAGS) -> FetchConfig:  # noqa: F821, N803 - imported lazily be
         max_retry_after=FLAGS.max_retry_after, timeout=FLAGS.timeout)
 
 
+# --------------------------------------------------------------------------- ingest
+def define_ingest() -> None:
+    """Flags of `bin/ingest` (your own section images -> manifest.csv)."""
+    if not _once("ingest"):
+        return
+    _define_once(flags.DEFINE_string, "out", "", "Output directory: manifest.csv, skipped.csv.")
+    flags.DEFINE_string("images", "", "Folder of your section images: searched with "
+                        "--name_pattern, and the base of --table's relative paths.")
+    flags.DEFINE_string("table", "", "CSV of the images: path and gene_symbol columns, plus any "
+                        "manifest column (donor_id, entrez_id, region, diagnosis, ...) and your own.")
+    flags.DEFINE_string("name_pattern", "", "Read the columns from the file names instead, e.g. "
+                        "'{gene_symbol}/{donor_id}_*.jpg' (* within a folder, ** across folders).")
+    flags.DEFINE_string("study_label", "user", "The manifest's study column where the table has none.")
+    flags.DEFINE_string("default_donor", "unknown", "donor_id where neither the table nor the "
+                        "pattern gives one.")
+    _define_once(flags.DEFINE_integer, "workers", 4, "Threads reading image headers.", lower_bound=1)
+
+
+def ingest_config(FLAGS) -> IngestConfig:  # noqa: F821, N803 - imported lazily below
+    """Converts the ingest flags into an `ish_tf.data.ingest.IngestConfig` (not yet validated)."""
+    from ish_tf.data.ingest import IngestConfig
+
+    return IngestConfig(out=FLAGS.out, images=FLAGS.images, table=FLAGS.table,
+                        name_pattern=FLAGS.name_pattern, study=FLAGS.study_label,
+                        default_donor=FLAGS.default_donor, workers=FLAGS.workers)
+
+
 # --------------------------------------------------------------------------- synth
 def define_synth() -> None:
     """Flags of `bin/synth` (synthetic ISH sections -> images/, masks/, manifest.csv, ...)."""
