@@ -166,6 +166,9 @@ def _read_table(config: IngestConfig) -> pd.DataFrame:
         logging.warning("%s: column(s) %s are ignored: read from the image files",
                         config.table, ", ".join(measured))
         df = df.drop(columns=measured)
+    if "image_id" in df.columns and df["image_id"].isna().any() and df["image_id"].notna().any():
+        raise IngestError(f"{config.table}: column 'image_id' is filled in some rows only; fill "
+                          "it in every row or leave it out (ids are then derived from the paths)")
     # Typed columns checked now, so that an error names the table's own line: the
     # columns filled in later get valid stand-ins.
     probe = df.copy()
@@ -260,11 +263,7 @@ def ingest(config: IngestConfig) -> IngestResult:
                                 source, default)
             df[col] = default
         df[col] = df[col].fillna(default)
-    ids_given = "image_id" in df.columns and df["image_id"].notna().all()
-    if "image_id" in df.columns and not ids_given and df["image_id"].notna().any():
-        raise IngestError(f"{source}: column 'image_id' is filled in some rows only; fill it "
-                          "in every row or leave it out (ids are then derived from the paths)")
-    if not ids_given:
+    if not ("image_id" in df.columns and df["image_id"].notna().all()):
         rel = [os.path.relpath(f, base).replace(os.sep, "/") if not os.path.isabs(p) else p
                for f, p in zip(df["_file"], df["path"], strict=True)]
         df["image_id"] = [stable_id("image", r) for r in rel]
