@@ -790,6 +790,22 @@ def whole_config(fv=FLAGS):
                        **shared)
 
 
+# --------------------------------------------------------------------------- cdae tools
+def define_cdae_tools() -> None:
+    """Flags of `bin/cdae baselines|term_auc` (after a CDAE or cdae_supervised run)."""
+    if not _once("cdae_tools"):
+        return
+    _define_once(flags.DEFINE_string, "run_dir", "", "A cdae (baselines) or cdae_supervised "
+                 "(term_auc) training run.")
+    _define_once(flags.DEFINE_string, "records_dir", "", "Whole-section records; empty = the run's.")
+    _define_once(flags.DEFINE_string, "split", "test", "term_auc: the held-out split to score.")
+    flags.DEFINE_string("codes_run", "", "term_auc: a CDAE run (or .keras file) whose codes + "
+                        "logistic regression (fit on the other splits' genes) are scored on "
+                        "the same genes; empty = the supervised run's --cdae_init_from.")
+    _define_once(flags.DEFINE_string, "out", "", "Output directory; empty = RUN (term_auc) or "
+                 "RUN/baselines.")
+
+
 # --------------------------------------------------------------------------- tune
 def define_tune() -> None:
     """Flags of `bin/tune` (KerasTuner search over bin/train runs; see ish_tf.tune)."""

@@ -168,6 +168,33 @@ def test_whole_records_one_per_image_and_resume(data):
                               split_fractions=(0.5, 0.25, 0.25)), progress_enabled=False)
 
 
+def test_bin_extract_whole_images(data, tmp_path, capsys):
+    from absl import app
+    from absl import flags as absl_flags
+
+    from ish_tf.cli import extract as cli
+
+    fv = absl_flags.FLAGS
+    manifest = os.path.join(data["synth"], "manifest.csv")
+    out = tmp_path / "cli_whole"
+    try:
+        fv.unparse_flags()
+        fv(["extract", f"--manifest={manifest}", f"--out={out}", "--whole_images",
+            "--whole_size=16", "--whole_aspect=1.5", "--format=png", "--num_shards=1",
+            "--workers=1"])
+        assert cli.main(["extract"]) == 0
+        printed = capsys.readouterr().out
+        assert "whole sections 16x24 grayscale png" in printed and "sections" in printed
+        assert (out / "whole_report.csv").exists() and (out / "extract_flags.cfg").exists()
+        fv.unparse_flags()
+        fv(["extract", f"--manifest={manifest}", f"--out={out}", "--whole_images",
+            "--split_fractions=0.9,0.1"])
+        with pytest.raises(app.UsageError, match="split_fractions must be three numbers"):
+            cli.main(["extract"])
+    finally:
+        fv.unparse_flags()
+
+
 def test_whole_gene_filter_is_the_patch_extractions(data, tmp_path, caplog):
     """--genes selects the same way for whole sections as for patches: unknown genes are
     named and ignored, and a list with none of the manifest's genes is an error."""
@@ -321,7 +348,7 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
     assert ((codes["auc"].dropna() >= 0) & (codes["auc"].dropna() <= 1)).all()
     # The command writes both side by side (codes from the run's --cdae_init_from).
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
+    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "term_auc",
                            f"--run_dir={run}"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -329,19 +356,19 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
     # --codes_run takes a .keras file as --cdae_init_from does, and names a missing one.
     keras_file = str(cdae_run / "model.keras")
     out = tmp_path / "codes_from_file"
-    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
+    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "term_auc",
                            f"--run_dir={run}", f"--codes_run={keras_file}", f"--out={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     from_file = pd.read_csv(out / "term_auc_test.csv")
     from_run = pd.read_csv(run / "term_auc_test.csv")
     np.testing.assert_allclose(from_file["auc_codes_lr"], from_run["auc_codes_lr"], atol=1e-6)
-    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
+    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "term_auc",
                            f"--run_dir={run}", f"--codes_run={tmp_path / 'nothing'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "--codes_run=" in done.stderr
     assert "model.keras not found" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "ish_tf.train.task_cdae", "baselines",
+    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "baselines",
                            f"--run_dir={cdae_run}"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -351,6 +378,10 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
     reliance = json.loads((base / "code_reliance.json").read_text())
     assert set(reliance) == {"mse", "mse_mean_code", "mse_mean_image", "code_share"}
     assert "of the gain over the mean image" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "term_auc",
+                           f"--run_dir={cdae_run}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and "holds no finished cdae_supervised model" in done.stderr
     written = pd.read_csv(run / "term_auc_test.csv")
     assert list(written.columns) == ["term", "n_genes", "n_positive", "auc", "auc_codes_lr"]
     np.testing.assert_allclose(written["auc_codes_lr"], codes["auc"], equal_nan=True)

@@ -1,12 +1,11 @@
 """Whole-section records: one downsampled grayscale section per record (CDAE input).
 
-`bin/extract --whole_images` (or `python -m ish_tf.data.whole` with the same flags)
-reads a manifest (`bin/fetch --study=mouse`, `bin/synth`, any study), computes or
-reuses each image's tissue mask (`ish_tf.data.segment`, cached in OUT/masks), crops
-the image to the mask's bounding box (plus a margin), pads it to the target aspect
-ratio with the slide's background grey level (the median of the non-tissue pixels),
-converts it to grayscale and resizes it (Lanczos, antialiased) to
-`size x round(size * aspect)`. Records use the patch schema of `ish_tf.data.records`
+`bin/extract --whole_images` reads a manifest (`bin/fetch --study=mouse`, `bin/synth`,
+`bin/ingest`, any study), computes or reuses each image's tissue mask
+(`ish_tf.data.segment`, cached in OUT/masks), crops the image to the mask's bounding
+box (plus a margin), pads it to the target aspect ratio with the slide's background
+grey level (the median of the non-tissue pixels), converts it to grayscale and resizes
+it (Lanczos, antialiased) to `size x round(size * aspect)`. Records use the patch schema of `ish_tf.data.records`
 (one record per image, patch_index 0; x, y = the crop's top-left corner in the
 original image; source_size = the padded crop's height in original pixels), in
 whole-gene shards with the same gene split, index, genes.csv and resume rules as
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import numpy as np
 from PIL import Image
@@ -252,60 +250,3 @@ def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
         compression=cfg.compression, progress_enabled=progress_enabled)
     return _summary(out, report, plans, removed, written, resumed,
                     os.path.join(out, REPORT_NAME))
-
-
-def main_from_flags(fv) -> int:
-    """`bin/extract --whole_images`: runs `run_whole` from flags; returns the exit status.
-
-    Args:
-      fv: absl flag values with the extract and whole sections defined.
-    """
-    from ish_tf import flags
-    from ish_tf.data.manifest import ManifestError
-    from ish_tf.data.patches import format_summary
-    from ish_tf.data.records import RecordsError
-    from ish_tf.data.segment import SegmentError
-
-    try:
-        config = flags.whole_config(fv)
-    except (ValueError, SegmentError) as e:
-        print(f"extract: error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(config.out_dir, exist_ok=True)
-    flags.write_flagfile(os.path.join(config.out_dir, "extract_flags.cfg"))
-    try:
-        summary = run_whole(config)
-    except KeyboardInterrupt:
-        print("extract: interrupted; completed shards are kept, rerun the same command to "
-              "resume", file=sys.stderr)
-        return 130
-    except (ManifestError, ExtractError, RecordsError, SegmentError) as e:
-        print(f"extract: error: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(summary).replace("patches", "sections"))
-    print(f"  whole sections {config.size}x{config.width} grayscale {config.image_format}; "
-          f"report {summary['report']}")
-    return 0
-
-
-def _main(argv: list[str]) -> int:
-    from absl import app
-
-    from ish_tf import flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS.manifest or not flags.FLAGS.out:
-        raise app.UsageError("--manifest and --out are required")
-    return main_from_flags(flags.FLAGS)
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    from ish_tf import flags as _flags
-
-    _flags.define_common()
-    _flags.define_extract()
-    _flags.define_whole()
-    app.run(_main)

@@ -15,8 +15,7 @@ Tasks (registered lazily through `ish_tf.train.tasks._LAZY_TASKS`):
   (options `gaf` or `annotations`, terms with `term_min_genes`..`term_max_genes`
   training genes); labels joined to records by gene_index at dataset time. Loss: mean
   binary cross-entropy over terms; stats: bce, accuracy, positive_rate. After
-  training, `term_auc` (also `python -m ish_tf.train.task_cdae term_auc`) reports
-  per-term AUC on held-out genes.
+  training, `term_auc` (`bin/cdae term_auc`) reports per-term AUC on held-out genes.
 
 Both read whole-section records (`bin/extract --whole_images`) through
 `whole_dataset`; the global batch is `options["batch_size"]` (not P*K).
@@ -25,9 +24,9 @@ TensorBoard: `image_summaries` (step 0) shows inputs, corrupted inputs and the
 untrained reconstructions; every `image_every` steps the cdae task writes
 [clean | corrupted | reconstruction] strips to RUN/logs/reconstruction.
 
-Command line (after training):
-  python -m ish_tf.train.task_cdae term_auc --run_dir=RUN [--split=test]
-  python -m ish_tf.train.task_cdae baselines --run_dir=RUN --out=DIR [--records_dir=R]
+Command line (after training; `write_term_auc`, `write_baselines`):
+  bin/cdae term_auc --run_dir=RUN [--split=test] [--codes_run=CDAE_RUN]
+  bin/cdae baselines --run_dir=RUN [--out=DIR] [--records_dir=R]
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from ish_tf.io_utils import atomic_write_text
 from ish_tf.models import ModelConfig
 from ish_tf.models.cdae import (
     cdae_model_path,
@@ -696,102 +696,103 @@ def _load_run(run_dir: str) -> tuple[ModelConfig, dict, keras.Model | None]:
     return config, train, model
 
 
-def main(argv: list[str]) -> int:
-    """`python -m ish_tf.train.task_cdae term_auc|baselines --run_dir=RUN [...]`."""
-    import sys
+class CdaeRunError(ValueError):
+    """A run that cannot be scored; the message names the run or model."""
 
-    from absl import flags as absl_flags
 
+def write_term_auc(run_dir: str, records_dir: str = "", split: str = "test",
+                   codes_run: str = "", out: str = "") -> tuple[pd.DataFrame, str, str]:
+    """Scores a finished cdae_supervised run per term on `split`'s genes (`bin/cdae term_auc`).
+
+    Next to the supervised AUCs (`auc`), the codes of `codes_run` (a CDAE run directory
+    or .keras file; default: the run's --cdae_init_from) + logistic regression fit on the
+    other splits' genes are scored on the same genes (`auc_codes_lr`).
+
+    Args:
+      run_dir: the cdae_supervised run.
+      records_dir: whole-section records; empty = the run's.
+      split: held-out split to score.
+      codes_run: see above; empty = the run's --cdae_init_from, if any.
+      out: directory of term_auc_{split}.csv; empty = run_dir.
+
+    Returns:
+      (the table, its path, a one-line summary).
+
+    Raises:
+      CdaeRunError: the run or the codes model cannot be loaded, or the run holds no
+        finished cdae_supervised model.
+    """
+    config, train, model = _load_checked(run_dir)
+    records_dir = records_dir or train.get("records_dir", "")
+    if model is None or config.model != "cdae_supervised":
+        raise CdaeRunError(f"{run_dir} holds no finished cdae_supervised model")
+    groups = load_term_groups(config.option("gaf", ""), config.option("annotations", ""))
+    terms = config.option("terms")
+    table = term_auc(model, records_dir, terms, groups, split)
+    codes_run = codes_run or str(config.option("init_from", "") or "")
+    if codes_run:  # the two-stage alternative, on the same held-out genes
+        try:  # a run directory or a .keras file, as --cdae_init_from takes
+            cdae = keras.saving.load_model(cdae_model_path(codes_run, "--codes_run"),
+                                           compile=False)
+        except (OSError, ValueError) as e:
+            raise CdaeRunError(str(e)) from e
+        codes = codes_term_auc(encoder_model(cdae), records_dir, terms, groups, split)
+        table["auc_codes_lr"] = codes["auc"].to_numpy()
+    path = os.path.join(out or run_dir, f"term_auc_{split}.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, table.to_csv(index=False))
+    line = (f"term_auc: {int(table['auc'].notna().sum())} of {len(table)} terms scored on "
+            f"{split} genes, mean AUC supervised {table['auc'].mean():.3f}")
+    if codes_run:
+        line += f", codes of {codes_run} + logistic regression {codes['auc'].mean():.3f}"
+    return table, path, line
+
+
+def write_baselines(run_dir: str, records_dir: str = "", out: str = "") -> list[str]:
+    """The baselines of a CDAE run, as embedding tables (`bin/cdae baselines`).
+
+    Writes, to `out` (default RUN/baselines), image- and gene-level tables of pixel PCA
+    to the code size and of the untrained encoder (the run's seed), and for a finished
+    cdae run code_reliance.json (how much the decoder takes from the code vs the
+    switches, on up to 512 training images).
+
+    Returns:
+      One summary line per thing written.
+
+    Raises:
+      CdaeRunError: the run cannot be loaded.
+    """
     from ish_tf.data.embeddings import write_embedding_table
-    from ish_tf.io_utils import atomic_write_text
 
-    fv = absl_flags.FLAGS
-    if len(argv) != 2 or argv[1] not in ("term_auc", "baselines"):
-        print("usage: python -m ish_tf.train.task_cdae term_auc|baselines --run_dir=RUN "
-              "[--records_dir=R] [--split=test] [--codes_run=CDAE_RUN] [--out=DIR]",
-              file=sys.stderr)
-        return 2
-    try:
-        config, train, model = _load_run(fv.run_dir)
-    except (OSError, ValueError) as e:
-        print(f"task_cdae: error: {fv.run_dir}: {e}", file=sys.stderr)
-        return 1
-    records_dir = fv.records_dir or train.get("records_dir", "")
-    if argv[1] == "term_auc":
-        if model is None or config.model != "cdae_supervised":
-            print(f"task_cdae: error: {fv.run_dir} holds no finished cdae_supervised model",
-                  file=sys.stderr)
-            return 1
-        groups = load_term_groups(config.option("gaf", ""), config.option("annotations", ""))
-        terms = config.option("terms")
-        table = term_auc(model, records_dir, terms, groups, fv.split)
-        codes_run = fv.codes_run or str(config.option("init_from", "") or "")
-        if codes_run:  # the two-stage alternative, on the same held-out genes
-            try:  # a run directory or a .keras file, as --cdae_init_from takes
-                cdae = keras.saving.load_model(cdae_model_path(codes_run, "--codes_run"),
-                                               compile=False)
-            except (OSError, ValueError) as e:
-                print(f"task_cdae: error: {e}", file=sys.stderr)
-                return 1
-            codes = codes_term_auc(encoder_model(cdae), records_dir, terms, groups, fv.split)
-            table["auc_codes_lr"] = codes["auc"].to_numpy()
-        path = os.path.join(fv.out or fv.run_dir, f"term_auc_{fv.split}.csv")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_text(path, table.to_csv(index=False))
-        line = (f"term_auc: {int(table['auc'].notna().sum())} of {len(table)} terms scored on "
-                f"{fv.split} genes, mean AUC supervised {table['auc'].mean():.3f}")
-        if codes_run:
-            line += f", codes of {codes_run} + logistic regression {codes['auc'].mean():.3f}"
-        print(f"{line} -> {path}")
-        return 0
-    out = fv.out or os.path.join(fv.run_dir, "baselines")
+    config, train, model = _load_checked(run_dir)
+    records_dir = records_dir or train.get("records_dir", "")
+    out = out or os.path.join(run_dir, "baselines")
     os.makedirs(out, exist_ok=True)
     opts = cdae_options(config)
     made = {"pixels_pca": pixel_pca(records_dir, opts["code_size"], opts["height"],
                                     opts["width"], seed=config.seed or 0,
                                     invert=opts["invert"]),
             "untrained_encoder": untrained_encoder(config, records_dir)}
+    lines = []
     for name, (image, gene) in made.items():
+        path = os.path.join(out, f"{name}_gene_embeddings.csv")
         write_embedding_table(os.path.join(out, f"{name}_image_embeddings.csv"), image)
-        write_embedding_table(os.path.join(out, f"{name}_gene_embeddings.csv"), gene)
-        print(f"baselines: {name}: {len(gene)} genes x {gene.dim} -> "
-              f"{os.path.join(out, name + '_gene_embeddings.csv')}")
+        write_embedding_table(path, gene)
+        lines.append(f"baselines: {name}: {len(gene)} genes x {gene.dim} -> {path}")
     if model is not None and config.model == "cdae":
-        # How much the trained decoder takes from the code (vs the switches), on up to
-        # 512 training images.
         pixels = whole_pixels(records_dir, "train", opts["height"], opts["width"])[1]
         reliance = code_reliance(model, pixels[:512], invert=opts["invert"])
         path = os.path.join(out, "code_reliance.json")
         atomic_write_text(path, json.dumps(reliance, indent=1))
-        print(f"baselines: reconstruction mse {reliance['mse']:.5f}, with every image given "
-              f"the mean code {reliance['mse_mean_code']:.5f}, mean image "
-              f"{reliance['mse_mean_image']:.5f}: the code accounts for "
-              f"{reliance['code_share']:.0%} of the gain over the mean image -> {path}")
-    return 0
+        lines.append(f"baselines: reconstruction mse {reliance['mse']:.5f}, with every image "
+                     f"given the mean code {reliance['mse_mean_code']:.5f}, mean image "
+                     f"{reliance['mse_mean_image']:.5f}: the code accounts for "
+                     f"{reliance['code_share']:.0%} of the gain over the mean image -> {path}")
+    return lines
 
 
-def _cli() -> None:
-    from absl import app
-    from absl import flags as absl_flags
-
-    absl_flags.DEFINE_string("run_dir", "", "A cdae or cdae_supervised training run.")
-    absl_flags.DEFINE_string("records_dir", "", "Whole-section records; empty = the run's.")
-    absl_flags.DEFINE_string("split", "test", "term_auc: held-out split to score.")
-    absl_flags.DEFINE_string("codes_run", "", "term_auc: a CDAE run whose codes + logistic "
-                             "regression (fit on the other splits' genes) are scored on the "
-                             "same genes; empty = the supervised run's --cdae_init_from.")
-    absl_flags.DEFINE_string("out", "", "Output directory; empty = RUN (term_auc) or "
-                             "RUN/baselines.")
-    app.run(main)
-
-
-if __name__ == "__main__":
-    _cli()
-
-
-__all__: Sequence[str] = (
-    "CDAESupervisedTask", "CDAETask", "LOSSES", "NOISES", "code_reliance", "codes_term_auc",
-    "corrupt", "heldout_lr_auc", "load_term_groups", "pixel_pca", "predict_records",
-    "reconstruction_loss", "term_auc", "term_matrix", "to_gray", "untrained_encoder",
-    "whole_dataset", "whole_pixels",
-)
+def _load_checked(run_dir: str):
+    try:
+        return _load_run(run_dir)
+    except (OSError, ValueError) as e:
+        raise CdaeRunError(f"{run_dir}: {e}") from e
