@@ -11,8 +11,9 @@ Two ways to say what each image shows:
   ``*`` matches within one folder name, ``**`` across folders.
 
 Each image is opened (its header only) for its width and height. Files that are missing,
-not images, or beyond Pillow's size limit, and table rows without a gene, are written
-to OUT/skipped.csv with the reason; the rest go on. Ids are stable: `image_id` is a hash
+not images, or beyond Pillow's size limit, names that do not match the pattern, and
+table rows without a path or gene or repeating an image are written to OUT/skipped.csv
+with the reason; the rest go on. Ids are stable: `image_id` is a hash
 of the image's path (as given, relative to `images`), `experiment_id` one of (study,
 gene, donor), unless the table gives them, so adding images and rerunning keeps the ids
 (and so the resumable extraction) of the others.
@@ -79,7 +80,7 @@ class IngestConfig:
         if self.table and not os.path.isfile(self.table):
             raise IngestError(f"--table={self.table}: file not found")
         if not self.study.strip():
-            raise IngestError("--study must not be empty")
+            raise IngestError("--study_label must not be empty")
         if self.workers < 1:
             raise IngestError(f"--workers must be >= 1, got {self.workers}")
         return self
