@@ -221,16 +221,16 @@ def ingest(config: IngestConfig) -> IngestResult:
         lines = None
     source = config.table or config.images
 
+    # Blank cells are missing (the table reader strips them; pattern fields are never empty).
     keep = pd.Series(True, index=df.index)
     for col in ("path", "gene_symbol"):
-        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        empty = df[col].isna()
         for i in df.index[empty & keep]:
-            where = f"line {lines[i]}" if lines is not None else df.at[i, "path"]
             skipped.append({"path": "" if pd.isna(df.at[i, "path"]) else df.at[i, "path"],
-                            "kind": f"no_{col}", "reason": f"{source} {where}: empty {col}"})
+                            "kind": f"no_{col}",
+                            "reason": f"{source} line {lines[i]}: empty {col}"})
         keep &= ~empty
     df = df[keep].copy()
-    df["path"] = df["path"].astype(str).str.strip()
     files = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in df["path"]]
     df["_file"] = files
     dup = df["_file"].duplicated(keep="first")
