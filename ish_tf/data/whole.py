@@ -5,11 +5,12 @@
 (`ish_tf.data.segment`, cached in OUT/masks), crops the image to the mask's bounding
 box (plus a margin), pads it to the target aspect ratio with the slide's background
 grey level (the median of the non-tissue pixels), converts it to grayscale and resizes
-it (Lanczos, antialiased) to `size x round(size * aspect)`. Records use the patch schema of `ish_tf.data.records`
-(one record per image, patch_index 0; x, y = the crop's top-left corner in the
-original image; source_size = the padded crop's height in original pixels), in
-whole-gene shards with the same gene split, index, genes.csv and resume rules as
-patch extraction, so `patch_dataset`, `bin/embed` and `bin/evaluate` read them as is.
+it (Lanczos, antialiased) to `size x round(size * aspect)`. Records use the patch
+schema of `ish_tf.data.records` (one record per image, patch_index 0; x, y = the
+crop's top-left corner in the original image; source_size = the padded crop's height
+in original pixels), in whole-gene shards with the same gene split, index, genes.csv
+and resume rules as patch extraction, so `patch_dataset`, `bin/embed` and
+`bin/evaluate` read them as is.
 
 Outputs in OUT: shards, index.json, genes.csv, masks/, whole_report.csv (one row per
 image: status ok | no_tissue | unreadable, and why), extract_flags.cfg.
