@@ -334,7 +334,8 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
             if config.image_summaries and chief and current == start_step == 0:
                 _write_image_summaries(task, strategy, batch, writer, 0)
             is_log = (current + 1) % config.log_every == 0 or current + 1 == end_step
-            loss, stats, nonfinite = train_step(batch, is_log)
+            # One replica's norm is already exact: one trace (and XLA compile), not two.
+            loss, stats, nonfinite = train_step(batch, is_log and replicas > 1)
             current += 1
             is_ckpt = current % config.checkpoint_every == 0 or current == end_step
             if is_log or is_ckpt:
