@@ -93,6 +93,9 @@ def define_fetch() -> None:
                  "with one per line; empty fetches every gene of the study.")
     flags.DEFINE_integer("max_images", 0, "Keep only the first N images (experiment id, image id "
                          "order); 0 = all.", lower_bound=0)
+    flags.DEFINE_integer("sections_per_experiment", 0, "Keep only the N section images of each "
+                         "experiment nearest the middle of its series (by section_number); "
+                         "0 = all (an adult mouse series has ~20).", lower_bound=0)
     flags.DEFINE_integer("downsample", 2, "image_download downsample: each side halved N times.",
                          lower_bound=0)
     _define_once(flags.DEFINE_integer, "workers", 4, "Concurrent image downloads (fetch) or "
@@ -120,6 +123,7 @@ def fetch_config(FLAGS) -> FetchConfig:  # noqa: F821, N803 - imported lazily be
     return FetchConfig(
         study=FLAGS.study, out=FLAGS.out, api_url=FLAGS.api_url,
         genes=read_gene_list(FLAGS.genes), max_images=FLAGS.max_images,
+        sections_per_experiment=FLAGS.sections_per_experiment,
         downsample=FLAGS.downsample, workers=FLAGS.workers, plane=FLAGS.plane,
         page_size=FLAGS.page_size, retries=FLAGS.retries, backoff_base=FLAGS.backoff_base,
         max_retry_after=FLAGS.max_retry_after, timeout=FLAGS.timeout)

@@ -169,6 +169,13 @@ def test_real_section_data_set_fields():
     assert {r["donor_id"] for r in rows} == {"05-0660"}
     assert (rows[0]["donor_sex"], rows[0]["specimen_id"], rows[0]["pmi"]) == ("M", 68870790, 0.0)
     assert rows[0]["experiment_id"] == 69289763 and rows[0]["diagnosis"] is None
+    assert [r["section_number"] for r in rows][:3] == [6, 14, 22]
+    # The series: 6, 14, ..., 86, then 102, 118, ..., 158 (18 sections): its median is 74,
+    # between 70 and 78; ties go to the lower section (62 before 86).
+    central = allen.image_rows(real, allen.STUDIES["mouse"], sections_per_experiment=3)[0]
+    assert sorted(r["section_number"] for r in central) == [62, 70, 78]
+    one = allen.image_rows(real, allen.STUDIES["mouse"], sections_per_experiment=1)[0]
+    assert [r["section_number"] for r in one] == [70]
 
 
 def test_config_validation_names_the_flag(tmp_path):
@@ -357,6 +364,24 @@ def test_mouse_defaults_to_sagittal(tmp_path):
     assert set(r.manifest["plane_of_section"]) == {"sagittal"} and len(r.manifest) == 4
     assert r.manifest["diagnosis"].isna().all() and set(r.manifest["study"]) == {"mouse"}
     assert r.manifest["donor_age"].iloc[0] == pytest.approx(56 / 365.25)
+
+
+def test_sections_per_experiment_keeps_the_middle_of_each_series(tmp_path):
+    fake = FakeAllen(make_study(n_genes=3, donors_per_gene=2, images_per_set=5, product_id=1,
+                                plane="sagittal"))
+    with serve(fake) as url:
+        r = allen.fetch(_config(tmp_path, url, study="mouse", sections_per_experiment=1))
+    m = manifest_lib.read_manifest(os.path.join(tmp_path, "manifest.csv"))
+    assert len(r.manifest) == len(m) == 6 and m["experiment_id"].is_unique
+    # Five sections numbered 6, 14, 22, 30, 38: the third is the middle one.
+    assert set(m["section_number"]) == {22}
+    assert sorted(os.listdir(tmp_path / "images")) == sorted(f"{i}.jpg" for i in m["image_id"])
+    assert len(fake.requests_of("image")) == 6  # the others were never downloaded
+    assert allen.central_sections([{"id": 1}, {"id": 2}], 0) == [{"id": 1}, {"id": 2}]
+    no_numbers = [{"id": i} for i in range(5)]
+    assert allen.central_sections(no_numbers, 2) == [{"id": 1}, {"id": 2}]
+    with pytest.raises(ValueError, match="--sections_per_experiment"):
+        _config(tmp_path, url, sections_per_experiment=-1).validate()
 
 
 def test_unusable_data_set_is_recorded(tmp_path):

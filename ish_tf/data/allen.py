@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import requests
 from PIL import Image
@@ -115,6 +116,8 @@ class FetchConfig:
       api_url: API host, e.g. http://api.brain-map.org (tests use http://127.0.0.1:PORT).
       genes: gene acronyms to keep (empty: every gene of the study).
       max_images: keep only the first N images in (experiment id, image id) order; 0 = all.
+      sections_per_experiment: keep only the N images of each experiment nearest the
+        middle of its series (by section_number); 0 = all.
       downsample: image_download `downsample` (each side halved this many times).
       workers: concurrent downloads.
       plane: plane_of_section name to filter on; "" = the study's default, "any" = no filter.
@@ -134,6 +137,7 @@ class FetchConfig:
     api_url: str = DEFAULT_API_URL
     genes: tuple[str, ...] = ()
     max_images: int = 0
+    sections_per_experiment: int = 0
     downsample: int = 2
     workers: int = 4
     plane: str = ""
@@ -167,6 +171,7 @@ class FetchConfig:
                     f"--genes: {gene!r} is not a gene acronym (letters, digits, '.', '-', '_', '@')")
         checks = [
             ("max_images", self.max_images >= 0, ">= 0 (0 = all)"),
+            ("sections_per_experiment", self.sections_per_experiment >= 0, ">= 0 (0 = all)"),
             ("downsample", 0 <= self.downsample <= 10, "an integer in 0..10"),
             ("workers", 1 <= self.workers <= 64, "in 1..64"),
             ("page_size", 1 <= self.page_size <= MAX_PAGE_SIZE, f"in 1..{MAX_PAGE_SIZE}"),
@@ -567,13 +572,33 @@ def _structure_label(structure: object) -> str | None:
     return None
 
 
-def image_rows(data_set: dict, study: Study) -> tuple[list[dict], str | None]:
+def central_sections(images: list[dict], k: int) -> list[dict]:
+    """The k section images nearest the middle of their series; all of them if k <= 0.
+
+    The middle is the median `section_number` (series positions where any image lacks
+    one); ties go to the lower section. Returned in the input's order.
+    """
+    if k <= 0 or len(images) <= k:
+        return images
+    numbers = [im.get("section_number") for im in images]
+    if any(not isinstance(n, int) for n in numbers):
+        numbers = list(range(len(images)))
+    middle = float(np.median(numbers))
+    chosen = set(sorted(range(len(images)), key=lambda i: (abs(numbers[i] - middle),
+                                                           numbers[i]))[:k])
+    return [im for i, im in enumerate(images) if i in chosen]
+
+
+def image_rows(data_set: dict, study: Study,
+               sections_per_experiment: int = 0) -> tuple[list[dict], str | None]:
     """Manifest rows (without width/height/path) for one SectionDataSet.
 
     Args:
       data_set: a SectionDataSet dict (JSON field names) including genes, specimen(donor,
         structure), plane_of_section and section_images.
       study: the study it came from.
+      sections_per_experiment: keep only this many usable images, those nearest the
+        middle of the series (`central_sections`); 0 keeps all.
 
     Returns:
       (rows, problem): one row per usable section image, sorted by image id, and None; or
@@ -593,6 +618,7 @@ def image_rows(data_set: dict, study: Study) -> tuple[list[dict], str | None]:
               if isinstance(im, dict) and im.get("id") is not None and not im.get("failed")]
     if not images:
         return [], "data set has no usable section images"
+    images = central_sections(images, sections_per_experiment)
     plane = data_set.get("plane_of_section")
     plane_name = plane.get("name") if isinstance(plane, dict) else plane
     entrez = gene.get("entrez_id")
@@ -616,7 +642,8 @@ def image_rows(data_set: dict, study: Study) -> tuple[list[dict], str | None]:
     specimen_region = _structure_label(specimen.get("structure"))
     rows = []
     for im in sorted(images, key=lambda im: int(im["id"])):
-        row = dict(base, image_id=int(im["id"]))
+        row = dict(base, image_id=int(im["id"]),
+                   section_number=_int_or_none(im.get("section_number")))
         row["region"] = specimen_region or _structure_label(im.get("structure"))
         rows.append(row)
     return rows, None
@@ -757,7 +784,7 @@ def list_images(config: FetchConfig, session: requests.Session | None = None,
             if ds_id in seen_sets:
                 continue
             seen_sets.add(ds_id)
-            ds_rows, problem = image_rows(ds, study)
+            ds_rows, problem = image_rows(ds, study, config.sections_per_experiment)
             if problem:
                 failures.append({"image_id": None, "experiment_id": ds_id, "stage": "list",
                                  "reason": problem})

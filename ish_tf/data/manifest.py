@@ -45,6 +45,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("pmi", "float", False, "Post-mortem interval in hours."),
     Column("region", "str", False, "Brain structure the section was taken from."),
     Column("plane_of_section", "str", False, "coronal | sagittal | ..."),
+    Column("section_number", "Int", False, "Position of the section in its series (Allen "
+           "section_number), if known."),
     Column("width", "int", True, "Image width in pixels, as stored on disk."),
     Column("height", "int", True, "Image height in pixels, as stored on disk."),
     Column("path", "str", True, "Image file, relative to the manifest's directory."),

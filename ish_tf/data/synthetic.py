@@ -776,7 +776,8 @@ def design(cfg: SynthConfig, genes: Sequence[GeneSpec], donors: Sequence[DonorSp
     the regions, starting at a different region per experiment.
 
     Returns:
-      One row per image: image_id, experiment_id, gene (index), donor (index), region.
+      One row per image: image_id, experiment_id, gene (index), donor (index), region,
+      section_number (1.. within the experiment).
     """
     rng = np.random.default_rng([cfg.seed, 2])
     load = np.zeros(len(donors))
@@ -795,6 +796,7 @@ def design(cfg: SynthConfig, genes: Sequence[GeneSpec], donors: Sequence[DonorSp
                     "experiment_id": 2_000_000 + exp_index,
                     "gene": g, "donor": int(d),
                     "region": cfg.regions[(exp_index + j) % len(cfg.regions)],
+                    "section_number": j + 1,
                 })
                 image_index += 1
             exp_index += 1
@@ -966,7 +968,8 @@ def generate_dataset(cfg: SynthConfig) -> pd.DataFrame:
             "gene_symbol": g.symbol, "entrez_id": g.entrez_id, "specimen_id": d.specimen_id,
             "donor_id": d.donor_id, "donor_sex": d.sex, "donor_age": d.age, "donor_race": d.race,
             "smoker": d.smoker, "diagnosis": d.diagnosis, "tissue_ph": d.tissue_ph, "pmi": d.pmi,
-            "region": r.region, "plane_of_section": "coronal", "width": cfg.width, "height": cfg.height,
+            "region": r.region, "plane_of_section": "coronal", "section_number": r.section_number,
+            "width": cfg.width, "height": cfg.height,
             "path": manifest_lib.relative_image_path(manifest_path, t.image_file),
         })
     written = manifest_lib.write_manifest(pd.DataFrame(rows, columns=list(manifest_lib.COLUMN_NAMES)),
