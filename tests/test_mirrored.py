@@ -69,6 +69,15 @@ def test_trainer_steps_under_mirrored_match_single_device(mirrored_result):
     assert r["train_loss_diff"] < TOL, r
 
 
+def test_cdae_trains_under_mirrored_as_on_one_device(mirrored_result):
+    r = mirrored_result
+    assert r["cdae_steps"] == 3 and r["cdae_reconstruction_event_files"] >= 1, r
+    assert r["cdae_loss_diff"] < TOL and r["cdae_weights_max_abs_diff"] < TOL, r
+    # It trained (Adam with epsilon 1 moves weights by about the gradient): equality means
+    # something.
+    assert r["cdae_weights_moved"] > 1e-4, r
+
+
 def test_logged_gradient_norm_is_the_global_gradients(mirrored_result):
     # The gradient norm written to metrics.csv and TensorBoard is the norm of the
     # summed (global-batch) gradient, not one replica's share scaled up.
@@ -174,7 +183,37 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
             metrics = pd.read_csv(os.path.join(cfg.run_dir, "metrics.csv"))
             results[name] = (result, model.get_weights(), metrics["grad_norm"].to_numpy())
 
+    # The CDAE family through the same trainer: without input noise and batch statistics,
+    # three steps on two replicas (each reconstructing half of every batch) give the
+    # single-device run; reconstruction images are written from the replicas too.
+    cdae_model = ModelConfig(model="cdae", input_size=16, seed=3, options={
+        "depth": 2, "filters": [4, 8], "code_size": 8, "norm": "none", "noise": "none",
+        "noise_level": 0.0, "loss": "mse", "batch_size": 8, "image_every": 1})
+    whole = rng.uniform(0, 255, (8, 16, 16, 1)).astype("float32")
+
+    def cdae_data(ctx):
+        parts = whole[None] if ctx is None else whole.reshape(ctx.num_replicas_in_sync, -1,
+                                                              16, 16, 1)
+        ds = tf.data.Dataset.from_tensor_slices(parts).repeat().enumerate()
+        return ds.map(lambda k, x: {"images": x, "step": k // len(parts)})
+
+    cdae = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, strat in (("single", tf.distribute.get_strategy()), ("mirrored", strategy)):
+            cfg = dataclasses.replace(tcfg, run_dir=os.path.join(tmp, "cdae_" + name),
+                                      learning_rate=1.0, adam_epsilon=1.0)
+            result = train(make_task(cdae_model, cfg, cdae_data), cfg, strategy=strat)
+            model = keras.saving.load_model(result.model_path)
+            images = [f for f in os.listdir(os.path.join(cfg.run_dir, "logs", "reconstruction"))]
+            cdae[name] = (result, model.get_weights(), len(images))
+
     print(json.dumps({
+        "cdae_steps": cdae["mirrored"][0].step,
+        "cdae_loss_diff": abs(cdae["single"][0].loss - cdae["mirrored"][0].loss),
+        "cdae_weights_max_abs_diff": max_diff(cdae["single"][1], cdae["mirrored"][1]),
+        "cdae_weights_moved": max_diff(cdae["single"][1], make_task(cdae_model, tcfg)
+                                       .build_model().get_weights()),
+        "cdae_reconstruction_event_files": cdae["mirrored"][2],
         "replicas": strategy.num_replicas_in_sync,
         "global_batch": P * K,
         "per_replica_batch": int(local_batch.shape[0]),
