@@ -1,5 +1,8 @@
 """MirroredStrategy over two logical CPUs gives the single-device step exactly.
 
+For the triplet model (loss, gradients, trainer runs, batch-hard mining across replicas),
+and for the CDAE and the ISH CNN through the same trainer.
+
 The check runs in a subprocess (this file's `__main__` block) because the two logical
 CPU devices must be configured before TensorFlow initialises, which the rest of the
 test session has long done. The subprocess prints one JSON line of measured
@@ -76,6 +79,12 @@ def test_cdae_trains_under_mirrored_as_on_one_device(mirrored_result):
     # It trained (Adam with epsilon 1 moves weights by about the gradient): equality means
     # something.
     assert r["cdae_weights_moved"] > 1e-4, r
+
+
+def test_ish_cnn_trains_under_mirrored_as_on_one_device(mirrored_result):
+    r = mirrored_result
+    assert r["ish_cnn_loss_diff"] < TOL and r["ish_cnn_weights_max_abs_diff"] < TOL, r
+    assert r["ish_cnn_weights_moved"] > 1e-4, r
 
 
 def test_logged_gradient_norm_is_the_global_gradients(mirrored_result):
@@ -204,10 +213,26 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
                                       learning_rate=1.0, adam_epsilon=1.0)
             result = train(make_task(cdae_model, cfg, cdae_data), cfg, strategy=strat)
             model = keras.saving.load_model(result.model_path)
-            images = [f for f in os.listdir(os.path.join(cfg.run_dir, "logs", "reconstruction"))]
-            cdae[name] = (result, model.get_weights(), len(images))
+            events = os.listdir(os.path.join(cfg.run_dir, "logs", "reconstruction"))
+            cdae[name] = (result, model.get_weights(), len(events))
+
+    # The ISH CNN likewise (softmax cross-entropy over the global P x K batch), on the
+    # triplet check's batches, without dropout and batch statistics.
+    ish_model = ModelConfig(model="ish_cnn", input_size=R, head_units=8, seed=3, options={
+        "n_classes": P, "filters": [4, 8], "batch_norm": False, "dropout": 0.0})
+    ish = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, strat in (("single", tf.distribute.get_strategy()), ("mirrored", strategy)):
+            cfg = dataclasses.replace(tcfg, run_dir=os.path.join(tmp, "ish_" + name),
+                                      learning_rate=1.0, adam_epsilon=1.0)
+            result = train(make_task(ish_model, cfg, dataset_fn), cfg, strategy=strat)
+            ish[name] = (result, keras.saving.load_model(result.model_path).get_weights())
 
     print(json.dumps({
+        "ish_cnn_loss_diff": abs(ish["single"][0].loss - ish["mirrored"][0].loss),
+        "ish_cnn_weights_max_abs_diff": max_diff(ish["single"][1], ish["mirrored"][1]),
+        "ish_cnn_weights_moved": max_diff(ish["single"][1], make_task(ish_model, tcfg)
+                                          .build_model().get_weights()),
         "cdae_steps": cdae["mirrored"][0].step,
         "cdae_loss_diff": abs(cdae["single"][0].loss - cdae["mirrored"][0].loss),
         "cdae_weights_max_abs_diff": max_diff(cdae["single"][1], cdae["mirrored"][1]),
