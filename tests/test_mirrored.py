@@ -171,26 +171,38 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     def max_diff(a, b):
         return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))
 
-    # The trainer itself: 3 steps (a checkpoint at 2) on the same data, both ways.
+    # The trainer itself, on the same batches both ways.
     def dataset_fn(ctx):
         ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
         if ctx is not None:  # consecutive per-replica slices of each global batch
             ds = ds.unbatch().batch(ctx.get_per_replica_batch_size(P * K))
         return ds
 
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, strat in (("single", tf.distribute.get_strategy()), ("mirrored", strategy)):
-            # Adam with a large epsilon is close to SGD: float noise in near-zero
-            # gradients cannot flip an update's sign, so weights compare to 1e-5,
-            # while summing vs averaging replica gradients would differ by ~1e-2.
-            cfg = dataclasses.replace(tcfg, run_dir=os.path.join(tmp, name), learning_rate=1.0,
-                                      adam_epsilon=1.0)
-            t = make_task(mcfg, cfg, dataset_fn)
-            result = train(t, cfg, strategy=strat)
-            model = keras.saving.load_model(result.model_path)
-            metrics = pd.read_csv(os.path.join(cfg.run_dir, "metrics.csv"))
-            results[name] = (result, model.get_weights(), metrics["grad_norm"].to_numpy())
+    def single_and_mirrored_runs(model_config, data_fn):
+        """3 steps (a checkpoint at 2) of the trainer on the same data, both ways:
+        {"single"|"mirrored": (TrainResult, final weights, metrics.csv as a frame,
+        {folder under logs/: its files})}."""
+        out = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, strat in (("single", tf.distribute.get_strategy()), ("mirrored", strategy)):
+                # Adam with a large epsilon is close to SGD: float noise in near-zero
+                # gradients cannot flip an update's sign, so weights compare to 1e-5,
+                # while summing vs averaging replica gradients would differ by ~1e-2.
+                cfg = dataclasses.replace(tcfg, run_dir=os.path.join(tmp, name),
+                                          learning_rate=1.0, adam_epsilon=1.0)
+                result = train(make_task(model_config, cfg, data_fn), cfg, strategy=strat)
+                weights = keras.saving.load_model(result.model_path).get_weights()
+                metrics = pd.read_csv(os.path.join(cfg.run_dir, "metrics.csv"))
+                logs = {d: os.listdir(os.path.join(cfg.run_dir, "logs", d))
+                        for d in os.listdir(os.path.join(cfg.run_dir, "logs"))}
+                out[name] = (result, weights, metrics, logs)
+        return out
+
+    def moved(model_config, runs):
+        """How far training moved the weights (so that equal runs mean something)."""
+        return max_diff(runs["single"][1], make_task(model_config, tcfg).build_model().get_weights())
+
+    results = single_and_mirrored_runs(mcfg, dataset_fn)
 
     # The CDAE family through the same trainer: without input noise and batch statistics,
     # three steps on two replicas (each reconstructing half of every batch) give the
@@ -206,39 +218,22 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
         ds = tf.data.Dataset.from_tensor_slices(parts).repeat().enumerate()
         return ds.map(lambda k, x: {"images": x, "step": k // len(parts)})
 
-    cdae = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, strat in (("single", tf.distribute.get_strategy()), ("mirrored", strategy)):
-            cfg = dataclasses.replace(tcfg, run_dir=os.path.join(tmp, "cdae_" + name),
-                                      learning_rate=1.0, adam_epsilon=1.0)
-            result = train(make_task(cdae_model, cfg, cdae_data), cfg, strategy=strat)
-            model = keras.saving.load_model(result.model_path)
-            events = os.listdir(os.path.join(cfg.run_dir, "logs", "reconstruction"))
-            cdae[name] = (result, model.get_weights(), len(events))
-
+    cdae = single_and_mirrored_runs(cdae_model, cdae_data)
     # The ISH CNN likewise (softmax cross-entropy over the global P x K batch), on the
     # triplet check's batches, without dropout and batch statistics.
     ish_model = ModelConfig(model="ish_cnn", input_size=R, head_units=8, seed=3, options={
         "n_classes": P, "filters": [4, 8], "batch_norm": False, "dropout": 0.0})
-    ish = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, strat in (("single", tf.distribute.get_strategy()), ("mirrored", strategy)):
-            cfg = dataclasses.replace(tcfg, run_dir=os.path.join(tmp, "ish_" + name),
-                                      learning_rate=1.0, adam_epsilon=1.0)
-            result = train(make_task(ish_model, cfg, dataset_fn), cfg, strategy=strat)
-            ish[name] = (result, keras.saving.load_model(result.model_path).get_weights())
+    ish = single_and_mirrored_runs(ish_model, dataset_fn)
 
     print(json.dumps({
         "ish_cnn_loss_diff": abs(ish["single"][0].loss - ish["mirrored"][0].loss),
         "ish_cnn_weights_max_abs_diff": max_diff(ish["single"][1], ish["mirrored"][1]),
-        "ish_cnn_weights_moved": max_diff(ish["single"][1], make_task(ish_model, tcfg)
-                                          .build_model().get_weights()),
+        "ish_cnn_weights_moved": moved(ish_model, ish),
         "cdae_steps": cdae["mirrored"][0].step,
         "cdae_loss_diff": abs(cdae["single"][0].loss - cdae["mirrored"][0].loss),
         "cdae_weights_max_abs_diff": max_diff(cdae["single"][1], cdae["mirrored"][1]),
-        "cdae_weights_moved": max_diff(cdae["single"][1], make_task(cdae_model, tcfg)
-                                       .build_model().get_weights()),
-        "cdae_reconstruction_event_files": cdae["mirrored"][2],
+        "cdae_weights_moved": moved(cdae_model, cdae),
+        "cdae_reconstruction_event_files": len(cdae["mirrored"][3].get("reconstruction", [])),
         "replicas": strategy.num_replicas_in_sync,
         "global_batch": P * K,
         "per_replica_batch": int(local_batch.shape[0]),
@@ -253,9 +248,10 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
         "trained_steps": results["mirrored"][0].step,
         "train_loss_diff": abs(results["single"][0].loss - results["mirrored"][0].loss),
         "train_weights_max_abs_diff": max_diff(results["single"][1], results["mirrored"][1]),
-        "train_grad_norms": [float(v) for v in results["single"][2]],
+        "train_grad_norms": [float(v) for v in results["single"][2]["grad_norm"]],
         "train_grad_norm_max_rel_diff": float(np.max(
-            np.abs(results["single"][2] - results["mirrored"][2]) / results["single"][2])),
+            np.abs(results["single"][2]["grad_norm"] - results["mirrored"][2]["grad_norm"])
+            / results["single"][2]["grad_norm"])),
     }))
 
 
