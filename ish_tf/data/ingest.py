@@ -233,13 +233,17 @@ def ingest(config: IngestConfig) -> IngestResult:
     df = df[keep].copy()
     files = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in df["path"]]
     df["_file"] = files
-    dup = df["_file"].duplicated(keep="first")
-    for i in df.index[dup]:
-        first = df.index[(df["_file"] == df.at[i, "_file"]) & ~dup][0]
-        where = (f"line {lines[i]} repeats line {lines[first]}" if lines is not None
-                 else "repeats an earlier file")
-        skipped.append({"path": df.at[i, "path"], "kind": "duplicate",
-                        "reason": f"{source} {where}: same image"})
+    # Only a table can name a file twice (a folder walk lists each file once).
+    first_row: dict[str, int] = {}
+    dup = pd.Series(False, index=df.index)
+    for i, f in zip(df.index, df["_file"], strict=True):
+        if f in first_row:
+            dup[i] = True
+            skipped.append({"path": df.at[i, "path"], "kind": "duplicate",
+                            "reason": f"{source} line {lines[i]} repeats line "
+                                      f"{lines[first_row[f]]}: same image"})
+        else:
+            first_row[f] = i
     df = df[~dup]
 
     with concurrent.futures.ThreadPoolExecutor(config.workers) as pool:
@@ -265,9 +269,10 @@ def ingest(config: IngestConfig) -> IngestResult:
             df[col] = default
         df[col] = df[col].fillna(default)
     if not ("image_id" in df.columns and df["image_id"].notna().all()):
-        rel = [os.path.relpath(f, base).replace(os.sep, "/") if not os.path.isabs(p) else p
-               for f, p in zip(df["_file"], df["path"], strict=True)]
-        df["image_id"] = [stable_id("image", r) for r in rel]
+        # The path as given (normalised), relative to `base` unless absolute.
+        df["image_id"] = [stable_id("image", p if os.path.isabs(p)
+                                    else os.path.normpath(p).replace(os.sep, "/"))
+                          for p in df["path"]]
     if "experiment_id" not in df.columns or df["experiment_id"].isna().any():
         derived = [stable_id("experiment", str(s), str(g), str(d))
                    for s, g, d in zip(df["study"], df["gene_symbol"], df["donor_id"], strict=True)]
