@@ -362,6 +362,9 @@ def define_extract() -> None:
     flags.DEFINE_string("split_fractions", "0.8,0.1,0.1", "train,validation,test fractions.")
     flags.DEFINE_enum("segmenter", "classical", ["classical", "unet"], "Foreground mask method.")
     flags.DEFINE_string("unet_path", "", "Trained U-Net .keras file for --segmenter=unet.")
+    flags.DEFINE_enum("mask_background", "bright", ["bright", "dark"], "Slide background "
+                      "for the classical segmenter: bright (brightfield ISH on a white slide) "
+                      "or dark (fluorescence sections on black).")
     flags.DEFINE_integer("mask_work_size", 512, "Longest side of the resolution masks are "
                          "computed at.", lower_bound=16)
     flags.DEFINE_bool("save_overlays", False, "Also write OUT/overlays/{image_id}.png (mask "
@@ -394,7 +397,7 @@ def extract_config(FLAGS) -> ExtractConfig:  # noqa: F821, N803 - lazy import be
     else:
         genes = parse_list(genes_flag)
     mask = MaskConfig(segmenter=FLAGS.segmenter, unet_path=FLAGS.unet_path or None,
-                      work_size=FLAGS.mask_work_size)
+                      background=FLAGS.mask_background, work_size=FLAGS.mask_work_size)
     return ExtractConfig(
         manifest=FLAGS.manifest, out_dir=FLAGS.out,
         patches_per_image=FLAGS.patches_per_image, source_size=FLAGS.source_size,

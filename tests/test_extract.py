@@ -237,3 +237,42 @@ def test_cli_main(synth, tmp_path, capsys):
         assert "missing.csv" in capsys.readouterr().err
     finally:
         fv.unparse_flags()
+
+
+def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
+    """`--mask_background=dark`: fluorescence sections (tissue emitting light on black) give
+    patches on the tissue; the brightfield default would take the black slide for tissue."""
+    import tensorflow as tf
+    from test_segment import _fluorescence
+
+    from ish_tf.data.segment import MaskConfig
+
+    df = pd.read_csv(synth / "manifest.csv").head(6)
+    truths = {}
+    for i, row in df.iterrows():
+        truth = np.asarray(Image.open(synth / "masks" / f"{row['image_id']}.png")) > 127
+        truths[int(row["image_id"])] = truth
+        path = tmp_path / f"fluo_{row['image_id']}.png"
+        Image.fromarray(_fluorescence(truth, i)).save(path)
+        df.loc[i, "path"] = str(path)
+    write_manifest(df, str(tmp_path / "manifest.csv"))
+    out = tmp_path / "records"
+    cfg = _cfg(tmp_path / "manifest.csv", out, min_fraction=1.0,
+               mask=MaskConfig(background="dark"))
+    P.run_extract(cfg)
+    report = pd.read_csv(out / P.REPORT_NAME)
+    assert (report["status"] == P.OK).all(), list(report["reason"])
+    n = 0
+    for shard in records.load_index(str(out))["shards"]:
+        for raw in tf.data.TFRecordDataset(os.path.join(out, shard["file"])):
+            f = records.parse_example(raw, ["image_id", "x", "y"])
+            x, y, truth = int(f["x"]), int(f["y"]), truths[int(f["image_id"])]
+            assert truth[y:y + 96, x:x + 96].mean() > 0.97  # on the tissue, not the black slide
+            n += 1
+    assert n == 4 * len(df)
+    # The setting is part of the record set's key: resuming with the default is refused, and
+    # the default's key is the one record sets written before the option carry.
+    with pytest.raises(P.ExtractError, match="mask"):
+        P.run_extract(_cfg(tmp_path / "manifest.csv", out, min_fraction=1.0))
+    assert cfg.sampling_key()["mask"]["background"] == "dark"
+    assert "background" not in _cfg(tmp_path / "manifest.csv", out).sampling_key()["mask"]

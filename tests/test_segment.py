@@ -72,6 +72,41 @@ def test_blank_slide_gives_empty_mask_and_uniform_tissue_full():
     assert _iou(S.classical_mask(img), inside) >= 0.95
 
 
+def _fluorescence(truth: np.ndarray, seed: int) -> np.ndarray:
+    """A fluorescence-like section with the tissue `truth` on a black background: faint
+    green autofluorescence, blue (DAPI-like) nuclei, a red gene channel expressed in part
+    of the tissue, camera noise and vignetting."""
+    rng = np.random.default_rng(seed)
+    h, w = truth.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    vignette = 1.0 - 0.3 * (((yy - h / 2) / h) ** 2 + ((xx - w / 2) / w) ** 2)
+    img = np.zeros((h, w, 3))
+    img[..., 1] = truth * 26.0 * vignette                                  # autofluorescence
+    nuclei = (rng.random((h, w)) < 0.02) & truth
+    img[..., 2] = truth * 12.0 + np.where(nuclei, 150.0, 0.0)              # DAPI
+    img[..., 0] = truth * (xx < w * 0.4) * 90.0                           # the gene
+    img += 6 + rng.normal(0, 2.5, img.shape)                               # dark current, noise
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_dark_background_finds_fluorescence_tissue(synth):
+    out, df = synth
+    for image_id in df["image_id"][:3]:
+        truth = np.asarray(Image.open(out / "masks" / f"{image_id}.png")) > 127
+        rgb = _fluorescence(truth, int(image_id) % 1000)
+        dark = S.classical_mask(rgb, cfg=S.MaskConfig(background="dark"))
+        assert _iou(dark, truth) >= 0.95, _iou(dark, truth)  # 0.996-0.999 measured
+        # The brightfield assumption (tissue darker than the slide) takes the black
+        # background for tissue (all of it, measured).
+        bright = S.classical_mask(rgb)
+        assert (bright & ~truth).sum() > 0.9 * (~truth).sum()
+    # The negative of a brightfield section is segmented as the section itself.
+    image_id = df["image_id"].iloc[0]
+    rgb = np.asarray(Image.open(out / "images" / f"{image_id}.jpg").convert("RGB"))
+    np.testing.assert_array_equal(
+        S.classical_mask(255 - rgb, cfg=S.MaskConfig(background="dark")), S.classical_mask(rgb))
+
+
 def test_classical_mask_rejects_bad_input():
     with pytest.raises(S.SegmentError, match="uint8"):
         S.classical_mask(np.zeros((10, 10, 3), np.float32))
@@ -120,6 +155,10 @@ def test_mask_config_validation():
         S.MaskConfig(segmenter="unet")
     with pytest.raises(S.SegmentError, match="segmenter"):
         S.MaskConfig(segmenter="otsu")
+    with pytest.raises(S.SegmentError, match="background"):
+        S.MaskConfig(background="grey")
+    with pytest.raises(S.SegmentError, match="classical segmenter"):
+        S.MaskConfig(segmenter="unet", unet_path="m.keras", background="dark")
     with pytest.raises(S.SegmentError, match="not found"):
         S.UNetSegmenter.load("/nonexistent/unet.keras")
 

@@ -108,7 +108,13 @@ class RecordSetConfig(abc.ABC):
         return {"image_format": self.image_format, "jpeg_quality": self.jpeg_quality,
                 "seed": self.seed, "split_by": self.split_by,
                 "split_fractions": list(self.split_fractions), "num_shards": self.num_shards,
-                "compression": self.compression, "mask": dataclasses.asdict(self.mask)}
+                "compression": self.compression, "mask": self._mask_key()}
+
+    def _mask_key(self) -> dict:
+        key = dataclasses.asdict(self.mask)
+        if key["background"] == "bright":
+            del key["background"]  # record sets written before the option resume unchanged
+        return key
 
     @abc.abstractmethod
     def sampling_key(self) -> dict:

@@ -16,7 +16,9 @@ slide (so a blank slide gives an empty mask instead of half its noise), one
 refinement of the slide estimate, closing then opening, removal of small objects and
 filling of enclosed holes up to `max_hole_fraction` of the image. Morphology uses
 separable O(H·W) NumPy filters and connected components a vectorised
-run-propagation labelling (scipy is not a dependency).
+run-propagation labelling (scipy is not a dependency). Fluorescence sections (tissue
+emitting light on a black background, `MaskConfig(background="dark")`) are segmented as
+their negative.
 
 `UNetSegmenter` runs a trained U-Net (`ish_tf.models.unet`) on the downsampled
 image instead; `compute_mask(rgb, cfg)` dispatches on `MaskConfig.segmenter`, and
@@ -36,6 +38,7 @@ from PIL import Image, ImageFilter
 from ish_tf.io_utils import atomic_path
 
 SEGMENTERS: tuple[str, ...] = ("classical", "unet")
+BACKGROUNDS: tuple[str, ...] = ("bright", "dark")
 
 
 class SegmentError(ValueError):
@@ -49,6 +52,10 @@ class MaskConfig:
     Attributes:
       segmenter: "classical" or "unet".
       unet_path: trained U-Net `.keras` file (required for "unet").
+      background: "bright" for brightfield sections on a white slide (ISH, the default);
+        "dark" for fluorescence sections on a black background, where tissue emits light
+        in at least one channel instead of absorbing it (classical segmenter only: a U-Net
+        learns its background from its training masks).
       work_size: longest side, in pixels, of the working resolution.
       threshold: fixed threshold on the score (how much darker than the local slide
         colour a pixel is, 0-255); None = automatic.
@@ -66,6 +73,7 @@ class MaskConfig:
 
     segmenter: str = "classical"
     unet_path: str | None = None
+    background: str = "bright"
     work_size: int = 512
     threshold: float | None = None
     min_contrast: float = 10.0
@@ -81,6 +89,12 @@ class MaskConfig:
             raise SegmentError(f"segmenter must be one of {SEGMENTERS}, got {self.segmenter!r}")
         if self.segmenter == "unet" and not self.unet_path:
             raise SegmentError("segmenter 'unet' needs unet_path (a trained U-Net .keras file)")
+        if self.background not in BACKGROUNDS:
+            raise SegmentError(f"background must be one of {BACKGROUNDS}, got "
+                               f"{self.background!r}")
+        if self.segmenter == "unet" and self.background != "bright":
+            raise SegmentError("background 'dark' applies to the classical segmenter; a U-Net "
+                               "learns its background from its training masks")
         if self.work_size < 16:
             raise SegmentError(f"work_size must be >= 16, got {self.work_size}")
         for name in ("close_size", "open_size"):
@@ -387,7 +401,7 @@ def slide_background(rgb: np.ndarray, background: np.ndarray, grid: int = 8,
 
 def classical_mask(rgb: np.ndarray, *, cfg: MaskConfig | None = None,
                    return_small: bool = False) -> Any:
-    """Tissue mask of an ISH section image on a (near-)white slide; NumPy + Pillow only.
+    """Tissue mask of a section on a (near-)white slide, or on black; NumPy + Pillow only.
 
     At working resolution: the slide is found as the brightest well-populated mode of
     the brightness histogram (`slide_level`); its local colour is modelled block-wise
@@ -398,6 +412,10 @@ def classical_mask(rgb: np.ndarray, *, cfg: MaskConfig | None = None,
     scores; stained: median above Otsu's threshold). The slide estimate is refined once
     from the first mask. Then closing, opening, small-object removal, filling of small
     holes and a smooth upsampling to full size.
+
+    Fluorescence sections (`cfg.background == "dark"`) are inverted first: on a black
+    background tissue emits light in at least one channel, so in the negative it darkens
+    at least one channel of a bright background, and every step above applies unchanged.
 
     Args:
       rgb: uint8 (H, W, 3) (or (H, W) grey, or RGBA: alpha ignored).
@@ -413,6 +431,8 @@ def classical_mask(rgb: np.ndarray, *, cfg: MaskConfig | None = None,
     cfg = cfg or MaskConfig()
     rgb = _check_rgb(rgb)
     small_rgb, factor = downsample(rgb, cfg.work_size)
+    if cfg.background == "dark":
+        small_rgb = 255 - small_rgb
     h, w = small_rgb.shape[:2]
     if cfg.smooth > 0:
         small_rgb = np.asarray(Image.fromarray(small_rgb).filter(
