@@ -78,6 +78,14 @@ def _define_once(define, name: str, default, help_text: str, **kwargs) -> None:
         define(name, default, help_text, **kwargs)
 
 
+def _define_mask_background() -> None:
+    """--mask_background, shared by bin/extract, bin/spatial and bin/predict."""
+    if "mask_background" not in FLAGS:
+        flags.DEFINE_enum("mask_background", "bright", ["bright", "dark"], "Slide background "
+                          "for the classical segmenter: bright (brightfield ISH on a white "
+                          "slide) or dark (fluorescence sections on black).")
+
+
 # --------------------------------------------------------------------------- fetch
 def define_fetch() -> None:
     """Flags of `bin/fetch` (Allen Brain Atlas section images -> images/, manifest.csv)."""
@@ -362,9 +370,7 @@ def define_extract() -> None:
     flags.DEFINE_string("split_fractions", "0.8,0.1,0.1", "train,validation,test fractions.")
     flags.DEFINE_enum("segmenter", "classical", ["classical", "unet"], "Foreground mask method.")
     flags.DEFINE_string("unet_path", "", "Trained U-Net .keras file for --segmenter=unet.")
-    flags.DEFINE_enum("mask_background", "bright", ["bright", "dark"], "Slide background "
-                      "for the classical segmenter: bright (brightfield ISH on a white slide) "
-                      "or dark (fluorescence sections on black).")
+    _define_mask_background()
     flags.DEFINE_integer("mask_work_size", 512, "Longest side of the resolution masks are "
                          "computed at.", lower_bound=16)
     flags.DEFINE_bool("save_overlays", False, "Also write OUT/overlays/{image_id}.png (mask "
@@ -988,6 +994,7 @@ def define_spatial() -> None:
     flags.DEFINE_string("spot_tables", "", "Spot table CSVs (x, y, gene), one per image.")
     flags.DEFINE_string("section_masks", "", "Tissue mask PNGs, one per image; empty = "
                         "computed with the classical segmenter.")
+    _define_mask_background()
     _define_once(flags.DEFINE_float, "spot_scale", 1.0, "Spot table units -> image pixels "
                  "(e.g. 0.5 for an image downsampled twice).")
     _define_once(_define_outside_enum, "outside_spots", "error", "Spots outside the image: "
@@ -1010,6 +1017,13 @@ def define_spatial() -> None:
                         "first animal is labelled (the second is the independent test).")
     flags.DEFINE_integer("synthetic_size", 512, "Side of the synthetic sections, pixels.",
                          lower_bound=64)
+
+
+def _mask_config(fv):
+    """The classical segmenter's settings for sections without a mask file."""
+    from ish_tf.data.segment import MaskConfig
+
+    return MaskConfig(background=fv.mask_background)
 
 
 def spatial_config(fv=FLAGS):
@@ -1048,7 +1062,8 @@ def spatial_config(fv=FLAGS):
                          max_per_class=fv.max_per_class, balance=fv.balance_classes, seed=fv.seed)
     cfg = SpatialConfig(images=images, spot_tables=spots, masks=masks, out_dir=fv.out,
                         labels=labels, patch_sizes=sizes, spot_scale=fv.spot_scale,
-                        outside=fv.outside_spots, validation_fraction=fv.validation_fraction)
+                        outside=fv.outside_spots, validation_fraction=fv.validation_fraction,
+                        mask_config=_mask_config(fv))
     return cfg.validate(), synth
 
 
@@ -1064,6 +1079,7 @@ def define_predict() -> None:
     flags.DEFINE_string("section_image", "", "The section to predict (TIFF/PNG).")
     flags.DEFINE_string("spot_table", "", "Its spot table (x, y, gene): the Dice ground truth.")
     flags.DEFINE_string("section_mask", "", "Its tissue mask PNG; empty = computed.")
+    _define_mask_background()
     _define_once(flags.DEFINE_float, "spot_scale", 1.0, "Spot table units -> image pixels.")
     _define_once(_define_outside_enum, "outside_spots", "error", "Spots outside the image: "
                  "error (stop, naming the row) or drop.")
@@ -1102,4 +1118,5 @@ def segmentation_config(fv=FLAGS):
         model_dirs=tuple(dirs), image=fv.section_image, spots=fv.spot_table,
         mask=fv.section_mask, out_dir=fv.out, radius=fv.truth_radius, stride=fv.predict_stride,
         method=fv.predict_method, spot_scale=fv.spot_scale, outside=fv.outside_spots,
-        batch_size=fv.predict_batch_size, seed=fv.seed, report=fv.report).validate()
+        batch_size=fv.predict_batch_size, seed=fv.seed, report=fv.report,
+        mask_config=_mask_config(fv)).validate()

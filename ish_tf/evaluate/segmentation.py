@@ -325,6 +325,7 @@ class SegmentationConfig:
       model_dirs: training run directories (RUN/model.keras + model_config.json) or
         .keras files, one per patch size.
       image, spots, mask: the independent section (mask "" = computed).
+      mask_config: `segment.MaskConfig` of a computed mask (None: the default, brightfield).
       out_dir: output directory.
       radius: disc radius of the gene truth, pixels.
       stride: centre grid step (0 = each model's native stride).
@@ -349,6 +350,7 @@ class SegmentationConfig:
     batch_size: int = 256
     seed: int = 0
     report: bool = True
+    mask_config: object = None
 
     def validate(self) -> SegmentationConfig:
         """Checks the settings; returns self.
@@ -440,7 +442,8 @@ def run_segmentation(cfg: SegmentationConfig, log=None) -> dict:
                                 f"'{spatial.TISSUE}', '{spatial.BACKGROUND}' (an ISH CNN run)")
     genes = classes[:-2]
     section = spatial.load_section(cfg.image, cfg.spots, cfg.mask, scale=cfg.spot_scale,
-                                   genes=genes, outside=cfg.outside)
+                                   genes=genes, outside=cfg.outside,
+                                   mask_config=cfg.mask_config)
     truth = rasterize_truth(section.shape, section.spots, section.mask, genes, cfg.radius)
     maps_dir = os.path.join(cfg.out_dir, "maps")
     os.makedirs(maps_dir, exist_ok=True)
