@@ -1,6 +1,7 @@
 """CDAE benchmark: throughput, reconstruction over steps, and the synthetic GO-group check.
 
-Runs, in a work directory (resumable: finished synthesis, records and runs are reused):
+Runs, in a work directory (resumable: finished synthesis, records and runs are reused;
+their names carry the gene count and size, so other settings never reuse them):
   1. bin/synth --flagfile=configs/synth_quickstart.cfg --n_genes=N (default 160 genes in
      8 GO-like groups: 60 make 5-fold AUCs of 8 groups too noisy to compare);
   2. whole-section records (bin/extract --whole_images, --size);
@@ -154,9 +155,20 @@ def main() -> int:
     work = args.work
     seeds = [int(s) for s in args.seeds.split(",")]
     cv_seeds = [int(s) for s in args.cv_seeds.split(",")]
-    synth, records = os.path.join(work, "synth"), os.path.join(work, f"whole{args.size}")
+    # The gene count is in the names: a synthesis (and its records) of another size in the
+    # same work directory is never mistaken for this one's.
+    synth = os.path.join(work, f"synth_{args.n_genes}g")
+    records = os.path.join(work, f"whole{args.size}_{args.n_genes}g")
     os.makedirs(work, exist_ok=True)
-    if not os.path.exists(os.path.join(synth, "manifest.csv")):
+    if os.path.exists(os.path.join(synth, "manifest.csv")):
+        import json
+
+        with open(os.path.join(synth, "specs.json")) as f:
+            made = json.load(f)["config"]["n_genes"]
+        if made != args.n_genes:
+            sys.exit(f"{synth} holds {made} genes, not {args.n_genes}: remove it or use "
+                     "another --work")
+    else:
         sh([os.path.join(ROOT, "bin", "synth"),
             f"--flagfile={os.path.join(ROOT, 'configs', 'synth_quickstart.cfg')}",
             f"--out={synth}", f"--n_genes={args.n_genes}", "--synth_workers=2"])
@@ -166,8 +178,9 @@ def main() -> int:
         "--num_shards=4", "--workers=2", f"--split_fractions={args.split_fractions}"])
     print(f"whole-section extraction: {time.perf_counter() - t:.1f} s")
     runs = {}
+    tag = f"{args.run}_{args.size}px_{args.n_genes}g"  # runs resume: never across data sets
     for seed in seeds:
-        run = runs[seed] = os.path.join(work, f"{args.run}_s{seed}")
+        run = runs[seed] = os.path.join(work, f"{tag}_s{seed}")
         train = [os.path.join(ROOT, "bin", "train"), f"--flagfile={args.config}",
                  f"--records_dir={records}", f"--run_dir={run}", f"--input_size={args.size}",
                  f"--seed={seed}"]
@@ -227,9 +240,9 @@ def main() -> int:
                                             opts["width"], invert=opts["invert"])[1]
         tables["pixels_pca"] = pca_table
         if seed == seeds[0]:  # the product path: SavedModel -> bin/embed's gene table
-            export = export_run(run, os.path.join(work, f"export_{args.run}"), overwrite=True,
+            export = export_run(run, os.path.join(work, f"export_{tag}"), overwrite=True,
                                 version=1)
-            emb_dir = os.path.join(work, f"embeddings_{args.run}")
+            emb_dir = os.path.join(work, f"embeddings_{tag}")
             embed_records(EmbedConfig(saved_model=export, records_dir=records,
                                       out_dir=emb_dir).validate())
             served = read_embedding_table(os.path.join(emb_dir, "gene_embeddings.csv"))
@@ -276,7 +289,7 @@ def main() -> int:
         for seed in sup_seeds:
             cdae_run, sup_runs = runs[seed], {}
             for name, init in (("supervised", cdae_run), ("supervised_scratch", "")):
-                sup = sup_runs[name] = os.path.join(work, f"{args.run}_{name}_s{seed}")
+                sup = sup_runs[name] = os.path.join(work, f"{tag}_{name}_s{seed}")
                 sh([os.path.join(ROOT, "bin", "train"), f"--flagfile={args.config}",
                     "--model=cdae_supervised", f"--records_dir={records}", f"--run_dir={sup}",
                     f"--input_size={args.size}", f"--seed={seed}", f"--cdae_init_from={init}",
