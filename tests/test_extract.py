@@ -259,6 +259,18 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
     out = tmp_path / "records"
     cfg = _cfg(tmp_path / "manifest.csv", out, min_fraction=1.0,
                mask=MaskConfig(background="dark"))
+    from absl import flags as absl_flags
+
+    from ish_tf import flags
+    from ish_tf.cli import extract as _  # noqa: F401 - defines the flags
+
+    try:
+        absl_flags.FLAGS.unparse_flags()
+        absl_flags.FLAGS(["extract", f"--manifest={tmp_path / 'manifest.csv'}", f"--out={out}",
+                          "--mask_background=dark"])
+        assert flags.extract_config(absl_flags.FLAGS).mask == cfg.mask
+    finally:
+        absl_flags.FLAGS.unparse_flags()
     P.run_extract(cfg)
     report = pd.read_csv(out / P.REPORT_NAME)
     assert (report["status"] == P.OK).all(), list(report["reason"])
