@@ -18,6 +18,7 @@ import sys
 from absl import app
 
 from ish_tf import flags
+from ish_tf.cli import quiet_tensorflow_info
 
 flags.define_common()
 flags.define_cdae_tools()
@@ -26,6 +27,7 @@ COMMANDS = ("baselines", "term_auc")
 
 
 def main(argv: list[str]) -> int:
+    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     """Runs one command; returns the exit status (0 ok, 1 the run cannot be scored)."""
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)}: "

@@ -20,6 +20,7 @@ import sys
 from absl import app, logging
 
 from ish_tf import flags
+from ish_tf.cli import quiet_tensorflow_info
 
 flags.define_common()
 flags.define_predict()
@@ -27,6 +28,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
+    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     """Runs dense prediction and scoring; returns the exit status (0 ok, 1 bad input)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

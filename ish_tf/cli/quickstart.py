@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
+    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from ish_tf.quickstart import QuickstartConfig, run_quickstart
@@ -44,7 +45,6 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(str(e)) from e
     os.makedirs(FLAGS.workdir, exist_ok=True)
     flags.write_flagfile(os.path.join(FLAGS.workdir, "quickstart_flags.cfg"))
-    quiet_tensorflow_info()
     logging.set_verbosity(logging.WARNING)
     print(f"ish_tf quickstart: writing to {os.path.abspath(FLAGS.workdir)}")
     print(f"  watch training with: tensorboard --logdir {os.path.join(FLAGS.workdir, 'run', 'logs')}")

@@ -31,6 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
+    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -44,9 +45,6 @@ def main(argv: list[str]) -> int:
     from ish_tf.models.backbones import BackboneWeightsError
     from ish_tf.train.tasks import make_task
     from ish_tf.train.trainer import TrainingError, train
-
-    # TensorFlow's own INFO lines (one per checkpoint save, via absl) drown the step lines.
-    quiet_tensorflow_info()
 
     try:
         task = make_task(model_cfg, train_cfg)

@@ -54,6 +54,7 @@ def train_flag_names() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -74,7 +75,6 @@ def main(argv: list[str]) -> int:
                 base[name] = line
     os.makedirs(tune_cfg.out_dir, exist_ok=True)
     flags.write_flagfile(os.path.join(tune_cfg.out_dir, "tune_flags.cfg"))
-    quiet_tensorflow_info()
     try:
         result = run_search(model_cfg, train_cfg, tune_cfg, base)
     except KeyboardInterrupt:
