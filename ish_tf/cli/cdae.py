@@ -27,8 +27,8 @@ COMMANDS = ("baselines", "term_auc")
 
 
 def main(argv: list[str]) -> int:
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     """Runs one command; returns the exit status (0 ok, 1 the run cannot be scored)."""
+    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)}: "
                              "bin/cdae baselines|term_auc --run_dir=RUN")

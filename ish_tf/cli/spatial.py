@@ -28,8 +28,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     """Runs the spatial stage; returns the exit status (0 ok, 1 bad input, 130 Ctrl-C)."""
+    quiet_tensorflow_info()  # before any library import brings TensorFlow in
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from ish_tf.data import spatial
