@@ -271,6 +271,7 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
         assert flags.extract_config(absl_flags.FLAGS).mask == cfg.mask
     finally:
         absl_flags.FLAGS.unparse_flags()
+    assert P.check_background(P.select_images(cfg), cfg) is None
     P.run_extract(cfg)
     report = pd.read_csv(out / P.REPORT_NAME)
     assert (report["status"] == P.OK).all(), list(report["reason"])
@@ -286,5 +287,16 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
     # the default's key is the one record sets written before the option carry.
     with pytest.raises(P.ExtractError, match="mask"):
         P.run_extract(_cfg(tmp_path / "manifest.csv", out, min_fraction=1.0))
+    # With the brightfield default the black slide would be "tissue": a warning says so,
+    # naming the images; brightfield sections with the dark setting are warned of too.
+    bright = _cfg(tmp_path / "manifest.csv", tmp_path / "bright")
+    warning = P.check_background(P.select_images(bright), bright)
+    assert "5 of 5 images sampled look like sections on a dark background" in warning
+    assert "fluo_" in warning and "--mask_background=dark" in warning
+    brightfield = _cfg(synth / "manifest.csv", tmp_path / "bf", mask=MaskConfig(background="dark"))
+    assert "--mask_background=bright" in P.check_background(P.select_images(brightfield),
+                                                            brightfield)
+    assert P.check_background(P.select_images(_cfg(synth / "manifest.csv", tmp_path / "bf2")),
+                              _cfg(synth / "manifest.csv", tmp_path / "bf2")) is None
     assert cfg.sampling_key()["mask"]["background"] == "dark"
     assert "background" not in _cfg(tmp_path / "manifest.csv", out).sampling_key()["mask"]

@@ -49,6 +49,7 @@ def test_classical_mask_on_real_allen_image(tmp_path):
     assert mask.shape == rgb.shape[:2]
     lo, hi = ALLEN_TISSUE_RANGE
     assert lo <= mask.mean() <= hi, mask.mean()
+    assert S.guess_background(rgb) == "bright" and S.guess_background(255 - rgb) == "dark"
     # The slide corners are background, the section's centre is tissue.
     assert not mask[:100, :100].any() and not mask[-100:, -100:].any()
     assert mask[900:1000, 1400:1500].all()
@@ -94,6 +95,7 @@ def test_dark_background_finds_fluorescence_tissue(synth):
     for image_id in df["image_id"][:3]:
         truth = np.asarray(Image.open(out / "masks" / f"{image_id}.png")) > 127
         rgb = _fluorescence(truth, int(image_id) % 1000)
+        assert S.guess_background(rgb) == "dark"
         dark = S.classical_mask(rgb, cfg=S.MaskConfig(background="dark"))
         assert _iou(dark, truth) >= 0.95, _iou(dark, truth)  # 0.996-0.999 measured
         # The brightfield assumption (tissue darker than the slide) takes the black

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -248,5 +249,7 @@ def test_fluorescence_sections_from_the_flags(tmp_path):
     assert cfg.mask_config.background == pred.mask_config.background == "dark"
     sec = spatial.load_section(img, spots, genes=["A"], mask_config=cfg.mask_config)
     assert (sec.mask & truth).sum() / (sec.mask | truth).sum() > 0.95
-    default = spatial.load_section(img, spots, genes=["A"])  # brightfield: the slide is "tissue"
-    assert default.mask[~truth].mean() > 0.9
+    with mock.patch.object(spatial.logging, "warning") as warn:
+        default = spatial.load_section(img, spots, genes=["A"])  # brightfield default
+    assert default.mask[~truth].mean() > 0.9  # the black slide is "tissue"
+    assert "looks like a section on a dark background" in warn.call_args[0][0] % warn.call_args[0][1:]

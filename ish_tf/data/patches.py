@@ -791,6 +791,47 @@ def select_images(cfg: RecordSetConfig) -> pd.DataFrame:
     return df
 
 
+def check_background(df: pd.DataFrame, cfg: RecordSetConfig, n: int = 5) -> str | None:
+    """A warning if the images look like the other kind of slide than the masks assume.
+
+    Fluorescence sections (dark background) read with the brightfield default, or the
+    reverse, give masks that take the slide for tissue, and patches of bare slide. Up to
+    `n` images spread over the manifest are read and their background guessed
+    (`segment.guess_background`); unreadable ones are left to the stage's report.
+
+    Returns:
+      The warning (also logged), or None where most of the images agree with
+      `cfg.mask.background` (or the segmenter is a U-Net, which learnt its own).
+    """
+    from ish_tf.data.manifest import image_path
+    from ish_tf.data.segment import guess_background
+
+    if cfg.mask.segmenter != "classical" or len(df) == 0:
+        return None
+    rows = df.iloc[np.unique(np.linspace(0, len(df) - 1, min(n, len(df))).astype(int))]
+    other = []
+    for row in rows.itertuples():
+        path = image_path(cfg.manifest, row.path)
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (max(im.width // 8, 1), max(im.height // 8, 1)))  # JPEG: fast
+                kind = guess_background(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if kind != cfg.mask.background:
+            other.append(path)
+    if len(other) * 2 <= len(rows):
+        return None
+    want = "dark" if cfg.mask.background == "bright" else "bright"
+    message = (f"{len(other)} of {len(rows)} images sampled look like sections on a {want} "
+               f"background ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) but "
+               f"the masks assume a {cfg.mask.background} one: the segmenter would take the "
+               f"slide for tissue; for {'fluorescence' if want == 'dark' else 'brightfield'} "
+               f"sections use --mask_background={want}")
+    logging.warning("%s", message)
+    return message
+
+
 def prepare_out_dir(out: str, info: Any, *subdirs: str | None) -> list[str]:
     """Readies OUT for writing: makes the sub-directories, removes the temporary files of
     an interrupted run, refuses records of other settings, and writes the dataset info.
@@ -842,7 +883,9 @@ def run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None = None,
     from ish_tf.data import records
 
     hooks = hooks or ExtractHooks()
-    info, plans, _ = plan_extraction(select_images(cfg), cfg)
+    df = select_images(cfg)
+    check_background(df, cfg)
+    info, plans, _ = plan_extraction(df, cfg)
     out = cfg.out_dir
     mask_dir = os.path.join(out, "masks")
     overlay_dir = os.path.join(out, "overlays") if cfg.save_overlays else None

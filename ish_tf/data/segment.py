@@ -313,6 +313,21 @@ def upsample_mask(small: np.ndarray, shape: tuple[int, int], factor: int) -> np.
     return np.asarray(big)[:h_full, :w_full] > 127
 
 
+def guess_background(rgb: np.ndarray) -> str:
+    """"bright" or "dark": the kind of slide an image most likely shows.
+
+    Brightfield sections lie on a white slide, so most of the image is bright; fluorescence
+    sections lie on black and are mostly dark. The median brightness of a subsample
+    (every 4th pixel along each axis) against the middle of the grey scale decides; a hint
+    for a warning, not a segmentation.
+
+    Args:
+      rgb: uint8 (H, W, 3) (or (H, W) grey).
+    """
+    rgb = _check_rgb(rgb)
+    return "dark" if float(np.median(rgb[::4, ::4].mean(axis=2))) < 96 else "bright"
+
+
 # --------------------------------------------------------------------------- classical
 _SCORE_OFFSET = 32  # keeps slightly-brighter-than-background pixels (negative deficits) in uint8
 

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from absl import logging
 from PIL import Image
 
 from ish_tf.io_utils import atomic_write_text
@@ -257,7 +258,14 @@ def load_section(image_path: str, spots_path: str, mask_path: str = "", *, name:
             raise SpatialError(f"{mask_path}: mask is {mask.shape[1]} x {mask.shape[0]} but the "
                                f"image {image_path} is {image.shape[1]} x {image.shape[0]}")
     else:
-        mask = segment.compute_mask(image, mask_config or segment.MaskConfig())
+        mask_config = mask_config or segment.MaskConfig()
+        kind = segment.guess_background(image)
+        if mask_config.segmenter == "classical" and kind != mask_config.background:
+            logging.warning("%s looks like a section on a %s background but the mask assumes a "
+                            "%s one: the segmenter would take the slide for tissue (give "
+                            "--section_masks, or --mask_background=%s)", image_path, kind,
+                            mask_config.background, kind)
+        mask = segment.compute_mask(image, mask_config)
     name = name or os.path.splitext(os.path.basename(image_path))[0]
     return Section(name=name, image=image, spots=spots, mask=mask, image_path=image_path,
                    dropped_spots=n_out)

@@ -31,6 +31,7 @@ from ish_tf.data.patches import (
     ExtractError,
     RecordSetConfig,
     ShardedStage,
+    check_background,
     encode_patch,
     plan_extraction,
     prepare_out_dir,
@@ -223,7 +224,9 @@ def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
     # The same manifest selection, resume rules and summary as patch extraction.
     from ish_tf.data.patches import _summary
 
-    info, plans, _ = plan_extraction(select_images(cfg), cfg)
+    df = select_images(cfg)
+    check_background(df, cfg)
+    info, plans, _ = plan_extraction(df, cfg)
     info.extra["whole"] = {"height": cfg.size, "width": cfg.width, "channels": 1}
     out = cfg.out_dir
     mask_dir = os.path.join(out, "masks")
