@@ -794,8 +794,9 @@ def select_images(cfg: RecordSetConfig) -> pd.DataFrame:
 def check_background(df: pd.DataFrame, cfg: RecordSetConfig, n: int = 5) -> str | None:
     """A warning if the images look like the other kind of slide than the masks assume.
 
-    Fluorescence sections (dark background) read with the brightfield default, or the
-    reverse, give masks that take the slide for tissue, and patches of bare slide. Up to
+    Fluorescence sections (dark background) read with the brightfield default take the
+    slide for tissue (patches of bare slide); brightfield ones read as fluorescence miss
+    most of the tissue. Up to
     `n` images spread over the manifest are read and their background guessed
     (`segment.guess_background`); unreadable ones are left to the stage's report.
 
@@ -825,9 +826,10 @@ def check_background(df: pd.DataFrame, cfg: RecordSetConfig, n: int = 5) -> str 
     want = "dark" if cfg.mask.background == "bright" else "bright"
     message = (f"{len(other)} of {len(rows)} images sampled look like sections on a {want} "
                f"background ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) but "
-               f"the masks assume a {cfg.mask.background} one: the segmenter would take the "
-               f"slide for tissue; for {'fluorescence' if want == 'dark' else 'brightfield'} "
-               f"sections use --mask_background={want}")
+               f"the masks assume a {cfg.mask.background} one, so they would be wrong (the "
+               f"slide taken for tissue, or the tissue missed); for "
+               f"{'fluorescence' if want == 'dark' else 'brightfield'} sections use "
+               f"--mask_background={want}")
     logging.warning("%s", message)
     return message
 

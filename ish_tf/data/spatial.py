@@ -259,12 +259,13 @@ def load_section(image_path: str, spots_path: str, mask_path: str = "", *, name:
                                f"image {image_path} is {image.shape[1]} x {image.shape[0]}")
     else:
         mask_config = mask_config or segment.MaskConfig()
-        kind = segment.guess_background(image)
-        if mask_config.segmenter == "classical" and kind != mask_config.background:
+        kind = (segment.guess_background(image) if mask_config.segmenter == "classical"
+                else mask_config.background)
+        if kind != mask_config.background:
             logging.warning("%s looks like a section on a %s background but the mask assumes a "
-                            "%s one: the segmenter would take the slide for tissue (give "
-                            "--section_masks, or --mask_background=%s)", image_path, kind,
-                            mask_config.background, kind)
+                            "%s one, so it would be wrong (give a mask file, or "
+                            "--mask_background=%s)", image_path, kind, mask_config.background,
+                            kind)
         mask = segment.compute_mask(image, mask_config)
     name = name or os.path.splitext(os.path.basename(image_path))[0]
     return Section(name=name, image=image, spots=spots, mask=mask, image_path=image_path,
