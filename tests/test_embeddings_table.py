@@ -30,9 +30,22 @@ def test_round_trip_and_missing_key(tmp_path):
         emb.read_embedding_table(path, require=("entrez_id",))
 
 
-def test_non_finite_and_no_numeric_rejected():
-    with pytest.raises(emb.EmbeddingTableError, match="row 1"):
+def test_non_finite_stray_text_and_no_numeric_rejected(tmp_path):
+    with pytest.raises(emb.EmbeddingTableError,
+                       match=r"column '0' at data row 2 \(line 3 of a CSV, gene B\) is empty"):
         emb.from_frame(pd.DataFrame({"gene_symbol": ["A", "B"], "0": [1.0, np.nan]}), "x")
+    with pytest.raises(emb.EmbeddingTableError, match="column '1' at data row 1 .* infinite"):
+        emb.from_frame(pd.DataFrame({"0": [1.0, 2.0], "1": [np.inf, 0.0]}), "x")
+    # A column of numbers with one word in it was left out of the embedding without a word;
+    # a column of words (a label of the user's) still is, silently.
+    path = tmp_path / "typo.csv"
+    path.write_text("gene_symbol,0,1,note\nA,0.1,0.2,x\nB,0.3,abc,y\nC,0.5,0.6,z\n")
+    with pytest.raises(emb.EmbeddingTableError,
+                       match=r"typo.csv: column '1' is numeric but data row 2 \(line 3 of a CSV, "
+                             r"gene B\) holds 'abc'"):
+        emb.read_embedding_table(str(path))
+    path.write_text("gene_symbol,0,1,note\nA,0.1,0.2,x\nB,0.3,0.4,y\n")
+    assert emb.read_embedding_table(str(path)).dim == 2
     with pytest.raises(emb.EmbeddingTableError, match="no numeric"):
         emb.from_frame(pd.DataFrame({"gene_symbol": ["A"], "image_id": [3]}), "x")
 

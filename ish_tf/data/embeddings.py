@@ -89,15 +89,35 @@ def from_frame(df: pd.DataFrame, source: str = "<table>",
             f"{source}: missing key column(s) {', '.join(repr(m) for m in missing)}; "
             f"columns are {', '.join(map(str, df.columns[:8]))}{'...' if df.shape[1] > 8 else ''}")
     key_cols = [c for c in df.columns if str(c) in KEY_COLUMNS]
-    value_cols = [c for c in df.columns
-                  if c not in key_cols and pd.api.types.is_numeric_dtype(df[c])]
+    value_cols = []
+    for c in df.columns:
+        if c in key_cols:
+            continue
+        if pd.api.types.is_numeric_dtype(df[c]):
+            value_cols.append(c)
+            continue
+        # A column of numbers with a stray word in it is a broken dimension, not a label
+        # column to leave out: say where.
+        numbers = pd.to_numeric(df[c], errors="coerce")
+        stray = numbers.isna() & df[c].notna()
+        if numbers.notna().sum() > stray.sum() > 0:
+            i = int(np.flatnonzero(stray.to_numpy())[0])
+            raise EmbeddingTableError(f"{source}: column '{c}' is numeric but {_where(df, i)} "
+                                      f"holds {df[c].iloc[i]!r}")
     if not value_cols:
         raise EmbeddingTableError(f"{source}: no numeric embedding columns besides the keys")
     values = df[value_cols].to_numpy(dtype=np.float32)
     if not np.isfinite(values).all():
-        row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
-        raise EmbeddingTableError(f"{source}: row {row} holds a NaN or infinite value")
+        i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(values)))
+        raise EmbeddingTableError(f"{source}: column '{value_cols[j]}' at {_where(df, i)} is "
+                                  f"{'empty or NaN' if np.isnan(values[i, j]) else 'infinite'}")
     return EmbeddingTable(df[key_cols].reset_index(drop=True), values, source)
+
+
+def _where(df: pd.DataFrame, i: int) -> str:
+    """Row i of a table as a reader finds it: its data row (line i + 2 of a CSV) and gene."""
+    gene = df["gene_symbol"].iloc[i] if "gene_symbol" in df.columns else None
+    return f"data row {i + 1} (line {i + 2} of a CSV{f', gene {gene}' if gene is not None else ''})"
 
 
 def read_embedding_table(path: str, require: tuple[str, ...] = ()) -> EmbeddingTable:
