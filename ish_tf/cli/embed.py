@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, logging
+from absl import app
 
 from ish_tf import flags
 from ish_tf.cli import quiet_tensorflow_info
@@ -47,7 +47,6 @@ def main(argv: list[str]) -> int:
               "keeps the finished shards)", file=sys.stderr)
         return 130
     except (EmbedError, RecordsError, OSError) as e:
-        logging.error("%s", e)
         print(f"embed: error: {e}", file=sys.stderr)
         return 1
     print(f"embed: {result.saved_model} -> {result.out_dir} (D={result.dim}, "

@@ -66,7 +66,6 @@ def main(argv: list[str]) -> int:
     try:
         done = run(config)
     except (ValueError, KeyError, OSError) as e:
-        logging.error("%s", e)
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
     flags.write_flagfile(os.path.join(config.out_dir, "evaluate_flags.cfg"))

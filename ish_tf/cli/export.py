@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, logging
+from absl import app
 
 from ish_tf import flags
 from ish_tf.cli import quiet_tensorflow_info
@@ -40,7 +40,6 @@ def main(argv: list[str]) -> int:
         path = export_run(cfg.model_dir, cfg.export_dir, family=cfg.family or None,
                           version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite)
     except (ExportError, OSError) as e:
-        logging.error("%s", e)
         print(f"export: error: {e}", file=sys.stderr)
         return 1
     meta = read_metadata(path)

@@ -42,7 +42,6 @@ def main(argv: list[str]) -> int:
     try:
         df = synthetic.generate_dataset(config)
     except (ValueError, OSError) as e:
-        logging.error("%s", e)
         print(f"synth: error: {e}", file=sys.stderr)
         return 1
     # Written only after success, so a refused rerun cannot overwrite the record of a dataset.
