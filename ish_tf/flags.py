@@ -703,7 +703,9 @@ def define_cdae() -> None:
     flags.DEFINE_enum("unpool", d["unpool"], ["switches", "nearest"], "--model=cdae: decoder "
                       "unpooling: max-unpool at the encoder's switches, or nearest upsampling.")
     flags.DEFINE_bool("cdae_invert", d["cdae_invert"], "--model=cdae: scale pixels to "
-                      "1 - x/255 inside the model (white slide -> 0, stain -> 1).")
+                      "1 - x/255 inside the model (white slide -> 0, stain -> 1); fluorescence "
+                      "sections (--mask_background=dark) want --nocdae_invert, and training "
+                      "warns when the records say otherwise.")
     flags.DEFINE_float("cdae_aspect", d["cdae_aspect"], "--model=cdae: input width / height "
                        "(height = --input_size); must match the whole-image records.")
     flags.DEFINE_enum("cdae_noise", d["cdae_noise"], ["none", "gaussian", "masking",

@@ -217,6 +217,45 @@ def test_whole_gene_filter_is_the_patch_extractions(data, tmp_path, caplog):
                               genes=("NOT_A_GENE",)), progress_enabled=False)
 
 
+def test_invert_mismatch_warns_for_the_other_kind_of_slide(data, tmp_path, caplog):
+    """--cdae_invert suits brightfield records; records of fluorescence sections
+    (--mask_background=dark) want --nocdae_invert, and training says so."""
+    from PIL import Image
+    from test_segment import _fluorescence
+
+    from ish_tf.data.manifest import write_manifest
+    from ish_tf.data.segment import MaskConfig
+    from ish_tf.data.whole import WholeConfig, run_whole
+    from ish_tf.train.task_cdae import invert_mismatch
+
+    assert invert_mismatch(data["records"], True) is None
+    brightfield = invert_mismatch(data["records"], False)
+    assert "brightfield" in brightfield and "pass --cdae_invert" in brightfield
+    assert invert_mismatch(str(tmp_path / "not_records"), True) is None
+
+    df = pd.read_csv(os.path.join(data["synth"], "manifest.csv")).head(8)
+    for i, row in df.iterrows():
+        truth = np.asarray(Image.open(os.path.join(data["synth"], "masks",
+                                                   f"{row['image_id']}.png"))) > 127
+        path = tmp_path / f"fluo_{row['image_id']}.png"
+        Image.fromarray(_fluorescence(truth, i)).save(path)
+        df.loc[i, "path"] = str(path)
+    write_manifest(df, str(tmp_path / "manifest.csv"))
+    dark = str(tmp_path / "dark")
+    run_whole(WholeConfig(manifest=str(tmp_path / "manifest.csv"), out_dir=dark, size=16,
+                          num_shards=1, split_fractions=(1.0, 0.0, 0.0),
+                          mask=MaskConfig(background="dark")), progress_enabled=False)
+    assert invert_mismatch(dark, False) is None
+    fluorescence = invert_mismatch(dark, True)
+    assert "fluorescence" in fluorescence and "pass --nocdae_invert" in fluorescence
+    task = make_task(_cfg(), _train_cfg(tmp_path / "run", dark))
+    with caplog.at_level("WARNING"):
+        task.make_records_dataset(None)
+        task.make_records_dataset(None)  # once per task, not per input pipeline
+    assert [r.getMessage() for r in caplog.records if "cdae_invert" in r.getMessage()] == \
+        [fluorescence]
+
+
 def test_whole_dataset_is_resumable_by_step(data):
     from ish_tf.train.task_cdae import whole_dataset
 

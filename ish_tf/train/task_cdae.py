@@ -40,6 +40,7 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from absl import logging
 
 from ish_tf.io_utils import atomic_write_text
 from ish_tf.models import ModelConfig
@@ -192,6 +193,43 @@ def whole_dataset(records_dir: str, split: str, *, batch_size: int, height: int,
     return ds.map(element, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def invert_mismatch(records_dir: str, invert: bool) -> str | None:
+    """Says when --cdae_invert does not suit the slides the records were extracted from.
+
+    The CDAE works in a space where the bare slide is near 0 and tissue (stain or light)
+    above it: `--cdae_invert` (1 - x/255) for brightfield sections on a white slide, no
+    inversion for fluorescence sections on a black one. Masking noise sets pixels to 0,
+    i.e. to bare slide, and a zero code is an empty section. The records' key says which
+    slide `bin/extract` segmented (`--mask_background`).
+
+    Args:
+      records_dir: whole-section records.
+      invert: the model's --cdae_invert.
+
+    Returns:
+      The warning, or None where the setting suits the records or they do not say.
+    """
+    from ish_tf.data import records
+
+    try:
+        info = records.load_dataset_info(records_dir)
+    except (records.RecordsError, OSError):
+        return None
+    if info is None:
+        return None
+    mask = (info.extra.get("sampling") or {}).get("mask") or {}
+    background = mask.get("background", "bright")
+    if (background == "dark") != invert:
+        return None
+    kind = ("fluorescence (dark slide, --mask_background=dark)" if background == "dark"
+            else "brightfield (white slide)")
+    fix = "--nocdae_invert" if invert else "--cdae_invert"
+    return (f"{records_dir}: extracted from {kind} sections, but --cdae_invert is "
+            f"{'on' if invert else 'off'}: the model would see the bare slide near 1 and the "
+            f"tissue near 0, where masking noise and an empty code mean bare slide at 0; "
+            f"pass {fix}")
+
+
 # --------------------------------------------------------------------------- cdae task
 class _WholeTask(Task):
     """Shared pieces: batch size from options, the model kept for image summaries."""
@@ -204,6 +242,7 @@ class _WholeTask(Task):
         if self.batch_size < 1:
             raise ValueError(f"--cdae_batch_size must be >= 1, got {self.batch_size}")
         self._model: keras.Model | None = None
+        self._records_checked = False
 
     @property
     def global_batch_size(self) -> int:
@@ -218,6 +257,11 @@ class _WholeTask(Task):
         if not self.train_config.records_dir:
             raise ValueError("--records_dir is required: whole-section records written by "
                              "bin/extract --whole_images")
+        if not self._records_checked:
+            self._records_checked = True
+            message = invert_mismatch(self.train_config.records_dir, self.opts["invert"])
+            if message:
+                logging.warning("%s", message)
         return self.train_config.records_dir
 
     def _display(self, scaled: tf.Tensor) -> tf.Tensor:
