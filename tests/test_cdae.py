@@ -314,6 +314,56 @@ def test_cdae_trains_on_records_with_reconstruction_images_and_exports(data, tmp
     np.testing.assert_allclose(served, codes, rtol=1e-4, atol=1e-4)
 
 
+def test_tune_cdae_on_validation_loss(data, tmp_path):
+    """bin/tune's path for families without a HyperModel of their own: the CDAE's trials are
+    ordinary runs scored by the task's loss on the validation split; best.cfg replays the
+    best one with the CDAE's flags."""
+    from absl import flags as absl_flags
+
+    from ish_tf import flags
+    from ish_tf.cli import tune as cli
+    from ish_tf.tune import hypermodels
+
+    out = tmp_path / "tune"
+    argv = ["tune", "--model=cdae", f"--records_dir={data['records']}", f"--out={out}",
+            "--input_size=16", "--cdae_depth=2", "--cdae_filters=4,8", "--cdae_code_size=6",
+            "--cdae_batch_size=4", "--cdae_image_every=0", "--noimage_summaries",
+            "--strategy=default", "--log_every=1", "--tuner=grid", "--max_trials=2",
+            "--val_batches=2", "--tune_flips=false", "--tune_learning_rate=3e-3,1e-5",
+            "--tune_steps=3"]
+    absl_flags.FLAGS.unparse_flags()
+    try:
+        absl_flags.FLAGS(argv)
+        model_cfg, base = flags.model_config(), flags.train_config()
+        hm = hypermodels.make_hypermodel(model_cfg, base, flags.tune_config())
+        assert type(hm) is hypermodels.TaskHyperModel
+        assert (hm.objective.name, hm.objective.direction) == ("val_loss", "min")
+        assert cli.main(["tune"]) == 0
+    finally:
+        absl_flags.FLAGS.unparse_flags()
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2 and (trials["status"] == "COMPLETED").all()
+    assert np.isfinite(trials["val_loss"]).all()
+    assert sorted(trials["learning_rate"]) == [1e-5, 3e-3]
+    best = trials.loc[trials["val_loss"].idxmin()]
+    # The validation loss is the task's own loss on the validation split with the trial's
+    # weights: recomputed here from the trial's model.
+    trial_model, trial_train = hm.trial_configs(
+        {"learning_rate": best["learning_rate"], "flips": False, "steps": 3},
+        run_dir=os.path.join(best["run_dir"], "e0"), execution=0)
+    task = make_task(trial_model, dataclasses.replace(trial_train, split="validation"))
+    model = keras.saving.load_model(os.path.join(best["run_dir"], "e0", "model.keras"),
+                                    compile=False)
+    losses = [float(task.compute_loss(model, b, training=False)[0])
+              for b in task.make_records_dataset(None, 0).take(2)]
+    assert best["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    cfg_text = (out / "best.cfg").read_text()
+    assert f"Best trial {best['trial_id']} " in cfg_text
+    for line in ("--model=cdae", "--cdae_code_size=6", "--cdae_filters=4,8", "--noflips",
+                 f"--learning_rate={best['learning_rate']:g}", "--steps=3"):
+        assert line in cfg_text.splitlines(), line
+
+
 def test_cdae_resume_matches_uninterrupted(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     cfg_a, cfg_b = _train_cfg(a, data["records"]), _train_cfg(b, data["records"])
