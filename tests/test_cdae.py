@@ -364,6 +364,26 @@ def test_tune_cdae_on_validation_loss(data, tmp_path):
         assert line in cfg_text.splitlines(), line
 
 
+def test_cdae_mixed_precision(data, tmp_path):
+    """--mixed_precision (bfloat16 on CPU): the switch pooling and unpooling layers run in
+    bfloat16, code and reconstruction leave the model as float32, and the run exports."""
+    from ish_tf.export.saved_model import export_run
+
+    cfg = _train_cfg(tmp_path / "run", data["records"], steps=3, mixed_precision=True,
+                     image_summaries=False)
+    result = train(make_task(_cfg(image_every=0), cfg), cfg)
+    assert np.isfinite(result.loss)
+    model = keras.saving.load_model(result.model_path, compile=False)
+    assert model.get_layer("enc0_pool").dtype_policy.compute_dtype == "bfloat16"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 1)).astype(np.float32)
+    code, recon = model(x)
+    assert code.dtype == recon.dtype == tf.float32
+    served = tf.saved_model.load(export_run(result.run_dir, str(tmp_path / "export")))
+    out = served.signatures["encode_images"](images=tf.constant(x))
+    assert out["code"].dtype == tf.float32
+    np.testing.assert_allclose(out["code"].numpy(), code.numpy(), atol=5e-2)
+
+
 def test_cdae_resume_matches_uninterrupted(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     cfg_a, cfg_b = _train_cfg(a, data["records"]), _train_cfg(b, data["records"])

@@ -125,6 +125,21 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     tags = event_tags(os.path.join(run, "logs"))
     # Patches framed by true and predicted class, at step 0 and at the checkpoint.
     assert tags.get("predicted_class", 0) >= 2 and "true_class" in tags
+    # --mixed_precision (bfloat16 on CPU) trains too, and its fully convolutional twin gives
+    # float32 probabilities.
+    import keras
+
+    from ish_tf.models.ish_cnn import dense_model
+
+    mcfg_tcfg = TrainConfig(run_dir=str(tmp_path / "mixed"), records_dir=out, P=4, K=2, steps=3,
+                            decay_start=3, checkpoint_every=3, log_every=1, learning_rate=1e-3,
+                            image_summaries=False, mixed_precision=True)
+    mixed = train(make_task(mcfg, mcfg_tcfg), mcfg_tcfg)
+    assert mixed.step == 3 and np.isfinite(mixed.loss)
+    probs = dense_model(keras.saving.load_model(mixed.model_path, compile=False))(
+        np.random.default_rng(0).uniform(0, 255, (1, 40, 40, 3)).astype(np.float32))
+    assert probs.dtype == "float32"
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
     # Wrong patch size / class list / P are refused with the reason.
     with pytest.raises(ValueError, match="p24"):
         make_task(ModelConfig(model="ish_cnn", input_size=24), tcfg)

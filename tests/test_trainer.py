@@ -187,6 +187,40 @@ def test_finished_run_is_not_retrained(runs):
     assert os.path.getmtime(result.model_path) == mtime
 
 
+def test_mixed_precision_trains_resumes_exports_and_restores_the_policy(tmp_path):
+    """--mixed_precision on CPU is mixed_bfloat16 (float16 with loss scaling needs a GPU):
+    the layers compute in bfloat16 with float32 weights, the embedding leaves the model as
+    float32, the run resumes and exports, and the process's global policy is the caller's
+    again afterwards (models built later, e.g. an untrained baseline, stay float32)."""
+    from ish_tf.export.saved_model import export_run
+
+    assert keras.mixed_precision.global_policy().name == "float32"
+    cfg = _config(tmp_path / "mixed", steps=12, mixed_precision=True, image_summaries=False)
+    first = _train(cfg, stop_after=6)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    result = _train(cfg)
+    assert result.start_step == 6 and result.step == 12 and math.isfinite(result.loss)
+    model = keras.saving.load_model(result.model_path, compile=False)
+    def leaves(m):
+        for layer in m.layers:
+            yield from (leaves(layer) if isinstance(layer, keras.Model) else [layer])
+
+    compute = {layer.dtype_policy.compute_dtype for layer in leaves(model) if layer.weights}
+    assert compute == {"bfloat16"}, compute
+    assert {w.dtype for w in model.weights} == {"float32"}
+    out = model(X[0][:4])
+    assert out.dtype == tf.float32 and np.isfinite(out.numpy()).all()
+    assert {layer.dtype_policy.name for layer in leaves(build_model(MODEL_CFG))} == {"float32"}
+    # The served model is the mixed one, its embedding float32 too.
+    served = tf.saved_model.load(export_run(cfg.run_dir, str(tmp_path / "export")))
+    emb = served.signatures["embed_images"](images=tf.constant(X[0][:4]))["embedding"]
+    assert emb.dtype == tf.float32
+    # bfloat16 keeps 8 bits of mantissa: graph and eager execution round differently.
+    np.testing.assert_allclose(emb.numpy(), out.numpy(), atol=1e-2)
+    assert np.abs(emb.numpy() - out.numpy()).mean() < 2e-3
+    del first
+
+
 def test_nonfinite_loss_stops_with_clear_error(tmp_path):
     bad = X.copy()
     bad[0, 0, 0, 0, 0] = np.nan

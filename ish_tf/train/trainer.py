@@ -213,23 +213,29 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
 
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    caller_policy = keras.mixed_precision.global_policy()
     policy = set_precision(config.mixed_precision)
-    keras.utils.set_random_seed(config.seed)
-    replicas = strategy.num_replicas_in_sync
-    if task.global_batch_size % replicas:
-        raise ValueError(f"global batch {task.global_batch_size} (P*K) is not divisible by "
-                         f"the {replicas} replicas")
+    try:
+        keras.utils.set_random_seed(config.seed)
+        replicas = strategy.num_replicas_in_sync
+        if task.global_batch_size % replicas:
+            raise ValueError(f"global batch {task.global_batch_size} (P*K) is not divisible by "
+                             f"the {replicas} replicas")
 
-    with strategy.scope():
-        model = task.build_model()
-        task.model = model  # for image summaries that show the model's current predictions
-        schedule = HoldThenExponentialDecay(config.learning_rate, config.decay_start,
-                                            config.steps, config.final_lr_fraction)
-        optimizer = keras.optimizers.Adam(schedule, epsilon=config.adam_epsilon)
-        if policy == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        with strategy.scope():
+            model = task.build_model()
+            task.model = model  # for image summaries that show the model's current predictions
+            schedule = HoldThenExponentialDecay(config.learning_rate, config.decay_start,
+                                                config.steps, config.final_lr_fraction)
+            optimizer = keras.optimizers.Adam(schedule, epsilon=config.adam_epsilon)
+            if policy == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    finally:
+        # The layers keep the policy they were built with; models built later in this
+        # process (an untrained baseline, the next tuning trial) get the caller's again.
+        keras.mixed_precision.set_global_policy(caller_policy)
 
     # The data position is not checkpointed: tasks produce batches as a function of
     # (seed, step) and restart at the restored step (generator-backed and distributed
