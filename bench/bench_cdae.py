@@ -61,11 +61,12 @@ def config_model(flagfile: str, extra: list[str] = ()):
         absl_flags.FLAGS.unparse_flags()
 
 
-def throughput(flagfile: str, unpool: str, steps: int = 30,
-               extra: list[str] = ()) -> tuple[float, str]:
+def throughput(flagfile: str, unpool: str, steps: int = 30, extra: list[str] = (),
+               pool_implementation: str = "kernel", jit: bool = False) -> tuple[float, str]:
     """Images/s of the CDAE train step (forward, loss, backward, Adam) of a config's model
-    and batch size (with `extra` flags) on random images, with --unpool forced to `unpool`;
-    and the shape."""
+    and batch size (with `extra` flags) on random images, with --unpool forced to `unpool`
+    and the switch pooling's implementation to `pool_implementation`, XLA-compiled with
+    `jit`; and the shape."""
     import dataclasses
 
     import keras
@@ -75,13 +76,14 @@ def throughput(flagfile: str, unpool: str, steps: int = 30,
     from ish_tf.models.cdae import cdae_options
 
     config, batch = config_model(flagfile, extra)
-    config = dataclasses.replace(config, options={**config.options, "unpool": unpool})
+    config = dataclasses.replace(config, options={**config.options, "unpool": unpool,
+                                                  "pool_implementation": pool_implementation})
     opts = cdae_options(config)
     model = build_model(config)
     opt = keras.optimizers.Adam(1e-3)
     x = tf.random.uniform((batch, opts["height"], opts["width"], 1), 0, 255, seed=0)
 
-    @tf.function
+    @tf.function(jit_compile=jit)
     def step():
         with tf.GradientTape() as tape:
             _, recon = model(x, training=True)

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ish_tf.models.layers import CropToLike, MaxPoolWithArgmax, MaxUnpool, unpool_nearest
+from ish_tf.models.layers import (
+    CropToLike,
+    MaxPoolWithArgmax,
+    MaxUnpool,
+    max_pool_with_switches,
+    unpool_nearest,
+)
 
 
 def _reference_unpool(x: np.ndarray, p: int = 2) -> np.ndarray:
@@ -67,6 +73,44 @@ def test_gradients_flow_through_pool_and_unpool():
     mask = _reference_unpool(x.numpy()) != 0
     np.testing.assert_allclose(grad[mask], 2.0 * w.numpy()[mask], rtol=1e-6)
     assert (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("shape,pool", [((3, 6, 8, 4), (2, 2)), ((2, 5, 7, 3), (2, 2)),
+                                        ((2, 7, 8, 2), (3, 3)), ((1, 5, 4, 1), (3, 2)),
+                                        ((2, 1, 3, 2), (2, 2))])
+def test_window_implementation_matches_the_kernel_and_compiles_under_xla(shape, pool):
+    """The "window" pooling gives tf.nn.max_pool_with_argmax's values and switches, ties
+    (first in row-major order) and the 'SAME' padding split (top/left for p = 3) included,
+    the same gradients, and it compiles under XLA, where the kernel cannot."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(0, 3, shape).astype(np.float32)  # small integers: many ties
+    ph, pw = pool
+    ref_pooled, ref_switches = tf.nn.max_pool_with_argmax(
+        x, [1, ph, pw, 1], [1, ph, pw, 1], "SAME", include_batch_in_index=True,
+        output_dtype=tf.int64)
+    for got in (max_pool_with_switches(tf.constant(x), ph, pw),
+                MaxPoolWithArgmax(pool, implementation="window")(x),
+                tf.function(lambda t: max_pool_with_switches(t, ph, pw),
+                            jit_compile=True)(tf.constant(x))):
+        np.testing.assert_array_equal(got[0].numpy(), ref_pooled.numpy())
+        np.testing.assert_array_equal(got[1].numpy(), ref_switches.numpy())
+    # Gradients through pooling and unpooling are the kernel's (ties included: all of a
+    # window's gradient goes to its switch).
+    w = tf.constant(rng.normal(size=ref_pooled.shape).astype(np.float32))
+    grads = []
+    for impl in ("kernel", "window"):
+        xv = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            pooled, switches = MaxPoolWithArgmax(pool, implementation=impl)(xv)
+            out = MaxUnpool()([pooled * w, switches, xv])
+            loss = tf.reduce_sum(out * out)
+        grads.append(tape.gradient(loss, xv).numpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6)
+    assert np.count_nonzero(grads[0]) > 0
+    assert MaxPoolWithArgmax.from_config(
+        MaxPoolWithArgmax(pool, implementation="window").get_config()).implementation == "window"
+    with pytest.raises(ValueError, match="implementation"):
+        MaxPoolWithArgmax(2, implementation="fast")
 
 
 def test_nearest_unpool_crops_odd_sizes():

@@ -26,6 +26,8 @@ Family options (`ModelConfig.options`, filled from the --cdae_* flags):
   gets the layout only through the switches), norm ("none": conv + ReLU as in the
   papers; "batch": conv + batch normalisation + ReLU, which --cdae_norm defaults to),
   unpool ("switches" | "nearest"),
+  pool_implementation ("kernel" | "window": the same switches; "window" compiles under
+  XLA, and training with --jit_compile selects it),
   invert (True), aspect (1.0: S_w = round(S_h * aspect); S_h = input_size),
   supervised only: terms (list of term ids), dropout (0.0), init_from (a CDAE run
   directory or .keras file, or "").
@@ -44,7 +46,12 @@ import tensorflow as tf
 
 from ish_tf.export.saved_model import register_family
 from ish_tf.models import ModelConfig
-from ish_tf.models.layers import MaxPoolWithArgmax, MaxUnpool, unpool_nearest
+from ish_tf.models.layers import (
+    POOL_IMPLEMENTATIONS,
+    MaxPoolWithArgmax,
+    MaxUnpool,
+    unpool_nearest,
+)
 
 UNPOOL_MODES: tuple[str, ...] = ("switches", "nearest")
 CODE_POOLING: tuple[str, ...] = ("flatten", "average")
@@ -61,7 +68,8 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
 
     Returns:
       {"depth", "filters" (list of `depth` ints), "convs_per_block", "code_size",
-       "code_pooling", "norm", "unpool", "invert", "aspect", "height", "width"}.
+       "code_pooling", "norm", "unpool", "invert", "aspect", "height", "width",
+       "pool_implementation"}.
 
     Raises:
       ValueError: naming the offending option.
@@ -90,6 +98,10 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"--cdae_code_pooling must be one of {CODE_POOLING}, got {pooling!r}")
     if aspect <= 0:
         raise ValueError(f"--cdae_aspect must be > 0, got {aspect}")
+    pool_impl = str(config.option("pool_implementation", "kernel"))
+    if pool_impl not in POOL_IMPLEMENTATIONS:
+        raise ValueError(f"pool_implementation must be one of {POOL_IMPLEMENTATIONS}, got "
+                         f"{pool_impl!r}")
     filters = (filters + [filters[-1]] * depth)[:depth]
     height = int(config.input_size)
     width = max(int(round(height * aspect)), 1)
@@ -99,7 +111,7 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
     return {"depth": depth, "filters": filters, "convs_per_block": convs, "code_size": code_size,
             "unpool": unpool, "code_pooling": pooling, "norm": norm,
             "invert": bool(config.option("invert", True)), "aspect": aspect,
-            "height": height, "width": width}
+            "height": height, "width": width, "pool_implementation": pool_impl}
 
 
 def scale_images(images, invert: bool = True):
@@ -156,7 +168,8 @@ def _encoder(inputs, opts: dict, seed: int | None):
             x = _conv_block(x, f, opts, seed, k, f"enc{level}_conv{j}")
             k += 1
         pre = x
-        x, switches = MaxPoolWithArgmax(2, name=f"enc{level}_pool")(x)
+        x, switches = MaxPoolWithArgmax(2, implementation=opts["pool_implementation"],
+                                        name=f"enc{level}_pool")(x)
         skips.append((pre, switches))
     if opts["code_pooling"] == "average":
         # The mean of the last block's features over all positions: the code cannot hold

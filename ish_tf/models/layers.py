@@ -17,6 +17,13 @@ Switches are int64 indices into the flattened (B, H, W, C) input *including* the
 layers are registered for `model.keras` serialisation and use only TensorFlow ops that
 a SavedModel (and TF Serving) can run; gradients flow through the pooled values
 (`MaxPoolGradWithArgmax`) and through the unpooled values (a gather).
+
+Two implementations of the pooling give identical values and switches (ties go to the
+first window position in row-major order, padding as above): "kernel",
+`tf.nn.max_pool_with_argmax`, the faster one in plain TensorFlow, which XLA cannot
+compile (no tf2xla kernel); and "window", reshapes, `argmax` and a gather, which XLA
+compiles (`bin/train --jit_compile` selects it). bench/bench_switch_pooling.py measures
+both.
 """
 
 from __future__ import annotations
@@ -38,12 +45,55 @@ def _pooled(size: int | None, pool: int) -> int | None:
     return None if size is None else -(-size // pool)
 
 
+POOL_IMPLEMENTATIONS: tuple[str, ...] = ("kernel", "window")
+
+
+def max_pool_with_switches(x: tf.Tensor, ph: int, pw: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """`tf.nn.max_pool_with_argmax` ('SAME', stride = window, batch in the index) from
+    ops XLA can compile.
+
+    The input is padded with -inf as TensorFlow pads for 'SAME' (the extra row or column
+    split with the smaller half on top/left), cut into (p_h * p_w)-element windows, and
+    each window's first maximum is taken with `argmax` and a gather (so the gradient goes
+    to that element alone, as `MaxPoolGradWithArgmax` sends it).
+
+    Args:
+      x: float (B, H, W, C).
+      ph, pw: window and stride.
+
+    Returns:
+      (pooled (B, ceil(H/p_h), ceil(W/p_w), C), switches int64 of the same shape).
+    """
+    shape = tf.shape(x, out_type=tf.int64)
+    b, h, w, c = shape[0], shape[1], shape[2], shape[3]
+    ho, wo = -(-h // ph), -(-w // pw)
+    pad_h, pad_w = ho * ph - h, wo * pw - w
+    top, left = pad_h // 2, pad_w // 2
+    padded = tf.pad(x, [[0, 0], [top, pad_h - top], [left, pad_w - left], [0, 0]],
+                    constant_values=tf.constant(float("-inf"), x.dtype))
+    windows = tf.reshape(padded, tf.stack([b, ho, ph, wo, pw, c]))
+    windows = tf.reshape(tf.transpose(windows, [0, 1, 3, 5, 2, 4]),
+                         tf.stack([b, ho, wo, c, ph * pw]))
+    k = tf.argmax(windows, axis=-1, output_type=tf.int64)
+    pooled = tf.gather(windows, k[..., None], batch_dims=4)[..., 0]
+    rows = tf.range(ho)[None, :, None, None] * ph + k // pw - top
+    cols = tf.range(wo)[None, None, :, None] * pw + k % pw - left
+    batch = tf.range(b)[:, None, None, None]
+    channel = tf.range(c)[None, None, None, :]
+    switches = ((batch * h + rows) * w + cols) * c + channel
+    pooled.set_shape([x.shape[0], _pooled(x.shape[1], ph), _pooled(x.shape[2], pw), x.shape[3]])
+    switches.set_shape(pooled.shape)
+    return pooled, switches
+
+
 @keras.saving.register_keras_serializable(package="ish_tf")
 class MaxPoolWithArgmax(keras.layers.Layer):
     """Non-overlapping max pooling that also returns the argmax switches.
 
     Args:
       pool_size: window (and stride) p or (p_h, p_w).
+      implementation: "kernel" (`tf.nn.max_pool_with_argmax`) or "window"
+        (`max_pool_with_switches`, which XLA can compile); the same outputs.
       **kwargs: keras.layers.Layer arguments (name, dtype).
 
     Call args:
@@ -54,15 +104,23 @@ class MaxPoolWithArgmax(keras.layers.Layer):
        switches int64 of the same shape: flat indices into the (B, H, W, C) input).
     """
 
-    def __init__(self, pool_size: int | tuple[int, int] = 2, **kwargs):
+    def __init__(self, pool_size: int | tuple[int, int] = 2, implementation: str = "kernel",
+                 **kwargs):
         super().__init__(**kwargs)
         self.pool_size = _pair(pool_size, "pool_size")
+        if implementation not in POOL_IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {POOL_IMPLEMENTATIONS}, got "
+                             f"{implementation!r}")
+        self.implementation = implementation
 
     def call(self, inputs):
         ph, pw = self.pool_size
-        pooled, switches = tf.nn.max_pool_with_argmax(
-            inputs, ksize=[1, ph, pw, 1], strides=[1, ph, pw, 1], padding="SAME",
-            include_batch_in_index=True, output_dtype=tf.int64)
+        if self.implementation == "window":
+            pooled, switches = max_pool_with_switches(inputs, ph, pw)
+        else:
+            pooled, switches = tf.nn.max_pool_with_argmax(
+                inputs, ksize=[1, ph, pw, 1], strides=[1, ph, pw, 1], padding="SAME",
+                include_batch_in_index=True, output_dtype=tf.int64)
         # Switches are an index, not a differentiable output.
         return pooled, tf.stop_gradient(switches)
 
@@ -77,7 +135,8 @@ class MaxPoolWithArgmax(keras.layers.Layer):
                 keras.KerasTensor(shape, dtype="int64"))
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "pool_size": list(self.pool_size)}
+        return {**super().get_config(), "pool_size": list(self.pool_size),
+                "implementation": self.implementation}
 
 
 @keras.saving.register_keras_serializable(package="ish_tf")

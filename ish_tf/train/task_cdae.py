@@ -250,6 +250,11 @@ class _WholeTask(Task):
         return self.batch_size
 
     def build_model(self) -> keras.Model:
+        if self.train_config.jit_compile:
+            # tf.nn.max_pool_with_argmax has no XLA kernel; the window implementation
+            # gives the same switches from ops XLA compiles.
+            self.model_config = dataclasses.replace(self.model_config, options={
+                **self.model_config.options, "pool_implementation": "window"})
         self._model = super().build_model()
         return self._model
 
