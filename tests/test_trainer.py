@@ -221,6 +221,20 @@ def test_mixed_precision_trains_resumes_exports_and_restores_the_policy(tmp_path
     del first
 
 
+def test_jit_compile_trains_like_the_uncompiled_step(tmp_path):
+    """--jit_compile (XLA) compiles the whole train step; the first step's loss (initial
+    weights, the same batch) equals the uncompiled one's, and the run finishes."""
+    first = {}
+    for jit in (False, True):
+        cfg = _config(tmp_path / f"jit{jit}", steps=4, log_every=1, jit_compile=jit,
+                      image_summaries=False)
+        result = _train(cfg)
+        assert result.step == 4 and math.isfinite(result.loss)
+        with open(run_paths(cfg.run_dir)["metrics"], newline="") as f:
+            first[jit] = float(next(csv.DictReader(f))["loss"])
+    assert first[True] == pytest.approx(first[False], rel=1e-5)
+
+
 def test_nonfinite_loss_stops_with_clear_error(tmp_path):
     bad = X.copy()
     bad[0, 0, 0, 0, 0] = np.nan
