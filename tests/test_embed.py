@@ -242,10 +242,17 @@ def test_cli_embed(exported, dataset, tmp_path, capsys):
     out = str(tmp_path / "out")
     with flagsaver.flagsaver():
         cli.FLAGS(["embed", f"--saved_model={exported[1]}", f"--records_dir={dataset[0]}",
-                   f"--out={out}", "--splits=test", "--levels=patch,gene"])
+                   f"--out={out}", "--splits=test", "--levels=patch,gene",
+                   f"--projector_dir={tmp_path / 'projector'}"])
         assert cli.main(["embed"]) == 0
     text = capsys.readouterr().out
     assert "gene" in text and os.path.join(out, "gene_embeddings.csv") in text
+    # --projector_dir: the gene table as a TensorBoard projector view, one row per gene.
+    assert f"projector: 1 genes -> tensorboard --logdir {tmp_path / 'projector'}" in text
+    rows = [line.split("\t") for line in
+            open(tmp_path / "projector" / "metadata.tsv").read().splitlines()]
+    assert rows[0][0] == "gene_symbol" and [r[0] for r in rows[1:]] == ["Vip"]
+    assert "embedding" in open(tmp_path / "projector" / "projector_config.pbtxt").read()
     gene = pd.read_csv(os.path.join(out, "gene_embeddings.csv"))
     assert gene.gene_symbol.tolist() == ["Vip"]
     assert sorted(os.listdir(out)) == ["embed_summary.json", "flags.cfg",

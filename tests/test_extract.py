@@ -223,7 +223,8 @@ def test_cli_main(synth, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["extract", f"--manifest={synth / 'manifest.csv'}", f"--out={out}",
             "--patches_per_image=2", "--source_size=96", "--patch_size=32", "--num_shards=1",
-            "--genes=" + ",".join(sorted(pd.read_csv(synth / "manifest.csv")["gene_symbol"])[:3])]
+            "--genes=" + ",".join(sorted(pd.read_csv(synth / "manifest.csv")["gene_symbol"])[:3]),
+            "--save_overlays"]
     try:
         fv.unparse_flags()
         fv(argv)
@@ -231,6 +232,13 @@ def test_cli_main(synth, tmp_path, capsys):
         printed = capsys.readouterr().out
         assert "extract: wrote" in printed and str(out) in printed
         assert os.path.exists(out / "extract_flags.cfg")
+        # --save_overlays: one mask overlay per extracted image, the image's size.
+        report = pd.read_csv(out / P.REPORT_NAME)
+        ok = report[report["status"] == P.OK]
+        assert len(ok) > 0
+        assert sorted(os.listdir(out / "overlays")) == sorted(f"{i}.png" for i in ok["image_id"])
+        with Image.open(out / "overlays" / f"{ok['image_id'].iloc[0]}.png") as im:
+            assert im.mode == "RGB" and im.size[0] > 0
         fv.unparse_flags()
         fv(["extract", f"--manifest={tmp_path / 'missing.csv'}", f"--out={out}"])
         assert cli.main(["extract"]) == 1
