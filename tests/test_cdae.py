@@ -330,7 +330,7 @@ def test_tune_cdae_on_validation_loss(data, tmp_path):
             "--cdae_batch_size=4", "--cdae_image_every=0", "--noimage_summaries",
             "--strategy=default", "--log_every=1", "--tuner=grid", "--max_trials=2",
             "--val_batches=2", "--tune_flips=false", "--tune_learning_rate=3e-3,1e-5",
-            "--tune_steps=3"]
+            "--tune_steps=3", "--executions_per_trial=2"]
     absl_flags.FLAGS.unparse_flags()
     try:
         absl_flags.FLAGS(argv)
@@ -347,16 +347,22 @@ def test_tune_cdae_on_validation_loss(data, tmp_path):
     assert sorted(trials["learning_rate"]) == [1e-5, 3e-3]
     best = trials.loc[trials["val_loss"].idxmin()]
     # The validation loss is the task's own loss on the validation split with the trial's
-    # weights: recomputed here from the trial's model.
-    trial_model, trial_train = hm.trial_configs(
-        {"learning_rate": best["learning_rate"], "flips": False, "steps": 3},
-        run_dir=os.path.join(best["run_dir"], "e0"), execution=0)
-    task = make_task(trial_model, dataclasses.replace(trial_train, split="validation"))
-    model = keras.saving.load_model(os.path.join(best["run_dir"], "e0", "model.keras"),
-                                    compile=False)
-    losses = [float(task.compute_loss(model, b, training=False)[0])
-              for b in task.make_records_dataset(None, 0).take(2)]
-    assert best["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    # weights, averaged over its two executions (seeds 0 and 1): recomputed here from the
+    # executions' models.
+    per_execution = []
+    for e in range(2):
+        trial_model, trial_train = hm.trial_configs(
+            {"learning_rate": best["learning_rate"], "flips": False, "steps": 3},
+            run_dir=os.path.join(best["run_dir"], f"e{e}"), execution=e)
+        assert trial_train.seed == e
+        task = make_task(trial_model, dataclasses.replace(trial_train, split="validation"))
+        model = keras.saving.load_model(os.path.join(best["run_dir"], f"e{e}", "model.keras"),
+                                        compile=False)
+        keras.utils.set_random_seed(e)  # as the scoring does: tf.data shuffles use it
+        per_execution.append(np.mean([float(task.compute_loss(model, b, training=False)[0])
+                                      for b in task.make_records_dataset(None, 0).take(2)]))
+    assert per_execution[0] != per_execution[1]
+    assert best["val_loss"] == pytest.approx(np.mean(per_execution), rel=1e-5)
     cfg_text = (out / "best.cfg").read_text()
     assert f"Best trial {best['trial_id']} " in cfg_text
     for line in ("--model=cdae", "--cdae_code_size=6", "--cdae_filters=4,8", "--noflips",

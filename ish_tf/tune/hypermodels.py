@@ -196,10 +196,15 @@ class FamilyHyperModel(keras_tuner.HyperModel):
         Returns:
           {"val_loss": float}.
         """
+        import keras
+
         from ish_tf.train.tasks import make_task
 
         cfg = dataclasses.replace(train_config, split=self.tune_config.validation_split)
         task = make_task(model_config, cfg)
+        # tf.data's seeded shuffles also take the global seed: fix it as the trainer does,
+        # so the batches scored depend on the execution's seed alone.
+        keras.utils.set_random_seed(cfg.seed)
         losses = []
         for batch in task.make_records_dataset(None, 0).take(self.tune_config.val_batches):
             loss, _ = task.compute_loss(model, batch, training=False)
