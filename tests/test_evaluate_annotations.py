@@ -341,6 +341,23 @@ def test_bin_evaluate_annotations_end_to_end(tmp_path):
     assert {"good", "random", "best"} <= set(wide.columns)
     assert (out / "comparisons.csv").exists() and (out / "evaluate_flags.cfg").exists()
     assert (out / "report.html").exists()
+    # --manifest: the gene x donor assay design is scored as one more embedding (the
+    # donor-bias control); --nodonor_control leaves it out.
+    from ish_tf.data.manifest import write_manifest
+
+    donors = rng.choice(["H1", "H2", "H3", "H4"], size=(60, 2))
+    write_manifest(pd.DataFrame({
+        "image_id": np.arange(120), "experiment_id": np.arange(120) // 2, "study": "cortex",
+        "gene_symbol": np.repeat(genes, 2), "donor_id": donors.ravel(), "width": 100,
+        "height": 100, "path": [f"images/{i}.jpg" for i in range(120)]}),
+        str(tmp_path / "manifest.csv"))
+    for control, want in (("--donor_control", True), ("--nodonor_control", False)):
+        proc = subprocess.run(cmd + ["--noreport", f"--manifest={tmp_path / 'manifest.csv'}",
+                                     control, f"--out={tmp_path / control}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scored = set(pd.read_csv(tmp_path / control / "annotations.csv")["embedding"])
+        assert scored == ({"good", "random", "donor_matrix"} if want else {"good", "random"})
     # A key that matches nothing fails clearly, naming the file and the key.
     pd.DataFrame({"gene_symbol": ["NOPE1", "NOPE2"], "0": [1.0, 2.0]}).to_csv(rnd_path, index=False)
     proc = subprocess.run(cmd + ["--noreport"], cwd=ROOT, capture_output=True, text=True,
