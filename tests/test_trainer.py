@@ -221,6 +221,34 @@ def test_mixed_precision_trains_resumes_exports_and_restores_the_policy(tmp_path
     del first
 
 
+def test_float16_loss_scaling_path(tmp_path, monkeypatch):
+    """The GPU's --mixed_precision (mixed_float16 with a LossScaleOptimizer), forced on CPU:
+    the first step's loss and the logged gradient norm (the scale divided out) agree with
+    float32, and a run resumes from its checkpoint (the loss scale included)."""
+    from ish_tf.train import trainer
+
+    logged = {}
+    for name, policy in (("f32", False), ("f16", True)):
+        if policy:
+            monkeypatch.setattr(trainer, "set_precision", lambda enabled: (
+                keras.mixed_precision.set_global_policy("mixed_float16") or "mixed_float16"))
+        cfg = _config(tmp_path / name, steps=6, log_every=1, checkpoint_every=3,
+                      mixed_precision=policy, image_summaries=False)
+        if policy:
+            _train(cfg, stop_after=3)
+        result = _train(cfg)
+        assert result.step == 6 and math.isfinite(result.loss)
+        with open(run_paths(cfg.run_dir)["metrics"], newline="") as f:
+            logged[name] = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in logged["f16"]] == [1, 2, 3, 4, 5, 6]
+    first32, first16 = logged["f32"][0], logged["f16"][0]
+    assert float(first16["loss"]) == pytest.approx(float(first32["loss"]), rel=2e-2)
+    assert float(first16["grad_norm"]) == pytest.approx(float(first32["grad_norm"]), rel=5e-2)
+    model = keras.saving.load_model(os.path.join(tmp_path, "f16", "model.keras"), compile=False)
+    assert model(X[0][:2]).dtype == tf.float32
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
 def test_jit_compile_trains_like_the_uncompiled_step(tmp_path):
     """--jit_compile (XLA) compiles the whole train step; the first step's loss (initial
     weights, the same batch) equals the uncompiled one's, and the run finishes."""
