@@ -10,13 +10,13 @@ models carry their own preprocessing, so exported models accept the same input):
 
 Determinism. Every random choice (file order, shuffling, the P×K gene and patch
 draws, the flips) comes from the `seed`; with `deterministic=True` two runs with the
-same seed produce identical batches. (`patch_dataset`'s shuffles are tf.data's, whose
-seed is combined with TensorFlow's global seed, `tf.random.set_seed`: the trainer and
-bin/tune's scoring set it from --seed before building a dataset, and a caller outside
-them should too; the P×K draws and the flips are stateless.) That is what makes a failing batch
+same seed produce identical batches. That is what makes a failing batch
 reproducible while debugging, and what lets a run on N replicas be compared to a run
 on one replica (the multi-replica equality test): the P×K reader gives the replicas
-slices of exactly the global batch a single replica would see.
+slices of exactly the global batch a single replica would see. The P×K draws and the
+flips are stateless; `patch_dataset`'s shuffles are tf.data's, which combine their seed
+with TensorFlow's global one (`tf.random.set_seed`): the trainer and bin/tune's scoring
+set it from --seed before building a dataset, and other callers should too.
 
 Scale. The P×K reader never loads the dataset: the index (`records.gene_extents`)
 says where each gene's contiguous records lie, a small per-shard offsets file

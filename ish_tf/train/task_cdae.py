@@ -198,9 +198,9 @@ def invert_mismatch(records_dir: str, invert: bool) -> str | None:
 
     The CDAE works in a space where the bare slide is near 0 and tissue (stain or light)
     above it: `--cdae_invert` (1 - x/255) for brightfield sections on a white slide, no
-    inversion for fluorescence sections on a black one. Masking noise sets pixels to 0,
-    i.e. to bare slide, and a zero code is an empty section. The records' key says which
-    slide `bin/extract` segmented (`--mask_background`).
+    inversion for fluorescence sections on a black one; masking noise sets pixels to 0,
+    which should look like bare slide. The records' key says which slide `bin/extract`
+    segmented (`--mask_background`).
 
     Args:
       records_dir: whole-section records.
@@ -226,7 +226,7 @@ def invert_mismatch(records_dir: str, invert: bool) -> str | None:
     fix = "--nocdae_invert" if invert else "--cdae_invert"
     return (f"{records_dir}: extracted from {kind} sections, but --cdae_invert is "
             f"{'on' if invert else 'off'}: the model would see the bare slide near 1 and the "
-            f"tissue near 0, where masking noise and an empty code mean bare slide at 0; "
+            f"tissue near 0, so masking noise (pixels set to 0) would look like tissue; "
             f"pass {fix}")
 
 
