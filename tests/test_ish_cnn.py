@@ -131,10 +131,10 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
 
     from ish_tf.models.ish_cnn import dense_model
 
-    mcfg_tcfg = TrainConfig(run_dir=str(tmp_path / "mixed"), records_dir=out, P=4, K=2, steps=3,
+    mixed_cfg = TrainConfig(run_dir=str(tmp_path / "mixed"), records_dir=out, P=4, K=2, steps=3,
                             decay_start=3, checkpoint_every=3, log_every=1, learning_rate=1e-3,
                             image_summaries=False, mixed_precision=True)
-    mixed = train(make_task(mcfg, mcfg_tcfg), mcfg_tcfg)
+    mixed = train(make_task(mcfg, mixed_cfg), mixed_cfg)
     assert mixed.step == 3 and np.isfinite(mixed.loss)
     probs = dense_model(keras.saving.load_model(mixed.model_path, compile=False))(
         np.random.default_rng(0).uniform(0, 255, (1, 40, 40, 3)).astype(np.float32))

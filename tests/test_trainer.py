@@ -196,11 +196,12 @@ def test_mixed_precision_trains_resumes_exports_and_restores_the_policy(tmp_path
 
     assert keras.mixed_precision.global_policy().name == "float32"
     cfg = _config(tmp_path / "mixed", steps=12, mixed_precision=True, image_summaries=False)
-    first = _train(cfg, stop_after=6)
+    _train(cfg, stop_after=6)
     assert keras.mixed_precision.global_policy().name == "float32"
     result = _train(cfg)
     assert result.start_step == 6 and result.step == 12 and math.isfinite(result.loss)
     model = keras.saving.load_model(result.model_path, compile=False)
+
     def leaves(m):
         for layer in m.layers:
             yield from (leaves(layer) if isinstance(layer, keras.Model) else [layer])
@@ -218,7 +219,6 @@ def test_mixed_precision_trains_resumes_exports_and_restores_the_policy(tmp_path
     # bfloat16 keeps 8 bits of mantissa: graph and eager execution round differently.
     np.testing.assert_allclose(emb.numpy(), out.numpy(), atol=1e-2)
     assert np.abs(emb.numpy() - out.numpy()).mean() < 2e-3
-    del first
 
 
 def test_float16_loss_scaling_path(tmp_path, monkeypatch):
