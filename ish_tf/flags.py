@@ -672,7 +672,7 @@ _CDAE_DEFAULTS: dict = {
     "cdae_code_size": 128, "cdae_code_pooling": "flatten",
     "cdae_norm": "batch", "unpool": "switches", "cdae_invert": True, "cdae_aspect": 1.0,
     "cdae_noise": "masking", "cdae_noise_level": 0.25, "cdae_loss": "bce",
-    "cdae_batch_size": 32, "cdae_image_every": 500, "cdae_dropout": 0.0,
+    "cdae_batch_size": 32, "cdae_image_every": 500, "cdae_bn_images": 2048, "cdae_dropout": 0.0,
     "cdae_init_from": "", "cdae_gaf": "", "cdae_annotations": "",
     "cdae_term_min_genes": 15, "cdae_term_max_genes": 500,
 }
@@ -722,6 +722,11 @@ def define_cdae() -> None:
     flags.DEFINE_integer("cdae_image_every", d["cdae_image_every"], "--model=cdae: steps "
                          "between TensorBoard images of input / noisy input / reconstruction "
                          "(logs/reconstruction); 0 = only at step 0.", lower_bound=0)
+    flags.DEFINE_integer("cdae_bn_images", d["cdae_bn_images"], "--model=cdae with "
+                         "--cdae_norm=batch: clean training images on which the final model's "
+                         "batch-normalisation statistics are re-estimated before model.keras is "
+                         "written (training saw corrupted images, so the moving averages "
+                         "describe those); 0 = keep the moving averages.", lower_bound=0)
     flags.DEFINE_float("cdae_dropout", d["cdae_dropout"], "--model=cdae_supervised: dropout "
                        "before the sigmoid head.", lower_bound=0.0, upper_bound=0.95)
     flags.DEFINE_string("cdae_init_from", d["cdae_init_from"], "--model=cdae_supervised: a "
@@ -748,7 +753,7 @@ def cdae_options(fv=FLAGS) -> dict:
     Returns:
       {"depth", "filters", "convs_per_block", "code_size", "code_pooling", "norm", "unpool",
        "invert", "aspect",
-       "noise", "noise_level", "loss", "batch_size", "image_every", "dropout",
+       "noise", "noise_level", "loss", "batch_size", "image_every", "bn_images", "dropout",
        "init_from", "gaf", "annotations", "term_min_genes", "term_max_genes"}
       (documented in `ish_tf.models.cdae` and `ish_tf.train.task_cdae`).
     """
@@ -766,6 +771,7 @@ def cdae_options(fv=FLAGS) -> dict:
         "aspect": float(v["cdae_aspect"]), "noise": str(v["cdae_noise"]),
         "noise_level": float(v["cdae_noise_level"]), "loss": str(v["cdae_loss"]),
         "batch_size": batch, "image_every": int(v["cdae_image_every"]),
+        "bn_images": int(v["cdae_bn_images"]),
         "dropout": float(v["cdae_dropout"]), "init_from": str(v["cdae_init_from"] or ""),
         "gaf": str(v["cdae_gaf"] or ""), "annotations": str(v["cdae_annotations"] or ""),
         "term_min_genes": int(v["cdae_term_min_genes"]),

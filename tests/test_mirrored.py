@@ -81,6 +81,12 @@ def test_cdae_trains_under_mirrored_as_on_one_device(mirrored_result):
     assert r["cdae_weights_moved"] > 1e-4, r
 
 
+def test_cdae_batch_norm_statistics_reestimated_under_mirrored(mirrored_result):
+    r = mirrored_result
+    assert r["cdae_bn_layers"] == 4, r  # two encoder and two decoder convolutions
+    assert r["cdae_bn_stats_max_abs_diff"] < 1e-4, r
+
+
 def test_ish_cnn_trains_under_mirrored_as_on_one_device(mirrored_result):
     r = mirrored_result
     assert r["ish_cnn_loss_diff"] < TOL and r["ish_cnn_weights_max_abs_diff"] < TOL, r
@@ -219,6 +225,22 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
         return ds.map(lambda k, x: {"images": x, "step": k // len(parts)})
 
     cdae = single_and_mirrored_runs(cdae_model, cdae_data)
+    # With batch norm and masking noise, the final model's statistics are re-estimated on
+    # the clean images under the strategy too (mirrored variables, cross-replica context).
+    from ish_tf.models.batch_norm import batch_norm_moments
+
+    bn_model = dataclasses.replace(cdae_model, options={
+        **cdae_model.options, "norm": "batch", "noise": "masking", "noise_level": 0.5,
+        "bn_images": 8, "image_every": 0})
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(tcfg, run_dir=tmp)
+        result = train(make_task(bn_model, cfg, cdae_data), cfg, strategy=strategy)
+        final = keras.saving.load_model(result.model_path, compile=False)
+    want, _ = batch_norm_moments(final, [whole])
+    bn_stats_diff = max(
+        float(np.max(np.abs(final.get_layer(name).moving_mean.numpy() - mean)
+                     + np.abs(final.get_layer(name).moving_variance.numpy() - var)))
+        for name, (mean, var) in want.items())
     # The ISH CNN likewise (softmax cross-entropy over the global P x K batch), on the
     # triplet check's batches, without dropout and batch statistics.
     ish_model = ModelConfig(model="ish_cnn", input_size=R, head_units=8, seed=3, options={
@@ -234,6 +256,8 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
         "cdae_weights_max_abs_diff": max_diff(cdae["single"][1], cdae["mirrored"][1]),
         "cdae_weights_moved": moved(cdae_model, cdae),
         "cdae_reconstruction_event_files": len(cdae["mirrored"][3].get("reconstruction", [])),
+        "cdae_bn_layers": len(want),
+        "cdae_bn_stats_max_abs_diff": bn_stats_diff,
         "replicas": strategy.num_replicas_in_sync,
         "global_batch": P * K,
         "per_replica_batch": int(local_batch.shape[0]),

@@ -11,6 +11,9 @@ Tasks (registered lazily through `ish_tf.train.tasks._LAZY_TASKS`):
   pixels set to 0, i.e. to background) | salt_pepper (a fraction set to 0 or 1)).
   Loss (`loss`): per-pixel mse or binary cross-entropy, averaged over the global batch.
   Stats: mse, mae (always, [0, 1] units, against the clean target) and code_rms.
+  Before model.keras is written, the batch-norm statistics are re-estimated on
+  `bn_images` clean training images (`finalize_model`; the checkpoints keep the moving
+  averages of the corrupted inputs).
 * `cdae_supervised`: the CDAE encoder + a sigmoid head over annotation terms
   (options `gaf` or `annotations`, terms with `term_min_genes`..`term_max_genes`
   training genes); labels joined to records by gene_index at dataset time. Loss: mean
@@ -44,6 +47,7 @@ from absl import logging
 
 from ish_tf.io_utils import atomic_write_text
 from ish_tf.models import ModelConfig
+from ish_tf.models.batch_norm import recalibrate_batch_norm
 from ish_tf.models.cdae import (
     cdae_model_path,
     cdae_options,
@@ -57,6 +61,7 @@ from ish_tf.train.tasks import DatasetFn, Task, global_mean, register_task, repl
 NOISES: tuple[str, ...] = ("none", "gaussian", "masking", "salt_pepper")
 LOSSES: tuple[str, ...] = ("mse", "bce")
 RECON_LOG = "reconstruction"
+DEFAULT_BN_IMAGES = 2048
 TERMS_NAME = "terms.csv"
 _EPS = 1e-7
 
@@ -294,6 +299,9 @@ class CDAETask(_WholeTask):
             raise ValueError(f"--cdae_noise_level must be in [0, 1] for {self.noise}, got "
                              f"{self.noise_level}")
         self.image_every = int(model_config.option("image_every", 0))
+        self.bn_images = int(model_config.option("bn_images", DEFAULT_BN_IMAGES))
+        if self.bn_images < 0:
+            raise ValueError(f"--cdae_bn_images must be >= 0, got {self.bn_images}")
         self._writer = None
 
     def build_model(self) -> keras.Model:
@@ -303,6 +311,21 @@ class CDAETask(_WholeTask):
             self._writer = tf.summary.create_file_writer(
                 os.path.join(self.train_config.run_dir, "logs", RECON_LOG), max_queue=1)
         return model
+
+    def finalize_model(self, model: keras.Model) -> str:
+        """Re-estimates the batch-norm statistics on clean training images (`bn_images`).
+
+        Training fed the model corrupted images, so its moving averages describe those;
+        the encoder is used on clean ones. The images are the first `bn_images` of the
+        run's own training stream (seeded: rewriting model.keras gives the same model),
+        uncorrupted. Nothing is done with norm "none" or `bn_images` 0.
+        """
+        if self.opts["norm"] != "batch" or self.bn_images == 0:
+            return ""
+        batches = (element["images"] for element in self.make_dataset(None, 0))
+        used = recalibrate_batch_norm(model, batches, self.bn_images)
+        return (f"batch-normalisation statistics re-estimated on {used} clean training "
+                "images (--cdae_bn_images)")
 
     def make_records_dataset(self, input_context, start_step=0):
         """Whole-section batches from `records_dir` (see `whole_dataset`)."""
@@ -718,8 +741,14 @@ def pixel_pca(records_dir: str, n_components: int, height: int, width: int,
 
 
 def untrained_encoder(model_config: ModelConfig, records_dir: str,
-                      splits: Sequence[str] = ("train", "validation", "test")):
+                      splits: Sequence[str] = ("train", "validation", "test"),
+                      recalibrate: bool = True):
     """Baseline: codes of the randomly initialised encoder (same config and seed).
+
+    As for a trained CDAE (`CDAETask.finalize_model`), with batch normalisation its
+    statistics are estimated on the first `bn_images` images of the training split's
+    stream (clean, seeded, unflipped) unless `recalibrate` is False, when they keep their
+    initial values (mean 0, variance 1: the layers pass their inputs through).
 
     Returns:
       (image EmbeddingTable, gene EmbeddingTable).
@@ -728,7 +757,14 @@ def untrained_encoder(model_config: ModelConfig, records_dir: str,
 
     cfg = dataclasses.replace(model_config, model="cdae",
                               options={**model_config.options, "init_from": ""})
-    encoder = encoder_model(build_model(cfg))
+    model = build_model(cfg)
+    opts = cdae_options(cfg)
+    bn_images = int(cfg.option("bn_images", DEFAULT_BN_IMAGES))
+    if recalibrate and opts["norm"] == "batch" and bn_images > 0:
+        stream = whole_dataset(records_dir, "train", batch_size=int(cfg.option("batch_size", 32)),
+                               height=opts["height"], width=opts["width"], seed=cfg.seed or 0)
+        recalibrate_batch_norm(model, (element["images"] for element in stream), bn_images)
+    encoder = encoder_model(model)
     keys, codes = predict_records(encoder, records_dir, list(splits))
     return gene_tables(keys, codes, "untrained_encoder")
 

@@ -145,6 +145,18 @@ class Task(abc.ABC):
     # The model being trained, set by the trainer after `build_model` (None before).
     model: keras.Model | None = None
 
+    def finalize_model(self, model: keras.Model) -> str:
+        """Last changes to the trained model before the trainer writes RUN/model.keras.
+
+        Called once the run has reached its steps (again when a finished run's
+        model.keras is rewritten, so it must be a deterministic function of the
+        weights and the data). The checkpoints keep the weights as trained.
+
+        Returns:
+          A line for the log saying what was done ("" for nothing).
+        """
+        return ""
+
     def image_summaries(self, batch: Batch) -> dict[str, tf.Tensor]:
         """Images to show in TensorBoard: {name: (N, H, W, C) float in [0, 1]}.
 

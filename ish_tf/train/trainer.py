@@ -8,7 +8,8 @@ Layout of a run directory RUN::
     RUN/checkpoints/         tf.train.CheckpointManager: model, optimizer, step
     RUN/logs/train/          TensorBoard scalars (loss, lr, task stats, grad_norm, images/s)
     RUN/metrics.csv          the same scalars every log interval
-    RUN/model.keras          the final model (written when the run reaches --steps)
+    RUN/model.keras          the final model (written when the run reaches --steps, after
+                             the task's `finalize_model`)
 
 Rerunning with the same RUN resumes from the latest checkpoint; a run that already
 reached its step count only (re)writes model.keras if it is missing.
@@ -393,6 +394,9 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         if current >= config.steps:
             model_path = paths["model"]
             if current > start_step or not os.path.exists(model_path):
+                done = task.finalize_model(model)
+                if done:
+                    logging.info("%s", done)
                 save_keras_model(model, model_path if chief else os.path.join(worker_dir, MODEL_NAME))
     finally:
         if worker_dir:
