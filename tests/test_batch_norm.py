@@ -96,3 +96,25 @@ def test_no_batch_norm_or_no_images_is_an_error():
         recalibrate_batch_norm(plain, [np.zeros((2, 4), np.float32)])
     with pytest.raises(ValueError, match="no images"):
         recalibrate_batch_norm(_model(), [])
+
+
+def test_batches_combine_without_cancellation():
+    """Large means against a small spread, different per batch: the combined variance is
+    the population one (E[x^2] - E[x]^2 in float32 would be all rounding error)."""
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))
+    rng = np.random.default_rng(0)
+    batches = [(1000.0 + 0.05 * k + rng.normal(0, 0.01, (50, 3))).astype(np.float32)
+               for k in range(4)]
+    moments, used = batch_norm_moments(model, batches)
+    everything = np.concatenate(batches).astype(np.float64)
+    assert used == 200
+    np.testing.assert_allclose(moments["bn"][0], everything.mean(axis=0), rtol=1e-7)
+    # Within the float32 rounding of the per-batch means (~6e-5 at 1000); squares of
+    # float32 values near 1000 are only resolved to ~0.06, twenty times the variance.
+    np.testing.assert_allclose(moments["bn"][1], everything.var(axis=0), rtol=1e-2)
+    x32 = np.concatenate(batches)
+    naive = (np.square(x32).mean(axis=0, dtype=np.float32)
+             - np.square(x32.mean(axis=0, dtype=np.float32)))
+    assert np.abs(naive - everything.var(axis=0)).max() > 10 * np.abs(
+        moments["bn"][1] - everything.var(axis=0)).max()

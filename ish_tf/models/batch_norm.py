@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -49,10 +50,26 @@ def batch_norm_moments(model: keras.Model, batches: Iterable, max_images: int = 
         raise ValueError(f"model {model.name!r} has no BatchNormalization layer")
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
     probe = keras.Model(inputs, [layer.input for layer in layers])
-    axis = [layer.axis for layer in layers]
-    sums = [None] * len(layers)
-    squares = [None] * len(layers)
-    counts = [0] * len(layers)
+
+    @tf.function(reduce_retracing=True)
+    def batch_moments(batch):
+        # Training mode: each layer normalises with this batch's statistics, as it did
+        # while the model trained (the moving averages it updates are overwritten later).
+        outs = probe(batch, training=True)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        result = []
+        for layer, out in zip(layers, outs, strict=True):
+            out = tf.cast(out, tf.float32)
+            channel = layer.axis % len(out.shape)
+            axes = [i for i in range(len(out.shape)) if i != channel]
+            mean, variance = tf.nn.moments(out, axes)
+            count = tf.reduce_prod(tf.gather(tf.shape(out), axes))
+            result.append((count, mean, variance))
+        return result
+
+    # Per-batch (count, mean, centred variance), combined in float64 (Chan et al.'s
+    # pairwise update): no cancellation however large the mean is against the spread.
+    totals: list[tuple[float, np.ndarray, np.ndarray] | None] = [None] * len(layers)
     used = 0
     for batch in batches:
         if max_images and used >= max_images:
@@ -63,25 +80,20 @@ def batch_norm_moments(model: keras.Model, batches: Iterable, max_images: int = 
         if n == 0:
             continue
         used += n
-        # Training mode: each layer normalises with this batch's statistics, as it did
-        # while the model trained (the moving averages it updates are overwritten later).
-        outs = probe(batch, training=True)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        for i, out in enumerate(outs):
-            values = np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
-            channel = axis[i] % values.ndim
-            values = np.moveaxis(values, channel, -1).reshape(-1, values.shape[channel])
-            s, q = values.sum(axis=0), np.square(values).sum(axis=0)
-            sums[i] = s if sums[i] is None else sums[i] + s
-            squares[i] = q if squares[i] is None else squares[i] + q
-            counts[i] += values.shape[0]
+        for i, (count, mean, variance) in enumerate(batch_moments(batch)):
+            count, mean = float(count), mean.numpy().astype(np.float64)
+            m2 = variance.numpy().astype(np.float64) * count
+            if totals[i] is None:
+                totals[i] = (count, mean, m2)
+                continue
+            n_a, mean_a, m2_a = totals[i]
+            total = n_a + count
+            delta = mean - mean_a
+            totals[i] = (total, mean_a + delta * count / total,
+                         m2_a + m2 + np.square(delta) * n_a * count / total)
     if used == 0:
         raise ValueError("no images to estimate the batch-normalisation statistics from")
-    moments = {}
-    for i, layer in enumerate(layers):
-        mean = sums[i] / counts[i]
-        moments[layer.name] = (mean, np.maximum(squares[i] / counts[i] - np.square(mean), 0.0))
-    return moments, used
+    return {layer.name: (t[1], t[2] / t[0]) for layer, t in zip(layers, totals, strict=True)}, used
 
 
 def recalibrate_batch_norm(model: keras.Model, batches: Iterable, max_images: int = 0) -> int:
