@@ -307,8 +307,8 @@ def main() -> int:
                     f"--steps={args.supervised_steps}",
                     f"--decay_start={args.supervised_steps // 2}", "--learning_rate=3e-4",
                     *shlex.split(args.extra)])
-                sh([sys.executable, "-m", "ish_tf.train.task_cdae", "term_auc",
-                    f"--run_dir={sup}", f"--codes_run={cdae_run}"])
+                sh([os.path.join(ROOT, "bin", "cdae"), "term_auc", f"--run_dir={sup}",
+                    f"--codes_run={cdae_run}"])
             terms = pd.read_csv(os.path.join(sup_runs["supervised"], "term_auc_test.csv"))
             scratch = pd.read_csv(os.path.join(sup_runs["supervised_scratch"],
                                                "term_auc_test.csv"))
