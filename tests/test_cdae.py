@@ -473,6 +473,22 @@ def test_final_model_has_the_batch_norm_statistics_of_clean_images(data, tmp_pat
                                rtol=1e-5, atol=1e-6)
 
 
+def test_statistics_reestimated_from_in_memory_rgb_batches(tmp_path):
+    """A dataset_fn of bare RGB batches (no step, no dict): the re-estimation sees the
+    same grayscale images the model trains on."""
+    from ish_tf.train.task_cdae import to_gray
+
+    rgb = np.random.default_rng(1).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    cfg = _train_cfg(tmp_path / "run", steps=2, image_summaries=False)
+    task = make_task(_cfg(image_every=0, bn_images=8),
+                     cfg, lambda ctx: tf.data.Dataset.from_tensors(rgb).repeat())
+    final = keras.saving.load_model(train(task, cfg).model_path, compile=False)
+    conv = keras.Model(final.inputs[0], final.get_layer("enc0_conv0").output)
+    out = conv(to_gray(tf.constant(rgb))).numpy().reshape(-1, 4)
+    np.testing.assert_allclose(final.get_layer("enc0_conv0_bn").moving_mean.numpy(),
+                               out.mean(axis=0), rtol=1e-4, atol=1e-6)
+
+
 def test_baselines_and_supervised_from_cdae(data, tmp_path):
     from ish_tf.train.task_cdae import (
         codes_term_auc,

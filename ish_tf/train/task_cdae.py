@@ -322,7 +322,7 @@ class CDAETask(_WholeTask):
         """
         if self.opts["norm"] != "batch" or self.bn_images == 0:
             return ""
-        batches = (element["images"] for element in self.make_dataset(None, 0))
+        batches = (to_gray(_unpack(element)[0]) for element in self.make_dataset(None, 0))
         used = recalibrate_batch_norm(model, batches, self.bn_images)
         return (f"batch-normalisation statistics re-estimated on {used} clean training "
                 "images (--cdae_bn_images)")
