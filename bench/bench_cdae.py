@@ -13,7 +13,7 @@ their names carry the gene count and size, so other settings never reuse them):
      untrained encoder (the same seed's initial weights; its batch-norm statistics
      estimated on clean training images as the trained model's are, and as initialised)
      and pixel PCA to the code size;
-  6. how much the decoder uses the code (task_cdae.code_reliance);
+  6. how much the decoder uses the code (cdae_baselines.code_reliance);
   7. the supervised variant from the CDAE of each --supervised_seeds value (default: the
      first seed) and from scratch, per-term AUC on the held-out genes next to that CDAE's
      codes (and its untrained initialisation's) + logistic regression fit on the
@@ -74,8 +74,8 @@ def throughput(flagfile: str, unpool: str, steps: int = 30, extra: list[str] = (
     import keras
     import tensorflow as tf
 
-    from ish_tf.models import build_model
-    from ish_tf.models.cdae import cdae_options
+    from ish_tf.families import build_model
+    from ish_tf.families.cdae.model import cdae_options
 
     config, batch = config_model(flagfile, extra)
     config = dataclasses.replace(config, options={**config.options, "unpool": unpool,
@@ -199,15 +199,16 @@ def main() -> int:
     import numpy as np
     import pandas as pd
 
-    import ish_tf.models.cdae  # noqa: F401 - registers the custom layers before loading
+    import ish_tf.families.cdae.model  # noqa: F401 - registers the custom layers before loading
     from ish_tf.data.embeddings import read_embedding_table
     from ish_tf.embed import EmbedConfig, embed_records
     from ish_tf.evaluate import annotations as ann
     from ish_tf.evaluate.go import load_go
     from ish_tf.export.saved_model import export_run
-    from ish_tf.models import build_model, load_model_config
-    from ish_tf.models.cdae import cdae_options, encoder_model
-    from ish_tf.train import task_cdae
+    from ish_tf.families import build_model, load_model_config
+    from ish_tf.families.cdae.model import cdae_options, encoder_model
+    from ish_tf.families.cdae import baselines as cdae_baselines
+from ish_tf.families.cdae import terms as cdae_terms
 
     first = runs[seeds[0]]
     metrics = pd.read_csv(os.path.join(first, "metrics.csv"))
@@ -236,15 +237,15 @@ def main() -> int:
         config = load_model_config(os.path.join(run, "model_config.json"))
         opts = cdae_options(config)
         model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
-        keys, codes = task_cdae.predict_records(encoder_model(model), records, splits)
+        keys, codes = cdae_terms.predict_records(encoder_model(model), records, splits)
         # The untrained encoder with its batch-norm statistics estimated on clean training
         # images, as the trained model's are (the product's baseline), and as initialised.
-        tables = {"cdae": task_cdae.gene_tables(keys, codes, "cdae")[1],
-                  "untrained_encoder": task_cdae.untrained_encoder(config, records)[1],
-                  "untrained_init_bn": task_cdae.untrained_encoder(
+        tables = {"cdae": cdae_baselines.gene_tables(keys, codes, "cdae")[1],
+                  "untrained_encoder": cdae_baselines.untrained_encoder(config, records)[1],
+                  "untrained_init_bn": cdae_baselines.untrained_encoder(
                       config, records, recalibrate=False)[1]}
         if pca_table is None:
-            pca_table = task_cdae.pixel_pca(records, opts["code_size"], opts["height"],
+            pca_table = cdae_baselines.pixel_pca(records, opts["code_size"], opts["height"],
                                             opts["width"], invert=opts["invert"])[1]
         tables["pixels_pca"] = pca_table
         if seed == seeds[0]:  # the product path: SavedModel -> bin/embed's gene table
@@ -260,9 +261,9 @@ def main() -> int:
             print(f"bin/embed gene codes vs in-process codes: max |diff| {diff:.2e}")
         aucs = score(tables)
         if train_pixels is None:  # the same images for every seed's reliance
-            train_pixels = task_cdae.whole_pixels(records, "train", opts["height"],
+            train_pixels = cdae_baselines.whole_pixels(records, "train", opts["height"],
                                                   opts["width"])[1][:512]
-        reliance = task_cdae.code_reliance(model, train_pixels, invert=opts["invert"])
+        reliance = cdae_baselines.code_reliance(model, train_pixels, invert=opts["invert"])
         rows.append({"seed": seed, **aucs, **reliance})
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()
                                             if k != "seed"), flush=True)
@@ -294,7 +295,7 @@ def main() -> int:
         missing = [v for v in sup_seeds if v not in runs]
         if missing:
             raise SystemExit(f"--supervised_seeds {missing} are not among --seeds {seeds}")
-        groups = task_cdae.load_term_groups(gaf=os.path.join(synth, "go.gaf"))
+        groups = cdae_terms.load_term_groups(gaf=os.path.join(synth, "go.gaf"))
         means = []
         for seed in sup_seeds:
             cdae_run, sup_runs = runs[seed], {}
@@ -316,7 +317,7 @@ def main() -> int:
             # The same two-stage scoring of the untrained encoder (this seed's init).
             untrained = encoder_model(build_model(load_model_config(
                 os.path.join(cdae_run, "model_config.json"))))
-            terms["auc_untrained_lr"] = task_cdae.codes_term_auc(
+            terms["auc_untrained_lr"] = cdae_terms.codes_term_auc(
                 untrained, records, terms["term"].tolist(), groups)["auc"].to_numpy()
             print(f"\nseed {seed}: per-term AUC on the held-out test genes: supervised end to "
                   "end (from the CDAE; from scratch) vs codes + logistic regression fit on "

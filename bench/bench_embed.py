@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 from ish_tf import embed  # noqa: E402
 from ish_tf.data import records  # noqa: E402
 from ish_tf.export import saved_model as sm  # noqa: E402
-from ish_tf.models import ModelConfig, build_model  # noqa: E402
+from ish_tf.families import ModelConfig, build_model  # noqa: E402
 
 
 def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -33,8 +33,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from ish_tf.families import ModelConfig, build_model  # noqa: E402
 from ish_tf.losses.triplet import triplet_loss  # noqa: E402
-from ish_tf.models import ModelConfig, build_model  # noqa: E402
 from ish_tf.train import TrainConfig  # noqa: E402
 from ish_tf.train.strategy import set_precision  # noqa: E402
 from ish_tf.train.tasks import make_task  # noqa: E402

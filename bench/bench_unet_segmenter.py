@@ -39,7 +39,7 @@ def main() -> None:
     from ish_tf.data import manifest as mf
     from ish_tf.data.segment import UNetSegmenter, classical_mask
     from ish_tf.data.synthetic import SynthConfig, generate_dataset
-    from ish_tf.train.task_unet import score_segmenter
+    from ish_tf.families.unet.task import score_segmenter
     from ish_tf.train.tasks import make_task
     from ish_tf.train.trainer import train
 

@@ -242,7 +242,7 @@ def define_model() -> None:
 
 def model_config(fv=FLAGS):
     """`ish_tf.models.ModelConfig` from the model flags (seed from --seed)."""
-    from ish_tf.models import ModelConfig, family_options
+    from ish_tf.families import ModelConfig, family_options
 
     return ModelConfig(model=fv.model, backbone=fv.backbone, backbone_weights=fv.backbone_weights,
                        input_size=fv.input_size, embedding_dim=fv.embedding_dim,
@@ -755,7 +755,7 @@ def cdae_options(fv=FLAGS) -> dict:
        "invert", "aspect",
        "noise", "noise_level", "loss", "batch_size", "image_every", "bn_images", "dropout",
        "init_from", "gaf", "annotations", "term_min_genes", "term_max_genes"}
-      (documented in `ish_tf.models.cdae` and `ish_tf.train.task_cdae`).
+      (documented in `ish_tf.families.cdae.model` and `ish_tf.families.cdae.task`).
     """
     # getattr: absl raises AttributeError for flags no section defined.
     v = {name: getattr(fv, name, default) for name, default in _CDAE_DEFAULTS.items()}
@@ -927,7 +927,7 @@ _ISH_CNN_DEFAULTS: dict = {
 
 
 def define_ish_cnn() -> None:
-    """Flags of `bin/train --model=ish_cnn` (the patch classifier of `ish_tf.models.ish_cnn`).
+    """Flags of `bin/train --model=ish_cnn` (the patch classifier of `ish_tf.families.ish_cnn.model`).
 
     The patch size is --input_size; --records_dir may be bin/spatial's output (the
     record set p{input_size}/ is used) and --P/--K are classes / patches per class.
@@ -962,7 +962,7 @@ def ish_cnn_options(fv=FLAGS) -> dict:
     Returns:
       {"filters", "convs_per_block", "max_blocks", "pooling", "dropout", "batch_norm",
        "intensity_jitter"}
-      plus "classes" when --ish_cnn_classes is set (documented in `ish_tf.models.ish_cnn`).
+      plus "classes" when --ish_cnn_classes is set (documented in `ish_tf.families.ish_cnn.model`).
 
     Raises:
       ValueError: --ish_cnn_filters is not a list of positive integers.
@@ -1035,7 +1035,7 @@ def _mask_config(fv):
 
 
 def spatial_config(fv=FLAGS):
-    """`ish_tf.data.spatial.SpatialConfig` (+ the synthetic settings or None) from the flags.
+    """`ish_tf.families.ish_cnn.spatial.SpatialConfig` (+ the synthetic settings or None) from the flags.
 
     Returns:
       (SpatialConfig, SpatialSynthConfig or None).
@@ -1043,8 +1043,8 @@ def spatial_config(fv=FLAGS):
     Raises:
       ValueError (SpatialError): missing inputs or invalid values, naming the flag.
     """
-    from ish_tf.data.spatial import LabelConfig, SpatialConfig, SpatialError
-    from ish_tf.data.synthetic_spatial import SpatialSynthConfig
+    from ish_tf.families.ish_cnn.spatial import LabelConfig, SpatialConfig, SpatialError
+    from ish_tf.families.ish_cnn.synthetic_pairs import SpatialSynthConfig
 
     synth = None
     images, spots, masks = (tuple(parse_list(fv.section_images)),
@@ -1104,14 +1104,14 @@ def define_predict() -> None:
 
 
 def segmentation_config(fv=FLAGS):
-    """`ish_tf.evaluate.segmentation.SegmentationConfig` from the predict flags.
+    """`ish_tf.families.ish_cnn.segmentation.SegmentationConfig` from the predict flags.
 
     Raises:
       ValueError (SegmentationError): a missing input or a pattern matching nothing.
     """
     import glob
 
-    from ish_tf.evaluate.segmentation import SegmentationConfig, SegmentationError
+    from ish_tf.families.ish_cnn.segmentation import SegmentationConfig, SegmentationError
 
     dirs: list[str] = []
     for item in parse_list(fv.model_dirs):

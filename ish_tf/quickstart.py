@@ -35,7 +35,7 @@ class QuickstartConfig:
     workdir: str
     synth: object  # ish_tf.data.synthetic.SynthConfig
     extract: object  # ish_tf.data.patches.ExtractConfig
-    model: object  # ish_tf.models.ModelConfig
+    model: object  # ish_tf.families.ModelConfig
     train: object  # ish_tf.train.TrainConfig
     embed_batch_size: int = 128
     eval_split: str = "test"
@@ -88,7 +88,7 @@ def save_untrained_model(model_config, run_dir: str) -> str:
     """Builds the same architecture with the same seed and no training (the baseline)."""
     import keras
 
-    from ish_tf.models import build_model
+    from ish_tf.families import build_model
     from ish_tf.train.trainer import save_keras_model
 
     path = os.path.join(run_dir, "model.keras")
@@ -183,7 +183,7 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
             log(f"  {split}: {counts}")
 
     with stage("training"):
-        from ish_tf.train.tasks import make_task
+        from ish_tf.families import make_task
         from ish_tf.train.trainer import train
 
         result = train(make_task(cfg.model, cfg.train), cfg.train)
@@ -305,7 +305,8 @@ def evaluate_and_report(cfg: QuickstartConfig, paths: dict[str, str], tables: di
               "cross-validation needs more genes than the held-out split has: read it as a "
               "check of the evaluation stack, not as a held-out result."),
         settings={"workdir": os.path.abspath(cfg.workdir), "steps": cfg.train.steps,
-                  "P": cfg.train.P, "K": cfg.train.K, "mining": cfg.train.mining,
-                  "learning_rate": cfg.train.learning_rate, "backbone": cfg.model.backbone,
+                  "P": cfg.model.family.P, "K": cfg.model.family.K,
+                  "mining": cfg.model.family.mining,
+                  "learning_rate": cfg.train.learning_rate, "backbone": cfg.model.family.backbone,
                   "input_size": cfg.model.input_size, "seed": cfg.seed})
     return write_figures_and_report(ecfg, done, intro=intro)

@@ -1,5 +1,5 @@
 """CDAE family: builder, corruption and losses, whole-section records, training, export,
-embedding, baselines and the supervised variant (ish_tf.models.cdae, ish_tf.train.task_cdae,
+embedding, baselines and the supervised variant (ish_tf.families.cdae.model, ish_tf.families.cdae.task,
 ish_tf.data.whole)."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from ish_tf.models import ModelConfig, build_model
-from ish_tf.models.cdae import build_cdae, cdae_options, encoder_model, scale_images
+from ish_tf.families import ModelConfig, build_model
+from ish_tf.families.cdae.model import build_cdae, cdae_options, encoder_model, scale_images
+from ish_tf.families.cdae.task import corrupt, reconstruction_loss
 from ish_tf.train import TrainConfig
-from ish_tf.train.task_cdae import corrupt, reconstruction_loss
 from ish_tf.train.tasks import make_task
 from ish_tf.train.trainer import train
 
@@ -226,7 +226,7 @@ def test_invert_mismatch_warns_for_the_other_kind_of_slide(data, tmp_path, caplo
     from ish_tf.data.manifest import write_manifest
     from ish_tf.data.segment import MaskConfig
     from ish_tf.data.whole import WholeConfig, run_whole
-    from ish_tf.train.task_cdae import invert_mismatch
+    from ish_tf.families.cdae.data import invert_mismatch
 
     assert invert_mismatch(data["records"], True) is None
     brightfield = invert_mismatch(data["records"], False)
@@ -257,7 +257,7 @@ def test_invert_mismatch_warns_for_the_other_kind_of_slide(data, tmp_path, caplo
 
 
 def test_whole_dataset_is_resumable_by_step(data):
-    from ish_tf.train.task_cdae import whole_dataset
+    from ish_tf.families.cdae.data import whole_dataset
 
     def batches(start, n):
         ds = whole_dataset(data["records"], "train", batch_size=4, height=16, width=16,
@@ -306,7 +306,7 @@ def test_cdae_trains_on_records_with_reconstruction_images_and_exports(data, tmp
     assert len(dims) == 6
     # The served code is the Keras encoder's code.
     model = keras.saving.load_model(str(run / "model.keras"), compile=False)
-    from ish_tf.train.task_cdae import predict_records
+    from ish_tf.families.cdae.terms import predict_records
 
     keys, codes = predict_records(encoder_model(model), data["records"], ["train", "validation",
                                                                          "test"])
@@ -476,7 +476,7 @@ def test_final_model_has_the_batch_norm_statistics_of_clean_images(data, tmp_pat
 def test_statistics_reestimated_from_in_memory_rgb_batches(tmp_path):
     """A dataset_fn of bare RGB batches (no step, no dict): the re-estimation sees the
     same grayscale images the model trains on."""
-    from ish_tf.train.task_cdae import to_gray
+    from ish_tf.families.cdae.data import to_gray
 
     rgb = np.random.default_rng(1).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     cfg = _train_cfg(tmp_path / "run", steps=2, image_summaries=False)
@@ -490,14 +490,8 @@ def test_statistics_reestimated_from_in_memory_rgb_batches(tmp_path):
 
 
 def test_baselines_and_supervised_from_cdae(data, tmp_path):
-    from ish_tf.train.task_cdae import (
-        codes_term_auc,
-        load_term_groups,
-        pixel_pca,
-        term_auc,
-        term_matrix,
-        untrained_encoder,
-    )
+    from ish_tf.families.cdae.baselines import pixel_pca, untrained_encoder
+    from ish_tf.families.cdae.terms import codes_term_auc, load_term_groups, term_auc, term_matrix
 
     # A CDAE run to initialise from.
     cdae_run = tmp_path / "cdae"
@@ -596,7 +590,7 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
 
 
 def test_heldout_lr_auc_fits_on_some_rows_and_scores_others():
-    from ish_tf.train.task_cdae import heldout_lr_auc
+    from ish_tf.families.cdae.terms import heldout_lr_auc
 
     rng = np.random.default_rng(0)
     n = 80
@@ -650,7 +644,7 @@ def test_bin_train_and_extract_flags(data, tmp_path, capsys):
 
 
 def test_code_reliance_measures_what_the_decoder_takes_from_the_code():
-    from ish_tf.train.task_cdae import code_reliance
+    from ish_tf.families.cdae.baselines import code_reliance
 
     rng = np.random.default_rng(1)
     images = rng.uniform(0, 255, (6, 16, 16, 1)).astype(np.float32)
@@ -681,7 +675,8 @@ def test_whole_record_of_a_real_allen_mouse_section(tmp_path):
 
     from ish_tf.data import manifest as mf
     from ish_tf.data.whole import WholeConfig, run_whole
-    from ish_tf.train.task_cdae import predict_records, whole_pixels
+    from ish_tf.families.cdae.baselines import whole_pixels
+    from ish_tf.families.cdae.terms import predict_records
 
     src = shared_data_path("allen", "mouse_prox1_sagittal_ds2.jpg")
     os.makedirs(tmp_path / "img")

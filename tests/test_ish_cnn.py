@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from ish_tf.models import ModelConfig, build_model
+from ish_tf.families import ModelConfig, build_model
 
 keras = pytest.importorskip("keras")
 
@@ -28,7 +28,7 @@ def _perturb_batch_norm(model):
 
 
 def test_plan_blocks():
-    from ish_tf.models.ish_cnn import plan_blocks
+    from ish_tf.families.ish_cnn.model import plan_blocks
 
     assert plan_blocks(16) == (2, 1)
     assert plan_blocks(32) == (2, 5)
@@ -40,7 +40,7 @@ def test_plan_blocks():
 
 
 def test_build_shapes_and_registry():
-    from ish_tf.models.ish_cnn import stride_of
+    from ish_tf.families.ish_cnn.model import stride_of
 
     model = build_model(_config(24))
     assert model.input_shape == (None, 24, 24, 3) and model.output_shape == (None, 4)
@@ -57,8 +57,8 @@ def test_build_shapes_and_registry():
 @pytest.mark.parametrize("size,pooling", [(16, "avg"), (24, "flatten"), (48, "avg")])
 def test_dense_prediction_equals_patchwise(size, pooling):
     """The fully convolutional twin reproduces the classifier at the same window centres."""
-    from ish_tf.data.spatial import crop_patches
-    from ish_tf.models.ish_cnn import dense_model, predict_windows, stride_of
+    from ish_tf.families.ish_cnn.model import dense_model, predict_windows, stride_of
+    from ish_tf.families.ish_cnn.spatial import crop_patches
 
     model = build_model(_config(size, pooling))
     _perturb_batch_norm(model)
@@ -79,7 +79,7 @@ def test_dense_prediction_equals_patchwise(size, pooling):
 
 
 def test_dense_model_rejects_branching_models():
-    from ish_tf.models.ish_cnn import dense_model
+    from ish_tf.families.ish_cnn.model import dense_model
 
     inp = keras.Input((8, 8, 3))
     a = keras.layers.Conv2D(2, 3)(inp)
@@ -92,8 +92,8 @@ def test_dense_model_rejects_branching_models():
 def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     """`--model=ish_cnn` through the shared trainer on bin/spatial's records (tiny run)."""
     from ish_tf.data import spatial
-    from ish_tf.data.synthetic_spatial import SpatialSynthConfig, generate_pair
-    from ish_tf.models import load_model_config
+    from ish_tf.families import load_model_config
+    from ish_tf.families.ish_cnn.synthetic_pairs import SpatialSynthConfig, generate_pair
     from ish_tf.train import TrainConfig
     from ish_tf.train.tasks import make_task
     from ish_tf.train.trainer import train
@@ -129,7 +129,7 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     # float32 probabilities.
     import keras
 
-    from ish_tf.models.ish_cnn import dense_model
+    from ish_tf.families.ish_cnn.model import dense_model
 
     mixed_cfg = TrainConfig(run_dir=str(tmp_path / "mixed"), records_dir=out, P=4, K=2, steps=3,
                             decay_start=3, checkpoint_every=3, log_every=1, learning_rate=1e-3,
@@ -188,7 +188,7 @@ def test_flags_fill_options():
 def test_intensity_jitter_is_seeded_and_resumable():
     import tensorflow as tf
 
-    from ish_tf.train.task_ish_cnn import jitter_intensity
+    from ish_tf.families.ish_cnn.task import jitter_intensity
 
     ds = tf.data.Dataset.from_tensors((tf.fill([2, 4, 4, 3], 100.0), tf.constant([0, 1]))).repeat(5)
     full = [x.numpy() for x, _ in jitter_intensity(ds, 0.2, seed=3)]

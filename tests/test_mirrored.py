@@ -115,8 +115,8 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     import numpy as np
     import pandas as pd
 
+    from ish_tf.families import ModelConfig
     from ish_tf.losses.triplet import triplet_loss
-    from ish_tf.models import ModelConfig
     from ish_tf.train import TrainConfig
     from ish_tf.train.tasks import TripletTask, make_task
     from ish_tf.train.trainer import replica_gradients, train

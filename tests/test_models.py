@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from ish_tf.models import ModelConfig, build_model, get_builder, load_model_config, model_names
+from ish_tf.families import ModelConfig, build_model, get_builder, load_model_config, model_names
 from ish_tf.models import backbones as bb
 from ish_tf.models.heads import L2Normalize, embedding_head, head_parameter_count
 

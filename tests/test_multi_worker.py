@@ -23,7 +23,7 @@ S = 16
 WORKER = r"""
 import sys
 import numpy as np
-from ish_tf.models import ModelConfig
+from ish_tf.families import ModelConfig
 from ish_tf.train import TrainConfig, trainer
 from ish_tf.train.tasks import make_task
 

@@ -7,7 +7,7 @@ import pytest
 
 from ish_tf.data.patches import ExtractConfig
 from ish_tf.data.synthetic import SynthConfig
-from ish_tf.models import ModelConfig
+from ish_tf.families import ModelConfig
 from ish_tf.quickstart import QuickstartConfig, run_quickstart
 from ish_tf.train import TrainConfig
 

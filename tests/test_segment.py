@@ -167,7 +167,7 @@ def test_mask_config_validation():
 
 @pytest.mark.slow
 def test_unet_learns_masks_and_runs_as_segmenter(synth, tmp_path):
-    from ish_tf.models import unet
+    from ish_tf.families.unet import model as unet
 
     out, df = synth
     pairs = [(str(out / "images" / f"{i}.jpg"), str(out / "masks" / f"{i}.png"))
@@ -193,7 +193,7 @@ def test_unet_learns_masks_and_runs_as_segmenter(synth, tmp_path):
 
 
 def test_build_unet_shapes():
-    from ish_tf.models import unet
+    from ish_tf.families.unet import model as unet
 
     model = unet.build_unet(input_size=32, base_filters=4, depth=2)
     out = model(np.zeros((2, 32, 32, 3), np.float32))

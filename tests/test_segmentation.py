@@ -1,4 +1,4 @@
-"""Dense prediction, ground truth rasterisation, Dice and `bin/predict` (`ish_tf.evaluate.segmentation`)."""
+"""Dense prediction, ground truth rasterisation, Dice and `bin/predict` (`ish_tf.families.ish_cnn.segmentation`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ish_tf.data.spatial import spots_frame
 from ish_tf.evaluate import segmentation as seg
+from ish_tf.families.ish_cnn.spatial import spots_frame
 
 
 def test_dice_on_hand_made_masks():
@@ -59,7 +59,7 @@ def test_grid_to_pixels_nearest_centre():
 
 
 def _tiny_classifier(size=16, seed=4):
-    from ish_tf.models import ModelConfig, build_model
+    from ish_tf.families import ModelConfig, build_model
 
     return build_model(ModelConfig(model="ish_cnn", input_size=size, head_units=8, seed=seed,
                                    options={"classes": ["A", "B", "tissue", "background"],
@@ -81,8 +81,8 @@ def test_dense_and_sliding_prediction_agree(stride):
 
 def test_run_segmentation_end_to_end(tmp_path):
     """bin/predict on a synthetic section with two saved models: CSV, maps and report."""
-    from ish_tf.data.synthetic_spatial import SpatialSynthConfig, generate_pair
-    from ish_tf.models import ModelConfig
+    from ish_tf.families import ModelConfig
+    from ish_tf.families.ish_cnn.synthetic_pairs import SpatialSynthConfig, generate_pair
 
     table = generate_pair(SpatialSynthConfig(out_dir=str(tmp_path / "sec"), height=80,
                                              width=96, n_animals=1, seed=2))

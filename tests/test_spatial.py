@@ -1,4 +1,4 @@
-"""Spatial inputs, labels and patch records of the ISH CNN (`ish_tf.data.spatial`)."""
+"""Spatial inputs, labels and patch records of the ISH CNN (`ish_tf.families.ish_cnn.spatial`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ish_tf.data import spatial
-from ish_tf.data.spatial import LabelConfig, SpatialError
-from ish_tf.data.synthetic_spatial import DECOY_GENE, SpatialSynthConfig, generate_pair
+from ish_tf.families.ish_cnn.spatial import LabelConfig, SpatialError
+from ish_tf.families.ish_cnn.synthetic_pairs import DECOY_GENE, SpatialSynthConfig, generate_pair
 
 
 def _spots(rows):

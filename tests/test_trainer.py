@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ish_tf.models import ModelConfig, build_model, load_model_config
+from ish_tf.families import ModelConfig, build_model, load_model_config
 from ish_tf.train import TrainConfig
 from ish_tf.train.schedules import HoldThenExponentialDecay, hold_then_exp_decay
 from ish_tf.train.tasks import Task, make_task, register_task, task_names

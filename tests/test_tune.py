@@ -18,7 +18,7 @@ keras_tuner = pytest.importorskip("keras_tuner")
 
 from absl import flags as absl_flags  # noqa: E402
 
-from ish_tf.models import ModelConfig  # noqa: E402
+from ish_tf.families import ModelConfig  # noqa: E402
 from ish_tf.train import TrainConfig  # noqa: E402
 from ish_tf.tune import TuneConfig, TuneError, TuneSpace, hypermodels, search  # noqa: E402
 

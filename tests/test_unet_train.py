@@ -1,4 +1,4 @@
-"""`bin/train --model=unet`: the U-Net segmenter task under the shared trainer (ish_tf.train.task_unet)."""
+"""`bin/train --model=unet`: the U-Net segmenter task under the shared trainer (ish_tf.families.unet.task)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from ish_tf.data import manifest as mf
-from ish_tf.models import ModelConfig
+from ish_tf.families import ModelConfig
 from ish_tf.train import TrainConfig
 from ish_tf.train import task_unet as U
 from ish_tf.train.tasks import make_task, task_names
@@ -112,7 +112,7 @@ def test_split_pairs_is_seeded_and_order_independent():
 
 
 def test_loss_terms_equal_bce_dice_loss_and_iou():
-    from ish_tf.models.unet import bce_dice_loss
+    from ish_tf.families.unet.model import bce_dice_loss
 
     rng = np.random.default_rng(0)
     y = (rng.random((3, 8, 8, 1)) > 0.4).astype(np.float32)
@@ -184,7 +184,7 @@ def _run_cli(argv):
 def test_bin_train_unet_then_segment_and_extract(synth, tmp_path, capsys):
     from ish_tf.data import patches as P
     from ish_tf.data import segment as S
-    from ish_tf.models import load_model_config
+    from ish_tf.families import load_model_config
 
     out, df = synth
     # Train on 8 sections, hold out 4 (a manifest of the training rows beside masks/).

@@ -34,17 +34,17 @@ def main(argv: list[str]) -> int:
                              "bin/cdae baselines|term_auc --run_dir=RUN")
     if not FLAGS.run_dir:
         raise app.UsageError("--run_dir is required")
-    from ish_tf.train import task_cdae
+    from ish_tf.families.cdae import baselines as cdae_baselines
 
     try:
         if argv[1] == "term_auc":
-            _, path, line = task_cdae.write_term_auc(FLAGS.run_dir, FLAGS.records_dir,
+            _, path, line = cdae_baselines.write_term_auc(FLAGS.run_dir, FLAGS.records_dir,
                                                      FLAGS.split, FLAGS.codes_run, FLAGS.out)
             print(f"{line} -> {path}")
         else:
-            for line in task_cdae.write_baselines(FLAGS.run_dir, FLAGS.records_dir, FLAGS.out):
+            for line in cdae_baselines.write_baselines(FLAGS.run_dir, FLAGS.records_dir, FLAGS.out):
                 print(line)
-    except task_cdae.CdaeRunError as e:
+    except cdae_baselines.CdaeRunError as e:
         print(f"cdae: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     flags.write_flagfile(os.path.join(config.out_dir, "spatial_flags.cfg"))
     try:
         if synth is not None:
-            from ish_tf.data.synthetic_spatial import generate_pair
+            from ish_tf.families.ish_cnn.synthetic_pairs import generate_pair
 
             table = generate_pair(synth)
             print(f"spatial: synthetic pair ({len(table)} sections, genes "

@@ -20,7 +20,7 @@ run-propagation labelling (scipy is not a dependency). Fluorescence sections (ti
 emitting light on a black background, `MaskConfig(background="dark")`) are segmented as
 their negative.
 
-`UNetSegmenter` runs a trained U-Net (`ish_tf.models.unet`) on the downsampled
+`UNetSegmenter` runs a trained U-Net (`ish_tf.families.unet.model`) on the downsampled
 image instead; `compute_mask(rgb, cfg)` dispatches on `MaskConfig.segmenter`, and
 `load_or_compute_mask` caches masks as `OUT/masks/{image_id}.png`.
 """
@@ -487,7 +487,7 @@ def classical_mask(rgb: np.ndarray, *, cfg: MaskConfig | None = None,
 
 # --------------------------------------------------------------------------- U-Net
 class UNetSegmenter:
-    """Runs a trained U-Net (`ish_tf.models.unet.build_unet`) on a downsampled image.
+    """Runs a trained U-Net (`ish_tf.families.unet.model.build_unet`) on a downsampled image.
 
     The image is resized to the model's square input (as in `mask_pair_dataset`, so
     training and inference see the same distortion), the sigmoid output is resized
@@ -502,7 +502,7 @@ class UNetSegmenter:
 
     @classmethod
     def load(cls, path: str, threshold: float = 0.5) -> UNetSegmenter:
-        """Loads a `.keras` U-Net saved by `ish_tf.models.unet.train_unet`.
+        """Loads a `.keras` U-Net saved by `ish_tf.families.unet.model.train_unet`.
 
         Raises:
           SegmentError: the file is missing or not a loadable Keras model.
@@ -511,8 +511,8 @@ class UNetSegmenter:
             raise SegmentError(f"{path}: U-Net model file not found")
         import keras
 
-        from ish_tf.models import unet  # noqa: F401  (registers custom objects, if any)
-
+        # Plain Keras layers only (the U-Net's loss is not needed with compile=False),
+        # so this data module need not import the family.
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as e:  # keras raises several types for bad files

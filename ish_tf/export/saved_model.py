@@ -18,7 +18,8 @@ Signatures of every export (`saved_model_cli show --dir EXPORT/<name>/2 --all`):
   (B, S, S, C) in [0, 255] -> the same outputs (skips decoding; for speed and tests).
 
 Any Keras model whose input is float32 images in [0, 255] of shape (S, S, C) can be
-exported; a model family declares its output names (`FAMILIES`, `register_family`).
+exported; each model family declares its output names in its registry entry
+(`ish_tf.families`).
 The SavedModel is written by `keras.export.ExportArchive` (which tracks the model's
 variables and sets `serving_default`) into a hidden temporary directory beside the
 versions, the sidecar is added, and the directory is renamed to its version number
@@ -60,43 +61,25 @@ class ExportError(ValueError):
     """A model or export directory that cannot be exported to or read; names the path."""
 
 
-@dataclasses.dataclass(frozen=True)
-class FamilySpec:
-    """What a model family's SavedModel returns.
-
-    Attributes:
-      outputs: output names, in the order of the Keras model's outputs.
-      pixels_signature: name of the signature taking float32 images.
-    """
-
-    outputs: tuple[str, ...]
-    pixels_signature: str = "predict_images"
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "triplet": FamilySpec(("embedding",), "embed_images"),
-    "cdae": FamilySpec(("code", "reconstruction"), "encode_images"),
-    "ish_cnn": FamilySpec(("probabilities",), "classify_images"),
-}
-
-
-def register_family(name: str, outputs: Sequence[str],
-                    pixels_signature: str = "predict_images") -> None:
-    """Declares (or redeclares) the output names of a model family.
+def family_outputs(family: str, outputs: Sequence[str] | None = None) -> tuple[tuple[str, ...], str]:
+    """(output names, pixels-signature name) of a registered family (`ish_tf.families`).
 
     Args:
-      name: the family (the `--model` value of training).
-      outputs: output names in the order of the Keras model's outputs.
-      pixels_signature: name of the signature taking float32 images.
+      family: the family name.
+      outputs: names given explicitly instead of the family's (any family name then).
 
     Raises:
-      ExportError: no or repeated output names.
+      ExportError: an unknown family and no explicit outputs.
     """
-    outputs = tuple(outputs)
-    if not outputs or len(set(outputs)) != len(outputs):
-        raise ExportError(f"family {name!r}: output names must be unique and non-empty, "
-                          f"got {outputs}")
-    FAMILIES[name] = FamilySpec(outputs, pixels_signature)
+    from ish_tf.families import family_names, get_family
+
+    if family in family_names():
+        spec = get_family(family)
+        return tuple(outputs or spec.outputs), spec.pixels_signature
+    if outputs is None:
+        raise ExportError(f"unknown model family {family!r} (known: {family_names()}); "
+                          "pass outputs=... or register the family in ish_tf.families")
+    return tuple(outputs), "predict_images"
 
 
 # --------------------------------------------------------------------------- versions
@@ -313,7 +296,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
       model: keras.Model, input float32 (B, S, S, C) in [0, 255], in inference mode
         (it is called with `training=False`).
       export_base: `EXPORT/<name>`; created if missing.
-      family: model family; sets the output names (`FAMILIES`) when `outputs` is None.
+      family: model family (`ish_tf.families`); sets the output names when `outputs`
+        is None.
       outputs: output names in the model's output order, or {name: index or key} to
         pick from a list/dict-output model.
       metadata: extra JSON-serialisable facts stored in the sidecar under "extra".
@@ -335,12 +319,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
     import keras
     import tensorflow as tf
 
-    if family not in FAMILIES and outputs is None:
-        raise ExportError(f"unknown model family {family!r} (known: {sorted(FAMILIES)}); "
-                          "pass outputs=... or register_family()")
-    spec = FAMILIES.get(family, FamilySpec(()))
     output_map = dict(outputs) if isinstance(outputs, Mapping) else None
-    names = tuple(output_map) if output_map else tuple(outputs or spec.outputs)
+    names, pixels_signature = family_outputs(family, tuple(output_map) if output_map else outputs)
     if not output_map and len(names) != _model_output_count(model):
         raise ExportError(f"model {model.name!r} has {_model_output_count(model)} output(s) but "
                           f"family {family!r} names {len(names)}: {names}")
@@ -360,7 +340,7 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
     # The first endpoint is also TF Serving's default; name it so explicitly.
     archive.add_endpoint(SERVING_DEFAULT, serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
-    archive.add_endpoint(spec.pixels_signature or "predict_images", serve_pixels,
+    archive.add_endpoint(pixels_signature, serve_pixels,
                          input_signature=[tf.TensorSpec([None, height, width, channels],
                                                         tf.float32, name=PIXELS_INPUT)])
 
@@ -374,7 +354,7 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
         with _quiet_tensorflow_logs():
             archive.write_out(tmp, verbose=False)
         flags_text = _read_text(flagfile)
-        sidecar = _sidecar(model, family, spec, names, (height, width, channels), class_names,
+        sidecar = _sidecar(model, family, pixels_signature, names, (height, width, channels), class_names,
                            flags_text, metadata)
         _write_sidecar(tmp, sidecar, flags_text)
         final = _commit(tmp, export_base, version, overwrite)
@@ -413,7 +393,7 @@ def _read_text(path: str | None) -> str | None:
         return f.read()
 
 
-def _sidecar(model, family: str, spec: FamilySpec, names: Sequence[str],
+def _sidecar(model, family: str, pixels: str, names: Sequence[str],
              input_shape: tuple[int, int, int], class_names: Sequence[str] | None,
              flags_text: str | None, metadata: Mapping[str, Any] | None) -> dict:
     import keras
@@ -428,7 +408,6 @@ def _sidecar(model, family: str, spec: FamilySpec, names: Sequence[str],
         output_shapes[name] = [None] + [int(d) if d is not None else None
                                         for d in tuple(tensor.shape)[1:]]
     height, width, channels = input_shape
-    pixels = spec.pixels_signature or "predict_images"
     return {
         "format_version": SIDECAR_FORMAT,
         "family": family,
@@ -577,10 +556,10 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
         family = str(extra.get("model_config", {}).get("builder") or "triplet")
     # Importing the family's builder module registers its custom layers (and its export
     # outputs) before deserialising, whatever the family: no list to keep up to date.
-    from ish_tf.models import get_builder, model_names
+    from ish_tf.families import family_names, get_family
 
-    if family in model_names():
-        get_builder(family)
+    if family in family_names():
+        get_family(family).import_builder()
     try:
         model = keras.saving.load_model(model_path, compile=False)
     except Exception as e:  # Keras raises TypeError/ValueError for unknown layers etc.

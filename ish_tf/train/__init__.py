@@ -1,7 +1,8 @@
 """Training: one trainer for every model family, driven by a `Task`.
 
 `TrainConfig` (this module, no TensorFlow import) holds the stage's settings;
-`ish_tf.train.tasks` defines the `Task` interface and registry (`triplet` now);
+`ish_tf.train.tasks` defines the `Task` interface (each family's task lives in its
+package, `ish_tf.families`);
 `ish_tf.train.trainer.train(task, config)` runs the custom loop with checkpoints,
 TensorBoard scalars, metrics.csv and the final `model.keras`.
 """
@@ -20,12 +21,7 @@ class TrainConfig:
         model.keras, model_config.json).
       records_dir: directory of TFRecord shards + index.json (from bin/extract).
       split: split of the records to train on.
-      P: genes (identities) per batch.
-      K: patches per gene per batch; the global batch is P*K.
       flips: random horizontal/vertical flips in the input pipeline.
-      mining: triplet mining ("batch_hard", "batch_all", "semi_hard").
-      margin: "soft" or a number, as text.
-      metric: embedding distance ("euclidean", "sqeuclidean", "cityblock").
       learning_rate: initial Adam learning rate lr0.
       adam_epsilon: Adam epsilon.
       steps: total optimizer steps t1.
@@ -47,12 +43,7 @@ class TrainConfig:
     run_dir: str = "runs/triplet"
     records_dir: str = ""
     split: str = "train"
-    P: int = 17
-    K: int = 17
     flips: bool = True
-    mining: str = "batch_hard"
-    margin: str = "soft"
-    metric: str = "euclidean"
     learning_rate: float = 7e-5
     adam_epsilon: float = 1e-8
     steps: int = 30000
@@ -68,22 +59,15 @@ class TrainConfig:
     deterministic: bool = False
     seed: int = 0
 
-    @property
-    def global_batch_size(self) -> int:
-        """P * K."""
-        return self.P * self.K
-
     def validate(self) -> TrainConfig:
         """Checks ranges; returns self.
 
         Raises:
           ValueError: naming the offending field.
         """
-        for name in ("P", "K", "steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+        for name in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.P < 2:
-            raise ValueError(f"--P must be >= 2 (triplets need a negative), got {self.P}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0 < self.final_lr_fraction <= 1:
@@ -93,7 +77,8 @@ class TrainConfig:
         return self
 
     def shrunk_for_small_run(self, steps: int = 20) -> TrainConfig:
-        """A copy for a smoke run: at most `steps` steps, P, K <= 4, frequent logs.
+        """A copy for a smoke run: at most `steps` steps, frequent logs (the family config
+        shrinks its own batch: `shrunk_for_small_run`).
 
         The decay start keeps its fraction of the run, so the schedule's shape is
         exercised too.
@@ -101,6 +86,6 @@ class TrainConfig:
         new_steps = min(self.steps, steps)
         decay = int(round(self.decay_start * new_steps / max(self.steps, 1)))
         return dataclasses.replace(
-            self, steps=new_steps, decay_start=min(decay, new_steps), P=min(self.P, 4),
-            K=min(self.K, 4), checkpoint_every=min(self.checkpoint_every, max(new_steps // 2, 1)),
+            self, steps=new_steps, decay_start=min(decay, new_steps),
+            checkpoint_every=min(self.checkpoint_every, max(new_steps // 2, 1)),
             log_every=min(self.log_every, 5))

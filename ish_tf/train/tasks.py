@@ -1,8 +1,8 @@
-"""The `Task` interface the trainer drives, the task registry, and the triplet task.
+"""The `Task` interface the trainer drives, and the collectives tasks use.
 
-A model family plugs into the one trainer as a `Task`: it builds its model, makes
-its dataset, and computes its loss. Adding `cdae`, `ish_cnn` or `unet` means writing a
-builder (`ish_tf.models.register_model`), a Task subclass and `@register_task("name")`.
+A model family plugs into the one trainer as a `Task` (its package's `task.py`, named
+in the family registry `ish_tf.families`): it builds its model, makes its dataset, and
+computes its loss.
 
 Loss contract (what makes MirroredStrategy exact): `compute_loss` runs in a replica
 context on that replica's slice of the global batch and returns the loss of the
@@ -17,14 +17,12 @@ cross-replica SUM then equals the single-device gradient of the global batch.
 from __future__ import annotations
 
 import abc
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from ish_tf.models import ModelConfig, build_model
 from ish_tf.train import TrainConfig
 
 Batch = Any
@@ -78,8 +76,9 @@ class Task(abc.ABC):
     """One model family's contribution to training.
 
     Args:
-      model_config: how to build the model.
-      train_config: batch sizes, loss settings, records_dir, seed.
+      model_config: how to build the model (`ish_tf.families.ModelConfig`; the family's
+        typed settings in `model_config.family`).
+      train_config: runtime settings: records_dir, split, schedule, seed.
       dataset_fn: optional replacement of `make_dataset` (in-memory data in tests
         and notebooks): `fn(input_context | None) -> Dataset`.
     """
@@ -88,7 +87,7 @@ class Task(abc.ABC):
     #: Names of the scalar stats `compute_loss` returns (metrics.csv columns).
     stat_names: tuple[str, ...] = ()
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+    def __init__(self, model_config, train_config: TrainConfig,
                  dataset_fn: DatasetFn | None = None):
         self.model_config = model_config
         self.train_config = train_config
@@ -96,12 +95,12 @@ class Task(abc.ABC):
 
     @property
     def global_batch_size(self) -> int:
-        """Examples per optimizer step over all replicas (for images/s)."""
-        return self.train_config.global_batch_size
+        """Examples per optimizer step over all replicas (the family config's)."""
+        return self.model_config.family.global_batch_size
 
     def build_model(self) -> keras.Model:
         """Builds the model (called inside the strategy scope)."""
-        return build_model(self.model_config)
+        return self.model_config.spec.build(self.model_config)
 
     def make_dataset(self, input_context: tf.distribute.InputContext | None = None,
                      start_step: int = 0) -> tf.data.Dataset:
@@ -164,105 +163,3 @@ class Task(abc.ABC):
         so a task can show its predictions.
         """
         return {}
-
-
-_TASKS: dict[str, type[Task]] = {}
-
-# Tasks living in their own modules, imported on first use so `bin/train` for one
-# family does not import the others. The module registers itself with @register_task.
-_LAZY_TASKS: dict[str, str] = {
-    "cdae": "ish_tf.train.task_cdae",
-    "cdae_supervised": "ish_tf.train.task_cdae",
-    "unet": "ish_tf.train.task_unet",
-    "ish_cnn": "ish_tf.train.task_ish_cnn",
-}
-
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator registering a Task under the `--model` name `name`."""
-
-    def wrap(cls: type[Task]) -> type[Task]:
-        cls.name = name
-        _TASKS[name] = cls
-        return cls
-
-    return wrap
-
-
-def task_names() -> list[str]:
-    """Registered task names (including lazily imported ones)."""
-    return sorted(set(_TASKS) | set(_LAZY_TASKS))
-
-
-def make_task(model_config: ModelConfig, train_config: TrainConfig,
-              dataset_fn: DatasetFn | None = None) -> Task:
-    """Instantiates the task registered as `model_config.model`.
-
-    Raises:
-      ValueError: no such task.
-    """
-    if model_config.model not in _TASKS and model_config.model in _LAZY_TASKS:
-        importlib.import_module(_LAZY_TASKS[model_config.model])
-    if model_config.model not in _TASKS:
-        raise ValueError(f"--model={model_config.model!r} has no training task; "
-                         f"registered: {task_names()}")
-    return _TASKS[model_config.model](model_config, train_config, dataset_fn)
-
-
-@register_task("triplet")
-class TripletTask(Task):
-    """Gene re-identification: P genes x K patches, triplet loss over the global batch.
-
-    Batches are `(images (b, R, R, 3) float32 in [0, 255], labels (b,) int32)`.
-    """
-
-    stat_names = ("active_fraction", "mean_d_pos", "mean_d_neg", "top1", "embedding_norm")
-
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
-                 dataset_fn: DatasetFn | None = None):
-        super().__init__(model_config, train_config, dataset_fn)
-        from ish_tf.losses.triplet import check_margin, check_metric, check_mining
-
-        # Fail at construction, not at the first traced step.
-        self.mining = check_mining(train_config.mining)
-        self.margin = check_margin(train_config.margin)
-        self.metric = check_metric(train_config.metric)
-
-    def make_records_dataset(self, input_context: tf.distribute.InputContext | None,
-                             start_step: int = 0) -> tf.data.Dataset:
-        """P x K batches from the records, resized to the model's input size if needed.
-
-        Raises:
-          ValueError: `records_dir` is not set.
-        """
-        from ish_tf.data.pipeline import pk_dataset
-
-        cfg = self.train_config
-        if not cfg.records_dir:
-            raise ValueError("--records_dir is required: the directory of TFRecord shards "
-                             "and index.json written by bin/extract")
-        ds = pk_dataset(cfg.records_dir, cfg.split, P=cfg.P, K=cfg.K, flips=cfg.flips,
-                        seed=cfg.seed, input_context=input_context, start_batch=start_step)
-        size = self.model_config.input_size
-        height, width = ds.element_spec[0].shape[1:3]
-        if (height, width) != (size, size):
-            # Patches stored at another size (or of unknown static size): resize in
-            # the pipeline, where it overlaps with training.
-            ds = ds.map(lambda x, y: (tf.image.resize(x, (size, size)), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-        return ds
-
-    def compute_loss(self, model, batch, training):
-        """Embeds this replica's images, gathers all replicas, mines the global batch."""
-        from ish_tf.losses.triplet import triplet_loss
-
-        images, labels = batch
-        embeddings = model(images, training=training)
-        embeddings, labels = gather_across_replicas(tf.cast(embeddings, tf.float32), labels)
-        return triplet_loss(labels, embeddings, mining=self.mining, margin=self.margin,
-                            metric=self.metric)
-
-    def image_summaries(self, batch):
-        """The first 8 patches of the batch (two genes at K >= 4)."""
-        images, _ = batch
-        return {"input_patches": tf.clip_by_value(tf.cast(images[:8], tf.float32) / 255.0, 0.0, 1.0)}

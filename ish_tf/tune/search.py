@@ -45,8 +45,8 @@ import pandas as pd
 from absl import logging
 from keras_tuner.engine import base_tuner
 
+from ish_tf.families import ModelConfig
 from ish_tf.io_utils import atomic_write_text
-from ish_tf.models import ModelConfig
 from ish_tf.train import TrainConfig
 from ish_tf.tune import TuneConfig, TuneError
 from ish_tf.tune.hypermodels import HYPERBAND_PREVIOUS, FamilyHyperModel, make_hypermodel
@@ -57,8 +57,8 @@ RUNS_DIR = "runs"
 PROJECT_NAME = "tuner"
 INFO_NAME = "trial_info.json"
 
-# Fields of ModelConfig / TrainConfig that are not bin/train flags of the same name.
-_NOT_FLAGS = {"options"}
+# Fields of ModelConfig that are not bin/train flags of the same name.
+_NOT_FLAGS = {"family"}
 
 
 # --------------------------------------------------------------------------- flagfiles
@@ -82,14 +82,16 @@ def flag_line(name: str, value: Any) -> str:
 
 
 def config_flag_lines(model_config: ModelConfig, train_config: TrainConfig) -> dict[str, str]:
-    """bin/train flag lines equivalent to the configs' generic fields.
+    """bin/train flag lines equivalent to the configs (model, family and runtime flags).
 
-    Used when no resolved flags are given (library use); family options, which have
-    their own flags, are not covered: `bin/tune` passes its resolved flags instead.
+    Used when no resolved flags are given (library use); `bin/tune` passes its resolved
+    flags instead.
 
     Returns:
       {flag name: line}.
     """
+    from ish_tf.config import flag_fields, flag_name
+
     lines = {}
     for cfg in (model_config, train_config):
         for field in dataclasses.fields(cfg):
@@ -97,6 +99,10 @@ def config_flag_lines(model_config: ModelConfig, train_config: TrainConfig) -> d
             if field.name in _NOT_FLAGS or value is None:
                 continue
             lines[field.name] = flag_line(field.name, value)
+    prefix = model_config.spec.prefix
+    for field in flag_fields(type(model_config.family)):
+        name = flag_name(prefix, field.name)
+        lines[name] = flag_line(name, getattr(model_config.family, field.name))
     return lines
 
 
@@ -195,10 +201,19 @@ class TrainingTuner(base_tuner.BaseTuner):
         """True in a distributed search's worker processes."""
         return self._is_worker()
 
+    @staticmethod
+    def _batch_flags(model_config: ModelConfig) -> dict[str, int]:
+        """The trial's batch shape as flags (after a small run's shrinking)."""
+        from ish_tf.config import flag_name
+
+        prefix = model_config.spec.prefix
+        return {flag_name(prefix, k): getattr(model_config.family, k)
+                for k in ("P", "K", "batch_size") if hasattr(model_config.family, k)}
+
     def _execution(self, trial, execution: int) -> tuple[dict[str, float], str]:
         import keras
 
-        from ish_tf.train.tasks import make_task
+        from ish_tf.families import make_task
         from ish_tf.train.trainer import train
 
         hp = trial.hyperparameters
@@ -217,8 +232,8 @@ class TrainingTuner(base_tuner.BaseTuner):
                      "steps": train_config.steps, "decay_start": train_config.decay_start,
                      "seed": train_config.seed, "small_run": False,
                      "checkpoint_every": train_config.checkpoint_every,
-                     "log_every": train_config.log_every, "P": train_config.P,
-                     "K": train_config.K}
+                     "log_every": train_config.log_every,
+                     **self._batch_flags(model_config)}
         atomic_write_text(os.path.join(run_dir, "flags.cfg"), render_flagfile(
             self.base_flags, overrides, f"Trial {trial.trial_id}, execution {execution} of "
             f"bin/tune; replay with bin/train --flagfile=THIS"))

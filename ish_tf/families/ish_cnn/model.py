@@ -18,22 +18,18 @@ k x k convolution: output cell (i, j) is then exactly the classifier's output on
 R x R window with top-left corner (i s, j s). `n_blocks` is chosen per patch size:
 as many blocks (up to `max_blocks`) as leave a final map of at least 1 x 1.
 
-Options (`ModelConfig.options`, filled by `--ish_cnn_*` flags):
+Settings (`ish_tf.families.ish_cnn.config.IshCnnConfig`, flags `--ish_cnn_*`):
   classes (list[str]) or n_classes (int); filters (list[int], one per block, the
   last repeated); convs_per_block (int, 2); max_blocks (int, 5); batch_norm (bool,
   True); bn_momentum (float, 0.9); dropout (float, 0.3); pooling ("avg" | "flatten");
-  intensity_jitter (float, training augmentation of `ish_tf.train.task_ish_cnn`).
+  intensity_jitter (float, training augmentation of `ish_tf.families.ish_cnn.task`).
 `ModelConfig.input_size` is the patch size R, `head_units` the 1x1 conv width.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import keras
 import numpy as np
-
-from ish_tf.models import ModelConfig
 
 POOLINGS = ("avg", "flatten")
 DEFAULT_FILTERS = (16, 32, 64, 64, 96)
@@ -68,29 +64,29 @@ def plan_blocks(size: int, convs_per_block: int = 2, max_blocks: int = 5) -> tup
     return blocks, side
 
 
-def ish_cnn_classes(config: ModelConfig) -> list[str]:
+def ish_cnn_classes(config) -> list[str]:
     """Class names of a config (`classes`, else `class_0..` from `n_classes`).
 
     Raises:
       ValueError: neither option is set, or fewer than two classes.
     """
-    classes = config.option("classes")
+    classes = config.family.classes
     if classes:
         names = [str(c) for c in classes]
     else:
-        n = int(config.option("n_classes", 0) or 0)
+        n = int(config.family.n_classes or 0)
         names = [f"class_{i}" for i in range(n)]
     if len(names) < 2:
-        raise ValueError("ish_cnn needs at least two classes: set options 'classes' (read from "
-                         "the records by the training task) or 'n_classes'")
+        raise ValueError("ish_cnn needs at least two classes: set the config's classes (read "
+                         "from the records by the training task) or n_classes")
     return names
 
 
-def build_ish_cnn(config: ModelConfig) -> keras.Model:
+def build_ish_cnn(config) -> keras.Model:
     """Builds the ISH CNN patch classifier described in the module docstring.
 
     Args:
-      config: `input_size` = patch size R, `head_units`, `seed`, and the options above.
+      config: `input_size` = patch size R, `seed`, and the `IshCnnConfig`.
 
     Returns:
       keras.Model (B, R, R, 3) float32 [0, 255] -> (B, n_classes) softmax probabilities.
@@ -98,22 +94,19 @@ def build_ish_cnn(config: ModelConfig) -> keras.Model:
     Raises:
       ValueError: bad options (unknown pooling, no classes, patch too small).
     """
-    opts: dict[str, Any] = config.options
+    family = config.family.validate()
     n_classes = len(ish_cnn_classes(config))
-    convs = int(opts.get("convs_per_block", 2))
-    max_blocks = int(opts.get("max_blocks", 5))
-    filters = [int(f) for f in (opts.get("filters") or DEFAULT_FILTERS)]
-    pooling = str(opts.get("pooling", "avg"))
+    convs = int(family.convs_per_block)
+    max_blocks = int(family.max_blocks)
+    filters = [int(f) for f in family.filters]
+    pooling = str(family.pooling)
     if pooling not in POOLINGS:
-        raise ValueError(f"ish_cnn pooling must be one of {POOLINGS}, got {pooling!r}")
-    if convs < 1 or max_blocks < 1 or not filters or min(filters) < 1:
-        raise ValueError(f"ish_cnn needs convs_per_block, max_blocks >= 1 and positive "
-                         f"filters, got {convs}, {max_blocks}, {filters}")
-    batch_norm = bool(opts.get("batch_norm", True))
+        raise ValueError(f"--ish_cnn_pooling must be one of {POOLINGS}, got {pooling!r}")
+    batch_norm = bool(family.batch_norm)
     # Keras' 0.99 lets the moving statistics lag far behind the weights in runs of a
     # few hundred steps (inference then disagrees with training); 0.9 tracks them.
-    bn_momentum = float(opts.get("bn_momentum", 0.9))
-    dropout = float(opts.get("dropout", 0.3))
+    bn_momentum = float(family.bn_momentum)
+    dropout = float(family.dropout)
     blocks, _ = plan_blocks(config.input_size, convs, max_blocks)
     seed = config.seed
 
@@ -135,7 +128,7 @@ def build_ish_cnn(config: ModelConfig) -> keras.Model:
                                                     name=f"block{b}_bn{c}")(x)
             x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
-    x = keras.layers.Conv2D(config.head_units, 1, kernel_initializer=init(k), name="head_conv")(x)
+    x = keras.layers.Conv2D(family.head_units, 1, kernel_initializer=init(k), name="head_conv")(x)
     x = keras.layers.ReLU(name="head_relu")(x)
     if pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)

@@ -15,7 +15,7 @@ Classes, in label order: the chosen genes (`--genes`, e.g. two), then "tissue"
 
 A patch of size R centred at (x, y) is the window with top-left corner
 (x - R // 2, y - R // 2) of the image reflect-padded by R on every side; dense
-prediction (`ish_tf.evaluate.segmentation`) uses exactly the same convention, which
+prediction (`ish_tf.families.ish_cnn.segmentation`) uses exactly the same convention, which
 is what makes patch-wise and dense predictions comparable centre by centre.
 
 Output of `run_spatial` (`bin/spatial`)::

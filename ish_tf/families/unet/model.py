@@ -71,15 +71,13 @@ def build_unet(input_size: int = 256, base_filters: int = 16, depth: int = 4) ->
 
 
 def build_unet_model(config: Any) -> keras.Model:
-    """Registry adapter: `ModelConfig` -> U-Net (input_size; options base_filters, depth).
+    """Registry builder: `ModelConfig` (input_size, `UnetConfig` filters and depth) -> U-Net.
 
-    Reads the same options the training task uses, so `build_model(load_model_config(
+    The training task builds through it too, so `build_model(load_model_config(
     RUN/model_config.json))` rebuilds the architecture that was trained.
     """
-    options = getattr(config, "options", {}) or {}
-    return build_unet(input_size=int(getattr(config, "input_size", 256)),
-                      base_filters=int(options.get("base_filters", 16)),
-                      depth=int(options.get("depth", 4)))
+    return build_unet(input_size=int(config.input_size), base_filters=int(config.family.filters),
+                      depth=int(config.family.depth))
 
 
 # --------------------------------------------------------------------------- data

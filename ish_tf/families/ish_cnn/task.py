@@ -4,7 +4,7 @@ Records: one record set per patch size (`OUT/p{R}` from `bin/spatial`), each rec
 gene_symbol is its class name and gene_index = label its class index. The task reads
 the set matching `--input_size` (`--records_dir` may be the set itself or the
 `bin/spatial` output directory holding `p{R}/`), takes the class names from its
-index (stored in `ModelConfig.options["classes"]`, hence in model_config.json), and
+index (stored in `IshCnnConfig.classes`, hence in model_config.json), and
 draws class-balanced batches with the P×K reader: P classes x K patches, batch t a
 pure function of (seed, t), so resumed runs see exactly the same batches.
 """
@@ -16,9 +16,8 @@ import os
 import keras
 import tensorflow as tf
 
-from ish_tf.models import ModelConfig
 from ish_tf.train import TrainConfig
-from ish_tf.train.tasks import DatasetFn, Task, global_mean, register_task, replicas_per_pipeline
+from ish_tf.train.tasks import DatasetFn, Task, global_mean, replicas_per_pipeline
 
 
 def resolve_records_dir(records_dir: str, patch_size: int) -> str:
@@ -80,17 +79,17 @@ def _framed(patches: tf.Tensor, classes: tf.Tensor, width: int = 2) -> tf.Tensor
     return patches * inner + colours[:, None, None, :] * (1.0 - inner)
 
 
-@register_task("ish_cnn")
 class IshCnnTask(Task):
     """Patch classification (genes, tissue, background) with class-balanced P×K batches.
 
     Batches are `(images (b, R, R, 3) float32 in [0, 255], labels (b,) int32)`.
 
     Args:
-      model_config: `input_size` = patch size; options["classes"] filled from the
-        records when `train_config.records_dir` is set (a given list must match).
-      train_config: P = classes per batch (at most the number of classes), K =
+      model_config: `input_size` = patch size; `family.classes` filled from the
+        records when `train_config.records_dir` is set (a given list must match);
+        `family.P` classes per batch (at most the number of classes), `family.K`
         patches per class.
+      train_config: runtime settings (records_dir, split, flips, seed).
       dataset_fn: optional in-memory dataset (tests).
 
     Raises:
@@ -100,7 +99,7 @@ class IshCnnTask(Task):
 
     stat_names = ("accuracy",)
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+    def __init__(self, model_config, train_config: TrainConfig,
                  dataset_fn: DatasetFn | None = None):
         super().__init__(model_config, train_config, dataset_fn)
         self.records_dir = ""
@@ -116,18 +115,19 @@ class IshCnnTask(Task):
                 raise ValueError(f"{self.records_dir} holds {info.patch_size} px patches but "
                                  f"--input_size={model_config.input_size}")
             classes = [g.gene_symbol for g in sorted(info.genes, key=lambda g: g.gene_index)]
-            given = model_config.option("classes")
+            given = model_config.family.classes
             if given and list(given) != classes:
                 raise ValueError(f"--ish_cnn_classes={','.join(given)} but the records in "
                                  f"{self.records_dir} have classes {classes}")
             # Persisted in model_config.json: prediction needs the class names.
-            model_config.options["classes"] = classes
-        from ish_tf.models.ish_cnn import ish_cnn_classes
+            model_config.family.classes = tuple(classes)
+        from ish_tf.families.ish_cnn.model import ish_cnn_classes
 
         n_classes = len(ish_cnn_classes(model_config))
-        if train_config.P > n_classes:
-            raise ValueError(f"--P={train_config.P} classes per batch but there are only "
-                             f"{n_classes} classes; set --P={n_classes}")
+        family = model_config.family.validate()
+        if family.P > n_classes:
+            raise ValueError(f"--ish_cnn_P={family.P} classes per batch but there are only "
+                             f"{n_classes} classes; set --ish_cnn_P={n_classes}")
 
     def make_records_dataset(self, input_context: tf.distribute.InputContext | None,
                              start_step: int = 0) -> tf.data.Dataset:
@@ -138,13 +138,13 @@ class IshCnnTask(Task):
         """
         from ish_tf.data.pipeline import pk_dataset
 
-        cfg = self.train_config
+        cfg, family = self.train_config, self.model_config.family
         if not self.records_dir:
             raise ValueError("--records_dir is required: the output of bin/spatial (or one "
                              "of its p{R}/ record sets)")
-        ds = pk_dataset(self.records_dir, cfg.split, P=cfg.P, K=cfg.K, flips=cfg.flips,
+        ds = pk_dataset(self.records_dir, cfg.split, P=family.P, K=family.K, flips=cfg.flips,
                         seed=cfg.seed, input_context=input_context, start_batch=start_step)
-        jitter = float(self.model_config.option("intensity_jitter", 0.0) or 0.0)
+        jitter = float(self.model_config.family.intensity_jitter or 0.0)
         if jitter > 0:
             ds = jitter_intensity(ds, jitter, cfg.seed, start_step * replicas_per_pipeline(
                 input_context))

@@ -2,7 +2,7 @@
 
 Dense prediction (`dense_probabilities`): each patch classifier is evaluated at
 window centres on a grid of step `stride` covering the section (reflect padding at
-the borders, the patch convention of `ish_tf.data.spatial`), either
+the borders, the patch convention of `ish_tf.families.ish_cnn.spatial`), either
 
 * "dense": the classifier's fully convolutional twin (`ish_cnn.dense_model`) on the
   padded section, whose output cells are the windows at multiples of its total
@@ -101,7 +101,7 @@ def sliding_grid(model, image: np.ndarray, stride: int, batch_size: int = 256) -
     Returns:
       float32 (ceil(H/t), ceil(W/t), C).
     """
-    from ish_tf.models.ish_cnn import patch_size_of, predict_windows
+    from ish_tf.families.ish_cnn.model import patch_size_of, predict_windows
 
     size = patch_size_of(model)
     gh, gw = _grid_shape(image.shape, stride)
@@ -135,7 +135,7 @@ def dense_grid(model, image: np.ndarray, stride: int = 0, tile: int = 1024,
     Raises:
       SegmentationError: incompatible stride.
     """
-    from ish_tf.models.ish_cnn import dense_model, patch_size_of, stride_of
+    from ish_tf.families.ish_cnn.model import dense_model, patch_size_of, stride_of
 
     size, s = patch_size_of(model), stride_of(model)
     t = check_stride(stride, s)
@@ -193,7 +193,7 @@ def dense_probabilities(model, image: np.ndarray, stride: int = 0, method: str =
         raise SegmentationError(f"--predict_method must be one of {METHODS}, got {method!r}")
     image = np.asarray(image)
     if method == "dense":
-        from ish_tf.models.ish_cnn import stride_of
+        from ish_tf.families.ish_cnn.model import stride_of
 
         t = check_stride(stride, stride_of(model))
         grid = dense_grid(model, image, t, tile)
@@ -389,7 +389,7 @@ def load_classifier(path: str):
     """
     import keras
 
-    from ish_tf.models import load_model_config
+    from ish_tf.families import load_model_config
 
     model_path = os.path.join(path, "model.keras") if os.path.isdir(path) else path
     if not os.path.exists(model_path):
@@ -423,9 +423,9 @@ def run_segmentation(cfg: SegmentationConfig, log=None) -> dict:
 
     Raises:
       SegmentationError: models with different classes, bad settings or inputs.
-      ish_tf.data.spatial.SpatialError: unreadable section inputs.
+      ish_tf.families.ish_cnn.spatial.SpatialError: unreadable section inputs.
     """
-    from ish_tf.models.ish_cnn import patch_size_of
+    from ish_tf.families.ish_cnn.model import patch_size_of
 
     cfg.validate()
     log = log or (lambda s: None)

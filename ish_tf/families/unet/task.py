@@ -1,16 +1,14 @@
 """`bin/train --model=unet`: the U-Net tissue segmenter under the shared trainer.
 
-The task trains `ish_tf.models.unet.build_unet` on (section image, true tissue mask)
-pairs listed by a manifest (`--mask_manifest`; masks are `{image_id}.png` in
-`--mask_dir`, by default `masks/` beside the manifest, as `bin/synth` writes). A
-seeded fraction of the pairs (`--val_fraction`) is held out; RUN/unet_split.csv lists
+The task trains `ish_tf.families.unet.model.build_unet` on (section image, true tissue mask)
+pairs listed by a manifest (`--unet_mask_manifest`; masks are `{image_id}.png` in
+`--unet_mask_dir`, by default `masks/` beside the manifest, as `bin/synth` writes). A
+seeded fraction of the pairs (`--unet_val_fraction`) is held out; RUN/unet_split.csv lists
 every pair's split (train, validation, or skipped with the reason). The resulting
 RUN/model.keras is what `bin/extract --segmenter=unet --unet_path=RUN/model.keras`
 loads (`ish_tf.data.segment.UNetSegmenter`).
 
-Family options (`ModelConfig.options`, filled from the flags by
-`ish_tf.flags.unet_options`): base_filters, depth, batch_size, mask_manifest,
-mask_dir, val_fraction.
+Settings: `ish_tf.families.unet.config.UnetConfig` (flags --unet_*).
 
 The pairs are small (a handful of downsampled sections), so they are loaded into
 memory once at the model's resolution. Batches are a pure function of (seed, step):
@@ -32,14 +30,11 @@ import tensorflow as tf
 from absl import logging
 
 from ish_tf.io_utils import atomic_write_text
-from ish_tf.models import ModelConfig
 from ish_tf.train import TrainConfig
-from ish_tf.train.tasks import DatasetFn, Task, global_mean, register_task, replicas_per_pipeline
+from ish_tf.train.tasks import DatasetFn, Task, global_mean, replicas_per_pipeline
 
 SPLIT_NAME = "unet_split.csv"
 SPLIT_COLUMNS = ("image_id", "split", "image_path", "mask_path", "reason")
-DEFAULT_OPTIONS = {"base_filters": 16, "depth": 4, "batch_size": 8, "mask_manifest": "",
-                   "mask_dir": "", "val_fraction": 0.1}
 
 
 # --------------------------------------------------------------------------- pairs
@@ -62,7 +57,7 @@ def list_mask_pairs(manifest_path: str, mask_dir: str = "") -> pd.DataFrame:
     from ish_tf.data import manifest as mf
 
     if not os.path.exists(manifest_path):
-        raise FileNotFoundError(f"--mask_manifest {manifest_path}: no such file")
+        raise FileNotFoundError(f"--unet_mask_manifest {manifest_path}: no such file")
     df = mf.read_manifest(manifest_path)
     default_dir = mask_dir or os.path.join(os.path.dirname(os.path.abspath(manifest_path)), "masks")
     rows = []
@@ -94,7 +89,7 @@ def split_pairs(pairs: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataF
       ValueError: val_fraction outside [0, 1).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"--unet_val_fraction must be in [0, 1), got {val_fraction}")
     out = pairs.copy()
     n = len(out)
     n_val = 0 if val_fraction == 0 or n < 2 else min(max(int(round(val_fraction * n)), 1), n - 1)
@@ -117,7 +112,7 @@ def load_pairs(pairs: pd.DataFrame, input_size: int
       (images uint8 (N, R, R, 3), masks uint8 (N, R, R, 1) in {0, 1} of the readable
       rows in order, skipped [(image_id, reason)] of the others).
     """
-    from ish_tf.models.unet import load_mask_pairs
+    from ish_tf.families.unet.model import load_mask_pairs
 
     images, masks, skipped = [], [], []
     for row in pairs.itertuples(index=False):
@@ -204,7 +199,7 @@ def pair_batches(images: np.ndarray, masks: np.ndarray, batch_size: int, *, seed
 def per_image_terms(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-image binary cross-entropy and soft Dice coefficient.
 
-    Their batch means give `ish_tf.models.unet.bce_dice_loss` = mean BCE + 1 - mean Dice
+    Their batch means give `ish_tf.families.unet.model.bce_dice_loss` = mean BCE + 1 - mean Dice
     (images have equal sizes, so the mean of per-image pixel means is the pixel mean).
 
     Args:
@@ -261,7 +256,6 @@ def score_segmenter(segment: Callable[[np.ndarray], np.ndarray],
 
 
 # --------------------------------------------------------------------------- task
-@register_task("unet")
 class UNetTask(Task):
     """Tissue segmentation: BCE + soft Dice over the global batch of (image, mask) pairs.
 
@@ -278,27 +272,19 @@ class UNetTask(Task):
 
     stat_names = ("bce", "dice", "iou", "tissue_fraction")
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+    def __init__(self, model_config, train_config: TrainConfig,
                  dataset_fn: DatasetFn | None = None):
         super().__init__(model_config, train_config, dataset_fn)
-        opts = {**DEFAULT_OPTIONS, **(model_config.options or {})}
-        self.batch_size = int(opts["batch_size"])
-        self.base_filters = int(opts["base_filters"])
-        self.depth = int(opts["depth"])
-        self.mask_manifest = str(opts["mask_manifest"] or "")
-        self.mask_dir = str(opts["mask_dir"] or "")
-        self.val_fraction = float(opts["val_fraction"])
-        # Fail at construction, not after the model is built.
-        if self.batch_size < 1:
-            raise ValueError(f"--unet_batch_size must be >= 1, got {self.batch_size}")
-        if self.depth < 1 or self.base_filters < 1:
-            raise ValueError(f"--unet_depth and --unet_filters must be >= 1, got "
-                             f"{self.depth}, {self.base_filters}")
+        family = model_config.family.validate()  # fail at construction, not after building
+        self.batch_size = int(family.batch_size)
+        self.base_filters = int(family.filters)
+        self.depth = int(family.depth)
+        self.mask_manifest = str(family.mask_manifest or "")
+        self.mask_dir = str(family.mask_dir or "")
+        self.val_fraction = float(family.val_fraction)
         if model_config.input_size % (2 ** self.depth):
             raise ValueError(f"--input_size {model_config.input_size} must be divisible by "
                              f"2**--unet_depth = {2 ** self.depth}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         self.split: pd.DataFrame | None = None
 
     @property
@@ -313,11 +299,11 @@ class UNetTask(Task):
           (images uint8 (N, R, R, 3), masks uint8 (N, R, R, 1)) of the training split.
 
         Raises:
-          ValueError: --mask_manifest is unset, or no training pair could be read.
+          ValueError: --unet_mask_manifest is unset, or no training pair could be read.
           FileNotFoundError: the manifest does not exist.
         """
         if not self.mask_manifest:
-            raise ValueError("--mask_manifest is required for --model=unet: a manifest whose "
+            raise ValueError("--unet_mask_manifest is required for --model=unet: a manifest whose "
                              "images have masks/{image_id}.png beside it (bin/synth writes one)")
         pairs = split_pairs(list_mask_pairs(self.mask_manifest, self.mask_dir),
                             self.val_fraction, self.train_config.seed)

@@ -16,9 +16,9 @@ export family "cdae" serves both, code first so `bin/embed` stores the code).
 
 `build_cdae_supervised(ModelConfig)` ("cdae_supervised"): the same encoder (same layer
 names, so a trained CDAE's weights load by name, `init_from`) with a multi-label sigmoid
-head over `options["terms"]`: outputs [probabilities (B, T), code (B, code_size)].
+head over the config's `terms`: outputs [probabilities (B, T), code (B, code_size)].
 
-Family options (`ModelConfig.options`, filled from the --cdae_* flags):
+Settings (`ish_tf.families.cdae.config.CdaeConfig`, flags --cdae_*):
   depth (4), filters ([16, 32, 64, 64]; the last repeats if shorter than depth),
   convs_per_block (1), code_size (128), code_pooling ("flatten": the code is a dense
   layer of the flattened last pooled block; "average": of the last block's features
@@ -32,7 +32,7 @@ Family options (`ModelConfig.options`, filled from the --cdae_* flags):
   supervised only: terms (list of term ids), dropout (0.0), init_from (a CDAE run
   directory or .keras file, or "").
 Task-only options (noise, noise_level, loss, batch_size, image_every, gaf, ...) are
-documented in `ish_tf.train.task_cdae`.
+documented in `ish_tf.families.cdae.task`.
 """
 
 from __future__ import annotations
@@ -44,27 +44,17 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from ish_tf.export.saved_model import register_family
-from ish_tf.models import ModelConfig
+from ish_tf.families.cdae.config import CODE_POOLING, NORMS, UNPOOL_MODES  # noqa: F401
 from ish_tf.models.layers import (
-    POOL_IMPLEMENTATIONS,
     MaxPoolWithArgmax,
     MaxUnpool,
     unpool_nearest,
 )
 
-UNPOOL_MODES: tuple[str, ...] = ("switches", "nearest")
-CODE_POOLING: tuple[str, ...] = ("flatten", "average")
-NORMS: tuple[str, ...] = ("batch", "none")
-DEFAULT_FILTERS: tuple[int, ...] = (16, 32, 64, 64)
 
-# Output names of the exported families (see ish_tf.export.saved_model.FAMILIES).
-register_family("cdae", ("code", "reconstruction"), "encode_images")
-register_family("cdae_supervised", ("probabilities", "code"), "classify_images")
-
-
-def cdae_options(config: ModelConfig) -> dict[str, Any]:
-    """The architecture options of `config` with defaults filled in and checked.
+def cdae_options(config) -> dict[str, Any]:
+    """The architecture of `config` (a ModelConfig with a `CdaeConfig`), checked, with the
+    derived sizes.
 
     Returns:
       {"depth", "filters" (list of `depth` ints), "convs_per_block", "code_size",
@@ -72,46 +62,22 @@ def cdae_options(config: ModelConfig) -> dict[str, Any]:
        "pool_implementation"}.
 
     Raises:
-      ValueError: naming the offending option.
+      ValueError: naming the offending flag.
     """
-    depth = int(config.option("depth", 4))
-    filters = [int(f) for f in (config.option("filters") or DEFAULT_FILTERS)]
-    convs = int(config.option("convs_per_block", 1))
-    code_size = int(config.option("code_size", 128))
-    unpool = str(config.option("unpool", "switches"))
-    pooling = str(config.option("code_pooling", "flatten"))
-    norm = str(config.option("norm", "none"))
-    if norm not in NORMS:
-        raise ValueError(f"--cdae_norm must be one of {NORMS}, got {norm!r}")
-    aspect = float(config.option("aspect", 1.0))
-    if depth < 1:
-        raise ValueError(f"--cdae_depth must be >= 1, got {depth}")
-    if not filters or min(filters) < 1:
-        raise ValueError(f"--cdae_filters must be positive integers, got {filters}")
-    if convs < 1:
-        raise ValueError(f"--cdae_convs_per_block must be >= 1, got {convs}")
-    if code_size < 1:
-        raise ValueError(f"--cdae_code_size must be >= 1, got {code_size}")
-    if unpool not in UNPOOL_MODES:
-        raise ValueError(f"--unpool must be one of {UNPOOL_MODES}, got {unpool!r}")
-    if pooling not in CODE_POOLING:
-        raise ValueError(f"--cdae_code_pooling must be one of {CODE_POOLING}, got {pooling!r}")
-    if aspect <= 0:
-        raise ValueError(f"--cdae_aspect must be > 0, got {aspect}")
-    pool_impl = str(config.option("pool_implementation", "kernel"))
-    if pool_impl not in POOL_IMPLEMENTATIONS:
-        raise ValueError(f"pool_implementation must be one of {POOL_IMPLEMENTATIONS}, got "
-                         f"{pool_impl!r}")
+    family = config.family.validate()
+    depth = int(family.depth)
+    filters = [int(f) for f in family.filters]
     filters = (filters + [filters[-1]] * depth)[:depth]
     height = int(config.input_size)
-    width = max(int(round(height * aspect)), 1)
+    width = max(int(round(height * family.aspect)), 1)
     if min(height, width) < 2 ** depth:
         raise ValueError(f"input {height}x{width} is too small for --cdae_depth={depth} "
                          f"(each side must be >= 2**depth = {2 ** depth})")
-    return {"depth": depth, "filters": filters, "convs_per_block": convs, "code_size": code_size,
-            "unpool": unpool, "code_pooling": pooling, "norm": norm,
-            "invert": bool(config.option("invert", True)), "aspect": aspect,
-            "height": height, "width": width, "pool_implementation": pool_impl}
+    return {"depth": depth, "filters": filters, "convs_per_block": int(family.convs_per_block),
+            "code_size": int(family.code_size), "unpool": family.unpool,
+            "code_pooling": family.code_pooling, "norm": family.norm,
+            "invert": bool(family.invert), "aspect": float(family.aspect),
+            "height": height, "width": width, "pool_implementation": family.pool_implementation}
 
 
 def scale_images(images, invert: bool = True):
@@ -206,18 +172,18 @@ def _decoder(code, skips, opts: dict, seed: int | None):
                                kernel_initializer=_glorot(seed, 902), name="reconstruction")(x)
 
 
-def build_cdae(config: ModelConfig) -> keras.Model:
+def build_cdae(config) -> keras.Model:
     """Builds the CDAE (see the module docstring).
 
     Args:
-      config: input_size (S_h), seed and the family options.
+      config: input_size (S_h), seed and the `CdaeConfig`.
 
     Returns:
       keras.Model: images float32 (B, S_h, S_w, 1) in [0, 255] ->
       [code float32 (B, code_size), reconstruction float32 (B, S_h, S_w, 1) in [0, 1]].
 
     Raises:
-      ValueError: bad options.
+      ValueError: bad settings.
     """
     opts = cdae_options(config)
     inputs = keras.Input((opts["height"], opts["width"], 1), name="images")
@@ -233,31 +199,31 @@ def encoder_model(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer("code").output, name="cdae_encoder")
 
 
-def build_cdae_supervised(config: ModelConfig) -> keras.Model:
-    """The CDAE's encoder with a multi-label sigmoid head over `options["terms"]`.
+def build_cdae_supervised(config) -> keras.Model:
+    """The CDAE's encoder with a multi-label sigmoid head over the config's `terms`.
 
     With `options["init_from"]` (a CDAE run directory or .keras file), every encoder
     layer is initialised from the trained CDAE's layer of the same name.
 
     Args:
-      config: as for `build_cdae`, plus options terms (non-empty list), dropout, init_from.
+      config: as for `build_cdae`, plus the config's terms (non-empty), dropout, init_from.
 
     Returns:
       keras.Model: images -> [probabilities float32 (B, T), code float32 (B, code_size)].
 
     Raises:
-      ValueError: no terms, bad options, or an init_from model whose encoder does not fit.
+      ValueError: no terms, bad settings, or an init_from model whose encoder does not fit.
       FileNotFoundError: init_from does not exist.
     """
     opts = cdae_options(config)
-    terms = list(config.option("terms") or [])
+    terms = list(config.family.terms or [])
     if not terms:
         raise ValueError("cdae_supervised needs terms: give --cdae_gaf or --cdae_annotations "
                          "with groups of the records' training genes")
     inputs = keras.Input((opts["height"], opts["width"], 1), name="images")
     code, _ = _encoder(inputs, opts, config.seed)
     x = code
-    dropout = float(config.option("dropout", 0.0))
+    dropout = float(config.family.dropout)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, seed=config.seed, name="head_dropout")(x)
     probs = keras.layers.Dense(len(terms), activation="sigmoid", dtype="float32",
@@ -265,7 +231,7 @@ def build_cdae_supervised(config: ModelConfig) -> keras.Model:
                                name="probabilities")(x)
     code = keras.layers.Activation("linear", dtype="float32", name="code_out")(code)
     model = keras.Model(inputs, [probs, code], name="cdae_supervised")
-    init_from = str(config.option("init_from", "") or "")
+    init_from = str(config.family.init_from or "")
     if init_from:
         load_encoder_weights(model, init_from)
     return model
