@@ -206,9 +206,9 @@ def main() -> int:
     from ish_tf.evaluate.go import load_go
     from ish_tf.export.saved_model import export_run
     from ish_tf.families import build_model, load_model_config
-    from ish_tf.families.cdae.model import cdae_options, encoder_model
     from ish_tf.families.cdae import baselines as cdae_baselines
-from ish_tf.families.cdae import terms as cdae_terms
+    from ish_tf.families.cdae import terms as cdae_terms
+    from ish_tf.families.cdae.model import cdae_options, encoder_model
 
     first = runs[seeds[0]]
     metrics = pd.read_csv(os.path.join(first, "metrics.csv"))
