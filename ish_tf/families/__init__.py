@@ -49,6 +49,9 @@ class FamilySpec:
       hypermodel: "module:Class" of the KerasTuner HyperModel, or "" (the generic
         one, scored by validation loss).
       quickstart: "module:function" running the family's quickstart recipe, or "".
+      tiny: "module:function" `(workdir, seed) -> (ModelConfig, TrainConfig fields)`
+        writing the smallest inputs its task trains on (`ish_tf.families.testing`):
+        the shared harness test runs every family through it.
       description: one line for --helpfull and the README.
     """
 
@@ -62,6 +65,7 @@ class FamilySpec:
     flag_prefix: str = ""
     hypermodel: str = ""
     quickstart: str = ""
+    tiny: str = ""
     description: str = ""
 
     @property
@@ -87,6 +91,16 @@ class FamilySpec:
     def task_cls(self) -> type:
         """The training Task class."""
         return _resolve(self.task)
+
+    def tiny_setup(self, workdir: str, seed: int = 0):
+        """`(ModelConfig, TrainConfig fields)` of the family's tiny setup (see `tiny`).
+
+        Raises:
+          ValueError: the family registered none.
+        """
+        if not self.tiny:
+            raise ValueError(f"family {self.name!r} registers no tiny setup")
+        return _resolve(self.tiny)(workdir, seed)
 
     @property
     def hypermodel_cls(self) -> type | None:
@@ -264,6 +278,7 @@ register_family(FamilySpec(
     pixels_signature="embed_images",
     hypermodel="ish_tf.families.triplet.hypermodel:TripletHyperModel",
     quickstart="ish_tf.quickstart:run_quickstart",
+    tiny="ish_tf.families.triplet.testing:tiny",
     description="gene re-identification: triplet ResNet50 on ISH patches "
                 "(Abed-Esfahani et al. 2022)"))
 register_family(FamilySpec(
@@ -271,6 +286,7 @@ register_family(FamilySpec(
     builder="ish_tf.families.cdae.model:build_cdae", task="ish_tf.families.cdae.task:CDAETask",
     inputs=_GRAY, outputs=("code", "reconstruction"), pixels_signature="encode_images",
     quickstart="ish_tf.families.cdae.quickstart:run_quickstart",
+    tiny="ish_tf.families.cdae.testing:tiny",
     description="convolutional denoising autoencoder with pooling switches "
                 "(Cohen, David & Netanyahu 2017)"))
 register_family(FamilySpec(
@@ -278,12 +294,13 @@ register_family(FamilySpec(
     builder="ish_tf.families.cdae.model:build_cdae_supervised",
     task="ish_tf.families.cdae.task:CDAESupervisedTask", inputs=_GRAY,
     outputs=("probabilities", "code"), pixels_signature="classify_images", flag_prefix="cdae",
+    tiny="ish_tf.families.cdae.testing:tiny_supervised",
     description="the CDAE's encoder fine-tuned to predict GO terms"))
 register_family(FamilySpec(
     name="unet", config="ish_tf.families.unet.config:UnetConfig",
     builder="ish_tf.families.unet.model:build_unet_model",
     task="ish_tf.families.unet.task:UNetTask", inputs=_RGB, outputs=("mask",),
-    pixels_signature="segment_images",
+    pixels_signature="segment_images", tiny="ish_tf.families.unet.testing:tiny",
     description="U-Net tissue segmenter trained on image/mask pairs"))
 register_family(FamilySpec(
     name="ish_cnn", config="ish_tf.families.ish_cnn.config:IshCnnConfig",
@@ -291,5 +308,6 @@ register_family(FamilySpec(
     task="ish_tf.families.ish_cnn.task:IshCnnTask", inputs=_RGB, outputs=("probabilities",),
     pixels_signature="classify_images",
     quickstart="ish_tf.families.ish_cnn.quickstart:run_quickstart",
+    tiny="ish_tf.families.ish_cnn.testing:tiny",
     description="morphology from spatial-expression labels, Dice on a second animal "
                 "(Andersson et al. 2020)"))
