@@ -18,9 +18,9 @@ flips are stateless; `patch_dataset`'s shuffles are tf.data's, which combine the
 with TensorFlow's global one (`tf.random.set_seed`): the trainer and bin/tune's scoring
 set it from --seed before building a dataset, and other callers should too.
 
-Scale. The P×K reader never loads the dataset: the index (`records.gene_extents`)
+Scale. The P×K reader never loads the dataset: the index (`shards.gene_extents`)
 says where each gene's contiguous records lie, a small per-shard offsets file
-(`records.record_offsets`) gives each record's byte position, and each batch reads
+(`shards.record_offsets`) gives each record's byte position, and each batch reads
 just its P·K records with positioned reads. Memory is O(number of records × 8 bytes)
 for the memory-mapped offsets, independent of image size.
 """
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ish_tf.data import records
+from ish_tf.data import records, shards
 from ish_tf.data.records import RecordsError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -94,25 +94,25 @@ def list_shards(records_dir: str, split: str) -> list[str]:
     Raises:
       RecordsError: no index, no completed shard of the split, or a listed shard missing.
     """
-    index = records.load_index(records_dir)
-    shards = sorted((s for s in index["shards"] if s["split"] == split),
+    index = shards.load_index(records_dir)
+    listed = sorted((s for s in index["shards"] if s["split"] == split),
                     key=lambda s: s["index"])
-    if not shards:
+    if not listed:
         have = sorted({s["split"] for s in index["shards"]})
         raise RecordsError(f"{records_dir}: split '{split}' has no completed shards "
                            f"(splits with shards: {', '.join(have) or 'none'})")
     paths = []
-    for s in shards:
+    for s in listed:
         path = os.path.abspath(os.path.join(records_dir, s["file"]))
         if not os.path.exists(path):
-            raise RecordsError(f"{records.index_path(records_dir)} lists {s['file']} "
+            raise RecordsError(f"{shards.index_path(records_dir)} lists {s['file']} "
                                f"but it is not in {records_dir}")
         paths.append(path)
     return paths
 
 
 def _compression(files: Sequence[str]) -> str | None:
-    kinds = {records.compression_of(f) for f in files}
+    kinds = {shards.compression_of(f) for f in files}
     if len(kinds) > 1:
         raise RecordsError(f"shards mix GZIP and uncompressed files: {list(files)[:4]}...")
     return kinds.pop()
@@ -121,7 +121,7 @@ def _compression(files: Sequence[str]) -> str | None:
 def _patch_size(records_dir: str | None) -> int | None:
     if records_dir is None:
         return None
-    info = records.load_dataset_info(records_dir)
+    info = shards.load_dataset_info(records_dir)
     return info.patch_size if info is not None and info.patch_size > 0 else None
 
 
@@ -399,7 +399,7 @@ class _RecordReader:
 
     def __init__(self, files: Sequence[str]):
         self.files = list(files)
-        self.offsets = [records.record_offsets(f) for f in self.files]
+        self.offsets = [shards.record_offsets(f) for f in self.files]
         self._fds: list[int | None] = [None] * len(self.files)
         self._lock = threading.Lock()
 
@@ -411,7 +411,7 @@ class _RecordReader:
                     self._fds[file_id] = os.open(self.files[file_id], os.O_RDONLY)
                 fd = self._fds[file_id]
         start, end = int(self.offsets[file_id][record]), int(self.offsets[file_id][record + 1])
-        return records.read_record_at(fd, start, end - start, self.files[file_id])
+        return shards.read_record_at(fd, start, end - start, self.files[file_id])
 
     def close(self) -> None:
         for fd in self._fds:
@@ -471,7 +471,7 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
       RecordsError: no shards, GZIP shards, inconsistent offsets.
       ValueError: P larger than the number of genes, P not divisible by the replicas.
     """
-    extents = records.gene_extents(records_dir, split)
+    extents = shards.gene_extents(records_dir, split)
     files = sorted({e.file for e in extents})
     if _compression(files) is not None:
         raise RecordsError(f"{records_dir}: split '{split}' has GZIP shards; the P×K reader "

@@ -214,10 +214,10 @@ def invert_mismatch(records_dir: str, invert: bool) -> str | None:
     Returns:
       The warning, or None where the setting suits the records or they do not say.
     """
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     try:
-        info = records.load_dataset_info(records_dir)
+        info = shards.load_dataset_info(records_dir)
     except (records.RecordsError, OSError):
         return None
     if info is None:
@@ -430,9 +430,9 @@ def term_matrix(records_dir: str, groups: dict[str, set[str]], terms: Sequence[s
     Raises:
       ValueError: no dataset info, or no term passes the bounds.
     """
-    from ish_tf.data import records
+    from ish_tf.data import shards
 
-    info = records.load_dataset_info(records_dir)
+    info = shards.load_dataset_info(records_dir)
     if info is None:
         raise ValueError(f"{records_dir}: no dataset info in index.json; run bin/extract first")
     size = max(g.gene_index for g in info.genes) + 1
