@@ -41,7 +41,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ish_tf.data.records import RecordsError
+from ish_tf.data.inputs import InputSpec
+from ish_tf.data.records import (
+    DEFAULT_GROUP_NAME,
+    DEFAULT_IDENTITY_NAME,
+    RecordsError,
+    input_spec_of,
+)
 from ish_tf.io_utils import atomic_write_bytes, atomic_write_text, tmp_path_for
 
 INDEX_NAME = "index.json"
@@ -358,11 +364,18 @@ class DatasetInfo:
       donors: donor names; a donor's donor_index is its position in this list.
       source_size: S, the side of the source window in original-image pixels.
       patch_size: R, the side of the stored patch.
-      format: "jpeg" or "png".
+      format: "jpeg" or "png"; "raw" for raw images, "vector" for vector sets.
       seed: seed of the extraction (splits, sampling).
       split_by: "gene" or "donor".
       donor_splits: donor -> split when split_by == "donor".
       extra: free-form facts of the extraction (flags, source manifest, ...).
+      input_spec: the set's input kind (`InputSpec.to_dict()`); None for sets written
+        before kinds were recorded, which hold 3-channel images of `patch_size`
+        (see `input_spec()`).
+      identity_name: what the records' identities are ("gene", "perturbation", ...):
+        `genes` is the identity vocabulary, whatever the name.
+      group_name: what the records' groups are ("donor", "plate", "batch", ...):
+        `donors` is the group list, whatever the name.
     """
 
     genes: list[GeneEntry]
@@ -374,9 +387,16 @@ class DatasetInfo:
     split_by: str = "gene"
     donor_splits: dict[str, str] = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)
+    input_spec: dict | None = None
+    identity_name: str = DEFAULT_IDENTITY_NAME
+    group_name: str = DEFAULT_GROUP_NAME
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def spec(self) -> InputSpec:
+        """The set's `InputSpec` (3-channel images of `patch_size` when none is stored)."""
+        return input_spec_of(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Mapping) -> DatasetInfo:
@@ -525,6 +545,19 @@ def load_dataset_info(out_dir: str) -> DatasetInfo | None:
     """The stored `DatasetInfo`, or None when the directory has none yet."""
     d = load_index(out_dir, missing_ok=True).get("dataset")
     return DatasetInfo.from_dict(d) if d else None
+
+
+def records_input_spec(records_dir: str) -> InputSpec:
+    """The input kind of a record set, from its index.
+
+    Sets written before input kinds were recorded (no `input_spec` in the dataset
+    info, or no dataset info at all) hold 3-channel uint8 images of the patch size R:
+    `InputSpec.image(3, R, R)`.
+
+    Raises:
+      RecordsError: no index, or an invalid stored spec.
+    """
+    return input_spec_of(load_index(records_dir).get("dataset"))
 
 
 def completed_shards(out_dir: str, split: str) -> set[int]:
