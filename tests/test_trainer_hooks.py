@@ -1,0 +1,228 @@
+"""The trainer's hooks for families whose step differs (ish_tf.train.trainer, tasks, ema).
+
+A toy mean-teacher task: a linear model y = x w + b (3 inputs, 4 weights) trained by
+mean squared error on in-memory batches, with an EMA teacher updated in `after_apply`
+by a decay ramped with the global step, checkpointed via `checkpoint_items`, and SGD
+from `make_optimizer`. Its stats are the step and every student and teacher weight as
+read inside the step (before that step's update), so metrics.csv (log_every=1) holds
+the whole trajectory and the EMA can be recomputed by hand.
+
+MirroredStrategy over two logical CPUs runs in a subprocess (this file's `__main__`
+block), because logical devices must be configured before TensorFlow initialises;
+MultiWorkerMirroredStrategy runs two worker processes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+# Nothing here may run a TensorFlow op at import time: the multi-worker processes import
+# this module before they create their strategy.
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from ish_tf.models import ModelConfig  # noqa: E402
+from ish_tf.train import TrainConfig  # noqa: E402
+from ish_tf.train.ema import ema_update  # noqa: E402
+from ish_tf.train.tasks import Task, global_mean  # noqa: E402
+from ish_tf.train.trainer import TrainingError, run_paths, train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_IN, GLOBAL, N_BATCHES = 3, 8, 5
+_rng = np.random.default_rng(0)
+XS = _rng.normal(size=(N_BATCHES, GLOBAL, N_IN)).astype("float32")
+YS = (XS @ np.array([[1.0], [-2.0], [0.5]], "float32") + 0.7
+      + 0.1 * _rng.normal(size=(N_BATCHES, GLOBAL, 1))).astype("float32")
+N_WEIGHTS = N_IN + 1  # kernel (3, 1) and bias (1,)
+SGD_LR = 0.05
+
+
+def decay_at(step):
+    """The toy teacher's EMA decay in the step after `step` completed ones: 0.5, 2/3, 3/4, ...
+    capped at 0.9 (numpy or tensor)."""
+    if isinstance(step, (int, np.integer)):
+        return min(1.0 - 1.0 / (step + 2.0), 0.9)
+    return tf.minimum(1.0 - 1.0 / (tf.cast(step, tf.float32) + 2.0), 0.9)
+
+
+def toy_dataset_fn(ctx):
+    """Global batch t is (XS[t % N], YS[t % N]); with an input context, this pipeline's
+    part of it, one element per replica in replica order."""
+    ds = tf.data.Dataset.from_tensor_slices((XS, YS)).repeat()
+    if ctx is not None:
+        n = GLOBAL // ctx.num_input_pipelines
+        first = ctx.input_pipeline_id * n
+        ds = ds.map(lambda x, y: (x[first:first + n], y[first:first + n]))
+        ds = ds.unbatch().batch(ctx.get_per_replica_batch_size(GLOBAL))
+    return ds
+
+
+def linear_model(seed: int) -> keras.Model:
+    x = keras.Input((N_IN,))
+    y = keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed),
+                           bias_initializer=keras.initializers.RandomNormal(seed=seed))(x)
+    return keras.Model(x, y)
+
+
+def flat(weights) -> np.ndarray:
+    return np.concatenate([np.asarray(w, "float64").ravel() for w in weights])
+
+
+class EmaToyTask(Task):
+    """Linear regression with an EMA teacher (see the module docstring).
+
+    Args:
+      optimizer_fn: `fn(train_config) -> optimizer or None` (make_optimizer).
+      teacher: False builds no teacher (a family without one).
+    """
+
+    name = "ema_toy"
+    stat_names = ("global_step", *(f"s{i}" for i in range(N_WEIGHTS)), *(f"t{i}" for i in range(N_WEIGHTS)))
+
+    def __init__(self, train_config, optimizer_fn=lambda cfg: keras.optimizers.SGD(SGD_LR),
+                 teacher=True):
+        super().__init__(ModelConfig(seed=0), train_config, toy_dataset_fn)
+        self.optimizer_fn = optimizer_fn
+        self.with_teacher = teacher
+        self.teacher = None
+
+    def build_model(self):
+        assert self.global_step is not None, "the trainer sets global_step before build_model"
+        student = linear_model(1)
+        if self.with_teacher:
+            # Another initialisation than the student's, so that the EMA shows.
+            self.teacher = linear_model(2)
+        return student
+
+    def make_optimizer(self, train_config):
+        return self.optimizer_fn(train_config)
+
+    def make_records_dataset(self, input_context, start_step=0):
+        raise AssertionError("in-memory data only")
+
+    def compute_loss(self, model, batch, training):
+        x, y = batch
+        loss = global_mean(tf.square(tf.cast(model(x, training=training), tf.float32) - y))
+        stats = {"global_step": tf.cast(self.global_step, tf.float32)}
+        teacher = self.teacher.weights if self.teacher is not None else self.model.weights
+        for prefix, weights in (("s", self.model.weights), ("t", teacher)):
+            values = tf.concat([tf.reshape(tf.cast(w, tf.float32), [-1]) for w in weights], 0)
+            stats.update({f"{prefix}{i}": values[i] for i in range(N_WEIGHTS)})
+        return loss, stats
+
+    def after_apply(self):
+        if self.teacher is not None:
+            ema_update(self.teacher.weights, self.model.weights, decay_at(self.global_step))
+
+    def checkpoint_items(self):
+        return {"teacher": self.teacher} if self.teacher is not None else {}
+
+
+def toy_config(run_dir, **kw) -> TrainConfig:
+    base = dict(run_dir=str(run_dir), P=2, K=GLOBAL // 2, steps=6, decay_start=6,
+                learning_rate=1e-3, log_every=1, checkpoint_every=3, strategy="default",
+                image_summaries=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run_toy(cfg, strategy=None, stop_after=None, **task_kw):
+    """Trains the toy task: (TrainResult, student weights, teacher weights or None)."""
+    task = EmaToyTask(cfg, **task_kw)
+    result = train(task, cfg, strategy=strategy, stop_after=stop_after)
+    teacher = task.teacher.get_weights() if task.teacher is not None else None
+    return result, task.model.get_weights(), teacher
+
+
+def read_metrics(run_dir) -> list[dict[str, float]]:
+    with open(run_paths(str(run_dir))["metrics"], newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def trajectory(rows, prefix):
+    """(steps, N_WEIGHTS): the weights read inside each logged step, before its update."""
+    return np.array([[row[f"{prefix}{i}"] for i in range(N_WEIGHTS)] for row in rows])
+
+
+# --------------------------------------------------------------------------- ema_update
+def test_ema_update_one_replica_eager_and_compiled():
+    """No strategy: Keras and tf variables, a float and a tensor decay, eager and in a
+    tf.function; the hand-computed average to float32 precision."""
+    target = [keras.Variable(np.full((2, 2), 1.0, "float32")), tf.Variable([4.0, -4.0])]
+    source = [keras.Variable(np.full((2, 2), 3.0, "float32")), tf.Variable([0.0, 2.0])]
+    ema_update(target, source, 0.75)
+    np.testing.assert_allclose(target[0].numpy(), np.full((2, 2), 1.5), atol=1e-7)
+    np.testing.assert_allclose(target[1].numpy(), [3.0, -2.5], atol=1e-7)
+    step = tf.Variable(0, dtype=tf.int64)
+
+    @tf.function
+    def ramped():
+        ema_update(target, source, decay_at(step))  # tensor decay: 0.5 at step 0
+        step.assign_add(1)
+
+    ramped()
+    np.testing.assert_allclose(target[0].numpy(), np.full((2, 2), 2.25), atol=1e-7)
+    np.testing.assert_allclose(target[1].numpy(), [1.5, -0.25], atol=1e-7)
+    with pytest.raises(ValueError, match="1 targets but 2"):
+        ema_update(target[:1], source, 0.5)
+    with pytest.raises(ValueError, match="does not match"):
+        ema_update(target[::-1], source, 0.5)
+
+
+# --------------------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    """The toy task for 6 steps uninterrupted, and stopped at 3 then resumed to 6."""
+    root = tmp_path_factory.mktemp("hooks")
+    full = run_toy(toy_config(root / "full"))
+    part_cfg = toy_config(root / "part")
+    first = run_toy(part_cfg, stop_after=3)
+    second = run_toy(part_cfg)
+    return {"root": root, "full": full, "first": first, "second": second}
+
+
+def test_teacher_is_the_ema_of_the_student_after_each_step(toy_runs):
+    result, student, teacher = toy_runs["full"]
+    rows = read_metrics(result.run_dir)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    # Students after 0..6 updates: inside steps 1..6, then the final weights.
+    students = np.vstack([trajectory(rows, "s"), flat(student)])
+    teachers = np.vstack([trajectory(rows, "t"), flat(teacher)])
+    assert np.abs(students[-1] - students[0]).max() > 1e-2  # the student trained
+    want = teachers[0].copy()
+    for k in range(6):  # update k+1 (k steps completed before it) uses decay_at(k)
+        want = decay_at(k) * want + (1 - decay_at(k)) * students[k + 1]
+        np.testing.assert_allclose(teachers[k + 1], want, atol=1e-6, err_msg=f"after step {k + 1}")
+    # A teacher that only copied the student, or never moved, is far from that.
+    assert np.abs(teachers[-1] - students[-1]).max() > 1e-2
+    assert np.abs(teachers[-1] - teachers[0]).max() > 1e-2
+
+
+def test_global_step_is_visible_in_compute_loss(toy_runs):
+    """Inside the step of row `step`, the global step reads the steps completed before it
+    (resumed runs included: the counter is restored)."""
+    for run in ("full", "second"):
+        rows = read_metrics(toy_runs[run][0].run_dir)
+        assert [r["global_step"] for r in rows] == [0, 1, 2, 3, 4, 5], run
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], run
+
+
+def test_resume_restores_the_teacher_exactly(toy_runs):
+    first, second = toy_runs["first"], toy_runs["second"]
+    assert first[0].step == 3 and second[0].start_step == 3 and second[0].step == 6
+    _, full_student, full_teacher = toy_runs["full"]
+    for a, b in zip(full_student + full_teacher, second[1] + second[2], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # After the stop the teacher had moved: a fresh one at the resume would differ.
+    assert np.abs(flat(first[2]) - flat(linear_model(2).get_weights())).max() > 1e-3
+    assert np.abs(flat(second[2]) - flat(full_teacher)).max() < 1e-6
