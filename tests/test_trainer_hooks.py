@@ -154,6 +154,28 @@ def trajectory(rows, prefix):
     return np.array([[row[f"{prefix}{i}"] for i in range(N_WEIGHTS)] for row in rows])
 
 
+def assert_teacher_is_ema(rows, student, teacher):
+    """The logged and final teachers equal the EMA, computed here in float64, of the
+    logged and final students (the student after k updates is read inside step k + 1)."""
+    students = np.vstack([trajectory(rows, "s"), flat(student)])
+    teachers = np.vstack([trajectory(rows, "t"), flat(teacher)])
+    assert np.abs(students[-1] - students[0]).max() > 1e-2  # the student trained
+    want = teachers[0].copy()
+    for k in range(len(rows)):  # update k+1 (k steps completed before it) uses decay_at(k)
+        want = decay_at(k) * want + (1 - decay_at(k)) * students[k + 1]
+        np.testing.assert_allclose(teachers[k + 1], want, atol=1e-6, err_msg=f"after step {k + 1}")
+    # A teacher that only copied the student, or never moved, is far from that.
+    assert np.abs(teachers[-1] - students[-1]).max() > 1e-2
+    assert np.abs(teachers[-1] - teachers[0]).max() > 1e-2
+
+
+def sgd_gradient(weights, k):
+    """d/dw of the mean squared error of global batch k at weights (kernel..., bias)."""
+    x, y = XS[k % N_BATCHES].astype("float64"), YS[k % N_BATCHES, :, 0].astype("float64")
+    err = x @ weights[:N_IN] + weights[N_IN] - y
+    return np.concatenate([2.0 / GLOBAL * x.T @ err, [2.0 / GLOBAL * err.sum()]])
+
+
 # --------------------------------------------------------------------------- ema_update
 def test_ema_update_one_replica_eager_and_compiled():
     """No strategy: Keras and tf variables, a float and a tensor decay, eager and in a
@@ -195,17 +217,82 @@ def test_teacher_is_the_ema_of_the_student_after_each_step(toy_runs):
     result, student, teacher = toy_runs["full"]
     rows = read_metrics(result.run_dir)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    # Students after 0..6 updates: inside steps 1..6, then the final weights.
+    assert_teacher_is_ema(rows, student, teacher)
+    # The task's constant-rate SGD is logged, not the default schedule's 1e-3.
+    assert [r["lr"] for r in rows] == pytest.approx([SGD_LR] * 6, rel=1e-6)
+
+
+def test_hooks_inside_the_xla_compiled_step(tmp_path):
+    """--jit_compile: the global step and the EMA update work inside XLA too."""
+    cfg = toy_config(tmp_path / "jit", steps=3, jit_compile=True)
+    result, student, teacher = run_toy(cfg)
+    rows = read_metrics(result.run_dir)
+    assert [r["global_step"] for r in rows] == [0, 1, 2]
+    assert_teacher_is_ema(rows, student, teacher)
+
+
+def test_task_optimizer_with_its_own_schedule_is_used_and_logged(tmp_path):
+    """SGD with an exponential decay halving the rate each step: each update is the
+    hand-computed SGD step at that rate, and metrics.csv logs those rates."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    cfg = toy_config(tmp_path / "sgd", steps=4)
+    result, student, _ = run_toy(cfg, optimizer_fn=lambda c: keras.optimizers.SGD(schedule),
+                                 teacher=False)
+    rows = read_metrics(result.run_dir)
+    rates = [0.1 * 0.5 ** k for k in range(4)]
+    assert [r["lr"] for r in rows] == pytest.approx(rates, rel=1e-6)
     students = np.vstack([trajectory(rows, "s"), flat(student)])
-    teachers = np.vstack([trajectory(rows, "t"), flat(teacher)])
-    assert np.abs(students[-1] - students[0]).max() > 1e-2  # the student trained
-    want = teachers[0].copy()
-    for k in range(6):  # update k+1 (k steps completed before it) uses decay_at(k)
-        want = decay_at(k) * want + (1 - decay_at(k)) * students[k + 1]
-        np.testing.assert_allclose(teachers[k + 1], want, atol=1e-6, err_msg=f"after step {k + 1}")
-    # A teacher that only copied the student, or never moved, is far from that.
-    assert np.abs(teachers[-1] - students[-1]).max() > 1e-2
-    assert np.abs(teachers[-1] - teachers[0]).max() > 1e-2
+    for k in range(4):
+        np.testing.assert_allclose(students[k + 1], students[k] - rates[k] * sgd_gradient(students[k], k),
+                                   atol=1e-6, err_msg=f"step {k + 1}")
+
+
+def test_float16_loss_scaling_wraps_the_task_optimizer(tmp_path, monkeypatch):
+    """mixed_float16 (forced on CPU) wraps the task's SGD in a LossScaleOptimizer: the
+    updates are SGD's (to float16 precision) at the schedule's rates, a step whose scaled
+    gradients overflowed (grad_norm inf) is skipped and does not advance the schedule,
+    the rate logged is the one of the last update made, and the teacher is still the
+    EMA of the float32 student weights (after a skipped step too)."""
+    from ish_tf.train import trainer
+
+    monkeypatch.setattr(trainer, "set_precision", lambda enabled: (
+        keras.mixed_precision.set_global_policy("mixed_float16") or "mixed_float16"))
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    cfg = toy_config(tmp_path / "f16", steps=4, mixed_precision=True)
+    result, student, teacher = run_toy(cfg, optimizer_fn=lambda c: keras.optimizers.SGD(schedule))
+    rows = read_metrics(result.run_dir)
+    students = np.vstack([trajectory(rows, "s"), flat(student)])
+    applied = 0
+    for k, row in enumerate(rows):
+        if np.isfinite(row["grad_norm"]):
+            rate = 0.1 * 0.5 ** applied
+            applied += 1
+            step = rate * sgd_gradient(students[k], k)
+            np.testing.assert_allclose(students[k + 1], students[k] - step,
+                                       atol=2e-2 * np.abs(step).max(), err_msg=f"step {k + 1}")
+        else:
+            np.testing.assert_array_equal(students[k + 1], students[k])
+        assert row["lr"] == pytest.approx(0.1 * 0.5 ** max(applied - 1, 0), rel=1e-6), k
+    assert applied >= 2
+    assert_teacher_is_ema(rows, student, teacher)
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_checkpoint_without_the_task_items_does_not_fit(tmp_path):
+    cfg = toy_config(tmp_path / "plain", steps=3)
+    run_toy(cfg, stop_after=1, teacher=False)
+    with pytest.raises(TrainingError, match="new --run_dir"):
+        run_toy(cfg)
+
+
+def test_checkpoint_items_may_not_use_reserved_names(tmp_path):
+    class Clash(EmaToyTask):
+        def checkpoint_items(self):
+            return {"model": self.teacher}
+
+    cfg = toy_config(tmp_path / "clash", steps=1)
+    with pytest.raises(ValueError, match="reserved names"):
+        train(Clash(cfg), cfg)
 
 
 def test_global_step_is_visible_in_compute_loss(toy_runs):
