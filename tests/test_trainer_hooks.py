@@ -313,3 +313,142 @@ def test_resume_restores_the_teacher_exactly(toy_runs):
     # After the stop the teacher had moved: a fresh one at the resume would differ.
     assert np.abs(flat(first[2]) - flat(linear_model(2).get_weights())).max() > 1e-3
     assert np.abs(flat(second[2]) - flat(full_teacher)).max() < 1e-6
+
+
+# --------------------------------------------------------------------------- MirroredStrategy
+def _run_mirrored_check() -> dict:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, (
+        f"mirrored check failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1])
+
+
+def test_mirrored_ema_teacher_matches_single_device():
+    """Two replicas (logical CPUs): ema_update keeps both copies of a mirrored variable
+    equal and right, from a replica context with a per-replica tensor decay and from the
+    cross-replica context; the trainer's student and teacher equal the one-device run's."""
+    r = _run_mirrored_check()
+    assert r["replicas"] == 2
+    # 1 -> 0.5 * 1 + 0.5 * 3 = 2 (replica context, decay_at(0)), then
+    # 0.75 * 2 + 0.25 * 3 = 2.25 (cross-replica); likewise 1 -> 3 -> 3.5 for source 5.
+    assert r["ema_copies"] == [[2.25, 3.5], [2.25, 3.5]], r
+    assert r["steps"] == 4 and r["student_moved"] > 1e-2 and r["teacher_moved"] > 1e-2, r
+    assert r["student_max_abs_diff"] < 1e-6 and r["teacher_max_abs_diff"] < 1e-6, r
+    assert r["teacher_copies_max_abs_diff"] == 0.0, r
+
+
+# --------------------------------------------------------------------------- MultiWorkerMirroredStrategy
+WORKER = r"""
+import sys
+import numpy as np
+out_npz, run_dir, tests_dir = sys.argv[1:4]
+sys.path.insert(0, tests_dir)
+import test_trainer_hooks as hooks
+
+cfg = hooks.toy_config(run_dir, steps=4, checkpoint_every=2, strategy="multi_worker")
+result, student, teacher = hooks.run_toy(cfg)
+np.savez(out_npz, *student, *teacher)
+print("RESULT", result.step, repr(result.loss), flush=True)
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_multi_worker_ema_teacher_matches_single_device(tmp_path):
+    """Two worker processes (one CPU replica each, 4 examples of every 8): both end with
+    the one-device run's student and teacher."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   TF_CONFIG=json.dumps({"cluster": cluster,
+                                         "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"w{index}.npz"), str(tmp_path / "mw"),
+             os.path.join(ROOT, "tests")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    # The one-device reference while the workers start.
+    _, student, teacher = run_toy(toy_config(tmp_path / "single", steps=4, checkpoint_every=2))
+    deadline = time.monotonic() + 180
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for index, proc in enumerate(procs):
+        assert proc.returncode == 0, f"worker {index}:\n{outputs[index][-3000:]}"
+    w0, w1 = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
+    assert len(w0.files) == len(student) + len(teacher)
+    for key in w0.files:
+        np.testing.assert_array_equal(w0[key], w1[key])
+    for got, want in zip((w0[k] for k in w0.files), student + teacher, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(flat(teacher) - flat(linear_model(2).get_weights())).max() > 1e-2
+
+
+def _main() -> None:  # pragma: no cover - runs in the subprocess
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    import tempfile
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        target = keras.Variable(np.ones(2, "float32"))
+        source = keras.Variable(np.array([3.0, 5.0], "float32"))
+        step = tf.Variable(0, dtype=tf.int64)
+
+    @tf.function
+    def in_replicas():
+        strategy.run(lambda: ema_update([target], [source], decay_at(step)))
+
+    in_replicas()
+    ema_update([target], [source], 0.75)
+    copies = [v.numpy().tolist() for v in strategy.experimental_local_results(target.value)]
+
+    def max_diff(a, b):
+        return float(np.max(np.abs(flat(a) - flat(b))))
+
+    out = {"replicas": strategy.num_replicas_in_sync, "ema_copies": copies}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for name, strat in (("single", tf.distribute.get_strategy()), ("mirrored", strategy)):
+            cfg = toy_config(os.path.join(tmp, name), steps=4, checkpoint_every=2)
+            task = EmaToyTask(cfg)
+            result = train(task, cfg, strategy=strat)
+            runs[name] = (result, task.model.get_weights(), task.teacher.get_weights())
+            if name == "mirrored":
+                out["teacher_copies_max_abs_diff"] = max(
+                    float(np.max(np.abs(a.numpy() - b.numpy())))
+                    for w in task.teacher.weights
+                    for a, b in [strategy.experimental_local_results(w.value)])
+    out.update({
+        "steps": runs["mirrored"][0].step,
+        "student_moved": max_diff(runs["single"][1], linear_model(1).get_weights()),
+        "teacher_moved": max_diff(runs["single"][2], linear_model(2).get_weights()),
+        "student_max_abs_diff": max_diff(runs["single"][1], runs["mirrored"][1]),
+        "teacher_max_abs_diff": max_diff(runs["single"][2], runs["mirrored"][2]),
+    })
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main()

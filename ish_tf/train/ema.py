@@ -33,7 +33,7 @@ def ema_update(target_variables: Sequence, source_variables: Sequence,
 
     Works in a replica context (inside `strategy.run`, e.g. a Task's `after_apply`)
     under any strategy, with no strategy, and in a cross-replica context (e.g. eagerly
-    between steps). Under a multi-replica strategy the sources must hold the same value
+    between steps, inside or outside the strategy's scope). Under a multi-replica strategy the sources must hold the same value
     on every replica (true of model weights right after an optimizer step); each
     replica's copy of a target is updated from the source's copy on its device.
 
@@ -69,6 +69,13 @@ def ema_update(target_variables: Sequence, source_variables: Sequence,
         for target, source in zip(targets, sources, strict=True):
             strategy.extended.update(target, update_one, args=(source, decay), group=False)
 
+    owner = getattr(targets[0], "distribute_strategy", None) if targets else None
+    if not tf.distribute.has_strategy() and owner is not None:
+        # Distributed variables used outside their strategy's scope (eagerly, between
+        # steps): update them in that strategy's cross-replica context.
+        with owner.scope():
+            merged(owner, targets, sources, decay)
+        return
     strategy = tf.distribute.get_strategy()
     if tf.distribute.in_cross_replica_context():
         merged(strategy, targets, sources, decay)
