@@ -330,12 +330,12 @@ def _run_mirrored_check() -> dict:
 def test_mirrored_ema_teacher_matches_single_device():
     """Two replicas (logical CPUs): ema_update keeps both copies of a mirrored variable
     equal and right, from a replica context with a per-replica tensor decay and from the
-    cross-replica context; the trainer's student and teacher equal the one-device run's."""
+    cross-replica context, whatever the variable's aggregation (NONE, SUM); the trainer's student and teacher equal the one-device run's."""
     r = _run_mirrored_check()
     assert r["replicas"] == 2
     # 1 -> 0.5 * 1 + 0.5 * 3 = 2 (replica context, decay_at(0)), then
     # 0.75 * 2 + 0.25 * 3 = 2.25 (cross-replica); likewise 1 -> 3 -> 3.5 for source 5.
-    assert r["ema_copies"] == [[2.25, 3.5], [2.25, 3.5]], r
+    assert r["ema_copies"] == [[2.25, 3.5]] * 4, r  # 2 variables x 2 copies
     assert r["steps"] == 4 and r["student_moved"] > 1e-2 and r["teacher_moved"] > 1e-2, r
     assert r["student_max_abs_diff"] < 1e-6 and r["teacher_max_abs_diff"] < 1e-6, r
     assert r["teacher_copies_max_abs_diff"] == 0.0, r
@@ -414,15 +414,18 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     with strategy.scope():
         target = keras.Variable(np.ones(2, "float32"))
         source = keras.Variable(np.array([3.0, 5.0], "float32"))
+        # A plain assign in a replica context would sum the replicas' values into this one.
+        summed = tf.Variable(np.ones(2, "float32"), aggregation=tf.VariableAggregation.SUM)
         step = tf.Variable(0, dtype=tf.int64)
 
     @tf.function
     def in_replicas():
-        strategy.run(lambda: ema_update([target], [source], decay_at(step)))
+        strategy.run(lambda: ema_update([target, summed], [source, source], decay_at(step)))
 
     in_replicas()
-    ema_update([target], [source], 0.75)
-    copies = [v.numpy().tolist() for v in strategy.experimental_local_results(target.value)]
+    ema_update([target, summed], [source, source], 0.75)
+    copies = [v.numpy().tolist() for var in (target.value, summed)
+              for v in strategy.experimental_local_results(var)]
 
     def max_diff(a, b):
         return float(np.max(np.abs(flat(a) - flat(b))))

@@ -6,8 +6,10 @@ variables are mirrored (one copy per replica) and, after the optimizer's update,
 student's copies are equal on every replica. `ema_update` therefore updates each
 copy of the teacher from the student's copy on the same device, the way Keras
 optimizers apply their updates (`merge_call` + `strategy.extended.update`): no
-cross-device traffic, and the copies stay identical. A plain `assign` in a replica
-context would instead fail (variables without an aggregation) or all-reduce.
+cross-device traffic, and the copies stay identical whatever the variables'
+aggregation. A plain `assign` in a replica context depends on it: NONE (Keras
+variables) updates the local copy, MEAN all-reduces, SUM adds up the replicas' values
+(wrong here), ONLY_FIRST_REPLICA broadcasts replica 0's.
 """
 
 from __future__ import annotations
