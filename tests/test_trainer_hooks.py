@@ -15,7 +15,6 @@ MultiWorkerMirroredStrategy runs two worker processes on 127.0.0.1.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import socket
@@ -23,20 +22,19 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-# Nothing here may run a TensorFlow op at import time: the multi-worker processes import
+from ish_tf.models import ModelConfig
+from ish_tf.train import TrainConfig
+from ish_tf.train.ema import ema_update
+from ish_tf.train.tasks import Task, global_mean
+from ish_tf.train.trainer import TrainingError, run_paths, train
+
+# Nothing at module level may run a TensorFlow op: the multi-worker processes import
 # this module before they create their strategy.
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from ish_tf.models import ModelConfig  # noqa: E402
-from ish_tf.train import TrainConfig  # noqa: E402
-from ish_tf.train.ema import ema_update  # noqa: E402
-from ish_tf.train.tasks import Task, global_mean  # noqa: E402
-from ish_tf.train.trainer import TrainingError, run_paths, train  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IN, GLOBAL, N_BATCHES = 3, 8, 5
 _rng = np.random.default_rng(0)
@@ -87,7 +85,8 @@ class EmaToyTask(Task):
     """
 
     name = "ema_toy"
-    stat_names = ("global_step", *(f"s{i}" for i in range(N_WEIGHTS)), *(f"t{i}" for i in range(N_WEIGHTS)))
+    stat_names = ("global_step", *(f"s{i}" for i in range(N_WEIGHTS)),
+                  *(f"t{i}" for i in range(N_WEIGHTS)))
 
     def __init__(self, train_config, optimizer_fn=lambda cfg: keras.optimizers.SGD(SGD_LR),
                  teacher=True):
@@ -243,8 +242,8 @@ def test_task_optimizer_with_its_own_schedule_is_used_and_logged(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx(rates, rel=1e-6)
     students = np.vstack([trajectory(rows, "s"), flat(student)])
     for k in range(4):
-        np.testing.assert_allclose(students[k + 1], students[k] - rates[k] * sgd_gradient(students[k], k),
-                                   atol=1e-6, err_msg=f"step {k + 1}")
+        want = students[k] - rates[k] * sgd_gradient(students[k], k)
+        np.testing.assert_allclose(students[k + 1], want, atol=1e-6, err_msg=f"step {k + 1}")
 
 
 def test_float16_loss_scaling_wraps_the_task_optimizer(tmp_path, monkeypatch):
@@ -323,14 +322,16 @@ def _run_mirrored_check() -> dict:
                           capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, (
-        f"mirrored check failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        f"mirrored check failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+        f"{proc.stderr[-5000:]}")
     return json.loads(lines[-1])
 
 
 def test_mirrored_ema_teacher_matches_single_device():
     """Two replicas (logical CPUs): ema_update keeps both copies of a mirrored variable
     equal and right, from a replica context with a per-replica tensor decay and from the
-    cross-replica context, whatever the variable's aggregation (NONE, SUM); the trainer's student and teacher equal the one-device run's."""
+    cross-replica context, whatever the variable's aggregation (NONE, SUM); the trainer's
+    student and teacher equal the one-device run's."""
     r = _run_mirrored_check()
     assert r["replicas"] == 2
     # 1 -> 0.5 * 1 + 0.5 * 3 = 2 (replica context, decay_at(0)), then
@@ -341,7 +342,7 @@ def test_mirrored_ema_teacher_matches_single_device():
     assert r["teacher_copies_max_abs_diff"] == 0.0, r
 
 
-# --------------------------------------------------------------------------- MultiWorkerMirroredStrategy
+# --------------------------------------------------------------------------- multi-worker
 WORKER = r"""
 import sys
 import numpy as np

@@ -35,9 +35,10 @@ def ema_update(target_variables: Sequence, source_variables: Sequence,
 
     Works in a replica context (inside `strategy.run`, e.g. a Task's `after_apply`)
     under any strategy, with no strategy, and in a cross-replica context (e.g. eagerly
-    between steps, inside or outside the strategy's scope). Under a multi-replica strategy the sources must hold the same value
-    on every replica (true of model weights right after an optimizer step); each
-    replica's copy of a target is updated from the source's copy on its device.
+    between steps, inside or outside the strategy's scope). Under a multi-replica
+    strategy the sources must hold the same value on every replica (true of model
+    weights right after an optimizer step); each replica's copy of a target is updated
+    from the source's copy on its device.
 
     Args:
       target_variables: the averages (Keras or tf variables, e.g. `teacher.weights`).

@@ -192,6 +192,7 @@ class Task(abc.ABC):
         `self.model` holds the updated weights; `self.global_step` still reads the
         number of steps before this one.
         """
+        return None
 
     def checkpoint_items(self) -> dict[str, Any]:
         """Trackables checkpointed next to the model, optimizer and step.
