@@ -75,6 +75,28 @@ def global_mean(values: tf.Tensor) -> tf.Tensor:
 class Task(abc.ABC):
     """One model family's contribution to training.
 
+    Required: `make_records_dataset` and `compute_loss`. Optional hooks for families
+    whose step differs (a mean teacher, its own optimizer); their defaults change
+    nothing, and the trainer uses them in this order:
+
+    - `global_step`: set by the trainer, before `build_model`, to the checkpointed step
+      counter (`tf.Variable` int64, mirrored under a strategy). Read it inside
+      `compute_loss` / `after_apply` (e.g. a consistency-weight or EMA-decay ramp); it
+      holds the steps completed before the current one (0 in the first step). Never
+      assign it: the trainer increments it after each step.
+    - `build_model()`: in the strategy scope; build extra models here too (a teacher:
+      its variables are then mirrored like the student's).
+    - `make_optimizer(train_config)`: in the strategy scope; a Keras optimizer (with
+      its own learning rate or schedule) or None for the trainer's default (Adam with
+      `HoldThenExponentialDecay`). mixed_float16 wraps it in a `LossScaleOptimizer`;
+      metrics.csv logs its learning rate.
+    - `checkpoint_items()`: {name: trackable} saved and restored with the model,
+      optimizer and step (e.g. `{"teacher": self.teacher}`), so resuming is exact.
+    - `after_apply()`: in the replica context, on every replica, right after each
+      `optimizer.apply` (also after a float16 step that the loss scaling skipped).
+      Update variables through the strategy, e.g. `ish_tf.train.ema.ema_update(
+      self.teacher.weights, self.model.weights, decay)`.
+
     Args:
       model_config: how to build the model (`ish_tf.families.ModelConfig`; the family's
         typed settings in `model_config.family`).
@@ -143,6 +165,45 @@ class Task(abc.ABC):
 
     # The model being trained, set by the trainer after `build_model` (None before).
     model: keras.Model | None = None
+    # The checkpointed step counter, set by the trainer before `build_model` (see the
+    # class docstring; None outside the trainer).
+    global_step: tf.Variable | None = None
+
+    def make_optimizer(self, train_config: TrainConfig) -> keras.optimizers.Optimizer | None:
+        """The task's own optimizer, or None for the trainer's default.
+
+        Called inside the strategy scope, after `build_model` (`self.model` is set).
+
+        Args:
+          train_config: the run's settings (steps, learning_rate, ...).
+
+        Returns:
+          A Keras optimizer (not yet built, not wrapped for loss scaling), or None:
+          Adam with `HoldThenExponentialDecay` over `train_config`.
+        """
+        return None
+
+    def after_apply(self) -> None:
+        """Called in the replica step right after the optimizer applied the gradients.
+
+        Runs inside the compiled step, in the replica context, on every replica; what
+        it updates must go through the strategy (`ish_tf.train.ema.ema_update` does).
+        `self.model` holds the updated weights; `self.global_step` still reads the
+        number of steps before this one.
+        """
+        return None
+
+    def checkpoint_items(self) -> dict[str, Any]:
+        """Trackables checkpointed next to the model, optimizer and step.
+
+        Called once per `train` call, after `build_model`. Names must not be "model",
+        "optimizer" or "step". A resumed run restores them; a checkpoint that lacks one
+        is reported as not fitting.
+
+        Returns:
+          {name: trackable} (Keras models, tf.Variables, ...); {} by default.
+        """
+        return {}
 
     def finalize_model(self, model: keras.Model) -> str:
         """Last changes to the trained model before the trainer writes RUN/model.keras.

@@ -5,7 +5,8 @@ Layout of a run directory RUN::
     RUN/flags.cfg            resolved flags (written by bin/train; replay with --flagfile)
     RUN/train_config.json    the TrainConfig of the latest (re)start
     RUN/model_config.json    builder name + ModelConfig, to rebuild the model
-    RUN/checkpoints/         tf.train.CheckpointManager: model, optimizer, step
+    RUN/checkpoints/         tf.train.CheckpointManager: model, optimizer, step, and the
+                             task's `checkpoint_items()` (an EMA teacher)
     RUN/logs/train/          TensorBoard scalars (loss, lr, task stats, grad_norm, images/s)
     RUN/metrics.csv          the same scalars every log interval
     RUN/model.keras          the final model (written when the run reaches --steps, after
@@ -20,6 +21,24 @@ of replicas, differentiates, and the optimizer sums the replicas' gradients: the
 result equals the single-device gradient of the global batch. The logged grad_norm is
 that global gradient's norm (on logging steps the replicas' shares are all-reduced once
 more to measure it).
+
+Task hooks (defaults change nothing; see `ish_tf.train.tasks.Task`), in the order the
+trainer uses them:
+
+1. `task.global_step` is set to the checkpointed step counter (a `tf.Variable`
+   int64, created in the strategy scope) before `build_model`, the datasets and the
+   step function, so `compute_loss` can read it inside the compiled step: it holds the
+   number of steps completed before the current one (0 in the first step).
+2. `task.build_model()` and `task.make_optimizer(config)` run in the strategy scope; an
+   optimizer of the task's (e.g. SGD with its own schedule) replaces the default Adam
+   with `HoldThenExponentialDecay`. mixed_float16 wraps either in a
+   `LossScaleOptimizer`. The logged lr is that optimizer's: its schedule at the
+   iteration of the last update (`iterations - 1`), or its constant rate.
+3. `task.checkpoint_items()` join model, optimizer and step in the checkpoint, so a
+   resumed run restores them too (and a checkpoint without them does not fit).
+4. `task.after_apply()` runs in the replica step right after `optimizer.apply`, on every
+   replica (e.g. an EMA teacher update through `ish_tf.train.ema.ema_update`, which
+   updates mirrored variables correctly).
 """
 
 from __future__ import annotations
@@ -181,6 +200,22 @@ def _scalar(x) -> float:
     return float(x.numpy()) if hasattr(x, "numpy") else float(x)
 
 
+def learning_rate_of_last_update(optimizer: keras.optimizers.Optimizer) -> float:
+    """The learning rate the optimizer used in its last update (eagerly, between steps).
+
+    A schedule is evaluated at `iterations - 1`: Keras evaluates it at the iteration
+    count before incrementing it, and a float16 step skipped for non-finite gradients
+    does not count. A constant (or callable) rate is read as it is.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    # Keras keeps the schedule itself only privately; `learning_rate` evaluates it at
+    # the current iteration, one past the update that was made.
+    rate = getattr(inner, "_learning_rate", None)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return _scalar(rate(tf.maximum(inner.iterations - 1, 0)))
+    return _scalar(inner.learning_rate)
+
+
 def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy | None = None,
           stop_after: int | None = None) -> TrainResult:
     """Trains `task` as configured, resuming from RUN/checkpoints when present.
@@ -224,15 +259,18 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                              f"the {replicas} replicas")
 
         with strategy.scope():
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            task.global_step = step  # readable in compute_loss / after_apply
             model = task.build_model()
             task.model = model  # for image summaries that show the model's current predictions
-            schedule = HoldThenExponentialDecay(config.learning_rate, config.decay_start,
-                                                config.steps, config.final_lr_fraction)
-            optimizer = keras.optimizers.Adam(schedule, epsilon=config.adam_epsilon)
+            optimizer = task.make_optimizer(config)
+            if optimizer is None:
+                schedule = HoldThenExponentialDecay(config.learning_rate, config.decay_start,
+                                                    config.steps, config.final_lr_fraction)
+                optimizer = keras.optimizers.Adam(schedule, epsilon=config.adam_epsilon)
             if policy == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(model.trainable_variables)
-            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     finally:
         # The layers keep the policy they were built with; models built later in this
         # process (an untrained baseline, the next tuning trial) get the caller's again.
@@ -241,7 +279,11 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     # The data position is not checkpointed: tasks produce batches as a function of
     # (seed, step) and restart at the restored step (generator-backed and distributed
     # iterators cannot be saved, and shuffle buffers would bloat checkpoints).
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    extra = dict(task.checkpoint_items())
+    clash = sorted(set(extra) & {"model", "optimizer", "step"})
+    if clash:
+        raise ValueError(f"{type(task).__name__}.checkpoint_items() uses reserved names {clash}")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, **extra)
     # Multi-worker: every worker saves (saving is collective), the chief into RUN,
     # the others into a scratch directory removed at the end; all restore from RUN.
     manager = tf.train.CheckpointManager(
@@ -296,6 +338,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         if loss_scale is not None:  # float16 loss scaling: divide the scale out
             grad_norm = grad_norm / tf.cast(loss_scale.dynamic_scale, tf.float32)
         optimizer.apply(grads, variables)
+        task.after_apply()
         return loss, stats, grad_norm
 
     if config.jit_compile and replicas == 1:
@@ -359,8 +402,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                 now = time.monotonic()
                 last_rate = task.global_batch_size * (current - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, current
-                # The update of step t used lr(t - 1) (iterations counts from 0).
-                lr = _scalar(schedule(current - 1))
+                lr = learning_rate_of_last_update(optimizer)
                 values = {k: _scalar(v) for k, v in stats.items()}
                 row = {"step": current, "loss": last_loss, "lr": lr, **values,
                        "images_per_sec": last_rate, "elapsed_s": now - t_start}
