@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ish_tf.models import ModelConfig
+from ish_tf.families import ModelConfig
 from ish_tf.train import TrainConfig
 from ish_tf.train.ema import ema_update
 from ish_tf.train.tasks import Task, global_mean
@@ -95,6 +95,10 @@ class EmaToyTask(Task):
         self.with_teacher = teacher
         self.teacher = None
 
+    @property
+    def global_batch_size(self) -> int:
+        return GLOBAL
+
     def build_model(self):
         assert self.global_step is not None, "the trainer sets global_step before build_model"
         student = linear_model(1)
@@ -128,7 +132,7 @@ class EmaToyTask(Task):
 
 
 def toy_config(run_dir, **kw) -> TrainConfig:
-    base = dict(run_dir=str(run_dir), P=2, K=GLOBAL // 2, steps=6, decay_start=6,
+    base = dict(run_dir=str(run_dir), steps=6, decay_start=6,
                 learning_rate=1e-3, log_every=1, checkpoint_every=3, strategy="default",
                 image_summaries=False, seed=0)
     base.update(kw)
