@@ -91,7 +91,7 @@ def test_dense_model_rejects_branching_models():
 
 def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     """`--model=ish_cnn` through the shared trainer on bin/spatial's records (tiny run)."""
-    from ish_tf.data import spatial
+    from ish_tf.families.ish_cnn import spatial
     from ish_tf.families import load_model_config
     from ish_tf.families.ish_cnn.synthetic_pairs import SpatialSynthConfig, generate_pair
     from ish_tf.train import TrainConfig

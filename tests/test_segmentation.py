@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ish_tf.evaluate import segmentation as seg
+from ish_tf.families.ish_cnn import segmentation as seg
 from ish_tf.families.ish_cnn.spatial import spots_frame
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ish_tf.data import spatial
+from ish_tf.families.ish_cnn import spatial
 from ish_tf.families.ish_cnn.spatial import LabelConfig, SpatialError
 from ish_tf.families.ish_cnn.synthetic_pairs import DECOY_GENE, SpatialSynthConfig, generate_pair
 
@@ -253,3 +253,35 @@ def test_fluorescence_sections_from_the_flags(tmp_path):
         default = spatial.load_section(img, spots, genes=["A"])  # brightfield default
     assert default.mask[~truth].mean() > 0.9  # the black slide is "tissue"
     assert "looks like a section on a dark background" in warn.call_args[0][0] % warn.call_args[0][1:]
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    """A small PNG declaring 30000 x 30000 pixels (900 MP) is refused from its header,
+    naming the file and --max_pixels, and Pillow's process-wide limit stays in force."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    side = 30000
+    row = b"\x00" + b"\x00" * side
+    body = zlib.compress(row * 64, 9)  # only the first rows: the header is what counts
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png)
+    assert path.stat().st_size < 100_000
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(spatial.SpatialError, match=r"bomb\.png.*30000x30000.*--max_pixels"):
+        spatial.read_section_image(str(path))
+    assert Image.MAX_IMAGE_PIXELS == before and before is not None
+    # A genuine large image passes when the limit allows it (here a small one, limit tight).
+    ok = tmp_path / "ok.png"
+    Image.fromarray(np.full((40, 50), 200, np.uint8)).save(ok)
+    assert spatial.read_section_image(str(ok), max_pixels=2000).shape == (40, 50)
+    with pytest.raises(spatial.SpatialError, match="--max_pixels=1,999"):
+        spatial.read_section_image(str(ok), max_pixels=1999)

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     quiet_tensorflow_info()  # before any library import brings TensorFlow in
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ish_tf.evaluate import segmentation
+    from ish_tf.families.ish_cnn import segmentation
     from ish_tf.families.ish_cnn.spatial import SpatialError
 
     try:

@@ -572,7 +572,7 @@ def load_mask(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("L")) > 0
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SegmentError(f"{path}: cannot read mask: {e}") from e
 
 

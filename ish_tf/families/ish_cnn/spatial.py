@@ -32,12 +32,15 @@ class-balanced batches. One record set per patch size, all from the same centres
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import math
 import os
+import threading
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,8 +56,11 @@ SPOT_COLUMNS: tuple[str, str, str] = ("x", "y", "gene")
 LABELS_NAME = "labels.csv"
 LABEL_SUMMARY_NAME = "label_summary.csv"
 
-# Large microscopy images are legitimate inputs; Pillow's bomb guard would refuse them.
-Image.MAX_IMAGE_PIXELS = None
+#: Largest section read by default (pixels): 400 MP is a 20000 x 20000 scan, 400 MB as
+#: 8-bit grey. Checked against the size the file declares, before anything is decoded, so
+#: a small file declaring a huge image (a decompression bomb) is refused, not allocated.
+DEFAULT_MAX_PIXELS = 400_000_000
+_PILLOW_GUARD = threading.Lock()
 
 
 class SpatialError(ValueError):
@@ -88,17 +94,45 @@ class Section:
 
 
 # --------------------------------------------------------------------------- reading
-def read_section_image(path: str) -> np.ndarray:
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int):
+    """Pillow's own bomb guard handed to our check while one section is opened, and put
+    back after: the limit is never lifted for the whole process. `read_section_image`
+    refuses anything above `max_pixels` from the header, before decoding."""
+    with _PILLOW_GUARD:
+        saved = Image.MAX_IMAGE_PIXELS
+        # Pillow would refuse at twice its limit with a message that names no size;
+        # opening reads the header only, and our check comes before `load`.
+        Image.MAX_IMAGE_PIXELS = max(int(max_pixels), 1) * 4
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_section_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Reads a section image (TIFF, PNG, ...) as uint8 grey (H, W).
 
     16-bit and float images are scaled linearly from [0, max] to [0, 255]; colour
     images are converted to luminance.
 
+    Args:
+      path: the image file.
+      max_pixels: largest image (width x height, as the file declares it) to decode.
+
     Raises:
-      SpatialError: missing or unreadable file, naming it.
+      SpatialError: missing or unreadable file, or an image above `max_pixels`, naming it.
     """
     try:
-        with Image.open(path) as im:
+        with _pillow_limit(max_pixels), Image.open(path) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise SpatialError(
+                    f"{path}: declares {width}x{height} = {width * height:,} pixels, above "
+                    f"--max_pixels={max_pixels:,}; raise --max_pixels if the image is "
+                    "genuine (it needs about 1 byte per pixel), or downsample it first")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(im, dtype=np.float64)
@@ -106,7 +140,9 @@ def read_section_image(path: str) -> np.ndarray:
                 return (np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8) if top > 0 \
                     else np.zeros(a.shape, np.uint8)
             return np.asarray(im.convert("L"))
-    except (OSError, ValueError) as e:
+    except SpatialError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SpatialError(f"{path}: cannot read the section image: {e}") from e
 
 
@@ -224,7 +260,7 @@ def check_spots(spots: pd.DataFrame, shape: tuple[int, int], genes: Sequence[str
 
 def load_section(image_path: str, spots_path: str, mask_path: str = "", *, name: str = "",
                  scale: float = 1.0, genes: Sequence[str] = (), outside: str = "error",
-                 mask_config=None) -> Section:
+                 mask_config=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Section:
     """Reads a section image, its spot table and its mask (or computes the mask).
 
     Args:
@@ -244,7 +280,7 @@ def load_section(image_path: str, spots_path: str, mask_path: str = "", *, name:
     Raises:
       SpatialError: unreadable inputs, bad spots, or a mask whose size differs from the image.
     """
-    image = read_section_image(image_path)
+    image = read_section_image(image_path, max_pixels)
     spots = read_spot_table(spots_path, scale=scale)
     spots, n_out = check_spots(spots, image.shape, genes, outside, spots_path)
     from ish_tf.data import segment
@@ -633,6 +669,7 @@ class SpatialConfig:
     outside: str = "error"
     validation_fraction: float = 0.1
     mask_config: object = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def validate(self) -> SpatialConfig:
         """Checks the settings; returns self.
@@ -708,7 +745,7 @@ def run_spatial(cfg: SpatialConfig, log=None) -> dict:
     for i, image_path in enumerate(cfg.images):
         sec = load_section(image_path, cfg.spot_tables[i], cfg.masks[i] if cfg.masks else "",
                            scale=cfg.spot_scale, genes=cfg.labels.genes, outside=cfg.outside,
-                           mask_config=cfg.mask_config)
+                           mask_config=cfg.mask_config, max_pixels=cfg.max_pixels)
         n_out = sec.dropped_spots
         if any(sec.name == other.name for other in sections):
             sec.name = f"{sec.name}_{i}"  # records and reports tell sections apart by name
