@@ -1,8 +1,9 @@
 """A fake Allen Brain Atlas API on 127.0.0.1 for tests and benchmarks.
 
-Speaks the two services `ish_tf.data.allen` uses, with the real JSON field names (the
-XML of a real SectionDataSet, ../shared/data/allen/section_data_set_69289763.xml, with
-hyphens turned into underscores):
+Speaks the two services the Allen client uses (queries in `ish_tf.data.allen_query`,
+image downloads in `ish_tf.data.allen`), with the real JSON field names (the XML of a real
+SectionDataSet, ../shared/data/allen/section_data_set_69289763.xml, with hyphens turned
+into underscores):
 
 * ``GET /api/v2/data/query.json?criteria=model::SectionDataSet,rma::criteria,...`` with
   ``[failed$eqfalse]``, ``products[id$eqN]``, ``genes[acronym$in'A','B']``,
