@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ish_tf.data import patch_sampling as S
 from ish_tf.data import patches as P
 from ish_tf.data import records
 from ish_tf.data.manifest import ManifestError, write_manifest
@@ -67,7 +68,7 @@ def test_end_to_end_extract(synth, reference):
     manifest = pd.read_csv(synth / "manifest.csv")
     report = pd.read_csv(out / P.REPORT_NAME)
     assert sorted(report["image_id"]) == sorted(manifest["image_id"])
-    assert (report["status"] == P.OK).all(), report
+    assert (report["status"] == S.OK).all(), report
     assert (report["n_patches"] == 4).all()
     keys = _read_keys(out)
     assert len(keys) == len(set(keys)) == 4 * len(manifest)
@@ -156,17 +157,17 @@ def test_bad_images_are_recorded_and_the_rest_continue(synth, tmp_path):
     write_manifest(df, str(data / "manifest.csv"))
     summary = P.run_extract(_cfg(data / "manifest.csv", tmp_path / "out"))
     report = pd.read_csv(tmp_path / "out" / P.REPORT_NAME).set_index("image_id")
-    expected = {ids[0]: P.UNREADABLE, ids[1]: P.UNREADABLE, ids[2]: P.NO_TISSUE,
-                ids[3]: P.TOO_SMALL, ids[4]: P.UNREADABLE}
+    expected = {ids[0]: S.UNREADABLE, ids[1]: S.UNREADABLE, ids[2]: S.NO_TISSUE,
+                ids[3]: S.TOO_SMALL, ids[4]: S.UNREADABLE}
     for image_id, status in expected.items():
         assert report.loc[image_id, "status"] == status, report.loc[image_id]
         assert report.loc[image_id, "n_patches"] == 0
     assert "file not found" in report.loc[ids[4], "reason"]
     assert f"{ids[1]}.jpg" in report.loc[ids[1], "reason"]
     rest = report.drop(index=list(expected))
-    assert (rest["status"] == P.OK).all()
+    assert (rest["status"] == S.OK).all()
     assert len(_read_keys(tmp_path / "out")) == 4 * len(rest)
-    assert summary["skipped"] == {P.UNREADABLE: 3, P.NO_TISSUE: 1, P.TOO_SMALL: 1}
+    assert summary["skipped"] == {S.UNREADABLE: 3, S.NO_TISSUE: 1, S.TOO_SMALL: 1}
 
 
 def test_bad_manifests_and_gene_lists(synth, tmp_path):
@@ -234,7 +235,7 @@ def test_cli_main(synth, tmp_path, capsys):
         assert os.path.exists(out / "extract_flags.cfg")
         # --save_overlays: one mask overlay per extracted image, the image's size.
         report = pd.read_csv(out / P.REPORT_NAME)
-        ok = report[report["status"] == P.OK]
+        ok = report[report["status"] == S.OK]
         assert len(ok) > 0
         assert sorted(os.listdir(out / "overlays")) == sorted(f"{i}.png" for i in ok["image_id"])
         with Image.open(out / "overlays" / f"{ok['image_id'].iloc[0]}.png") as im:
@@ -282,7 +283,7 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
     assert P.check_background(P.select_images(cfg), cfg) is None
     P.run_extract(cfg)
     report = pd.read_csv(out / P.REPORT_NAME)
-    assert (report["status"] == P.OK).all(), list(report["reason"])
+    assert (report["status"] == S.OK).all(), list(report["reason"])
     n = 0
     for shard in records.load_index(str(out))["shards"]:
         for raw in tf.data.TFRecordDataset(os.path.join(out, shard["file"])):

@@ -24,18 +24,14 @@ import os
 import numpy as np
 from PIL import Image
 
+from ish_tf.data.patch_sampling import NO_TISSUE, OK, UNREADABLE, encode_patch, read_rgb
 from ish_tf.data.patches import (
-    NO_TISSUE,
-    OK,
-    UNREADABLE,
     ExtractError,
     RecordSetConfig,
     ShardedStage,
     check_background,
-    encode_patch,
     plan_extraction,
     prepare_out_dir,
-    read_rgb,
     select_images,
     write_shards,
 )
