@@ -19,6 +19,7 @@ from ish_tf.data import allen, allen_http, allen_query
 from ish_tf.data import manifest as manifest_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import faults  # noqa: E402
 from allen_fake_server import FakeAllen, data_set, human_donor, make_study, serve  # noqa: E402
 from conftest import ROOT, shared_data_path  # noqa: E402
 
@@ -445,3 +446,54 @@ def test_cli_ctrl_c_then_resume(tmp_path):
     final = _assert_consistent(tmp_path, fake)
     assert list(final["image_id"]) == ids
     assert f"already present {len(first)}" in out
+
+
+# --------------------------------------------------------------------------- reliability
+def _fetch_in_thread(config, limit: float):
+    """Runs `allen.fetch` in a thread; returns (result or exception, seconds), or fails at `limit`."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = allen.fetch(config)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["value"] = e
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"fetch still running after {limit}s (hangs)"
+    return box["value"], time.monotonic() - start
+
+
+def test_download_deadline_on_trickling_server(tmp_path):
+    """One byte every 0.3 s never trips a 2 s read timeout; the 1 s deadline does."""
+    policy = allen_http.RetryPolicy(retries=1, backoff_base=0.01)
+    with faults.trickling_server(interval=0.3) as url:
+        start = time.monotonic()
+        with pytest.raises(allen_http.FetchError, match=r"deadline of 1s passed.*2 attempts"):
+            allen.download_image(allen_http.make_session(1), f"{url}/x.jpg",
+                                 str(tmp_path / "x.jpg"), policy, timeout=2.0, deadline=1.0)
+    assert time.monotonic() - start < 8
+    assert os.listdir(tmp_path) == []  # no partial file is left
+
+
+def test_fetch_deadline_on_trickling_server(tmp_path):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=2))
+    ids = fake.image_ids()
+    fake.image_faults = {ids[1]: ["trickle:0.3"] * 2}
+    with serve(fake) as url:
+        config = _config(tmp_path, url, timeout=2.0, download_deadline=1.0, retries=1)
+        result, seconds = _fetch_in_thread(config, limit=60)
+    assert not isinstance(result, BaseException), result
+    assert seconds < 30
+    fails = pd.read_csv(tmp_path / "failures.csv")
+    assert fails["image_id"].tolist() == [ids[1]]
+    assert "deadline of 1s passed" in fails["reason"].iloc[0]
+    assert sorted(result.manifest["image_id"]) == sorted(set(ids) - {ids[1]})
+    # The default deadline follows the read timeout; 0 turns it off.
+    assert allen.FetchConfig(timeout=3.0).resolved_download_deadline() == 30.0
+    assert allen.FetchConfig(download_deadline=0).resolved_download_deadline() == 0.0
+    with pytest.raises(ValueError, match="--download_deadline"):
+        _config(tmp_path, url, download_deadline=-1).validate()

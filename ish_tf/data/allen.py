@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,9 @@ IMAGES_DIR = "images"
 FAILURES_NAME = "failures.csv"
 FAILURE_COLUMNS = ("image_id", "experiment_id", "stage", "reason")
 _CHUNK_BYTES = 1 << 16
+# Default deadline of one download attempt, in multiples of the per-read timeout: a
+# section image (a few MB at downsample 2) takes seconds on a slow link, not minutes.
+DEADLINE_TIMEOUTS = 10.0
 
 
 # --------------------------------------------------------------------------- config
@@ -86,7 +90,11 @@ class FetchConfig:
       backoff_base: first retry delay in seconds; doubles on each attempt.
       max_backoff: cap on one backoff delay, seconds.
       max_retry_after: cap on a server's Retry-After, seconds.
-      timeout: connect/read timeout of one HTTP request, seconds.
+      timeout: connect/read timeout of one HTTP request, seconds (per read: a server
+        trickling bytes never trips it; see `download_deadline`).
+      download_deadline: most seconds one download attempt may take, headers to last
+        byte; past it the attempt is abandoned and retried like a timeout. None = 10 x
+        `timeout`; 0 = no deadline.
       flush_every: rewrite the manifest after this many newly completed images.
       flush_seconds: ...or after this many seconds, whichever comes first.
       progress: show a progress bar (None: only when stderr is a terminal).
@@ -107,6 +115,7 @@ class FetchConfig:
     max_backoff: float = 60.0
     max_retry_after: float = 60.0
     timeout: float = 60.0
+    download_deadline: float | None = None
     flush_every: int = 200
     flush_seconds: float = 30.0
     progress: bool | None = None
@@ -140,11 +149,19 @@ class FetchConfig:
             ("max_backoff", self.max_backoff >= 0, ">= 0"),
             ("max_retry_after", self.max_retry_after >= 0, ">= 0"),
             ("timeout", self.timeout > 0, "> 0"),
+            ("download_deadline", self.download_deadline is None or self.download_deadline >= 0,
+             ">= 0 (0 = none; unset = 10 x --timeout)"),
             ("flush_every", self.flush_every >= 1, ">= 1"),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"--{name}={getattr(self, name)!r} must be {want}")
+
+    def resolved_download_deadline(self) -> float:
+        """Seconds one download attempt may take; 0 = no deadline."""
+        if self.download_deadline is None:
+            return DEADLINE_TIMEOUTS * self.timeout
+        return float(self.download_deadline)
 
     def resolved_plane(self) -> str | None:
         """The plane_of_section filter to apply, or None for all planes."""
@@ -187,7 +204,8 @@ class _SessionPool:
 
 # --------------------------------------------------------------------------- download
 def download_image(session: requests.Session, url: str, dest: str, policy: RetryPolicy,
-                   timeout: float = 60.0, stop: threading.Event | None = None) -> tuple[int, int]:
+                   timeout: float = 60.0, stop: threading.Event | None = None,
+                   deadline: float = 0.0) -> tuple[int, int]:
     """Streams one image to a temporary file, checks it decodes, renames it to `dest`.
 
     Truncated bodies (short of Content-Length, dropped connections) and undecodable bytes
@@ -200,6 +218,9 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
       policy: retry policy.
       timeout: per-request timeout, seconds.
       stop: set to abort between chunks (the temporary file is removed).
+      deadline: most seconds one attempt may take once the headers are in (a server
+        sending one byte a second never trips the per-read `timeout`); the connection is
+        then cut and the attempt retried like a timeout. 0 = no deadline.
 
     Returns:
       (width, height) of the decoded image.
@@ -212,6 +233,13 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
 
     def attempt() -> tuple[int, int]:
         resp = checked_get(session, url, timeout, stream=True)
+        expired = threading.Event()
+        # A blocked read only returns when its socket is shut down: a watchdog does that
+        # at the deadline, and the read's error is then reported as the deadline.
+        watchdog = threading.Timer(deadline, _cut_connection, (resp, expired)) if deadline > 0 else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
         with contextlib.closing(resp), atomic_path(dest) as tmp:
             expected = resp.headers.get("Content-Length")
             written = 0
@@ -224,7 +252,18 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
                         written += len(chunk)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.Timeout) as e:
+                if expired.is_set():
+                    raise TransientError(_deadline_reason(deadline, written)) from e
                 raise TransientError(f"body cut off after {written} bytes ({type(e).__name__})") from e
+            except Exception as e:
+                if expired.is_set() and not isinstance(e, FetchInterrupted):
+                    raise TransientError(_deadline_reason(deadline, written)) from e
+                raise
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+            if expired.is_set():
+                raise TransientError(_deadline_reason(deadline, written))
             if expected is not None and expected.isdigit() and written != int(expected):
                 raise TransientError(f"body cut off: {written} of {expected} bytes")
             if written == 0:
@@ -238,6 +277,22 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
         return size
 
     return call_with_retries(attempt, policy, url, stop)  # type: ignore[return-value]
+
+
+def _cut_connection(resp: requests.Response, expired: threading.Event) -> None:
+    """Marks the attempt expired and shuts its socket, which wakes a read blocked on it."""
+    expired.set()
+    conn = getattr(resp.raw, "connection", None) or getattr(resp.raw, "_connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        resp.close()
+
+
+def _deadline_reason(deadline: float, written: int) -> str:
+    return f"download deadline of {deadline:g}s passed ({written} bytes received)"
 
 
 def image_size(path: str, full_decode: bool) -> tuple[int, int] | None:
@@ -458,7 +513,8 @@ def _download_all(config: FetchConfig, todo: list[dict], images_dir: str, manife
     def work(row: dict) -> dict:
         dest = os.path.join(images_dir, f"{row['image_id']}.jpg")
         url = image_url(config.api_url, row["image_id"], config.downsample)
-        size = download_image(sessions.get(), url, dest, policy, config.timeout, stop)
+        size = download_image(sessions.get(), url, dest, policy, config.timeout, stop,
+                              config.resolved_download_deadline())
         return _complete(row, size, dest, manifest_path)
 
     downloaded, since_flush, last_flush = 0, 0, time.monotonic()
