@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -497,3 +498,42 @@ def test_fetch_deadline_on_trickling_server(tmp_path):
     assert allen.FetchConfig(download_deadline=0).resolved_download_deadline() == 0.0
     with pytest.raises(ValueError, match="--download_deadline"):
         _config(tmp_path, url, download_deadline=-1).validate()
+
+
+def test_fetch_fails_when_every_download_failed(tmp_path):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=2))
+    ids = fake.image_ids()
+    fake.image_faults = {i: ["404"] for i in ids}
+    with serve(fake) as url:
+        with pytest.raises(allen.FetchRunError, match=r"every download failed \(4 of 4 .*failures.csv"):
+            allen.fetch(_config(tmp_path, url))
+        fails = pd.read_csv(tmp_path / "failures.csv")  # written before the error
+        assert sorted(fails["image_id"]) == ids and set(fails["reason"]) == {"HTTP 404 Not Found"}
+        # bin/fetch says so in one line and exits 1 (it catches AllenApiError).
+        fake.image_faults = {i: ["404"] for i in ids}
+        proc = _cli(["--study=cortex", f"--api_url={url}", f"--out={tmp_path / 'cli'}"])
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "fetch: error: every download failed (4 of 4" in err and "Traceback" not in err
+
+
+def test_fetch_read_only_out_is_one_clear_error(tmp_path, monkeypatch):
+    fake = FakeAllen(make_study(n_genes=1, donors_per_gene=1, images_per_set=2))
+    out = tmp_path / "out"
+    with serve(fake) as url, faults.read_only_dir(str(out), monkeypatch):
+        with pytest.raises(allen.FetchRunError, match=r"/out/images: cannot write \(") as info:
+            allen.fetch(_config(out, url))
+    assert "\n" not in str(info.value)
+
+
+def test_fetch_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=2))
+    with serve(fake) as url:
+        (tmp_path / "images").mkdir()
+        faults.failing_writes(monkeypatch, str(tmp_path / "images"), errno.ENOSPC)
+        with pytest.raises(allen.FetchRunError, match=r"/images/.*cannot write \(No space left on device\)"):
+            allen.fetch(_config(tmp_path, url))
+        monkeypatch.undo()
+        assert not (tmp_path / "failures.csv").exists() or len(pd.read_csv(tmp_path / "failures.csv")) == 0
+        result = allen.fetch(_config(tmp_path, url))  # space again: the rerun completes
+    assert result.downloaded == len(fake.image_ids())

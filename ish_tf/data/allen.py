@@ -52,7 +52,7 @@ from ish_tf.data.allen_query import (
     GENES_PER_QUERY,
     MAX_PAGE_SIZE,
     STUDIES,
-    AllenApiError,  # noqa: F401 - raised by `fetch` (its listing); callers catch allen.AllenApiError
+    AllenApiError,
     image_rows,
     iter_section_data_sets,
 )
@@ -67,6 +67,27 @@ _CHUNK_BYTES = 1 << 16
 # Default deadline of one download attempt, in multiples of the per-read timeout: a
 # section image (a few MB at downsample 2) takes seconds on a slow link, not minutes.
 DEADLINE_TIMEOUTS = 10.0
+
+
+class FetchRunError(FetchError, AllenApiError):
+    """The run as a whole failed: every download failed, or OUT cannot be written.
+
+    An `AllenApiError` too, so that callers catching the listing's errors (`bin/fetch`
+    prints them as one ``fetch: error: ...`` line) catch these as well.
+    """
+
+
+def _write_error(e: OSError, where: str) -> FetchRunError:
+    """One line naming the path that could not be written and the OS's reason."""
+    path = e.filename if isinstance(e.filename, str) and e.filename else where
+    return FetchRunError(f"{path}: cannot write ({e.strerror or e}); check that the "
+                         f"directory is writable and its disk has space, then rerun to resume")
+
+
+def _is_disk_error(e: BaseException) -> bool:
+    """An OSError of the local file system (requests' errors are OSErrors too, not these)."""
+    return (isinstance(e, OSError) and not isinstance(e, requests.RequestException)
+            and e.errno is not None)
 
 
 # --------------------------------------------------------------------------- config
@@ -424,9 +445,12 @@ class _Writer:
             failed_ids = {f["image_id"] for f in failures if f.get("image_id") is not None}
             old = old[~old["image_id"].isin(failed_ids)]
         merged = manifest_lib.merge_manifests(old, new) if old is not None else new
-        written = manifest_lib.write_manifest(merged, self.manifest_path)
-        with atomic_path(self.failures_path) as tmp:
-            _failures_frame(failures).to_csv(tmp, index=False)
+        try:
+            written = manifest_lib.write_manifest(merged, self.manifest_path)
+            with atomic_path(self.failures_path) as tmp:
+                _failures_frame(failures).to_csv(tmp, index=False)
+        except OSError as e:
+            raise _write_error(e, os.path.dirname(self.manifest_path)) from e
         return written
 
 
@@ -452,14 +476,19 @@ def fetch(config: FetchConfig, stop: threading.Event | None = None,
       ValueError: bad configuration (names the flag).
       ManifestError: an existing OUT/manifest.csv is unreadable (it is left untouched).
       AllenApiError: the listing failed (manifest.csv and failures.csv are not touched).
+      FetchRunError: (an AllenApiError) every download failed (failures.csv says why),
+        or a file under OUT could not be written (read-only, disk full; names the path).
       FetchInterrupted: stopped; completed images are in the manifest.
     """
     config.validate()
     stop = stop or threading.Event()
     out = os.path.abspath(config.out)
     images_dir = os.path.join(out, IMAGES_DIR)
-    os.makedirs(images_dir, exist_ok=True)
-    stale = remove_stale_tmp(images_dir) + remove_stale_tmp(out)
+    try:
+        os.makedirs(images_dir, exist_ok=True)
+        stale = remove_stale_tmp(images_dir) + remove_stale_tmp(out)
+    except OSError as e:
+        raise _write_error(e, images_dir) from e
     if stale:
         log.info("removed %d partial file(s) left by an interrupted run", len(stale))
     manifest_path = os.path.join(out, manifest_lib.MANIFEST_NAME)
@@ -491,6 +520,11 @@ def fetch(config: FetchConfig, stop: threading.Event | None = None,
         downloaded = _download_all(config, todo, images_dir, manifest_path, sessions, policy,
                                    stop, done, failures, writer)
         manifest = writer.write(done, failures)
+        failed = sum(1 for f in failures if f["stage"] == "download")
+        if todo and downloaded == 0 and failed == len(todo):
+            raise FetchRunError(
+                f"every download failed ({failed} of {len(todo)} image(s)); the reasons are "
+                f"in {writer.failures_path}")
     finally:
         sessions.close()
     return FetchResult(writer.manifest_path, writer.failures_path, manifest,
@@ -539,6 +573,11 @@ def _download_all(config: FetchConfig, todo: list[dict], images_dir: str, manife
                                  "stage": "download", "reason": str(e)})
                 _log_failure(len(failures), row["image_id"], str(e))
             except Exception as e:  # noqa: BLE001 - one bad item must not stop the run
+                if _is_disk_error(e):
+                    # Not the image's fault: every other image would fail the same way.
+                    with contextlib.suppress(OSError, FetchRunError):
+                        writer.write(done, failures)
+                    raise _write_error(e, images_dir) from e
                 failures.append({"image_id": row["image_id"], "experiment_id": row["experiment_id"],
                                  "stage": "download", "reason": f"{type(e).__name__}: {e}"})
                 _log_failure(len(failures), row["image_id"], f"{type(e).__name__}: {e}")
