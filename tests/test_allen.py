@@ -537,3 +537,43 @@ def test_fetch_full_disk_is_one_clear_error(tmp_path, monkeypatch):
         assert not (tmp_path / "failures.csv").exists() or len(pd.read_csv(tmp_path / "failures.csv")) == 0
         result = allen.fetch(_config(tmp_path, url))  # space again: the rerun completes
     assert result.downloaded == len(fake.image_ids())
+
+
+def test_fetch_non_integer_image_ids_are_skipped_and_named(tmp_path):
+    """Ids like "7777777.9", 7777777.9 or "abc" are failures naming the value, never truncated."""
+    assert [allen_query.parse_int(v) for v in (12, 12.0, "12", " 12.0 ", "-3")] == [12, 12, 12, 12, -3]
+    for bad in (12.5, "7777777.9", 7777777.9, "abc", "", None, True, "1e3"):
+        with pytest.raises(ValueError, match="is not an integer"):
+            allen_query.parse_int(bad)
+    assert allen_query._int_or_none(7777777.9) is None and allen_query._int_or_none("15.0") == 15
+
+    fake = FakeAllen(make_study(n_genes=3, donors_per_gene=1, images_per_set=2))
+    ids = fake.image_ids()
+    first, second, third = fake.data_sets[0], fake.data_sets[1], fake.data_sets[2]
+    first["section_images"][1]["id"] = "7777777.9"
+    second["section_images"][0]["id"] = 7777777.9  # a JSON number: int() would give 7777777
+    third["section_images"][0]["id"] = "abc"
+    third["section_images"][1]["id"] = "12.5"
+    with serve(fake) as url:
+        result = allen.fetch(_config(tmp_path, url))
+    kept = [ids[0], ids[3]]
+    assert list(result.manifest["image_id"]) == kept
+    assert all("7777777" not in q for q in fake.requests_of("image"))
+    fails = pd.read_csv(tmp_path / "failures.csv").set_index("experiment_id")
+    assert fails.loc[first["id"], "stage"] == "image"
+    assert "section image id '7777777.9' (section_number" in fails.loc[first["id"], "reason"]
+    assert "section image id 7777777.9 (section_number" in fails.loc[second["id"], "reason"]
+    assert fails.loc[third["id"], "stage"] == "list"  # no usable image left: the data set is out
+    assert "'abc'" in fails.loc[third["id"], "reason"] and "'12.5'" in fails.loc[third["id"], "reason"]
+    assert fails["image_id"].isna().all() and result.skipped_data_sets == 1
+
+
+def test_fetch_non_integer_data_set_id_is_named(tmp_path):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=1))
+    bad = fake.data_sets[0]
+    bad["id"] = "5.5"
+    with serve(fake) as url:
+        result = allen.fetch(_config(tmp_path, url))
+    fails = pd.read_csv(tmp_path / "failures.csv")
+    assert fails["reason"].str.contains("data set id '5.5' is not an integer").tolist() == [True]
+    assert len(result.manifest) == 1

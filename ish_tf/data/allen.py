@@ -55,6 +55,7 @@ from ish_tf.data.allen_query import (
     AllenApiError,
     image_rows,
     iter_section_data_sets,
+    parse_int,
 )
 from ish_tf.io_utils import Progress, atomic_path, remove_stale_tmp
 
@@ -388,17 +389,24 @@ def list_images(config: FetchConfig, session: requests.Session | None = None,
                                          config.resolved_plane(), config.page_size,
                                          config.timeout, policy, stop):
             try:
-                ds_id = int(ds["id"])
-            except (KeyError, TypeError, ValueError):
+                ds_id = parse_int(ds["id"])
+            except (KeyError, TypeError):
                 failures.append({"image_id": None, "experiment_id": None, "stage": "list",
                                  "reason": f"data set without an id: {str(ds)[:120]!r}"})
+                continue
+            except ValueError:
+                failures.append({"image_id": None, "experiment_id": None, "stage": "list",
+                                 "reason": f"data set id {ds['id']!r} is not an integer: "
+                                           f"{str(ds)[:120]!r}"})
                 continue
             if ds_id in seen_sets:
                 continue
             seen_sets.add(ds_id)
             ds_rows, problem = image_rows(ds, study, config.sections_per_experiment)
             if problem:
-                failures.append({"image_id": None, "experiment_id": ds_id, "stage": "list",
+                # A data set left out entirely is "list"; some of its images left out, "image".
+                failures.append({"image_id": None, "experiment_id": ds_id,
+                                 "stage": "image" if ds_rows else "list",
                                  "reason": problem})
             rows.extend(ds_rows)
             if early_stop and len(rows) >= config.max_images:

@@ -136,7 +136,7 @@ def check_envelope(payload: object, expected_start: int, url: str) -> tuple[list
     if not isinstance(rows, list):
         raise AllenApiError(f"{url}: envelope 'msg' is not a list of rows: {str(rows)[:200]!r}")
     try:
-        start, num, total = (int(payload[k]) for k in ("start_row", "num_rows", "total_rows"))
+        start, num, total = (parse_int(payload[k]) for k in ("start_row", "num_rows", "total_rows"))
     except (KeyError, TypeError, ValueError) as e:
         raise AllenApiError(f"{url}: envelope lacks start_row/num_rows/total_rows ({e})") from e
     if start != expected_start:
@@ -290,9 +290,32 @@ def _float_or_none(value: object) -> float | None:
     return None if f != f else f
 
 
+def parse_int(value: object) -> int:
+    """An integer from JSON, checked as an integer: 12, 12.0, "12" and "12.0" are 12.
+
+    Raises:
+      ValueError: anything else (12.5, "7777777.9", "abc", True, None): ids are never
+        truncated to the integer below them.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([+-]?\d+)(?:\.0*)?\s*", value)
+        if m:
+            return int(m.group(1))
+    raise ValueError(f"{value!r} is not an integer")
+
+
 def _int_or_none(value: object) -> int | None:
-    f = _float_or_none(value)
-    return int(f) if f is not None else None
+    """An optional integer field (entrez id, specimen id, section number); None if not one."""
+    try:
+        return parse_int(value)
+    except ValueError:
+        return None
 
 
 def _structure_label(structure: object) -> str | None:
@@ -333,7 +356,9 @@ def image_rows(data_set: dict, study: Study,
 
     Returns:
       (rows, problem): one row per usable section image, sorted by image id, and None; or
-      ([], reason) when the data set cannot be used (no gene, no donor, no images).
+      ([], reason) when the data set cannot be used (no gene, no donor, no images); or
+      (rows, reason) when some section images were skipped because their id is not an
+      integer (the reason names each one).
     """
     genes = data_set.get("genes") or []
     gene = genes[0] if genes and isinstance(genes[0], dict) else {}
@@ -345,17 +370,26 @@ def image_rows(data_set: dict, study: Study,
     donor_name = str(donor.get("name") or "").strip()
     if not donor_name:
         return [], "specimen has no donor name"
-    images = [im for im in data_set.get("section_images") or []
-              if isinstance(im, dict) and im.get("id") is not None and not im.get("failed")]
+    images, skipped = [], []
+    for im in data_set.get("section_images") or []:
+        if not isinstance(im, dict) or im.get("id") is None or im.get("failed"):
+            continue
+        try:
+            images.append(dict(im, id=parse_int(im["id"])))
+        except ValueError:
+            where = (f" (section_number {im['section_number']!r})"
+                     if im.get("section_number") is not None else "")
+            skipped.append(f"section image id {im['id']!r}{where} is not an integer")
+    problem = "; ".join(skipped) + " (skipped)" if skipped else None
     if not images:
-        return [], "data set has no usable section images"
+        return [], problem or "data set has no usable section images"
     images = central_sections(images, sections_per_experiment)
     plane = data_set.get("plane_of_section")
     plane_name = plane.get("name") if isinstance(plane, dict) else plane
     entrez = gene.get("entrez_id")
     specimen_id = data_set.get("specimen_id") or specimen.get("id")
     base = {
-        "experiment_id": int(data_set["id"]),
+        "experiment_id": parse_int(data_set["id"]),
         "study": study.name,
         "gene_symbol": symbol,
         "entrez_id": _int_or_none(entrez),
@@ -372,9 +406,9 @@ def image_rows(data_set: dict, study: Study,
     }
     specimen_region = _structure_label(specimen.get("structure"))
     rows = []
-    for im in sorted(images, key=lambda im: int(im["id"])):
-        row = dict(base, image_id=int(im["id"]),
+    for im in sorted(images, key=lambda im: im["id"]):
+        row = dict(base, image_id=im["id"],
                    section_number=_int_or_none(im.get("section_number")))
         row["region"] = specimen_region or _structure_label(im.get("structure"))
         rows.append(row)
-    return rows, None
+    return rows, problem
