@@ -204,12 +204,18 @@ def read_only_dir(path: str, monkeypatch=None) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- bytes
-def flip_bytes(path: str, count: int = 16, seed: int = 0, start: int = 0) -> list[int]:
-    """Inverts `count` bytes of a file at seeded offsets from `start` on; returns the offsets."""
+def flip_bytes(path: str, count: int = 16, seed: int = 0, start: int = 0,
+               end: int | None = None) -> list[int]:
+    """Inverts `count` bytes of a file at seeded offsets in [start, end); returns the offsets.
+
+    `end=4` with `count=4` breaks any image's magic number (it no longer identifies);
+    offsets further in leave a file that opens and fails, or not, on decoding.
+    """
     with open(path, "r+b") as f:
         data = bytearray(f.read())
         rng = random.Random(seed)
-        span = range(min(start, len(data)), len(data))
+        stop = len(data) if end is None else min(end, len(data))
+        span = range(min(start, stop), stop)
         offsets = sorted(rng.sample(span, min(count, len(span))))
         for k in offsets:
             data[k] ^= 0xFF

@@ -309,3 +309,89 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
                               _cfg(synth / "manifest.csv", tmp_path / "bf2")) is None
     assert cfg.sampling_key()["mask"]["background"] == "dark"
     assert "background" not in _cfg(tmp_path / "manifest.csv", out).sampling_key()["mask"]
+
+
+# --------------------------------------------------------------------------- reliability
+def _copy_dataset(synth, dest):
+    shutil.copytree(synth, dest)
+    return dest
+
+
+def _indexed_shards(out) -> list:
+    return records.load_index(str(out), missing_ok=True)["shards"]
+
+
+def test_extract_missing_images_dir_is_an_error_not_permanent_loss(synth, reference, tmp_path):
+    data = _copy_dataset(synth, tmp_path / "data")
+    os.rename(data / "images", data / "images.away")  # a mount that is not there yet
+    out = tmp_path / "out"
+    with pytest.raises(P.ExtractError, match=r"/images: the images directory does not exist.*16 image"):
+        P.run_extract(_cfg(data / "manifest.csv", out))
+    assert _indexed_shards(out) == []
+    os.rename(data / "images.away", data / "images")  # the fault passes: nothing was lost
+    summary = P.run_extract(_cfg(data / "manifest.csv", out))
+    assert summary["shards_resumed"] == 0
+    assert len(_read_keys(out)) == len(_read_keys(reference[0])) == 4 * 16
+
+
+def test_extract_every_image_unreadable_is_an_error(synth, tmp_path):
+    from faults import flip_bytes
+
+    data = _copy_dataset(synth, tmp_path / "data")
+    for name in os.listdir(data / "images"):
+        flip_bytes(str(data / "images" / name), count=4, end=4)
+    out = tmp_path / "out"
+    with pytest.raises(P.ExtractError, match=r"every one of the 16 image\(s\) of .*manifest.csv "
+                                             r"was unreadable \(first: .*cannot decode"):
+        P.run_extract(_cfg(data / "manifest.csv", out))
+    assert _indexed_shards(out) == [] and not _shard_bytes(out)
+    shutil.rmtree(data / "images")
+    shutil.copytree(synth / "images", data / "images")
+    P.run_extract(_cfg(data / "manifest.csv", out))
+    assert len(_read_keys(out)) == 4 * 16
+
+
+def _flaky_reads(monkeypatch, image_id: int, failures: int) -> list[str]:
+    """read_rgb of `image_id` fails with EIO `failures` times (then reads); returns the calls."""
+    import errno
+
+    calls: list[str] = []
+    real = S.read_rgb
+
+    def read(path):
+        if os.path.basename(path) == f"{image_id}.jpg":
+            calls.append(path)
+            if len(calls) <= failures:
+                raise OSError(errno.EIO, "Input/output error", path)
+        return real(path)
+
+    monkeypatch.setattr(S, "read_rgb", read)
+    monkeypatch.setattr(S, "IO_RETRY_DELAY", 0.01)
+    return calls
+
+
+def test_extract_transient_io_error_is_retried(synth, reference, tmp_path, monkeypatch):
+    image_id = int(pd.read_csv(synth / "manifest.csv")["image_id"].iloc[3])
+    calls = _flaky_reads(monkeypatch, image_id, failures=S.IO_ATTEMPTS - 1)
+    out = tmp_path / "out"
+    P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert len(calls) == S.IO_ATTEMPTS
+    report = pd.read_csv(out / P.REPORT_NAME)
+    assert (report["status"] == S.OK).all()
+    assert _shard_bytes(out) == _shard_bytes(reference[0])
+
+
+def test_extract_persistent_io_error_stops_the_run(synth, reference, tmp_path, monkeypatch):
+    image_id = int(pd.read_csv(synth / "manifest.csv")["image_id"].iloc[3])
+    calls = _flaky_reads(monkeypatch, image_id, failures=10**6)
+    out = tmp_path / "out"
+    with pytest.raises(P.ExtractError, match=rf"{image_id}.jpg: cannot read the image "
+                                             r"\(Input/output error; 3 attempts\): an I/O error"):
+        P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert len(calls) == S.IO_ATTEMPTS
+    report_path = out / P.REPORT_NAME
+    if report_path.exists():  # shards done before the fault are fine; this image is not in
+        assert image_id not in set(pd.read_csv(report_path)["image_id"])
+    monkeypatch.undo()
+    P.run_extract(_cfg(synth / "manifest.csv", out))  # the disk is back: the rerun completes
+    assert _shard_bytes(out) == _shard_bytes(reference[0])

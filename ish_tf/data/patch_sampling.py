@@ -26,6 +26,7 @@ import dataclasses
 import io
 import math
 import os
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +44,18 @@ TOO_SMALL = "too_small"
 NO_TISSUE = "no_tissue"
 UNREADABLE = "unreadable"
 STATUSES: tuple[str, ...] = (OK, FEW_PATCHES, TOO_SMALL, NO_TISSUE, UNREADABLE)
+# Reads of an image that fail with an I/O error (errno set: EIO, EACCES, a stale mount)
+# are tried this many times, waiting IO_RETRY_DELAY, 2x, 4x... seconds in between.
+IO_ATTEMPTS = 3
+IO_RETRY_DELAY = 0.2
+
+
+class ImageIOError(OSError):
+    """An image could not be read for a reason of the input's storage, not of its bytes.
+
+    Raised (not recorded as an `UNREADABLE` image) so that a passing fault of the disk
+    or mount cannot become a permanent loss of the image's patches in a resumed run.
+    """
 
 
 # --------------------------------------------------------------------------- sampling
@@ -298,6 +311,35 @@ def read_rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def read_rgb_retrying(path: str, attempts: int = IO_ATTEMPTS,
+                      delay: float = IO_RETRY_DELAY) -> np.ndarray:
+    """`read_rgb`, with I/O errors retried; bad bytes and missing files are not retried.
+
+    Pillow's decode errors (truncated, not an image) carry no errno; the operating
+    system's do, and those are worth another try.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ImageIOError: an I/O error that persisted over `attempts` reads.
+      OSError, ValueError, Image.DecompressionBombError: the bytes do not decode.
+    """
+    for attempt in range(attempts):
+        try:
+            return read_rgb(path)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if e.errno is None:
+                raise
+            if attempt + 1 == attempts:
+                raise ImageIOError(
+                    f"{path}: cannot read the image ({e.strerror or e}; {attempts} attempts): "
+                    "an I/O error, not a bad image; fix the disk, mount or permissions and "
+                    "rerun to resume") from e
+            time.sleep(delay * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def encode_patch(patch: Image.Image, image_format: str, jpeg_quality: int = 90) -> bytes:
     """Encodes a patch as JPEG or PNG bytes."""
     buf = io.BytesIO()
@@ -326,7 +368,8 @@ def extract_image_patches(image_path: str, image_id: int, cfg: ExtractConfig,
                           overlay_dir: str | None = None) -> ImageResult:
     """Reads one image, gets its mask, samples windows and encodes the patches.
 
-    Never raises for a bad image: the outcome is in `status` / `reason`.
+    Never raises for a bad image: the outcome is in `status` / `reason`. An I/O error of
+    the input's storage is retried and, if it persists, raised (`ImageIOError`).
 
     Args:
       image_path: the image file.
@@ -339,11 +382,16 @@ def extract_image_patches(image_path: str, image_id: int, cfg: ExtractConfig,
       The `ImageResult`: ok (N patches), few_patches (fewer, count in `reason`),
       too_small (image smaller than S), no_tissue (empty mask) or unreadable
       (exception text in `reason`).
+
+    Raises:
+      ImageIOError: reading the file failed with an I/O error, `IO_ATTEMPTS` times.
     """
     try:
-        rgb = read_rgb(image_path)
+        rgb = read_rgb_retrying(image_path)
     except FileNotFoundError:
         return ImageResult(image_id, UNREADABLE, f"{image_path}: file not found")
+    except ImageIOError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return ImageResult(image_id, UNREADABLE, f"{image_path}: cannot decode image: {e}")
     h, w = rgb.shape[:2]

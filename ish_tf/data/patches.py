@@ -15,6 +15,7 @@ The sampling of one image's patches (`extract_image_patches`, `sample_patches`) 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing as mp
@@ -31,6 +32,7 @@ from ish_tf.data.patch_sampling import (
     FEW_PATCHES,
     OK,
     UNREADABLE,
+    ImageIOError,
     ImageResult,
     extract_image_patches,
 )
@@ -264,6 +266,8 @@ def _extract_task(args: tuple) -> ImageResult:
     image_path, image_id, cfg, mask_dir, overlay_dir = args
     try:
         return extract_image_patches(image_path, image_id, cfg, mask_dir, overlay_dir)
+    except ImageIOError as e:  # the input's storage, not the image: stop the run
+        raise ExtractError(str(e)) from None
     except Exception as e:  # never lose the whole shard to one image
         return ImageResult(image_id, UNREADABLE, f"{image_path}: {type(e).__name__}: {e}")
 
@@ -353,8 +357,16 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
     run loses at most the shard in progress. Rows of images no longer planned (another
     --genes) are dropped from the report.
 
+    A shard whose images were all unreadable is only marked complete once some image of
+    the run was readable: a missing or unreadable input must not pass for bad images.
+
     Returns:
       (report rows by image id, shards written, shards resumed).
+
+    Raises:
+      ExtractError: an images directory of the manifest does not exist, every image of
+        the run was unreadable, or an image could not be read for an I/O error; no shard
+        is marked complete from such input.
     """
     from ish_tf.data import manifest as mf
     from ish_tf.data import records
@@ -364,6 +376,7 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
     done = {split: records.completed_shards(out, split) for split in records.SPLITS}
     pending = [p for p in plans if p.index not in done[p.split]]
     resumed = len(plans) - len(pending)
+    _check_image_dirs(manifest, pending)
     if resumed:
         logging.info("resuming: %d of %d shard(s) already complete", resumed, len(plans))
     gene_index = info.gene_index()
@@ -377,6 +390,20 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
         pool = ctx.Pool(workers)
     written = 0
     hooks = stage.hooks
+    # Shards of unreadable images only, held back until the run shows its input works.
+    held: list[tuple[dict, Any, str]] = []
+    readable = resumed > 0
+    first_reason = ""
+
+    def mark_complete(new_rows: dict, info: Any) -> None:
+        nonlocal written
+        report.update(new_rows)
+        _write_report(report_path, report, stage.report_columns)
+        records.update_index(out, info)
+        written += 1
+        if hooks.after_shard:
+            hooks.after_shard(info)
+
     try:
         with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled) as bar:
             for plan in pending:
@@ -384,6 +411,7 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
                 tasks = [stage.task(mf.image_path(manifest, str(r.path)), r) for r in rows]
                 results = pool.imap(stage.worker, tasks) if pool else map(stage.worker, tasks)
                 new_rows = {}
+                shard_readable = False
                 with records.ShardWriter(out, plan.split, plan.index, plan.num_shards,
                                          compression) as writer:
                     for row, res in zip(rows, results, strict=True):
@@ -402,24 +430,60 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
                             **stage.report_fields(res)}
                         if res.status not in (OK, FEW_PATCHES):
                             logging.debug("image %s: %s", image_id, res.reason)
+                        if res.status != UNREADABLE:
+                            shard_readable = True
+                        elif not first_reason:
+                            first_reason = res.reason
                         bar.update()
                         if hooks.after_image:
                             hooks.after_image(plan.split, plan.index, res)
                 # The shard file is in place; record its images, then mark it complete.
-                report.update(new_rows)
-                _write_report(report_path, report, stage.report_columns)
-                records.update_index(out, writer.info)
-                written += 1
-                if hooks.after_shard:
-                    hooks.after_shard(writer.info)
+                if not (readable or shard_readable):
+                    held.append((new_rows, writer.info, writer.path))
+                    continue
+                readable = True
+                for rows_, info_, _ in held:
+                    mark_complete(rows_, info_)
+                held.clear()
+                mark_complete(new_rows, writer.info)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
+    if held:
+        for _, _, path in held:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        n = sum(len(rows_) for rows_, _, _ in held)
+        raise ExtractError(
+            f"every one of the {n} image(s) of {manifest} was unreadable (first: "
+            f"{first_reason}); no shard was marked complete: check the images and rerun")
     planned = {int(i) for p in plans for i in p.rows["image_id"]}
     report = {k: v for k, v in report.items() if k in planned}
     _write_report(report_path, report, stage.report_columns)
     return report, written, resumed
+
+
+def _check_image_dirs(manifest: str, plans: list[ShardPlan]) -> None:
+    """Refuses to start when a directory holding the manifest's images does not exist.
+
+    Raises:
+      ExtractError: names the first missing directory and how many images it should hold.
+    """
+    from ish_tf.data import manifest as mf
+
+    counts: dict[str, int] = {}
+    for plan in plans:
+        for path in plan.rows["path"]:
+            d = os.path.dirname(mf.image_path(manifest, str(path)))
+            counts[d] = counts.get(d, 0) + 1
+    missing = [d for d in sorted(counts) if not os.path.isdir(d)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ExtractError(
+            f"{missing[0]}: the images directory does not exist{more}; it should hold "
+            f"{counts[missing[0]]} image(s) of {manifest}; nothing was extracted: fix the "
+            "path (or restore the directory) and rerun")
 
 
 def select_images(cfg: RecordSetConfig) -> pd.DataFrame:
