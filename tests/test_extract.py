@@ -395,3 +395,46 @@ def test_extract_persistent_io_error_stops_the_run(synth, reference, tmp_path, m
     monkeypatch.undo()
     P.run_extract(_cfg(synth / "manifest.csv", out))  # the disk is back: the rerun completes
     assert _shard_bytes(out) == _shard_bytes(reference[0])
+
+
+def test_extract_second_run_into_same_out_fails_at_once(synth, reference, tmp_path):
+    """A second extract into a busy OUT used to delete the first one's temporary shard."""
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def second_run(split, index, res):
+        if seen:
+            return
+        with pytest.raises(P.ExtractError, match=rf"{out}: another extract is writing there"):
+            P.run_extract(_cfg(synth / "manifest.csv", out))
+        seen.append("refused")
+
+    P.run_extract(_cfg(synth / "manifest.csv", out), hooks=P.ExtractHooks(after_image=second_run))
+    assert seen == ["refused"]
+    assert _shard_bytes(out) == _shard_bytes(reference[0])  # the first run was not disturbed
+    P.run_extract(_cfg(synth / "manifest.csv", out))  # the lock goes with the run
+
+
+def test_extract_read_only_out_is_one_clear_error(synth, tmp_path, monkeypatch):
+    from faults import read_only_dir
+
+    out = tmp_path / "out"
+    with read_only_dir(str(out), monkeypatch), pytest.raises(P.ExtractError) as info:
+        P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert str(info.value).startswith(f"{out}/") and "cannot write (" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_extract_full_disk_is_one_clear_error(synth, reference, tmp_path, monkeypatch):
+    import errno
+
+    from faults import failing_writes
+
+    out = tmp_path / "out"
+    failing_writes(monkeypatch, str(out), errno.ENOSPC, when=lambda p: ".tfrecord" in p)
+    with pytest.raises(P.ExtractError, match=r"\.tfrecord.*: cannot write \(No space left on device\)"):
+        P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert _indexed_shards(out) == []
+    monkeypatch.undo()
+    P.run_extract(_cfg(synth / "manifest.csv", out))  # space again: the rerun completes
+    assert _shard_bytes(out) == _shard_bytes(reference[0])

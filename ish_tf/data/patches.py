@@ -17,10 +17,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -579,6 +581,54 @@ def prepare_out_dir(out: str, info: Any, *subdirs: str | None) -> list[str]:
     return removed
 
 
+LOCK_NAME = ".extract.lock"
+
+
+@contextlib.contextmanager
+def exclusive_out_dir(out: str) -> Iterator[None]:
+    """Holds OUT for one run: an exclusive lock, and write errors as one clear line.
+
+    A second run into the same OUT would remove the first one's temporary shards as
+    leftovers of a crash; it fails at once instead. The lock (`flock` on OUT/.extract.lock)
+    goes with the process, so a killed run never leaves OUT locked.
+
+    Raises:
+      ExtractError: another run holds OUT; or a file under OUT could not be written
+        (read-only, disk full), naming the path and the system's reason.
+    """
+    lock_path = os.path.join(out, LOCK_NAME)
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(lock_path, "a")  # noqa: SIM115 - held until the run ends
+    except OSError as e:
+        raise _write_error(e, out) from e
+    try:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExtractError(
+                f"{out}: another extract is writing there (it holds {lock_path}); wait for "
+                "it to finish, or write to another --out") from None
+        try:
+            yield
+        except OSError as e:
+            raise _write_error(e, out) from e
+        except Exception as e:
+            tf = sys.modules.get("tensorflow")
+            if tf is not None and isinstance(e, tf.errors.OpError):  # TFRecordWriter's
+                raise ExtractError(f"{out}: cannot write a shard ({e.message}); check that it "
+                                   "is writable and its disk has space, then rerun to resume") from e
+            raise
+    finally:
+        lock.close()  # releases the lock
+
+
+def _write_error(e: OSError, out: str) -> ExtractError:
+    path = e.filename if isinstance(e.filename, str) and e.filename else out
+    return ExtractError(f"{path}: cannot write ({e.strerror or e}); check that {out} is "
+                        "writable and its disk has space, then rerun to resume")
+
+
 def run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None = None,
                 progress_enabled: bool | None = None) -> dict:
     """Extracts patches from every image of a manifest into sharded TFRecords (resumable).
@@ -601,8 +651,16 @@ def run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None = None,
 
     Raises:
       ManifestError: the manifest is missing, unreadable or misses a column.
-      ExtractError: nothing to extract, or OUT holds a dataset of other settings.
+      ExtractError: nothing to extract, OUT holds a dataset of other settings, another
+        run is writing OUT, OUT cannot be written, or the images cannot be read (a
+        missing directory, an I/O error, not one readable image).
     """
+    with exclusive_out_dir(cfg.out_dir):
+        return _run_extract(cfg, hooks, progress_enabled)
+
+
+def _run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None,
+                 progress_enabled: bool | None) -> dict:
     from ish_tf.data import records
 
     hooks = hooks or ExtractHooks()

@@ -30,6 +30,7 @@ from ish_tf.data.patches import (
     RecordSetConfig,
     ShardedStage,
     check_background,
+    exclusive_out_dir,
     plan_extraction,
     prepare_out_dir,
     select_images,
@@ -212,9 +213,14 @@ def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
       shards, status}, skipped {status: count}.
 
     Raises:
-      ManifestError: unreadable manifest. ExtractError: nothing to extract, or OUT holds
-      records of other settings.
+      ManifestError: unreadable manifest. ExtractError: nothing to extract, OUT holds
+      records of other settings, another run is writing OUT, or OUT cannot be written.
     """
+    with exclusive_out_dir(cfg.out_dir):
+        return _run_whole(cfg, progress_enabled)
+
+
+def _run_whole(cfg: WholeConfig, progress_enabled: bool | None) -> dict:
     from ish_tf.data import records
 
     # The same manifest selection, resume rules and summary as patch extraction.
