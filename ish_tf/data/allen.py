@@ -256,15 +256,16 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
     def attempt() -> tuple[int, int]:
         resp = checked_get(session, url, timeout, stream=True)
         expired = threading.Event()
-        # A blocked read only returns when its socket is shut down: a watchdog does that
-        # at the deadline, and the read's error is then reported as the deadline.
-        watchdog = threading.Timer(deadline, _cut_connection, (resp, expired)) if deadline > 0 else None
-        if watchdog is not None:
-            watchdog.daemon = True
-            watchdog.start()
         with contextlib.closing(resp), atomic_path(dest) as tmp:
             expected = resp.headers.get("Content-Length")
             written = 0
+            # A blocked read only returns when its socket is shut down: a watchdog does
+            # that at the deadline, and the read's error is then reported as the deadline.
+            watchdog = None
+            if deadline > 0:
+                watchdog = threading.Timer(deadline, _cut_connection, (resp, expired))
+                watchdog.daemon = True
+                watchdog.start()
             try:
                 with open(tmp, "wb") as f:
                     for chunk in resp.iter_content(_CHUNK_BYTES):
