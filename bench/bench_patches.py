@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ish_tf.data import patches as P  # noqa: E402
+from ish_tf.data import patch_sampling as S  # noqa: E402
 from ish_tf.data.segment import classical_mask  # noqa: E402
 from ish_tf.data.synthetic import SynthConfig, generate_dataset  # noqa: E402
 
@@ -78,10 +78,10 @@ def main() -> int:
     for rep in range(args.repeats):
         for image_id, mask in masks:
             t = time.perf_counter()
-            fast = P.sample_patches(mask, rng=P.image_rng(rep, image_id), **kw)
+            fast = S.sample_patches(mask, rng=S.image_rng(rep, image_id), **kw)
             t_fast += time.perf_counter() - t
             t = time.perf_counter()
-            naive = P.naive_sample_patches(mask, rng=P.image_rng(rep, image_id), **kw)
+            naive = S.naive_sample_patches(mask, rng=S.image_rng(rep, image_id), **kw)
             t_naive += time.perf_counter() - t
             if fast != naive:
                 print(f"MISMATCH on image {image_id}, repeat {rep}")

@@ -1,8 +1,9 @@
 """A fake Allen Brain Atlas API on 127.0.0.1 for tests and benchmarks.
 
-Speaks the two services `ish_tf.data.allen` uses, with the real JSON field names (the
-XML of a real SectionDataSet, ../shared/data/allen/section_data_set_69289763.xml, with
-hyphens turned into underscores):
+Speaks the two services the Allen client uses (queries in `ish_tf.data.allen_query`,
+image downloads in `ish_tf.data.allen`), with the real JSON field names (the XML of a real
+SectionDataSet, ../shared/data/allen/section_data_set_69289763.xml, with hyphens turned
+into underscores):
 
 * ``GET /api/v2/data/query.json?criteria=model::SectionDataSet,rma::criteria,...`` with
   ``[failed$eqfalse]``, ``products[id$eqN]``, ``genes[acronym$in'A','B']``,
@@ -14,7 +15,8 @@ hyphens turned into underscores):
 Faults are scripted per request: `query_faults` (consumed one per query request) and
 `image_faults[image_id]` (one per request of that image): "500", "429:SECONDS",
 "truncate" (Content-Length promises more than is sent), "corrupt" (a cut JPEG with a
-matching Content-Length), "404", "delay:SECONDS", "envelope:MESSAGE" (queries:
+matching Content-Length), "404", "delay:SECONDS", "trickle:SECONDS" (images: the body one
+byte every SECONDS, until the server stops), "envelope:MESSAGE" (queries:
 success=false), "badjson" (queries). `envelope_error` makes every query fail.
 
 Usage:
@@ -198,6 +200,7 @@ class FakeAllen:
         self.images_served = 0
         self.on_image_served = None  # callable(count) run after each served image
         self.lock = threading.Lock()
+        self.closing = threading.Event()  # set when `serve` ends: trickles stop
         self._cache: dict[tuple[int, int], bytes] = {}
 
     def image_ids(self, product_id: int | None = None) -> list[int]:
@@ -352,6 +355,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.close_connection = True
                 return
+            if fault and fault.startswith("trickle:"):
+                interval = float(fault.partition(":")[2])
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.flush()
+                for i in range(len(body)):
+                    if fake.closing.wait(interval):
+                        break
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                self.close_connection = True
+                return
             if fault == "corrupt":
                 body = body[: len(body) // 2]
             self._send(200, body, "image/jpeg")
@@ -376,6 +393,7 @@ class _QuietServer(ThreadingHTTPServer):
 @contextlib.contextmanager
 def serve(fake: FakeAllen) -> Iterator[str]:
     """Runs `fake` on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    fake.closing.clear()
     handler = type("Handler", (_Handler,), {"fake": fake})
     server = _QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -384,6 +402,7 @@ def serve(fake: FakeAllen) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
+        fake.closing.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

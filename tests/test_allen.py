@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -15,10 +16,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ish_tf.data import allen
+from ish_tf.data import allen, allen_http, allen_query
 from ish_tf.data import manifest as manifest_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import faults  # noqa: E402
 from allen_fake_server import FakeAllen, data_set, human_donor, make_study, serve  # noqa: E402
 from conftest import ROOT, shared_data_path  # noqa: E402
 
@@ -56,61 +58,61 @@ def _assert_consistent(out, fake: FakeAllen | None = None) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- pure functions
 def test_build_rma_criteria_has_documented_pieces():
-    q = allen.build_rma_criteria(9, genes=["PVALB", "SST"], plane="coronal", start_row=100,
+    q = allen_query.build_rma_criteria(9, genes=["PVALB", "SST"], plane="coronal", start_row=100,
                                  num_rows=50)
     assert q == ("model::SectionDataSet,rma::criteria,[failed$eqfalse],products[id$eq9],"
                  "genes[acronym$in'PVALB','SST'],plane_of_section[name$eq'coronal'],"
                  "rma::include,genes,plane_of_section,section_images,"
                  "specimen(donor(age,conditions),structure),"
                  "rma::options[num_rows$eq50][start_row$eq100][order$eq'data_sets.id']")
-    plain = allen.build_rma_criteria(1)
+    plain = allen_query.build_rma_criteria(1)
     assert "genes[" not in plain and "plane_of_section[" not in plain
     assert "[start_row$eq0]" in plain and "products[id$eq1]" in plain
     with pytest.raises(ValueError, match="PV'ALB"):
-        allen.build_rma_criteria(9, genes=["PV'ALB"])
+        allen_query.build_rma_criteria(9, genes=["PV'ALB"])
     with pytest.raises(ValueError, match="plane"):
-        allen.build_rma_criteria(9, plane="coronal]")
+        allen_query.build_rma_criteria(9, plane="coronal]")
 
 
 def test_urls():
     assert allen.image_url("http://h:1/", 42, 3) == "http://h:1/api/v2/image_download/42?downsample=3"
-    assert allen.query_url("http://h", "model::X").startswith(
+    assert allen_query.query_url("http://h", "model::X").startswith(
         "http://h/api/v2/data/query.json?criteria=model::X")
 
 
 def test_parse_retry_after_and_policy():
-    assert allen.parse_retry_after("7") == 7.0
-    assert allen.parse_retry_after(None) is None
-    assert allen.parse_retry_after("soon") is None
+    assert allen_http.parse_retry_after("7") == 7.0
+    assert allen_http.parse_retry_after(None) is None
+    assert allen_http.parse_retry_after("soon") is None
     now = 1_700_000_000.0
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
-    assert allen.parse_retry_after(date, now=now) == pytest.approx(30.0, abs=1.0)
-    policy = allen.RetryPolicy(retries=5, backoff_base=0.5, max_backoff=3.0, max_retry_after=10.0)
+    assert allen_http.parse_retry_after(date, now=now) == pytest.approx(30.0, abs=1.0)
+    policy = allen_http.RetryPolicy(retries=5, backoff_base=0.5, max_backoff=3.0, max_retry_after=10.0)
     assert [policy.delay(a) for a in range(4)] == [0.5, 1.0, 2.0, 3.0]
     assert policy.delay(0, retry_after=4.0) == 4.0
     assert policy.delay(0, retry_after=3600.0) == 10.0
 
 
 def test_age_sex_smoker_diagnosis():
-    assert allen.parse_age_years({"name": "42 yrs", "days": 15341}) == pytest.approx(42.0, abs=0.01)
-    assert allen.parse_age_years({"name": "42 yrs", "days": None}) == 42.0
-    assert allen.parse_age_years("P56") == pytest.approx(56 / 365.25)
-    assert allen.parse_age_years("E15.5") == pytest.approx(-15.5 / 365.25)
-    assert allen.parse_age_years("6 mos") == pytest.approx(0.5)
-    assert allen.parse_age_years("unknown") is None and allen.parse_age_years(None) is None
-    assert [allen.normalize_sex(s) for s in ("M", "Female", None)] == ["M", "F", "unknown"]
-    assert [allen.normalize_smoker(s) for s in ("Yes", False, None)] == ["yes", "no", "unknown"]
-    assert allen.diagnosis_from_conditions([{"name": "Schizophrenia"}], True) == "schizophrenia"
-    assert allen.diagnosis_from_conditions([], True) == "control"
-    assert allen.diagnosis_from_conditions([{"name": "control"}], True) == "control"
-    assert allen.diagnosis_from_conditions([], False) is None
+    assert allen_query.parse_age_years({"name": "42 yrs", "days": 15341}) == pytest.approx(42.0, abs=0.01)
+    assert allen_query.parse_age_years({"name": "42 yrs", "days": None}) == 42.0
+    assert allen_query.parse_age_years("P56") == pytest.approx(56 / 365.25)
+    assert allen_query.parse_age_years("E15.5") == pytest.approx(-15.5 / 365.25)
+    assert allen_query.parse_age_years("6 mos") == pytest.approx(0.5)
+    assert allen_query.parse_age_years("unknown") is None and allen_query.parse_age_years(None) is None
+    assert [allen_query.normalize_sex(s) for s in ("M", "Female", None)] == ["M", "F", "unknown"]
+    assert [allen_query.normalize_smoker(s) for s in ("Yes", False, None)] == ["yes", "no", "unknown"]
+    assert allen_query.diagnosis_from_conditions([{"name": "Schizophrenia"}], True) == "schizophrenia"
+    assert allen_query.diagnosis_from_conditions([], True) == "control"
+    assert allen_query.diagnosis_from_conditions([{"name": "control"}], True) == "control"
+    assert allen_query.diagnosis_from_conditions([], False) is None
 
 
 def test_image_rows_and_unusable_data_sets():
     donor = human_donor(1, "H08-0020", sex="F", age_years=50, conditions=["schizophrenia"])
     ds = data_set(5, 11, ("SST", 6750), donor, 77, [12, 11], plane="coronal",
                   structure={"id": 3, "acronym": "DLPFC", "name": "dorsolateral prefrontal cortex"})
-    rows, problem = allen.image_rows(ds, allen.STUDIES["schizophrenia"])
+    rows, problem = allen_query.image_rows(ds, allen_query.STUDIES["schizophrenia"])
     assert problem is None
     assert [r["image_id"] for r in rows] == [11, 12]
     r = rows[0]
@@ -120,7 +122,7 @@ def test_image_rows_and_unusable_data_sets():
         "schizophrenia", "DLPFC", "coronal", 6.6)
     assert (r["specimen_id"], r["experiment_id"], r["study"]) == (77, 5, "schizophrenia")
     no_gene = data_set(6, 11, None, donor, 77, [13])
-    assert allen.image_rows(no_gene, allen.STUDIES["schizophrenia"]) == ([], "data set has no gene acronym")
+    assert allen_query.image_rows(no_gene, allen_query.STUDIES["schizophrenia"]) == ([], "data set has no gene acronym")
 
 
 def _xml_to_obj(el: ET.Element):
@@ -161,9 +163,9 @@ def test_real_section_data_set_fields():
     for key in ("id", "failed", "width", "height", "data_set_id", "section_number"):
         assert key in real["section_images"][0] and key in fake["section_images"][0]
     # The real record has no genes included: the client must say so, not invent a row.
-    assert allen.image_rows(real, allen.STUDIES["mouse"]) == ([], "data set has no gene acronym")
+    assert allen_query.image_rows(real, allen_query.STUDIES["mouse"]) == ([], "data set has no gene acronym")
     real["genes"] = [{"acronym": "Prox1", "entrez_id": 19130}]
-    rows, problem = allen.image_rows(real, allen.STUDIES["mouse"])
+    rows, problem = allen_query.image_rows(real, allen_query.STUDIES["mouse"])
     assert problem is None and len(rows) == 18
     assert rows[0]["image_id"] == min(im["id"] for im in real["section_images"])
     assert {r["donor_id"] for r in rows} == {"05-0660"}
@@ -172,9 +174,9 @@ def test_real_section_data_set_fields():
     assert [r["section_number"] for r in rows][:3] == [6, 14, 22]
     # The series: 6, 14, ..., 86, then 102, 118, ..., 158 (18 sections): its median is 74,
     # between 70 and 78; ties go to the lower section (62 before 86).
-    central = allen.image_rows(real, allen.STUDIES["mouse"], sections_per_experiment=3)[0]
+    central = allen_query.image_rows(real, allen_query.STUDIES["mouse"], sections_per_experiment=3)[0]
     assert sorted(r["section_number"] for r in central) == [62, 70, 78]
-    one = allen.image_rows(real, allen.STUDIES["mouse"], sections_per_experiment=1)[0]
+    one = allen_query.image_rows(real, allen_query.STUDIES["mouse"], sections_per_experiment=1)[0]
     assert [r["section_number"] for r in one] == [70]
 
 
@@ -246,7 +248,7 @@ def test_non_success_envelope_quotes_msg_and_loses_nothing(tmp_path):
         allen.fetch(_config(tmp_path, url))
         before = (tmp_path / "manifest.csv").read_bytes()
         fake.envelope_error = "Data Access error in query: unknown association 'gens'"
-        with pytest.raises(allen.AllenApiError, match="unknown association 'gens'"):
+        with pytest.raises(allen_query.AllenApiError, match="unknown association 'gens'"):
             allen.fetch(_config(tmp_path, url))
     assert (tmp_path / "manifest.csv").read_bytes() == before
 
@@ -254,7 +256,7 @@ def test_non_success_envelope_quotes_msg_and_loses_nothing(tmp_path):
 def test_listing_gives_up_after_retries(tmp_path):
     fake = FakeAllen(make_study(n_genes=1))
     fake.query_faults = ["500"] * 3
-    with serve(fake) as url, pytest.raises(allen.AllenApiError, match="HTTP 500.*3 attempts"):
+    with serve(fake) as url, pytest.raises(allen_query.AllenApiError, match="HTTP 500.*3 attempts"):
         allen.fetch(_config(tmp_path, url, retries=2))
     assert not (tmp_path / "manifest.csv").exists()
 
@@ -292,7 +294,7 @@ def test_interrupted_run_resumes_without_duplicates_or_losses(tmp_path):
     stop = threading.Event()
     fake.on_image_served = lambda n: stop.set() if n >= 5 else None
     with serve(fake) as url:
-        with pytest.raises(allen.FetchInterrupted, match="rerun"):
+        with pytest.raises(allen_http.FetchInterrupted, match="rerun"):
             allen.fetch(_config(tmp_path, url, workers=2, flush_every=2), stop=stop)
         first = _assert_consistent(tmp_path, fake)
         on_disk = sorted(int(f[:-4]) for f in os.listdir(tmp_path / "images") if f.endswith(".jpg"))
@@ -345,7 +347,7 @@ def test_genes_max_images_and_gene_chunks(tmp_path, monkeypatch):
         r = allen.fetch(_config(tmp_path / "a", url, max_images=3, page_size=1))
         assert list(r.manifest["image_id"]) == fake.image_ids()[:3]
         assert len(fake.requests_of("query")) == 2  # stopped paging once 3 images were listed
-        monkeypatch.setattr(allen, "GENES_PER_QUERY", 2)
+        monkeypatch.setattr(allen_query, "GENES_PER_QUERY", 2)
         r = allen.fetch(_config(tmp_path / "b", url, genes=("VIP", "PVALB", "NEFH", "NOPE")))
     assert sorted(set(r.manifest["gene_symbol"])) == ["NEFH", "PVALB", "VIP"]
     assert list(r.manifest["experiment_id"]) == sorted(r.manifest["experiment_id"])
@@ -377,9 +379,9 @@ def test_sections_per_experiment_keeps_the_middle_of_each_series(tmp_path):
     assert set(m["section_number"]) == {22}
     assert sorted(os.listdir(tmp_path / "images")) == sorted(f"{i}.jpg" for i in m["image_id"])
     assert len(fake.requests_of("image")) == 6  # the others were never downloaded
-    assert allen.central_sections([{"id": 1}, {"id": 2}], 0) == [{"id": 1}, {"id": 2}]
+    assert allen_query.central_sections([{"id": 1}, {"id": 2}], 0) == [{"id": 1}, {"id": 2}]
     no_numbers = [{"id": i} for i in range(5)]
-    assert allen.central_sections(no_numbers, 2) == [{"id": 1}, {"id": 2}]
+    assert allen_query.central_sections(no_numbers, 2) == [{"id": 1}, {"id": 2}]
     with pytest.raises(ValueError, match="--sections_per_experiment"):
         _config(tmp_path, url, sections_per_experiment=-1).validate()
 
@@ -445,3 +447,133 @@ def test_cli_ctrl_c_then_resume(tmp_path):
     final = _assert_consistent(tmp_path, fake)
     assert list(final["image_id"]) == ids
     assert f"already present {len(first)}" in out
+
+
+# --------------------------------------------------------------------------- reliability
+def _fetch_in_thread(config, limit: float):
+    """Runs `allen.fetch` in a thread; returns (result or exception, seconds), or fails at `limit`."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = allen.fetch(config)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["value"] = e
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"fetch still running after {limit}s (hangs)"
+    return box["value"], time.monotonic() - start
+
+
+def test_download_deadline_on_trickling_server(tmp_path):
+    """One byte every 0.3 s never trips a 2 s read timeout; the 1 s deadline does."""
+    policy = allen_http.RetryPolicy(retries=1, backoff_base=0.01)
+    with faults.trickling_server(interval=0.3) as url:
+        start = time.monotonic()
+        with pytest.raises(allen_http.FetchError, match=r"deadline of 1s passed.*2 attempts"):
+            allen.download_image(allen_http.make_session(1), f"{url}/x.jpg",
+                                 str(tmp_path / "x.jpg"), policy, timeout=2.0, deadline=1.0)
+    assert time.monotonic() - start < 8
+    assert os.listdir(tmp_path) == []  # no partial file is left
+
+
+def test_fetch_deadline_on_trickling_server(tmp_path):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=2))
+    ids = fake.image_ids()
+    fake.image_faults = {ids[1]: ["trickle:0.3"] * 2}
+    with serve(fake) as url:
+        config = _config(tmp_path, url, timeout=2.0, download_deadline=1.0, retries=1)
+        result, seconds = _fetch_in_thread(config, limit=60)
+    assert not isinstance(result, BaseException), result
+    assert seconds < 30
+    fails = pd.read_csv(tmp_path / "failures.csv")
+    assert fails["image_id"].tolist() == [ids[1]]
+    assert "deadline of 1s passed" in fails["reason"].iloc[0]
+    assert sorted(result.manifest["image_id"]) == sorted(set(ids) - {ids[1]})
+    # The default deadline follows the read timeout; 0 turns it off.
+    assert allen.FetchConfig(timeout=3.0).resolved_download_deadline() == 30.0
+    assert allen.FetchConfig(download_deadline=0).resolved_download_deadline() == 0.0
+    with pytest.raises(ValueError, match="--download_deadline"):
+        _config(tmp_path, url, download_deadline=-1).validate()
+
+
+def test_fetch_fails_when_every_download_failed(tmp_path):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=2))
+    ids = fake.image_ids()
+    fake.image_faults = {i: ["404"] for i in ids}
+    with serve(fake) as url:
+        with pytest.raises(allen.FetchRunError, match=r"every download failed \(4 of 4 .*failures.csv"):
+            allen.fetch(_config(tmp_path, url))
+        fails = pd.read_csv(tmp_path / "failures.csv")  # written before the error
+        assert sorted(fails["image_id"]) == ids and set(fails["reason"]) == {"HTTP 404 Not Found"}
+        # bin/fetch says so in one line and exits 1 (it catches AllenApiError).
+        fake.image_faults = {i: ["404"] for i in ids}
+        proc = _cli(["--study=cortex", f"--api_url={url}", f"--out={tmp_path / 'cli'}"])
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "fetch: error: every download failed (4 of 4" in err and "Traceback" not in err
+
+
+def test_fetch_read_only_out_is_one_clear_error(tmp_path, monkeypatch):
+    fake = FakeAllen(make_study(n_genes=1, donors_per_gene=1, images_per_set=2))
+    out = tmp_path / "out"
+    with serve(fake) as url, faults.read_only_dir(str(out), monkeypatch):
+        with pytest.raises(allen.FetchRunError, match=r"/out/images: cannot write \(") as info:
+            allen.fetch(_config(out, url))
+    assert "\n" not in str(info.value)
+
+
+def test_fetch_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=2))
+    with serve(fake) as url:
+        (tmp_path / "images").mkdir()
+        faults.failing_writes(monkeypatch, str(tmp_path / "images"), errno.ENOSPC)
+        with pytest.raises(allen.FetchRunError, match=r"/images/.*cannot write \(No space left on device\)"):
+            allen.fetch(_config(tmp_path, url))
+        monkeypatch.undo()
+        assert not (tmp_path / "failures.csv").exists() or len(pd.read_csv(tmp_path / "failures.csv")) == 0
+        result = allen.fetch(_config(tmp_path, url))  # space again: the rerun completes
+    assert result.downloaded == len(fake.image_ids())
+
+
+def test_fetch_non_integer_image_ids_are_skipped_and_named(tmp_path):
+    """Ids like "7777777.9", 7777777.9 or "abc" are failures naming the value, never truncated."""
+    assert [allen_query.parse_int(v) for v in (12, 12.0, "12", " 12.0 ", "-3")] == [12, 12, 12, 12, -3]
+    for bad in (12.5, "7777777.9", 7777777.9, "abc", "", None, True, "1e3"):
+        with pytest.raises(ValueError, match="is not an integer"):
+            allen_query.parse_int(bad)
+    assert allen_query._int_or_none(7777777.9) is None and allen_query._int_or_none("15.0") == 15
+
+    fake = FakeAllen(make_study(n_genes=3, donors_per_gene=1, images_per_set=2))
+    ids = fake.image_ids()
+    first, second, third = fake.data_sets[0], fake.data_sets[1], fake.data_sets[2]
+    first["section_images"][1]["id"] = "7777777.9"
+    second["section_images"][0]["id"] = 7777777.9  # a JSON number: int() would give 7777777
+    third["section_images"][0]["id"] = "abc"
+    third["section_images"][1]["id"] = "12.5"
+    with serve(fake) as url:
+        result = allen.fetch(_config(tmp_path, url))
+    kept = [ids[0], ids[3]]
+    assert list(result.manifest["image_id"]) == kept
+    assert all("7777777" not in q for q in fake.requests_of("image"))
+    fails = pd.read_csv(tmp_path / "failures.csv").set_index("experiment_id")
+    assert fails.loc[first["id"], "stage"] == "image"
+    assert "section image id '7777777.9' (section_number" in fails.loc[first["id"], "reason"]
+    assert "section image id 7777777.9 (section_number" in fails.loc[second["id"], "reason"]
+    assert fails.loc[third["id"], "stage"] == "list"  # no usable image left: the data set is out
+    assert "'abc'" in fails.loc[third["id"], "reason"] and "'12.5'" in fails.loc[third["id"], "reason"]
+    assert fails["image_id"].isna().all() and result.skipped_data_sets == 1
+
+
+def test_fetch_non_integer_data_set_id_is_named(tmp_path):
+    fake = FakeAllen(make_study(n_genes=2, donors_per_gene=1, images_per_set=1))
+    bad = fake.data_sets[0]
+    bad["id"] = "5.5"
+    with serve(fake) as url:
+        result = allen.fetch(_config(tmp_path, url))
+    fails = pd.read_csv(tmp_path / "failures.csv")
+    assert fails["reason"].str.contains("data set id '5.5' is not an integer").tolist() == [True]
+    assert len(result.manifest) == 1

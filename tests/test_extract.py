@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ish_tf.data import patch_sampling as S
 from ish_tf.data import patches as P
 from ish_tf.data import records, shards
 from ish_tf.data.manifest import ManifestError, write_manifest
@@ -67,7 +68,7 @@ def test_end_to_end_extract(synth, reference):
     manifest = pd.read_csv(synth / "manifest.csv")
     report = pd.read_csv(out / P.REPORT_NAME)
     assert sorted(report["image_id"]) == sorted(manifest["image_id"])
-    assert (report["status"] == P.OK).all(), report
+    assert (report["status"] == S.OK).all(), report
     assert (report["n_patches"] == 4).all()
     keys = _read_keys(out)
     assert len(keys) == len(set(keys)) == 4 * len(manifest)
@@ -156,17 +157,17 @@ def test_bad_images_are_recorded_and_the_rest_continue(synth, tmp_path):
     write_manifest(df, str(data / "manifest.csv"))
     summary = P.run_extract(_cfg(data / "manifest.csv", tmp_path / "out"))
     report = pd.read_csv(tmp_path / "out" / P.REPORT_NAME).set_index("image_id")
-    expected = {ids[0]: P.UNREADABLE, ids[1]: P.UNREADABLE, ids[2]: P.NO_TISSUE,
-                ids[3]: P.TOO_SMALL, ids[4]: P.UNREADABLE}
+    expected = {ids[0]: S.UNREADABLE, ids[1]: S.UNREADABLE, ids[2]: S.NO_TISSUE,
+                ids[3]: S.TOO_SMALL, ids[4]: S.UNREADABLE}
     for image_id, status in expected.items():
         assert report.loc[image_id, "status"] == status, report.loc[image_id]
         assert report.loc[image_id, "n_patches"] == 0
     assert "file not found" in report.loc[ids[4], "reason"]
     assert f"{ids[1]}.jpg" in report.loc[ids[1], "reason"]
     rest = report.drop(index=list(expected))
-    assert (rest["status"] == P.OK).all()
+    assert (rest["status"] == S.OK).all()
     assert len(_read_keys(tmp_path / "out")) == 4 * len(rest)
-    assert summary["skipped"] == {P.UNREADABLE: 3, P.NO_TISSUE: 1, P.TOO_SMALL: 1}
+    assert summary["skipped"] == {S.UNREADABLE: 3, S.NO_TISSUE: 1, S.TOO_SMALL: 1}
 
 
 def test_bad_manifests_and_gene_lists(synth, tmp_path):
@@ -234,7 +235,7 @@ def test_cli_main(synth, tmp_path, capsys):
         assert os.path.exists(out / "extract_flags.cfg")
         # --save_overlays: one mask overlay per extracted image, the image's size.
         report = pd.read_csv(out / P.REPORT_NAME)
-        ok = report[report["status"] == P.OK]
+        ok = report[report["status"] == S.OK]
         assert len(ok) > 0
         assert sorted(os.listdir(out / "overlays")) == sorted(f"{i}.png" for i in ok["image_id"])
         with Image.open(out / "overlays" / f"{ok['image_id'].iloc[0]}.png") as im:
@@ -282,7 +283,7 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
     assert P.check_background(P.select_images(cfg), cfg) is None
     P.run_extract(cfg)
     report = pd.read_csv(out / P.REPORT_NAME)
-    assert (report["status"] == P.OK).all(), list(report["reason"])
+    assert (report["status"] == S.OK).all(), list(report["reason"])
     n = 0
     for shard in shards.load_index(str(out))["shards"]:
         for raw in tf.data.TFRecordDataset(os.path.join(out, shard["file"])):
@@ -308,3 +309,132 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
                               _cfg(synth / "manifest.csv", tmp_path / "bf2")) is None
     assert cfg.sampling_key()["mask"]["background"] == "dark"
     assert "background" not in _cfg(tmp_path / "manifest.csv", out).sampling_key()["mask"]
+
+
+# --------------------------------------------------------------------------- reliability
+def _copy_dataset(synth, dest):
+    shutil.copytree(synth, dest)
+    return dest
+
+
+def _indexed_shards(out) -> list:
+    return shards.load_index(str(out), missing_ok=True)["shards"]
+
+
+def test_extract_missing_images_dir_is_an_error_not_permanent_loss(synth, reference, tmp_path):
+    data = _copy_dataset(synth, tmp_path / "data")
+    os.rename(data / "images", data / "images.away")  # a mount that is not there yet
+    out = tmp_path / "out"
+    with pytest.raises(P.ExtractError, match=r"/images: the images directory does not exist.*16 image"):
+        P.run_extract(_cfg(data / "manifest.csv", out))
+    assert _indexed_shards(out) == []
+    os.rename(data / "images.away", data / "images")  # the fault passes: nothing was lost
+    summary = P.run_extract(_cfg(data / "manifest.csv", out))
+    assert summary["shards_resumed"] == 0
+    assert len(_read_keys(out)) == len(_read_keys(reference[0])) == 4 * 16
+
+
+def test_extract_every_image_unreadable_is_an_error(synth, tmp_path):
+    from faults import flip_bytes
+
+    data = _copy_dataset(synth, tmp_path / "data")
+    for name in os.listdir(data / "images"):
+        flip_bytes(str(data / "images" / name), count=4, end=4)
+    out = tmp_path / "out"
+    with pytest.raises(P.ExtractError, match=r"every one of the 16 image\(s\) of .*manifest.csv "
+                                             r"was unreadable \(first: .*cannot decode"):
+        P.run_extract(_cfg(data / "manifest.csv", out))
+    assert _indexed_shards(out) == [] and not _shard_bytes(out)
+    shutil.rmtree(data / "images")
+    shutil.copytree(synth / "images", data / "images")
+    P.run_extract(_cfg(data / "manifest.csv", out))
+    assert len(_read_keys(out)) == 4 * 16
+
+
+def _flaky_reads(monkeypatch, image_id: int, failures: int) -> list[str]:
+    """read_rgb of `image_id` fails with EIO `failures` times (then reads); returns the calls."""
+    import errno
+
+    calls: list[str] = []
+    real = S.read_rgb
+
+    def read(path):
+        if os.path.basename(path) == f"{image_id}.jpg":
+            calls.append(path)
+            if len(calls) <= failures:
+                raise OSError(errno.EIO, "Input/output error", path)
+        return real(path)
+
+    monkeypatch.setattr(S, "read_rgb", read)
+    monkeypatch.setattr(S, "IO_RETRY_DELAY", 0.01)
+    return calls
+
+
+def test_extract_transient_io_error_is_retried(synth, reference, tmp_path, monkeypatch):
+    image_id = int(pd.read_csv(synth / "manifest.csv")["image_id"].iloc[3])
+    calls = _flaky_reads(monkeypatch, image_id, failures=S.IO_ATTEMPTS - 1)
+    out = tmp_path / "out"
+    P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert len(calls) == S.IO_ATTEMPTS
+    report = pd.read_csv(out / P.REPORT_NAME)
+    assert (report["status"] == S.OK).all()
+    assert _shard_bytes(out) == _shard_bytes(reference[0])
+
+
+def test_extract_persistent_io_error_stops_the_run(synth, reference, tmp_path, monkeypatch):
+    image_id = int(pd.read_csv(synth / "manifest.csv")["image_id"].iloc[3])
+    calls = _flaky_reads(monkeypatch, image_id, failures=10**6)
+    out = tmp_path / "out"
+    with pytest.raises(P.ExtractError, match=rf"{image_id}.jpg: cannot read the image "
+                                             r"\(Input/output error; 3 attempts\): an I/O error"):
+        P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert len(calls) == S.IO_ATTEMPTS
+    report_path = out / P.REPORT_NAME
+    if report_path.exists():  # shards done before the fault are fine; this image is not in
+        assert image_id not in set(pd.read_csv(report_path)["image_id"])
+    monkeypatch.undo()
+    P.run_extract(_cfg(synth / "manifest.csv", out))  # the disk is back: the rerun completes
+    assert _shard_bytes(out) == _shard_bytes(reference[0])
+
+
+def test_extract_second_run_into_same_out_fails_at_once(synth, reference, tmp_path):
+    """A second extract into a busy OUT used to delete the first one's temporary shard."""
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def second_run(split, index, res):
+        if seen:
+            return
+        with pytest.raises(P.ExtractError, match=rf"{out}: another extract is writing there"):
+            P.run_extract(_cfg(synth / "manifest.csv", out))
+        seen.append("refused")
+
+    P.run_extract(_cfg(synth / "manifest.csv", out), hooks=P.ExtractHooks(after_image=second_run))
+    assert seen == ["refused"]
+    assert _shard_bytes(out) == _shard_bytes(reference[0])  # the first run was not disturbed
+    P.run_extract(_cfg(synth / "manifest.csv", out))  # the lock goes with the run
+
+
+def test_extract_read_only_out_is_one_clear_error(synth, tmp_path, monkeypatch):
+    from faults import read_only_dir
+
+    out = tmp_path / "out"
+    with read_only_dir(str(out), monkeypatch), pytest.raises(P.ExtractError) as info:
+        P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert str(info.value).startswith(f"{out}/") and "cannot write (" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_extract_full_disk_is_one_clear_error(synth, reference, tmp_path, monkeypatch):
+    import errno
+
+    from faults import failing_writes
+
+    out = tmp_path / "out"
+    failing_writes(monkeypatch, str(out), errno.ENOSPC, when=lambda p: ".tfrecord" in p)
+    with pytest.raises(P.ExtractError, match=r"\.tfrecord.*: cannot write \(No space left on device\)"):
+        P.run_extract(_cfg(synth / "manifest.csv", out))
+    assert _indexed_shards(out) == []
+    monkeypatch.undo()
+    P.run_extract(_cfg(synth / "manifest.csv", out))  # space again: the rerun completes
+    assert _shard_bytes(out) == _shard_bytes(reference[0])

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ish_tf.data import manifest
 from ish_tf.data import synthetic as syn
+from ish_tf.data import synthetic_specs as specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,22 +38,22 @@ def _files(root: str) -> dict[str, bytes]:
     return out
 
 
-def _od(rgb: np.ndarray, donor: syn.DonorSpec) -> np.ndarray:
+def _od(rgb: np.ndarray, donor: specs.DonorSpec) -> np.ndarray:
     """Optical density per pixel and channel against the donor's slide colour, (H, W, 3)."""
     return -np.log(np.maximum(rgb.astype(np.float64), 0.5) / np.asarray(donor.background))
 
 
-def _gene(pattern: str = "widespread", level: int = 3, **kw) -> syn.GeneSpec:
+def _gene(pattern: str = "widespread", level: int = 3, **kw) -> specs.GeneSpec:
     spec = dict(symbol="SG999", entrez_id=900999, group=0, level=level, pattern=pattern,
                 profile=(0.1, 0.9, 0.8, 0.9, 0.8, 0.9), wm_expression=0.02,
-                class_weights=(1.0, 0.5, 0.0), fraction=0.7, intensity=syn.LEVEL_OD[level],
+                class_weights=(1.0, 0.5, 0.0), fraction=0.7, intensity=specs.LEVEL_OD[level],
                 intensity_cv=0.2, cell_size=1.0, elongation=1.5, punctate=0.2, neuropil=0.05)
     spec.update(kw)
-    return syn.GeneSpec(**spec)
+    return specs.GeneSpec(**spec)
 
 
-def _donor(**kw) -> syn.DonorSpec:
-    return dataclasses.replace(syn.make_donors(2, np.random.default_rng(0))[0], **kw)
+def _donor(**kw) -> specs.DonorSpec:
+    return dataclasses.replace(specs.make_donors(2, np.random.default_rng(0))[0], **kw)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_design_assays_each_gene_in_distinct_balanced_donors():
 
 
 def test_donors_have_metadata_and_half_are_schizophrenia():
-    donors = syn.make_donors(6, np.random.default_rng(1))
+    donors = specs.make_donors(6, np.random.default_rng(1))
     assert sum(d.diagnosis == "schizophrenia" for d in donors) == 3
     assert len({d.donor_id for d in donors}) == 6
     for d in donors:
@@ -104,7 +105,7 @@ def test_donors_have_metadata_and_half_are_schizophrenia():
 
 
 def test_groups_share_expression_characteristics():
-    genes = syn.make_genes(240, np.random.default_rng(5), n_groups=6)
+    genes = specs.make_genes(240, np.random.default_rng(5), n_groups=6)
     df = pd.DataFrame([dataclasses.asdict(g) for g in genes])
     # Most members of a group share its majority pattern, not all (not trivial).
     share = df.groupby("group")["pattern"].agg(lambda s: s.value_counts(normalize=True).iloc[0])
@@ -118,7 +119,7 @@ def test_groups_share_expression_characteristics():
 
 
 def test_same_pattern_and_level_genes_differ_in_profile():
-    genes = syn.make_genes(120, np.random.default_rng(6), n_groups=6)
+    genes = specs.make_genes(120, np.random.default_rng(6), n_groups=6)
     by_key: dict[tuple, list] = {}
     for g in genes:
         by_key.setdefault((g.pattern, g.level), []).append(g)
@@ -164,8 +165,8 @@ def test_annotations_gaf_and_obo_agree(dataset):
     ann = pd.read_csv(os.path.join(cfg.out_dir, "annotations.csv"), keep_default_na=False)
     assert list(ann.columns[:4]) == ["gene_symbol", "entrez_id", "level", "pattern"]
     assert {"group", "layer_marker", "cell_type", "marker"} <= set(ann.columns)
-    assert set(ann["level"]) <= set(syn.LEVEL_LABELS)
-    assert set(ann["pattern"]) <= set(syn.PATTERNS)
+    assert set(ann["level"]) <= set(specs.LEVEL_LABELS)
+    assert set(ann["pattern"]) <= set(specs.PATTERNS)
     assert len(ann) == cfg.n_genes and ann["gene_symbol"].is_unique
     laminar = ann[ann.pattern == "laminar"]
     assert laminar["layer_marker"].str.match(r"layer \d").all()
@@ -266,7 +267,7 @@ def test_darkness_increases_with_level():
         darkness.append(_od(r.rgb, donor)[r.mask].mean())
     assert np.all(np.diff(darkness) > 0), darkness
     # Across generated genes of all patterns: monotone on average.
-    genes = syn.make_genes(48, np.random.default_rng(9), n_groups=6)
+    genes = specs.make_genes(48, np.random.default_rng(9), n_groups=6)
     rows = []
     for i, g in enumerate(genes):
         r = syn.render_section_full(g, donor, np.random.default_rng(100 + i % 4), 64, 64, "MTG")
@@ -299,7 +300,7 @@ def test_laminar_gene_follows_its_layer_profile():
 
 def test_sparse_expresses_in_fewer_cells_than_widespread():
     donor = _donor()
-    genes = syn.make_genes(60, np.random.default_rng(4), n_groups=6)
+    genes = specs.make_genes(60, np.random.default_rng(4), n_groups=6)
     frac = {"sparse": [], "widespread": []}
     area = {"sparse": [], "widespread": []}
     for g in genes:

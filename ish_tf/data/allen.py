@@ -1,17 +1,16 @@
-"""Allen Brain Atlas REST client: list ISH section data sets and download their section images.
+"""Allen Brain Atlas client: download a study's ISH section images and write their manifest.
 
 Talks to the public API (http://api.brain-map.org) directly with `requests`; allensdk is
 deliberately not used (its releases pin numpy<1.24 / pandas 1.5 and cannot live beside
 TensorFlow 2.21).
 
-Two services are used:
+The client is three modules:
 
-* RMA queries, ``/api/v2/data/query.json?criteria=model::SectionDataSet,...``, paged with
-  ``rma::options[num_rows$eqN][start_row$eqS]`` until ``total_rows``. Every page comes in an
-  envelope ``{"success", "id", "start_row", "num_rows", "total_rows", "msg"}`` where ``msg``
-  holds the rows on success and the error text otherwise.
-* ``/api/v2/image_download/{image_id}?downsample=N``: a JPEG of the section image, each
-  side halved N times.
+* `ish_tf.data.allen_query`: RMA queries listing a study's SectionDataSets, page by page,
+  and the manifest rows parsed from them.
+* `ish_tf.data.allen_http`: sessions, errors and retries shared by queries and downloads.
+* this module: ``/api/v2/image_download/{image_id}?downsample=N`` (a JPEG of the section
+  image, each side halved N times) and the fetch run.
 
 `fetch` turns one study (Human Cortex Study, Human Schizophrenia Study, adult Mouse) into
 ``OUT/images/{image_id}.jpg``, ``OUT/manifest.csv`` (see `ish_tf.data.manifest`) and
@@ -20,89 +19,76 @@ Two services are used:
 only then renamed into place, so a rerun trusts every ``{image_id}.jpg`` it finds and
 downloads only what is missing.
 """
-
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import dataclasses
-import email.utils
 import logging
 import os
 import re
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import pandas as pd
 import requests
 from PIL import Image
 
-from ish_tf import __version__
 from ish_tf.data import manifest as manifest_lib
+from ish_tf.data.allen_http import (
+    FetchError,
+    FetchInterrupted,
+    RetryPolicy,
+    TransientError,
+    call_with_retries,
+    checked_get,
+    make_session,
+)
+from ish_tf.data.allen_query import (
+    DEFAULT_API_URL,
+    GENE_RE,
+    GENES_PER_QUERY,
+    MAX_PAGE_SIZE,
+    STUDIES,
+    AllenApiError,
+    image_rows,
+    iter_section_data_sets,
+    parse_int,
+)
 from ish_tf.io_utils import Progress, atomic_path, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
-DEFAULT_API_URL = "http://api.brain-map.org"
-USER_AGENT = f"ish_tf/{__version__} (gene-expression image representations; python-requests)"
 IMAGES_DIR = "images"
 FAILURES_NAME = "failures.csv"
 FAILURE_COLUMNS = ("image_id", "experiment_id", "stage", "reason")
-# Allen's documented maximum page size for RMA queries.
-MAX_PAGE_SIZE = 2000
-# Gene lists are split over several queries so no URL grows past what proxies accept.
-GENES_PER_QUERY = 100
-_GENE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
 _CHUNK_BYTES = 1 << 16
+# Default deadline of one download attempt, in multiples of the per-read timeout: a
+# section image (a few MB at downsample 2) takes seconds on a slow link, not minutes.
+DEADLINE_TIMEOUTS = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Study:
-    """One Allen ISH product that `fetch` can list.
+class FetchRunError(FetchError, AllenApiError):
+    """The run as a whole failed: every download failed, or OUT cannot be written.
 
-    Attributes:
-      name: the `--study` value and the manifest's `study` column.
-      product_id: Allen product id (`products[id$eq...]`).
-      abbreviation: Allen product abbreviation, for messages.
-      default_plane: plane_of_section name filtered on by default, or None for all.
-      human: whether donors are people (diagnosis defaults to "control").
+    An `AllenApiError` too, so that callers catching the listing's errors (`bin/fetch`
+    prints them as one ``fetch: error: ...`` line) catch these as well.
     """
 
-    name: str
-    product_id: int
-    abbreviation: str
-    default_plane: str | None
-    human: bool
+
+def _write_error(e: OSError, where: str) -> FetchRunError:
+    """One line naming the path that could not be written and the OS's reason."""
+    path = e.filename if isinstance(e.filename, str) and e.filename else where
+    return FetchRunError(f"{path}: cannot write ({e.strerror or e}); check that the "
+                         f"directory is writable and its disk has space, then rerun to resume")
 
 
-STUDIES: dict[str, Study] = {
-    "cortex": Study("cortex", 9, "HumanCtx", None, True),
-    "schizophrenia": Study("schizophrenia", 11, "HumanSZ", None, True),
-    "mouse": Study("mouse", 1, "Mouse", "sagittal", False),
-}
-
-
-class AllenApiError(RuntimeError):
-    """The API answered with something other than a usable page (the message quotes it)."""
-
-
-class FetchError(RuntimeError):
-    """One item could not be fetched after all retries (or failed permanently, e.g. 404)."""
-
-
-class FetchInterrupted(KeyboardInterrupt):
-    """Raised when a fetch is stopped (Ctrl-C or a stop event) after saving what completed."""
-
-
-class _Retry(Exception):
-    """A transient failure: the operation may be tried again, after `retry_after` if given."""
-
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
+def _is_disk_error(e: BaseException) -> bool:
+    """An OSError of the local file system (requests' errors are OSErrors too, not these)."""
+    return (isinstance(e, OSError) and not isinstance(e, requests.RequestException)
+            and e.errno is not None)
 
 
 # --------------------------------------------------------------------------- config
@@ -126,7 +112,11 @@ class FetchConfig:
       backoff_base: first retry delay in seconds; doubles on each attempt.
       max_backoff: cap on one backoff delay, seconds.
       max_retry_after: cap on a server's Retry-After, seconds.
-      timeout: connect/read timeout of one HTTP request, seconds.
+      timeout: connect/read timeout of one HTTP request, seconds (per read: a server
+        trickling bytes never trips it; see `download_deadline`).
+      download_deadline: most seconds one download attempt may take, headers to last
+        byte; past it the attempt is abandoned and retried like a timeout. None = 10 x
+        `timeout`; 0 = no deadline.
       flush_every: rewrite the manifest after this many newly completed images.
       flush_seconds: ...or after this many seconds, whichever comes first.
       progress: show a progress bar (None: only when stderr is a terminal).
@@ -147,6 +137,7 @@ class FetchConfig:
     max_backoff: float = 60.0
     max_retry_after: float = 60.0
     timeout: float = 60.0
+    download_deadline: float | None = None
     flush_every: int = 200
     flush_seconds: float = 30.0
     progress: bool | None = None
@@ -166,7 +157,7 @@ class FetchConfig:
         if not re.match(r"^https?://[^/\s]+", self.api_url or ""):
             raise ValueError(f"--api_url={self.api_url!r} must look like http://host[:port]")
         for gene in self.genes:
-            if not _GENE_RE.match(gene):
+            if not GENE_RE.match(gene):
                 raise ValueError(
                     f"--genes: {gene!r} is not a gene acronym (letters, digits, '.', '-', '_', '@')")
         checks = [
@@ -180,11 +171,19 @@ class FetchConfig:
             ("max_backoff", self.max_backoff >= 0, ">= 0"),
             ("max_retry_after", self.max_retry_after >= 0, ">= 0"),
             ("timeout", self.timeout > 0, "> 0"),
+            ("download_deadline", self.download_deadline is None or self.download_deadline >= 0,
+             ">= 0 (0 = none; unset = 10 x --timeout)"),
             ("flush_every", self.flush_every >= 1, ">= 1"),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"--{name}={getattr(self, name)!r} must be {want}")
+
+    def resolved_download_deadline(self) -> float:
+        """Seconds one download attempt may take; 0 = no deadline."""
+        if self.download_deadline is None:
+            return DEADLINE_TIMEOUTS * self.timeout
+        return float(self.download_deadline)
 
     def resolved_plane(self) -> str | None:
         """The plane_of_section filter to apply, or None for all planes."""
@@ -193,118 +192,13 @@ class FetchConfig:
         return None if self.plane.lower() in ("any", "all") else self.plane
 
 
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff for transient failures.
-
-    Attributes:
-      retries: attempts after the first.
-      backoff_base: delay before the first retry, seconds; doubled each time.
-      max_backoff: cap on one computed delay.
-      max_retry_after: cap on a server-provided Retry-After.
-    """
-
-    retries: int = 5
-    backoff_base: float = 1.0
-    max_backoff: float = 60.0
-    max_retry_after: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number `attempt + 1` (attempt counts from 0).
-
-        A server's Retry-After wins over the computed backoff (it says when to come back),
-        capped so a misbehaving server cannot park the run for hours.
-        """
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_retry_after)
-        return min(self.backoff_base * (2.0 ** attempt), self.max_backoff)
-
-
 # --------------------------------------------------------------------------- URLs
-def build_rma_criteria(product_id: int, genes: Sequence[str] = (), plane: str | None = None,
-                       start_row: int = 0, num_rows: int = 50) -> str:
-    """The `criteria` of an RMA query listing a product's section data sets, one page.
-
-    Follows the documented grammar: ``model::SectionDataSet``, filters after
-    ``rma::criteria`` (``[failed$eqfalse]``, ``products[id$eq...]``,
-    ``genes[acronym$in'A','B']``, ``plane_of_section[name$eq'...']``), associations after
-    ``rma::include`` and paging/order in ``rma::options``. Ordering by ``data_sets.id``
-    makes pages stable, so paging neither repeats nor skips rows.
-
-    Args:
-      product_id: Allen product id (9 HumanCtx, 11 HumanSZ, 1 Mouse).
-      genes: gene acronyms to keep; empty keeps all.
-      plane: plane_of_section name (e.g. "sagittal"), or None for all.
-      start_row: first row of the page (0-based).
-      num_rows: rows per page.
-
-    Returns:
-      The criteria text, unescaped (requests percent-encodes what must be).
-
-    Raises:
-      ValueError: a gene or plane contains characters that would break the query.
-    """
-    for gene in genes:
-        if not _GENE_RE.match(gene):
-            raise ValueError(f"gene {gene!r} is not a gene acronym")
-    if plane is not None and not re.match(r"^[A-Za-z -]+$", plane):
-        raise ValueError(f"plane of section {plane!r} is not a plane name")
-    filters = ["[failed$eqfalse]", f"products[id$eq{int(product_id)}]"]
-    if genes:
-        filters.append("genes[acronym$in" + ",".join(f"'{g}'" for g in genes) + "]")
-    if plane:
-        filters.append(f"plane_of_section[name$eq'{plane}']")
-    include = "genes,plane_of_section,section_images,specimen(donor(age,conditions),structure)"
-    options = f"[num_rows$eq{int(num_rows)}][start_row$eq{int(start_row)}][order$eq'data_sets.id']"
-    return ("model::SectionDataSet,rma::criteria," + ",".join(filters)
-            + ",rma::include," + include + ",rma::options" + options)
-
-
-def query_url(api_url: str, criteria: str) -> str:
-    """Full URL of an RMA JSON query."""
-    return f"{api_url.rstrip('/')}/api/v2/data/query.json?criteria={criteria}"
-
-
 def image_url(api_url: str, image_id: int, downsample: int) -> str:
     """Full URL of the image_download service for one section image."""
     return f"{api_url.rstrip('/')}/api/v2/image_download/{int(image_id)}?downsample={int(downsample)}"
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds a Retry-After header asks to wait (delta-seconds or HTTP-date), or None."""
-    if value is None or not str(value).strip():
-        return None
-    value = str(value).strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    now = time.time() if now is None else now
-    return max(when.timestamp() - now, 0.0)
-
-
 # --------------------------------------------------------------------------- HTTP
-def make_session(pool_size: int = 4) -> requests.Session:
-    """A `requests.Session` naming ish_tf in its User-Agent, with a pool sized for the workers.
-
-    Sessions are not shared between threads (see `_SessionPool`); timeouts are passed on
-    each request because requests has no session-wide timeout.
-    """
-    session = requests.Session()
-    session.headers["User-Agent"] = USER_AGENT
-    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size,
-                                            max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
 class _SessionPool:
     """One `requests.Session` per thread (Session is not documented as thread-safe)."""
 
@@ -330,328 +224,10 @@ class _SessionPool:
             self._all.clear()
 
 
-def _wait(seconds: float, stop: threading.Event) -> None:
-    if seconds > 0 and stop.wait(seconds):
-        raise FetchInterrupted("stopped")
-    if stop.is_set():
-        raise FetchInterrupted("stopped")
-
-
-def _retrying(op: Callable[[], object], policy: RetryPolicy, what: str, stop: threading.Event):
-    """Runs `op`, retrying on `_Retry` with backoff; returns its result.
-
-    Raises:
-      FetchError: still failing after `policy.retries` retries.
-      FetchInterrupted: `stop` was set while waiting.
-    """
-    last: _Retry | None = None
-    for attempt in range(policy.retries + 1):
-        if stop.is_set():
-            raise FetchInterrupted("stopped")
-        try:
-            return op()
-        except _Retry as r:
-            last = r
-            if attempt == policy.retries:
-                break
-            wait = policy.delay(attempt, r.retry_after)
-            log.debug("%s: %s; retry %d in %.2fs", what, r.reason, attempt + 1, wait)
-            _wait(wait, stop)
-    assert last is not None
-    raise FetchError(f"{last.reason} (gave up after {policy.retries + 1} attempts)")
-
-
-def _checked_get(session: requests.Session, url: str, timeout: float,
-                 stream: bool) -> requests.Response:
-    """GET that sorts failures into transient (`_Retry`) and permanent (`FetchError`)."""
-    try:
-        resp = session.get(url, timeout=timeout, stream=stream)
-    except requests.Timeout as e:
-        raise _Retry(f"timeout after {timeout:g}s ({type(e).__name__})") from e
-    except requests.ConnectionError as e:
-        raise _Retry(f"connection error ({e})") from e
-    code = resp.status_code
-    if code == 429 or 500 <= code < 600:
-        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-        resp.close()
-        raise _Retry(f"HTTP {code} {resp.reason or ''}".strip(), retry_after)
-    if code >= 400:
-        resp.close()
-        raise FetchError(f"HTTP {code} {resp.reason or ''}".strip())
-    return resp
-
-
-# --------------------------------------------------------------------------- listing
-def check_envelope(payload: object, expected_start: int, url: str) -> tuple[list[dict], int]:
-    """Validates one RMA page and returns its rows and the query's total_rows.
-
-    Args:
-      payload: the decoded JSON body.
-      expected_start: the start_row that was asked for.
-      url: the query, quoted in errors.
-
-    Returns:
-      (rows, total_rows).
-
-    Raises:
-      AllenApiError: not an envelope, success is false (the message quotes `msg`), or the
-        counts disagree with the rows.
-    """
-    if not isinstance(payload, dict) or "success" not in payload:
-        raise AllenApiError(f"{url}: response is not an RMA envelope: {str(payload)[:200]!r}")
-    if payload.get("success") is not True:
-        raise AllenApiError(f"Allen API query failed: {payload.get('msg')!r} (query: {url})")
-    rows = payload.get("msg")
-    if not isinstance(rows, list):
-        raise AllenApiError(f"{url}: envelope 'msg' is not a list of rows: {str(rows)[:200]!r}")
-    try:
-        start, num, total = (int(payload[k]) for k in ("start_row", "num_rows", "total_rows"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise AllenApiError(f"{url}: envelope lacks start_row/num_rows/total_rows ({e})") from e
-    if start != expected_start:
-        raise AllenApiError(f"{url}: asked for start_row {expected_start}, got {start}")
-    if num != len(rows):
-        raise AllenApiError(f"{url}: envelope says num_rows={num} but holds {len(rows)} rows")
-    return rows, total
-
-
-def iter_section_data_sets(session: requests.Session, api_url: str, study: Study,
-                           genes: Sequence[str] = (), plane: str | None = None,
-                           page_size: int = 50, timeout: float = 60.0,
-                           policy: RetryPolicy = RetryPolicy(),
-                           stop: threading.Event | None = None) -> Iterator[dict]:
-    """Yields every SectionDataSet of a study (with genes, donor, images), page by page.
-
-    Args:
-      session: HTTP session.
-      api_url: API host.
-      study: which product to list.
-      genes: gene acronyms to keep (empty: all); long lists are split across queries.
-      plane: plane_of_section filter or None.
-      page_size: rows per page.
-      timeout: per-request timeout, seconds.
-      policy: retry policy for transient failures.
-      stop: set to stop between requests.
-
-    Yields:
-      SectionDataSet dicts as the API returns them (JSON field names).
-
-    Raises:
-      AllenApiError: a page failed permanently or its envelope is not usable.
-    """
-    stop = stop or threading.Event()
-    gene_chunks = [list(genes[i:i + GENES_PER_QUERY]) for i in range(0, len(genes), GENES_PER_QUERY)]
-    for chunk in gene_chunks or [[]]:
-        start = 0
-        while True:
-            url = query_url(api_url, build_rma_criteria(study.product_id, chunk, plane, start, page_size))
-
-            def get_page(url=url, start=start):
-                resp = _checked_get(session, url, timeout, stream=False)
-                try:
-                    payload = resp.json()
-                except ValueError as e:
-                    # A cut-off body is usually a dropped connection: worth another try.
-                    raise _Retry(f"response is not JSON ({e})") from e
-                return check_envelope(payload, start, url)
-
-            try:
-                rows, total = _retrying(get_page, policy, url, stop)
-            except FetchError as e:
-                raise AllenApiError(f"Allen API query failed: {e} (query: {url})") from e
-            yield from rows
-            start += len(rows)
-            if start >= total:
-                break
-            if not rows:
-                raise AllenApiError(
-                    f"{url}: empty page at start_row {start} although total_rows={total}")
-
-
-# --------------------------------------------------------------------------- rows
-_AGE_UNITS_YEARS = {"yr": 1.0, "yrs": 1.0, "year": 1.0, "years": 1.0, "y": 1.0,
-                    "mo": 1 / 12, "mos": 1 / 12, "month": 1 / 12, "months": 1 / 12,
-                    "wk": 7 / 365.25, "wks": 7 / 365.25, "week": 7 / 365.25, "weeks": 7 / 365.25,
-                    "pcw": 7 / 365.25,
-                    "day": 1 / 365.25, "days": 1 / 365.25, "d": 1 / 365.25}
-
-
-def parse_age_years(age: object) -> float | None:
-    """Donor age in years from an Allen `age` object or its name.
-
-    Uses ``age["days"]`` when present (mouse P56 -> 56 days), else parses the name:
-    "42 yrs", "3 mos", "P56" (postnatal day), "E15.5" (embryonic day, negative age).
-
-    Args:
-      age: dict with `days`/`name`, a string name, or None.
-
-    Returns:
-      Age in years, or None when unknown.
-    """
-    if age is None:
-        return None
-    if isinstance(age, dict):
-        days = age.get("days")
-        if isinstance(days, (int, float)) and not isinstance(days, bool):
-            years = float(days) / 365.25
-            return -years if age.get("embryonic") and years > 0 else years
-        return parse_age_years(age.get("name"))
-    text = str(age).strip()
-    m = re.fullmatch(r"([PE])(\d+(?:\.\d+)?)", text)
-    if m:
-        days = float(m.group(2)) / 365.25
-        return -days if m.group(1) == "E" else days
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)\.?", text)
-    if m and m.group(2).lower() in _AGE_UNITS_YEARS:
-        return float(m.group(1)) * _AGE_UNITS_YEARS[m.group(2).lower()]
-    return None
-
-
-def normalize_sex(value: object) -> str:
-    """M | F | unknown."""
-    text = str(value or "").strip().lower()
-    if text in ("m", "male"):
-        return "M"
-    if text in ("f", "female"):
-        return "F"
-    return "unknown"
-
-
-def normalize_smoker(value: object) -> str:
-    """yes | no | unknown from the API's boolean or free text."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    text = str(value or "").strip().lower()
-    if text in ("yes", "y", "true", "smoker", "1", "current", "former"):
-        return "yes"
-    if text in ("no", "n", "false", "non-smoker", "nonsmoker", "never", "0"):
-        return "no"
-    return "unknown"
-
-
-def diagnosis_from_conditions(conditions: object, human: bool) -> str | None:
-    """The donor's diagnosis from its `conditions` list.
-
-    "schizophrenia" when any condition names it; otherwise the condition names joined by
-    ";"; "control" for a human donor with no condition (the Cortex Study's donors and
-    HumanSZ controls); None for a mouse with none.
-    """
-    names = []
-    for cond in conditions or []:
-        name = cond.get("name") if isinstance(cond, dict) else cond
-        if name and str(name).strip():
-            names.append(str(name).strip().lower())
-    if any("schizo" in n for n in names):
-        return "schizophrenia"
-    others = sorted({n for n in names if n not in ("control", "normal", "none")})
-    if others:
-        return ";".join(others)
-    if names or human:
-        return "control"
-    return None
-
-
-def _float_or_none(value: object) -> float | None:
-    try:
-        f = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return None if f != f else f
-
-
-def _int_or_none(value: object) -> int | None:
-    f = _float_or_none(value)
-    return int(f) if f is not None else None
-
-
-def _structure_label(structure: object) -> str | None:
-    if isinstance(structure, dict):
-        for key in ("acronym", "name"):
-            if structure.get(key):
-                return str(structure[key])
-    return None
-
-
-def central_sections(images: list[dict], k: int) -> list[dict]:
-    """The k section images nearest the middle of their series; all of them if k <= 0.
-
-    The middle is the median `section_number` (series positions where any image lacks
-    one); ties go to the lower section. Returned in the input's order.
-    """
-    if k <= 0 or len(images) <= k:
-        return images
-    numbers = [im.get("section_number") for im in images]
-    if any(not isinstance(n, int) for n in numbers):
-        numbers = list(range(len(images)))
-    middle = float(np.median(numbers))
-    chosen = set(sorted(range(len(images)), key=lambda i: (abs(numbers[i] - middle),
-                                                           numbers[i]))[:k])
-    return [im for i, im in enumerate(images) if i in chosen]
-
-
-def image_rows(data_set: dict, study: Study,
-               sections_per_experiment: int = 0) -> tuple[list[dict], str | None]:
-    """Manifest rows (without width/height/path) for one SectionDataSet.
-
-    Args:
-      data_set: a SectionDataSet dict (JSON field names) including genes, specimen(donor,
-        structure), plane_of_section and section_images.
-      study: the study it came from.
-      sections_per_experiment: keep only this many usable images, those nearest the
-        middle of the series (`central_sections`); 0 keeps all.
-
-    Returns:
-      (rows, problem): one row per usable section image, sorted by image id, and None; or
-      ([], reason) when the data set cannot be used (no gene, no donor, no images).
-    """
-    genes = data_set.get("genes") or []
-    gene = genes[0] if genes and isinstance(genes[0], dict) else {}
-    symbol = str(gene.get("acronym") or "").strip()
-    if not symbol:
-        return [], "data set has no gene acronym"
-    specimen = data_set.get("specimen") or {}
-    donor = specimen.get("donor") or {}
-    donor_name = str(donor.get("name") or "").strip()
-    if not donor_name:
-        return [], "specimen has no donor name"
-    images = [im for im in data_set.get("section_images") or []
-              if isinstance(im, dict) and im.get("id") is not None and not im.get("failed")]
-    if not images:
-        return [], "data set has no usable section images"
-    images = central_sections(images, sections_per_experiment)
-    plane = data_set.get("plane_of_section")
-    plane_name = plane.get("name") if isinstance(plane, dict) else plane
-    entrez = gene.get("entrez_id")
-    specimen_id = data_set.get("specimen_id") or specimen.get("id")
-    base = {
-        "experiment_id": int(data_set["id"]),
-        "study": study.name,
-        "gene_symbol": symbol,
-        "entrez_id": _int_or_none(entrez),
-        "specimen_id": _int_or_none(specimen_id),
-        "donor_id": donor_name,
-        "donor_sex": normalize_sex(donor.get("sex")),
-        "donor_age": parse_age_years(donor.get("age")),
-        "donor_race": donor.get("race_only") or donor.get("race") or None,
-        "smoker": normalize_smoker(donor.get("smoker")),
-        "diagnosis": diagnosis_from_conditions(donor.get("conditions"), study.human),
-        "tissue_ph": _float_or_none(specimen.get("tissue_ph")),
-        "pmi": _float_or_none(donor.get("pmi")),
-        "plane_of_section": str(plane_name) if plane_name else None,
-    }
-    specimen_region = _structure_label(specimen.get("structure"))
-    rows = []
-    for im in sorted(images, key=lambda im: int(im["id"])):
-        row = dict(base, image_id=int(im["id"]),
-                   section_number=_int_or_none(im.get("section_number")))
-        row["region"] = specimen_region or _structure_label(im.get("structure"))
-        rows.append(row)
-    return rows, None
-
-
 # --------------------------------------------------------------------------- download
 def download_image(session: requests.Session, url: str, dest: str, policy: RetryPolicy,
-                   timeout: float = 60.0, stop: threading.Event | None = None) -> tuple[int, int]:
+                   timeout: float = 60.0, stop: threading.Event | None = None,
+                   deadline: float = 0.0) -> tuple[int, int]:
     """Streams one image to a temporary file, checks it decodes, renames it to `dest`.
 
     Truncated bodies (short of Content-Length, dropped connections) and undecodable bytes
@@ -664,6 +240,9 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
       policy: retry policy.
       timeout: per-request timeout, seconds.
       stop: set to abort between chunks (the temporary file is removed).
+      deadline: most seconds one attempt may take once the headers are in (a server
+        sending one byte a second never trips the per-read `timeout`); the connection is
+        then cut and the attempt retried like a timeout. 0 = no deadline.
 
     Returns:
       (width, height) of the decoded image.
@@ -675,10 +254,18 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
     stop = stop or threading.Event()
 
     def attempt() -> tuple[int, int]:
-        resp = _checked_get(session, url, timeout, stream=True)
+        resp = checked_get(session, url, timeout, stream=True)
+        expired = threading.Event()
         with contextlib.closing(resp), atomic_path(dest) as tmp:
             expected = resp.headers.get("Content-Length")
             written = 0
+            # A blocked read only returns when its socket is shut down: a watchdog does
+            # that at the deadline, and the read's error is then reported as the deadline.
+            watchdog = None
+            if deadline > 0:
+                watchdog = threading.Timer(deadline, _cut_connection, (resp, expired))
+                watchdog.daemon = True
+                watchdog.start()
             try:
                 with open(tmp, "wb") as f:
                     for chunk in resp.iter_content(_CHUNK_BYTES):
@@ -688,20 +275,47 @@ def download_image(session: requests.Session, url: str, dest: str, policy: Retry
                         written += len(chunk)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.Timeout) as e:
-                raise _Retry(f"body cut off after {written} bytes ({type(e).__name__})") from e
+                if expired.is_set():
+                    raise TransientError(_deadline_reason(deadline, written)) from e
+                raise TransientError(f"body cut off after {written} bytes ({type(e).__name__})") from e
+            except Exception as e:
+                if expired.is_set() and not isinstance(e, FetchInterrupted):
+                    raise TransientError(_deadline_reason(deadline, written)) from e
+                raise
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+            if expired.is_set():
+                raise TransientError(_deadline_reason(deadline, written))
             if expected is not None and expected.isdigit() and written != int(expected):
-                raise _Retry(f"body cut off: {written} of {expected} bytes")
+                raise TransientError(f"body cut off: {written} of {expected} bytes")
             if written == 0:
-                raise _Retry("empty body")
+                raise TransientError("empty body")
             try:
                 with Image.open(tmp) as im:
                     im.load()  # a full decode: catches truncated or corrupt JPEG data
                     size = im.size
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                raise _Retry(f"not a decodable image ({e})") from e
+                raise TransientError(f"not a decodable image ({e})") from e
         return size
 
-    return _retrying(attempt, policy, url, stop)  # type: ignore[return-value]
+    return call_with_retries(attempt, policy, url, stop)  # type: ignore[return-value]
+
+
+def _cut_connection(resp: requests.Response, expired: threading.Event) -> None:
+    """Marks the attempt expired and shuts its socket, which wakes a read blocked on it."""
+    expired.set()
+    conn = getattr(resp.raw, "connection", None) or getattr(resp.raw, "_connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        resp.close()
+
+
+def _deadline_reason(deadline: float, written: int) -> str:
+    return f"download deadline of {deadline:g}s passed ({written} bytes received)"
 
 
 def image_size(path: str, full_decode: bool) -> tuple[int, int] | None:
@@ -776,17 +390,24 @@ def list_images(config: FetchConfig, session: requests.Session | None = None,
                                          config.resolved_plane(), config.page_size,
                                          config.timeout, policy, stop):
             try:
-                ds_id = int(ds["id"])
-            except (KeyError, TypeError, ValueError):
+                ds_id = parse_int(ds["id"])
+            except (KeyError, TypeError):
                 failures.append({"image_id": None, "experiment_id": None, "stage": "list",
                                  "reason": f"data set without an id: {str(ds)[:120]!r}"})
+                continue
+            except ValueError:
+                failures.append({"image_id": None, "experiment_id": None, "stage": "list",
+                                 "reason": f"data set id {ds['id']!r} is not an integer: "
+                                           f"{str(ds)[:120]!r}"})
                 continue
             if ds_id in seen_sets:
                 continue
             seen_sets.add(ds_id)
             ds_rows, problem = image_rows(ds, study, config.sections_per_experiment)
             if problem:
-                failures.append({"image_id": None, "experiment_id": ds_id, "stage": "list",
+                # A data set left out entirely is "list"; some of its images left out, "image".
+                failures.append({"image_id": None, "experiment_id": ds_id,
+                                 "stage": "image" if ds_rows else "list",
                                  "reason": problem})
             rows.extend(ds_rows)
             if early_stop and len(rows) >= config.max_images:
@@ -833,9 +454,12 @@ class _Writer:
             failed_ids = {f["image_id"] for f in failures if f.get("image_id") is not None}
             old = old[~old["image_id"].isin(failed_ids)]
         merged = manifest_lib.merge_manifests(old, new) if old is not None else new
-        written = manifest_lib.write_manifest(merged, self.manifest_path)
-        with atomic_path(self.failures_path) as tmp:
-            _failures_frame(failures).to_csv(tmp, index=False)
+        try:
+            written = manifest_lib.write_manifest(merged, self.manifest_path)
+            with atomic_path(self.failures_path) as tmp:
+                _failures_frame(failures).to_csv(tmp, index=False)
+        except OSError as e:
+            raise _write_error(e, os.path.dirname(self.manifest_path)) from e
         return written
 
 
@@ -861,14 +485,19 @@ def fetch(config: FetchConfig, stop: threading.Event | None = None,
       ValueError: bad configuration (names the flag).
       ManifestError: an existing OUT/manifest.csv is unreadable (it is left untouched).
       AllenApiError: the listing failed (manifest.csv and failures.csv are not touched).
+      FetchRunError: (an AllenApiError) every download failed (failures.csv says why),
+        or a file under OUT could not be written (read-only, disk full; names the path).
       FetchInterrupted: stopped; completed images are in the manifest.
     """
     config.validate()
     stop = stop or threading.Event()
     out = os.path.abspath(config.out)
     images_dir = os.path.join(out, IMAGES_DIR)
-    os.makedirs(images_dir, exist_ok=True)
-    stale = remove_stale_tmp(images_dir) + remove_stale_tmp(out)
+    try:
+        os.makedirs(images_dir, exist_ok=True)
+        stale = remove_stale_tmp(images_dir) + remove_stale_tmp(out)
+    except OSError as e:
+        raise _write_error(e, images_dir) from e
     if stale:
         log.info("removed %d partial file(s) left by an interrupted run", len(stale))
     manifest_path = os.path.join(out, manifest_lib.MANIFEST_NAME)
@@ -900,6 +529,11 @@ def fetch(config: FetchConfig, stop: threading.Event | None = None,
         downloaded = _download_all(config, todo, images_dir, manifest_path, sessions, policy,
                                    stop, done, failures, writer)
         manifest = writer.write(done, failures)
+        failed = sum(1 for f in failures if f["stage"] == "download")
+        if todo and downloaded == 0 and failed == len(todo):
+            raise FetchRunError(
+                f"every download failed ({failed} of {len(todo)} image(s)); the reasons are "
+                f"in {writer.failures_path}")
     finally:
         sessions.close()
     return FetchResult(writer.manifest_path, writer.failures_path, manifest,
@@ -922,7 +556,8 @@ def _download_all(config: FetchConfig, todo: list[dict], images_dir: str, manife
     def work(row: dict) -> dict:
         dest = os.path.join(images_dir, f"{row['image_id']}.jpg")
         url = image_url(config.api_url, row["image_id"], config.downsample)
-        size = download_image(sessions.get(), url, dest, policy, config.timeout, stop)
+        size = download_image(sessions.get(), url, dest, policy, config.timeout, stop,
+                              config.resolved_download_deadline())
         return _complete(row, size, dest, manifest_path)
 
     downloaded, since_flush, last_flush = 0, 0, time.monotonic()
@@ -947,6 +582,11 @@ def _download_all(config: FetchConfig, todo: list[dict], images_dir: str, manife
                                  "stage": "download", "reason": str(e)})
                 _log_failure(len(failures), row["image_id"], str(e))
             except Exception as e:  # noqa: BLE001 - one bad item must not stop the run
+                if _is_disk_error(e):
+                    # Not the image's fault: every other image would fail the same way.
+                    with contextlib.suppress(OSError, FetchRunError):
+                        writer.write(done, failures)
+                    raise _write_error(e, images_dir) from e
                 failures.append({"image_id": row["image_id"], "experiment_id": row["experiment_id"],
                                  "stage": "download", "reason": f"{type(e).__name__}: {e}"})
                 _log_failure(len(failures), row["image_id"], f"{type(e).__name__}: {e}")
@@ -1027,4 +667,3 @@ def read_gene_list(value: str) -> tuple[str, ...]:
             raise ValueError(f"--genes: cannot read gene list file {path!r} ({e})") from e
     genes = [g.strip() for g in re.split(r"[,\s]+", text) if g.strip()]
     return tuple(dict.fromkeys(genes))
-

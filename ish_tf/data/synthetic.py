@@ -37,6 +37,9 @@ slide colour and brightness, tissue tint, blur and noise.
 Determinism: gene and donor specs and the study design come from `seed`; each image is
 rendered from an RNG seeded by (seed, image_id), so a resumed or partial run
 reproduces exactly the same bytes.
+
+Gene and donor specs and the annotation tables are in `ish_tf.data.synthetic_specs`;
+this module renders sections and writes the dataset.
 """
 
 from __future__ import annotations
@@ -56,26 +59,22 @@ import pandas as pd
 from PIL import Image
 
 from ish_tf.data import manifest as manifest_lib
+from ish_tf.data.synthetic_specs import (
+    CELL_CLASSES,
+    WM,
+    DonorSpec,
+    GeneSpec,
+    annotation_table,
+    gaf_text,
+    make_donors,
+    make_genes,
+    obo_text,
+    uniform,
+)
 from ish_tf.io_utils import atomic_path, atomic_write_text, progress, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
-LEVEL_LABELS: tuple[str, ...] = ("-", "+", "++", "+++", "++++", "+++++")
-PATTERNS: tuple[str, ...] = ("widespread", "laminar", "scattered", "sparse", "ND")
-# Pattern frequencies of generated genes. Zeng et al. have 43% widespread, 27% ND,
-# 16% scattered, 13% laminar, 2% sparse; ND genes all look alike (nothing to
-# re-identify), so fewer of them and more laminar/sparse ones keep the set learnable.
-PATTERN_WEIGHTS: tuple[float, ...] = (0.33, 0.22, 0.2, 0.1, 0.15)
-N_LAYERS = 6
-WM = N_LAYERS  # layer index of white matter in layer maps and profiles
-CELL_CLASSES: tuple[str, ...] = ("excitatory", "interneuron", "glia")
-# Peak optical density of an expressing cell per level ("-" ... "+++++").
-LEVEL_OD: tuple[float, ...] = (0.0, 0.22, 0.45, 0.75, 1.1, 1.5)
-# Laminar marker sets (layer indices 0..5 = layers 1..6) and their Zeng-style names.
-LAMINAR_MARKERS: tuple[tuple[tuple[int, ...], str], ...] = (
-    ((1, 2), "layer 2/3"), ((1,), "layer 2"), ((2,), "layer 3"), ((3,), "layer 4"),
-    ((4,), "layer 5"), ((5,), "layer 6"), ((4, 5), "layer 5/6"), ((2, 4), "layer 3/5"),
-)
 # Relative density of each cell class per layer (L1..L6, white matter).
 _DENSITY = {
     "excitatory": np.array([0.0, 1.0, 0.75, 0.95, 0.6, 0.75, 0.02]),
@@ -84,14 +83,11 @@ _DENSITY = {
 }
 _BASE_DENSITY = 1.0 / 55.0  # cells per pixel at relative density 1
 _CLASS_RADIUS = (2.2, 2.8, 1.5)  # pixels, before the gene's size factor
-# Stain absorption per RGB channel: NBT/BCIP ranges from blue to purple between donors.
-_STAIN_BLUE = np.array([0.95, 0.85, 0.40])
-_STAIN_PURPLE = np.array([0.62, 1.0, 0.36])
 _TISSUE_VEC = np.array([0.42, 0.68, 0.30])  # pale lavender of unstained tissue
 _FAINT_CELL_OD = 0.07  # every cell body is faintly visible
 
 
-# ----------------------------------------------------------------------------- specs
+# ---------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
     """What `generate_dataset` makes. Defaults give a small set (24 genes x 4 donors).
@@ -148,276 +144,6 @@ class SynthConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"SynthConfig.{name}={getattr(self, name)!r} {why}")
-
-
-@dataclasses.dataclass(frozen=True)
-class GeneSpec:
-    """A synthetic gene: its annotation and everything that shapes its expression image.
-
-    Attributes:
-      symbol, entrez_id: identifiers ("SG001", 900001).
-      group: index of its GO-like group.
-      level: 0..5 for "-" ... "+++++".
-      pattern: one of PATTERNS ("ND" = no determinable pattern).
-      profile: expression propensity per cortical layer L1..L6 (6 values in [0, 1]).
-      wm_expression: propensity in white matter (glial genes).
-      class_weights: propensity per cell class (excitatory, interneuron, glia).
-      fraction: probability that a cell of weight 1 in a layer of profile 1 expresses.
-      intensity: peak optical density of an expressing cell (follows `level`).
-      intensity_cv: spread of intensity between expressing cells (log-normal sigma).
-      cell_size: size factor of expressing cells (1 = class default).
-      elongation: radial elongation of expressing excitatory cells (1 = round).
-      punctate: 0 = diffuse, 1 = strongly granular signal.
-      neuropil: diffuse background stain in expressing layers, relative to intensity.
-      layer_marker: "layer 4" etc. for laminar genes, "" otherwise.
-      cell_type: "neuron", "interneuron", "oligodendrocyte", "astrocyte" or "".
-    """
-
-    symbol: str
-    entrez_id: int
-    group: int
-    level: int
-    pattern: str
-    profile: tuple[float, ...]
-    wm_expression: float
-    class_weights: tuple[float, float, float]
-    fraction: float
-    intensity: float
-    intensity_cv: float
-    cell_size: float
-    elongation: float
-    punctate: float
-    neuropil: float
-    layer_marker: str = ""
-    cell_type: str = ""
-
-    @property
-    def level_label(self) -> str:
-        return LEVEL_LABELS[self.level]
-
-    def layer_propensity(self) -> np.ndarray:
-        """Expression propensity per layer L1..L6 and white matter, shape (7,)."""
-        return np.array(list(self.profile) + [self.wm_expression], dtype=np.float64)
-
-
-@dataclasses.dataclass(frozen=True)
-class DonorSpec:
-    """A synthetic donor: manifest metadata and the nuisance effects of its slides.
-
-    Attributes:
-      donor_id, specimen_id, sex, age, race, smoker, diagnosis, tissue_ph, pmi: the
-        manifest's donor columns.
-      stain_scale: multiplies every stain optical density (0.75..1.3).
-      hue: 0 = blue, 1 = purple stain colour.
-      background: RGB of the bare slide (near white, tinted).
-      tissue_od: optical density of unstained tissue.
-      blur_sigma: Gaussian blur of the scan, pixels.
-      noise_sd: pixel noise, grey levels.
-    """
-
-    donor_id: str
-    specimen_id: int
-    sex: str
-    age: float
-    race: str
-    smoker: str
-    diagnosis: str
-    tissue_ph: float
-    pmi: float
-    stain_scale: float
-    hue: float
-    background: tuple[float, float, float]
-    tissue_od: float
-    blur_sigma: float
-    noise_sd: float
-
-    def stain_vector(self) -> np.ndarray:
-        """Absorption of the stain per RGB channel, shape (3,)."""
-        return (1.0 - self.hue) * _STAIN_BLUE + self.hue * _STAIN_PURPLE
-
-
-@dataclasses.dataclass(frozen=True)
-class _GroupPrototype:
-    pattern: str
-    cell_type: str
-    marker: int  # index into LAMINAR_MARKERS
-    cell_size: float
-    elongation: float
-    punctate: float
-    neuropil: float
-    intensity_cv: float
-
-
-def gene_symbol(i: int, n: int) -> str:
-    """Symbol of the i-th (0-based) of n synthetic genes: SG001, SG002, ..."""
-    return f"SG{i + 1:0{max(3, len(str(n)))}d}"
-
-
-def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
-    return float(rng.uniform(lo, hi))
-
-
-def _pattern_quota(n_groups: int, rng: np.random.Generator) -> list[str]:
-    """Group patterns in proportion to PATTERN_WEIGHTS (largest remainder), shuffled."""
-    share = np.asarray(PATTERN_WEIGHTS) * n_groups
-    counts = np.floor(share).astype(int)
-    for k in np.argsort(-(share - counts), kind="stable")[: n_groups - counts.sum()]:
-        counts[k] += 1
-    return [str(p) for p in rng.permutation(np.repeat(PATTERNS, counts))]
-
-
-def _make_prototype(rng: np.random.Generator, pattern: str | None = None) -> _GroupPrototype:
-    if pattern is None:
-        pattern = str(rng.choice(PATTERNS, p=PATTERN_WEIGHTS))
-    if pattern in ("widespread", "laminar"):
-        cell_type = "neuron"
-    elif pattern == "scattered":
-        cell_type = str(rng.choice(["interneuron", "oligodendrocyte", "astrocyte"], p=[0.6, 0.2, 0.2]))
-    elif pattern == "sparse":
-        cell_type = "interneuron"
-    else:
-        cell_type = ""
-    return _GroupPrototype(
-        pattern=pattern, cell_type=cell_type, marker=int(rng.integers(len(LAMINAR_MARKERS))),
-        cell_size=_u(rng, 0.8, 1.35), elongation=_u(rng, 1.0, 2.2), punctate=_u(rng, 0.0, 1.0),
-        neuropil=_u(rng, 0.0, 0.12), intensity_cv=_u(rng, 0.1, 0.6))
-
-
-def _gene_from_prototype(i: int, n: int, group: int, proto: _GroupPrototype,
-                         rng: np.random.Generator) -> GeneSpec:
-    # A quarter of a group's members are off-prototype in pattern/cell type (keeping the
-    # group's cell shape and texture), so a group is a tendency of shared
-    # characteristics, not a label readable from one feature.
-    if rng.random() < 0.25:
-        other = _make_prototype(rng)
-        proto = dataclasses.replace(proto, pattern=other.pattern, cell_type=other.cell_type,
-                                    marker=other.marker)
-    pattern, cell_type = proto.pattern, proto.cell_type
-    marker_layers, marker_name = LAMINAR_MARKERS[proto.marker]
-    if pattern == "laminar" and rng.random() < 0.3:
-        marker_layers, marker_name = LAMINAR_MARKERS[int(rng.integers(len(LAMINAR_MARKERS)))]
-
-    if pattern == "ND":
-        level = int(rng.choice([0, 1], p=[0.45, 0.55]))
-    elif pattern == "laminar":
-        level = int(rng.choice([1, 2, 3, 4, 5], p=[0.04, 0.14, 0.32, 0.28, 0.22]))
-    else:
-        level = int(rng.choice([2, 3, 4, 5], p=[0.22, 0.32, 0.22, 0.24]))
-
-    profile = np.zeros(N_LAYERS)
-    wm = _u(rng, 0.0, 0.08)
-    weights = (1.0, 0.0, 0.0)
-    fraction = 0.0
-    layer_marker = ""
-    if pattern == "widespread":
-        profile = rng.uniform(0.55, 1.0, N_LAYERS)
-        profile[0] = _u(rng, 0.0, 0.15)
-        weights = (1.0, _u(rng, 0.3, 1.0), _u(rng, 0.0, 0.2))
-        fraction = _u(rng, 0.45, 0.9)
-    elif pattern == "laminar":
-        profile = rng.uniform(0.0, 0.1, N_LAYERS)
-        for k in marker_layers:
-            for adj in (k - 1, k + 1):
-                if 0 <= adj < N_LAYERS and adj not in marker_layers:
-                    profile[adj] = max(profile[adj], _u(rng, 0.05, 0.3))
-        for k in marker_layers:
-            profile[k] = _u(rng, 0.85, 1.0)
-        weights = (1.0, _u(rng, 0.0, 0.2), 0.0)
-        fraction = _u(rng, 0.55, 0.95)
-        layer_marker = marker_name
-    elif pattern == "scattered":
-        if cell_type == "interneuron":
-            profile = rng.uniform(0.5, 1.0, N_LAYERS)
-            profile[0] = _u(rng, 0.3, 0.8)
-            weights = (_u(rng, 0.0, 0.04), 1.0, 0.0)
-            fraction = _u(rng, 0.45, 0.9)
-        elif cell_type == "oligodendrocyte":
-            profile = rng.uniform(0.15, 0.45, N_LAYERS)
-            profile[0] = _u(rng, 0.0, 0.1)
-            wm = _u(rng, 0.7, 1.0)
-            weights = (0.0, 0.0, 1.0)
-            fraction = _u(rng, 0.45, 0.8)
-        else:  # astrocyte: everywhere, densest under the pia and in white matter
-            profile = rng.uniform(0.4, 0.8, N_LAYERS)
-            profile[0] = _u(rng, 0.8, 1.0)
-            wm = _u(rng, 0.5, 0.8)
-            weights = (0.0, 0.0, 1.0)
-            fraction = _u(rng, 0.5, 0.9)
-    elif pattern == "sparse":
-        profile = rng.uniform(0.3, 1.0, N_LAYERS)
-        weights = (_u(rng, 0.0, 0.03), 1.0, 0.0)
-        fraction = _u(rng, 0.06, 0.18)
-    elif level > 0:  # ND with a faint, patternless signal
-        profile = rng.uniform(0.6, 1.0, N_LAYERS)
-        weights = (1.0, 1.0, 1.0)
-        fraction = _u(rng, 0.15, 0.45)
-
-    jitter = lambda v, s, lo, hi: float(np.clip(v + rng.normal(0.0, s), lo, hi))  # noqa: E731
-    return GeneSpec(
-        symbol=gene_symbol(i, n), entrez_id=900_000 + i + 1, group=group, level=level,
-        pattern=pattern, profile=tuple(round(float(p), 4) for p in profile),
-        wm_expression=round(float(wm), 4), class_weights=tuple(round(float(w), 4) for w in weights),
-        fraction=round(float(fraction), 4),
-        intensity=round(LEVEL_OD[level] * _u(rng, 0.88, 1.12), 4),
-        intensity_cv=round(jitter(proto.intensity_cv, 0.08, 0.05, 0.8), 4),
-        cell_size=round(jitter(proto.cell_size, 0.08, 0.7, 1.5), 4),
-        elongation=round(jitter(proto.elongation, 0.15, 1.0, 2.5), 4),
-        punctate=round(jitter(proto.punctate, 0.12, 0.0, 1.0), 4),
-        neuropil=round(jitter(proto.neuropil, 0.02, 0.0, 0.18), 4),
-        layer_marker=layer_marker, cell_type=cell_type)
-
-
-def make_genes(n: int, rng: np.random.Generator, n_groups: int = 6) -> list[GeneSpec]:
-    """Draws n genes in n_groups GO-like groups of shared expression characteristics.
-
-    Args:
-      n: number of genes.
-      rng: random generator (consumed).
-      n_groups: number of groups; genes are dealt to groups evenly, in random order.
-
-    Returns:
-      GeneSpecs with symbols SG001... and entrez ids 900001...
-
-    Raises:
-      ValueError: n < 1 or n_groups not in 1..n.
-    """
-    if n < 1 or not 1 <= n_groups <= n:
-        raise ValueError(f"make_genes: need n >= 1 and 1 <= n_groups <= n, got n={n}, n_groups={n_groups}")
-    protos = [_make_prototype(rng, p) for p in _pattern_quota(n_groups, rng)]
-    groups = rng.permutation(np.arange(n) % n_groups)
-    return [_gene_from_prototype(i, n, int(groups[i]), protos[groups[i]], rng) for i in range(n)]
-
-
-def make_donors(n: int, rng: np.random.Generator) -> list[DonorSpec]:
-    """Draws n donors; half of them (rounded down) have a schizophrenia diagnosis.
-
-    Args:
-      n: number of donors.
-      rng: random generator (consumed).
-
-    Returns:
-      DonorSpecs with ids SYN-D001... and specimen ids 800001...
-    """
-    if n < 1:
-        raise ValueError(f"make_donors: need n >= 1, got {n}")
-    diagnoses = rng.permutation(["schizophrenia"] * (n // 2) + ["control"] * (n - n // 2))
-    donors = []
-    for j in range(n):
-        brightness = _u(rng, 228.0, 250.0)
-        tint = rng.uniform(-6.0, 6.0, 3)
-        bg = np.clip(brightness + tint, 200.0, 255.0)
-        donors.append(DonorSpec(
-            donor_id=f"SYN-D{j + 1:03d}", specimen_id=800_000 + j + 1,
-            sex=str(rng.choice(["M", "F"])), age=round(_u(rng, 22.0, 68.0), 1),
-            race=str(rng.choice(["White or Caucasian", "Black or African American", "Hispanic", "Asian"],
-                                p=[0.6, 0.2, 0.1, 0.1])),
-            smoker=str(rng.choice(["yes", "no", "unknown"], p=[0.4, 0.45, 0.15])),
-            diagnosis=str(diagnoses[j]), tissue_ph=round(_u(rng, 6.1, 6.9), 2),
-            pmi=round(_u(rng, 4.0, 36.0), 1), stain_scale=round(_u(rng, 0.75, 1.3), 4),
-            hue=round(_u(rng, 0.0, 1.0), 4), background=tuple(round(float(c), 2) for c in bg),
-            tissue_od=round(_u(rng, 0.08, 0.16), 4), blur_sigma=round(_u(rng, 0.3, 1.2), 4),
-            noise_sd=round(_u(rng, 1.0, 3.0), 4)))
-    return donors
 
 
 # --------------------------------------------------------------------------- geometry
@@ -480,18 +206,18 @@ class _Geometry:
 
 def _draw_geometry(rng: np.random.Generator, height: int, width: int, region: str) -> _Geometry:
     size = float(min(height, width))
-    angle = _u(rng, 0.0, 2.0 * math.pi)
+    angle = uniform(rng, 0.0, 2.0 * math.pi)
     normal = np.array([math.cos(angle), math.sin(angle)])
     # Slide strip of 8..26% of the image before the pia, measured through the centre.
     centre = np.array([width / 2.0, height / 2.0])
-    p0 = centre - normal * size * (0.5 - _u(rng, 0.08, 0.26))
-    curvature = _u(rng, -1.0, 1.0) / (size * _u(rng, 0.7, 2.5))
+    p0 = centre - normal * size * (0.5 - uniform(rng, 0.08, 0.26))
+    curvature = uniform(rng, -1.0, 1.0) / (size * uniform(rng, 0.7, 2.5))
     bounds = region_layers(region) + np.concatenate([rng.uniform(-0.01, 0.01, 5), [0.0]])
     return _Geometry(
         height=height, width=width, p0=p0, normal=normal, curvature=curvature,
-        thickness=size * _u(rng, 0.5, 0.68), wm_end=_u(rng, 1.25, 2.2),
-        wobble=(size * _u(rng, 0.0, 0.025), _u(rng, 1.0, 3.0) * 2.0 * math.pi / size,
-                _u(rng, 0.0, 2.0 * math.pi)),
+        thickness=size * uniform(rng, 0.5, 0.68), wm_end=uniform(rng, 1.25, 2.2),
+        wobble=(size * uniform(rng, 0.0, 0.025), uniform(rng, 1.0, 3.0) * 2.0 * math.pi / size,
+                uniform(rng, 0.0, 2.0 * math.pi)),
         bounds=np.sort(bounds))
 
 
@@ -646,10 +372,10 @@ def render_section_full(gene: GeneSpec, donor: DonorSpec, rng: np.random.Generat
     intensity_draw = rng.normal(0.0, 1.0, n)
     grain = rng.standard_exponential((height, width), dtype=f32)
     tissue_field = _smooth_field(rng, height, width)
-    section_scale = _u(rng, 0.9, 1.1)
-    smudge = _u(rng, 0.0, 1.0) < 0.4
+    section_scale = uniform(rng, 0.9, 1.1)
+    smudge = uniform(rng, 0.0, 1.0) < 0.4
     smudge_xy = rng.uniform(0.0, 1.0, 2) * np.array([width, height])
-    smudge_r = _u(rng, 0.05, 0.15) * min(height, width)
+    smudge_r = uniform(rng, 0.05, 0.15) * min(height, width)
     noise = rng.random((height, width, 3), dtype=f32)
 
     radial = geom.radial_angle(cx, cy) + angle_jit
@@ -810,82 +536,6 @@ def make_specs(cfg: SynthConfig) -> tuple[list[GeneSpec], list[DonorSpec]]:
     return genes, donors
 
 
-def group_term(group: int) -> str:
-    """GO-like id of a gene group: GO:9910000 + group."""
-    return f"GO:{9_910_000 + group:07d}"
-
-
-# Family terms (parents of the group terms) by cell type.
-_FAMILIES = {
-    "neuron": ("GO:9900001", "synthetic neuronal signalling"),
-    "interneuron": ("GO:9900002", "synthetic inhibitory interneuron function"),
-    "oligodendrocyte": ("GO:9900003", "synthetic glial function"),
-    "astrocyte": ("GO:9900003", "synthetic glial function"),
-    "": ("GO:9900004", "synthetic housekeeping process"),
-}
-_ROOT = ("GO:9900000", "synthetic cortical gene function")
-
-
-def _group_names(genes: Sequence[GeneSpec]) -> dict[int, tuple[str, str]]:
-    """Name and family cell type of each group, from its members' majority pattern/cell type."""
-    out = {}
-    for g in sorted({x.group for x in genes}):
-        members = [x for x in genes if x.group == g]
-        pattern = pd.Series([m.pattern for m in members]).mode().iloc[0]
-        cell_type = pd.Series([m.cell_type for m in members]).mode().iloc[0]
-        label = f"{pattern} {cell_type}".strip()
-        out[g] = (f"synthetic process {g + 1} ({label})", cell_type)
-    return out
-
-
-def annotation_table(genes: Sequence[GeneSpec]) -> pd.DataFrame:
-    """Zeng et al.-shaped annotations: gene_symbol, entrez_id, level, pattern, group, ...
-
-    `marker` joins layer marker and cell type like Zeng's "Cortical marker (human)"
-    column (e.g. "layer 4", "interneuron", "oligodendrocyte").
-    """
-    names = _group_names(genes)
-    rows = []
-    for x in genes:
-        marker = x.layer_marker or (x.cell_type if x.cell_type not in ("", "neuron") else "")
-        rows.append({
-            "gene_symbol": x.symbol, "entrez_id": x.entrez_id, "level": x.level_label,
-            "pattern": x.pattern, "group": group_term(x.group), "group_name": names[x.group][0],
-            "layer_marker": x.layer_marker, "cell_type": x.cell_type, "marker": marker,
-        })
-    return pd.DataFrame(rows)
-
-
-def gaf_text(genes: Sequence[GeneSpec], date: str = "20240101") -> str:
-    """A GAF 2.2 file assigning every gene to its group's GO-like term (aspect P)."""
-    lines = ["!gaf-version: 2.2", "!generated-by: ish_tf.data.synthetic",
-             "!note: synthetic GO-like groups of genes with shared expression characteristics"]
-    for x in genes:
-        cols = ["synthetic", str(x.entrez_id), x.symbol, "involved_in", group_term(x.group),
-                "GO_REF:0000000", "IEA", "", "P", f"synthetic gene {x.symbol}", "", "gene",
-                "taxon:9606", date, "synthetic", "", ""]
-        lines.append("\t".join(cols))
-    return "\n".join(lines) + "\n"
-
-
-def obo_text(genes: Sequence[GeneSpec]) -> str:
-    """A tiny OBO 1.2 ontology: root <- cell-type families <- group terms (is_a edges)."""
-    names = _group_names(genes)
-    terms: dict[str, tuple[str, str | None]] = {_ROOT[0]: (_ROOT[1], None)}
-    for g, (name, cell_type) in names.items():
-        fam_id, fam_name = _FAMILIES.get(cell_type, _FAMILIES[""])
-        terms.setdefault(fam_id, (fam_name, _ROOT[0]))
-        terms[group_term(g)] = (name, fam_id)
-    parts = ["format-version: 1.2", "ontology: synthetic-go", ""]
-    for term_id in sorted(terms):
-        name, parent = terms[term_id]
-        parts += ["[Term]", f"id: {term_id}", f"name: {name}", "namespace: biological_process"]
-        if parent:
-            parts.append(f"is_a: {parent} ! {terms[parent][0]}")
-        parts.append("")
-    return "\n".join(parts)
-
-
 def _specs_json(cfg: SynthConfig, genes: Sequence[GeneSpec], donors: Sequence[DonorSpec]) -> str:
     conf = dataclasses.asdict(cfg)
     for volatile in ("out_dir", "workers"):  # may change between a run and its resume
@@ -984,8 +634,6 @@ def generate_dataset(cfg: SynthConfig) -> pd.DataFrame:
 
 
 __all__ = [
-    "LEVEL_LABELS", "PATTERNS", "SynthConfig", "GeneSpec", "DonorSpec", "SectionRender",
-    "make_genes", "make_donors", "make_specs", "design", "render_section", "render_section_full",
-    "image_rng", "region_layers", "annotation_table", "gaf_text", "obo_text", "group_term",
-    "gene_symbol", "generate_dataset",
+    "SynthConfig", "SectionRender", "make_specs", "design", "render_section",
+    "render_section_full", "image_rng", "region_layers", "generate_dataset",
 ]

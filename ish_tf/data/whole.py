@@ -24,18 +24,15 @@ import os
 import numpy as np
 from PIL import Image
 
+from ish_tf.data.patch_sampling import NO_TISSUE, OK, UNREADABLE, encode_patch, read_rgb
 from ish_tf.data.patches import (
-    NO_TISSUE,
-    OK,
-    UNREADABLE,
     ExtractError,
     RecordSetConfig,
     ShardedStage,
     check_background,
-    encode_patch,
+    exclusive_out_dir,
     plan_extraction,
     prepare_out_dir,
-    read_rgb,
     select_images,
     write_shards,
 )
@@ -216,9 +213,14 @@ def run_whole(cfg: WholeConfig, progress_enabled: bool | None = None) -> dict:
       shards, status}, skipped {status: count}.
 
     Raises:
-      ManifestError: unreadable manifest. ExtractError: nothing to extract, or OUT holds
-      records of other settings.
+      ManifestError: unreadable manifest. ExtractError: nothing to extract, OUT holds
+      records of other settings, another run is writing OUT, or OUT cannot be written.
     """
+    with exclusive_out_dir(cfg.out_dir):
+        return _run_whole(cfg, progress_enabled)
+
+
+def _run_whole(cfg: WholeConfig, progress_enabled: bool | None) -> dict:
     from ish_tf.data import records
 
     # The same manifest selection, resume rules and summary as patch extraction.
