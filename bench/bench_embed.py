@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ish_tf import embed  # noqa: E402
-from ish_tf.data import records  # noqa: E402
+from ish_tf.data import records, shards  # noqa: E402
 from ish_tf.export import saved_model as sm  # noqa: E402
 from ish_tf.families import ModelConfig, build_model  # noqa: E402
 
@@ -84,7 +84,7 @@ def main() -> None:
         per_gene = 32
         genes = [f"G{i:03d}" for i in range((args.n + per_gene - 1) // per_gene)]
         for shard in range(2):
-            with records.ShardWriter(rec_dir, "train", shard, 2) as w:
+            with shards.ShardWriter(rec_dir, "train", shard, 2) as w:
                 for gi, gene in enumerate(genes):
                     if gi % 2 != shard:
                         continue
@@ -94,7 +94,7 @@ def main() -> None:
                             image_width=args.size, image_id=j // 8, patch_index=j % 8,
                             gene_symbol=gene, gene_index=gi, donor_id=f"D{j % 3}"),
                             gene, j // 8)
-            records.update_index(rec_dir, w.info)
+            shards.update_index(rec_dir, w.info)
         start = time.perf_counter()
         result = embed.embed_records(embed.EmbedConfig(
             saved_model=export, records_dir=rec_dir, out_dir=os.path.join(tmp, "embed"),

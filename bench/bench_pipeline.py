@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ish_tf.data import pipeline, records  # noqa: E402
+from ish_tf.data import pipeline, records, shards  # noqa: E402
 
 
 def synthetic_patch(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -45,16 +45,16 @@ def write_records(out: str, n: int, size: int, n_genes: int, n_shards: int,
     """Writes n patches like bin/extract would; returns the encoded JPEGs in write order."""
     rng = np.random.default_rng(seed)
     genes = [f"G{i:03d}" for i in range(n_genes)]
-    info = records.DatasetInfo(genes=records.make_gene_vocabulary(genes), source_size=size,
+    info = shards.DatasetInfo(genes=shards.make_gene_vocabulary(genes), source_size=size,
                                patch_size=size, format="jpeg", seed=seed)
-    records.write_dataset_info(out, info)
+    shards.write_dataset_info(out, info)
     per_gene = np.full(n_genes, n // n_genes)
     per_gene[: n - per_gene.sum()] += 1
-    shard_of = records.assign_shards(genes, n_shards)
+    shard_of = shards.assign_shards(genes, n_shards)
     gene_index = info.gene_index()
     encoded: list[bytes] = []
     for k in range(n_shards):
-        with records.ShardWriter(out, "train", k, n_shards) as w:
+        with shards.ShardWriter(out, "train", k, n_shards) as w:
             for g in (g for g in genes if shard_of[g] == k):
                 for p in range(per_gene[gene_index[g]]):
                     buf = io.BytesIO()
@@ -66,7 +66,7 @@ def write_records(out: str, n: int, size: int, n_genes: int, n_shards: int,
                         image_encoded=data, image_height=size, image_width=size,
                         image_id=image_id, patch_index=p % 8, gene_symbol=g,
                         gene_index=gene_index[g]), g, image_id)
-        records.update_index(out, w.info)
+        shards.update_index(out, w.info)
     return encoded
 
 

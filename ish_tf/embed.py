@@ -47,6 +47,7 @@ from ish_tf.data.embeddings import (
     aggregate,
     write_embedding_table,
 )
+from ish_tf.data.shards import compression_of, index_path, load_index
 from ish_tf.io_utils import Progress, atomic_path, atomic_write_text
 
 #: Key columns of the patch table, in order.
@@ -282,7 +283,7 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
     import tensorflow as tf
 
     shard = os.path.basename(shard_path)
-    ds = tf.data.TFRecordDataset(shard_path, compression_type=records.compression_of(shard_path)
+    ds = tf.data.TFRecordDataset(shard_path, compression_type=compression_of(shard_path)
                                  or "").batch(batch_size).prefetch(2)
     columns: dict[str, list] = {k: [] for k in _RECORD_KEYS}
     chunks: list[np.ndarray] = []
@@ -438,7 +439,7 @@ def aggregate_levels(patch: EmbeddingTable, gene_from: str = "patches",
 
 # --------------------------------------------------------------------------- driver
 def _selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
-    index = records.load_index(records_dir)
+    index = load_index(records_dir)
     shards = sorted(index["shards"], key=lambda s: (s["split"], s["index"]))
     have = sorted({s["split"] for s in shards})
     if splits:
@@ -452,7 +453,7 @@ def _selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
     for s in shards:
         path = os.path.join(records_dir, s["file"])
         if not os.path.exists(path):
-            raise EmbedError(f"{records.index_path(records_dir)} lists {s['file']} but it is "
+            raise EmbedError(f"{index_path(records_dir)} lists {s['file']} but it is "
                              f"not in {records_dir}")
     return shards
 

@@ -145,13 +145,13 @@ def data(tmp_path_factory):
 
 
 def test_whole_records_one_per_image_and_resume(data):
-    from ish_tf.data import records
+    from ish_tf.data import shards
     from ish_tf.data.whole import WholeConfig, run_whole
 
     s = data["summary"]
     assert sum(v["images"] for v in s["splits"].values()) == 24
     assert sum(v["patches"] for v in s["splits"].values()) == 24 and not s["skipped"]
-    info = records.load_dataset_info(data["records"])
+    info = shards.load_dataset_info(data["records"])
     assert info.patch_size == 16 and info.extra["whole"] == {"height": 16, "width": 16,
                                                             "channels": 1}
     report = pd.read_csv(os.path.join(data["records"], "whole_report.csv"))
@@ -198,7 +198,7 @@ def test_bin_extract_whole_images(data, tmp_path, capsys):
 def test_whole_gene_filter_is_the_patch_extractions(data, tmp_path, caplog):
     """--genes selects the same way for whole sections as for patches: unknown genes are
     named and ignored, and a list with none of the manifest's genes is an error."""
-    from ish_tf.data import records
+    from ish_tf.data import shards
     from ish_tf.data.patches import ExtractError
     from ish_tf.data.whole import WholeConfig, run_whole
 
@@ -210,7 +210,7 @@ def test_whole_gene_filter_is_the_patch_extractions(data, tmp_path, caplog):
                                   genes=(gene, "NOT_A_GENE")), progress_enabled=False)
     assert "NOT_A_GENE" in caplog.text
     assert sum(v["images"] for v in s["splits"].values()) == 2  # 2 donors x 1 image
-    info = records.load_dataset_info(out)
+    info = shards.load_dataset_info(out)
     assert [g.gene_symbol for g in info.genes] == [gene] and info.source_size == 0
     with pytest.raises(ExtractError, match=r"manifest\.csv: none of the requested genes"):
         run_whole(WholeConfig(manifest=manifest, out_dir=str(tmp_path / "none"), size=16,

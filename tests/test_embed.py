@@ -15,7 +15,7 @@ keras = pytest.importorskip("keras")
 from absl.testing import flagsaver  # noqa: E402
 
 from ish_tf import embed  # noqa: E402
-from ish_tf.data import records  # noqa: E402
+from ish_tf.data import records, shards  # noqa: E402
 from ish_tf.data.embeddings import read_embedding_table  # noqa: E402
 from ish_tf.export import saved_model as sm  # noqa: E402
 
@@ -54,7 +54,7 @@ def write_records(out: str, corrupt: tuple[int, int] | None = None) -> dict:
     for gene, gi, donor, split, images in LAYOUT:
         by_split.setdefault(split, []).append((gene, gi, donor, images))
     for split, genes in by_split.items():
-        with records.ShardWriter(out, split, 0, 1) as w:
+        with shards.ShardWriter(out, split, 0, 1) as w:
             for gene, gi, donor, images in genes:
                 for image_id, n in images.items():
                     for p in range(n):
@@ -68,7 +68,7 @@ def write_records(out: str, corrupt: tuple[int, int] | None = None) -> dict:
                             image_id=image_id, patch_index=p, x=10 * p, y=20 * p,
                             gene_symbol=gene, gene_index=gi, entrez_id=1000 + gi,
                             donor_id=donor, region="V1", study="synthetic"), gene, image_id)
-        records.update_index(out, w.info)
+        shards.update_index(out, w.info)
     return encoded
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ish_tf.data import patches as P
-from ish_tf.data import records
+from ish_tf.data import records, shards
 from ish_tf.data.manifest import ManifestError, write_manifest
 from ish_tf.io_utils import tmp_path_for
 
@@ -39,7 +39,7 @@ def _read_keys(out) -> list[tuple[int, int, str]]:
     import tensorflow as tf
 
     keys = []
-    for shard in records.load_index(str(out))["shards"]:
+    for shard in shards.load_index(str(out))["shards"]:
         ds = tf.data.TFRecordDataset(os.path.join(out, shard["file"]),
                                      compression_type=shard["compression"] or "")
         for raw in ds:
@@ -71,17 +71,17 @@ def test_end_to_end_extract(synth, reference):
     assert (report["n_patches"] == 4).all()
     keys = _read_keys(out)
     assert len(keys) == len(set(keys)) == 4 * len(manifest)
-    assert summary["shards_written"] == len(records.load_index(str(out))["shards"])
+    assert summary["shards_written"] == len(shards.load_index(str(out))["shards"])
     assert sum(s["patches"] for s in summary["splits"].values()) == len(keys)
     # Splits are by gene: each gene lies in exactly one split, all three are used.
-    info = records.load_dataset_info(str(out))
+    info = shards.load_dataset_info(str(out))
     split_of = {g.gene_symbol: g.split for g in info.genes}
     assert set(split_of.values()) == {"train", "validation", "test"}
     for _, row in report.iterrows():
         assert row["split"] == split_of[row["gene_symbol"]]
     # Records are contiguous per gene inside every shard, and their labels match the vocabulary.
-    for shard in records.load_index(str(out))["shards"]:
-        assert shard["split"] in records.SPLITS
+    for shard in shards.load_index(str(out))["shards"]:
+        assert shard["split"] in shards.SPLITS
     genes_in_order = [k[2] for k in keys]
     runs = [g for i, g in enumerate(genes_in_order) if i == 0 or genes_in_order[i - 1] != g]
     assert len(runs) == len(set(runs))
@@ -90,7 +90,7 @@ def test_end_to_end_extract(synth, reference):
     # A decoded patch has the stored size.
     import tensorflow as tf
 
-    shard = records.load_index(str(out))["shards"][0]
+    shard = shards.load_index(str(out))["shards"][0]
     raw = next(iter(tf.data.TFRecordDataset(os.path.join(out, shard["file"]))))
     f = records.parse_example(raw)
     assert tuple(records.decode_image(f, 32).shape) == (32, 32, 3)
@@ -120,11 +120,11 @@ def test_crash_mid_shard_then_resume_gives_same_records(synth, reference, tmp_pa
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         P.run_extract(_cfg(synth / "manifest.csv", out), hooks=P.ExtractHooks(after_image=crash))
-    done_before = len(records.load_index(str(out))["shards"])
-    assert 0 < done_before < len(records.load_index(str(ref_out))["shards"])
+    done_before = len(shards.load_index(str(out))["shards"])
+    assert 0 < done_before < len(shards.load_index(str(ref_out))["shards"])
     # A killed run leaves a temporary shard and a final-named shard the index never listed.
     pending = [n for n in _shard_bytes(ref_out)
-               if n not in {s["file"] for s in records.load_index(str(out))["shards"]}]
+               if n not in {s["file"] for s in shards.load_index(str(out))["shards"]}]
     stale_tmp = tmp_path_for(os.path.join(out, pending[0]))
     with open(stale_tmp, "wb") as f:
         f.write(b"\x00partial")
@@ -204,13 +204,13 @@ def test_split_by_donor_and_gene_filter(synth, tmp_path):
     cfg = _cfg(synth / "manifest.csv", out, split_by="donor", genes=genes,
                split_fractions=(0.5, 0.5, 0.0), image_format="png", compression="GZIP")
     P.run_extract(cfg)
-    info = records.load_dataset_info(str(out))
+    info = shards.load_dataset_info(str(out))
     assert info.split_by == "donor" and set(info.donor_splits.values()) == {"train", "validation"}
     report = pd.read_csv(out / P.REPORT_NAME)
     assert set(report["gene_symbol"]) == set(genes)
     for _, row in report.iterrows():
         assert row["split"] == info.donor_splits[row["donor_id"]]
-    assert all(s["file"].endswith(".gz") for s in records.load_index(str(out))["shards"])
+    assert all(s["file"].endswith(".gz") for s in shards.load_index(str(out))["shards"])
     assert len(_read_keys(out)) == 4 * len(report)
 
 
@@ -284,7 +284,7 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
     report = pd.read_csv(out / P.REPORT_NAME)
     assert (report["status"] == P.OK).all(), list(report["reason"])
     n = 0
-    for shard in records.load_index(str(out))["shards"]:
+    for shard in shards.load_index(str(out))["shards"]:
         for raw in tf.data.TFRecordDataset(os.path.join(out, shard["file"])):
             f = records.parse_example(raw, ["image_id", "x", "y"])
             x, y, truth = int(f["x"]), int(f["y"]), truths[int(f["image_id"])]

@@ -98,11 +98,11 @@ def test_reid_bars(tmp_path):
 
 def _write_records(out_dir: str):
     """Two genes; gene A has 6 patches whose grey level rises with dimension 0."""
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     rng = np.random.default_rng(3)
     rows, encoded = [], {}
-    with records.ShardWriter(out_dir, "test", 0, 1) as w:
+    with shards.ShardWriter(out_dir, "test", 0, 1) as w:
         for gene, n_img in (("A", 3), ("B", 2)):
             for image_id in range(n_img):
                 image_id += 100 if gene == "B" else 0
@@ -117,7 +117,7 @@ def _write_records(out_dir: str):
                         gene, image_id)
                     encoded[(image_id, p)] = data
                     rows.append((image_id, p, gene, level / 255.0))
-    records.update_index(out_dir, w.info)
+    shards.update_index(out_dir, w.info)
     keys = pd.DataFrame(rows, columns=["image_id", "patch_index", "gene_symbol", "level"])
     values = np.stack([keys["level"], rng.normal(size=len(keys))], axis=1).astype(np.float32)
     return EmbeddingTable(keys.drop(columns="level"), values, "patches.csv"), encoded

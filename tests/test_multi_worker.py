@@ -49,20 +49,20 @@ print("RESULT", result.step, repr(result.loss), flush=True)
 
 
 def _write_records(out_dir: str) -> str:
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     rng = np.random.default_rng(0)
     symbols = [f"G{i}" for i in range(6)]
-    vocab = records.make_gene_vocabulary(symbols)
-    with records.ShardWriter(out_dir, "train", 0, 1) as writer:
+    vocab = shards.make_gene_vocabulary(symbols)
+    with shards.ShardWriter(out_dir, "train", 0, 1) as writer:
         for i, g in enumerate(symbols):
             for j in range(4):
                 png = tf.io.encode_png(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)).numpy()
                 writer.write(records.make_example(image_encoded=png, image_height=S,
                                                   image_width=S, image_id=10 * i + j,
                                                   gene_symbol=g, gene_index=i), g, 10 * i + j)
-    records.update_index(out_dir, writer.info)
-    records.write_dataset_info(out_dir, records.DatasetInfo(genes=vocab, patch_size=S,
+    shards.update_index(out_dir, writer.info)
+    shards.write_dataset_info(out_dir, shards.DatasetInfo(genes=vocab, patch_size=S,
                                                             format="png"))
     return out_dir
 

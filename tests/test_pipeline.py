@@ -11,7 +11,7 @@ import tensorflow as tf
 from test_records import write_tiny_dataset
 
 from ish_tf import flags as ish_flags
-from ish_tf.data import pipeline, records
+from ish_tf.data import pipeline, shards
 from ish_tf.data.records import RecordsError
 
 GENES = {"A": 4, "B": 4, "C": 3, "D": 2, "E": 1, "F": 4, "G": 5}
@@ -45,7 +45,7 @@ def take(ds: tf.data.Dataset, n: int) -> list:
 def test_list_shards_uses_the_index_and_names_the_directory(tiny, tmp_path):
     out, _ = tiny
     files = pipeline.list_shards(out, "train")
-    assert [os.path.basename(f) for f in files] == [records.shard_name("train", k, 3)
+    assert [os.path.basename(f) for f in files] == [shards.shard_name("train", k, 3)
                                                    for k in range(3)]
     with pytest.raises(RecordsError, match=f"{out}: split 'test' has no completed shards"):
         pipeline.list_shards(out, "test")
@@ -202,7 +202,7 @@ def test_pk_deterministic_resume_and_flips_match_eager(tiny):
     assert any(not np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c, strict=False))
     np.testing.assert_array_equal(late[0][0], a[3][0])
     # Rebuild batch 1 eagerly from the sampler and the original images.
-    ext = records.gene_extents(out, "train")
+    ext = shards.gene_extents(out, "train")
     genes, recs, bits = pipeline.PKSampler([e.count for e in ext], 2, 3, seed=7).batch(1)
     by_gene = {}
     for rec in sorted(expected.values(), key=lambda r: (r["image_id"], r["patch_index"])):
@@ -235,7 +235,7 @@ def test_pk_input_context_slices_concatenate_to_global_batch(tiny):
 def test_pk_without_sidecar_and_with_gzip(tmp_path):
     out = str(tmp_path / "plain")
     write_tiny_dataset(out, {"A": 3, "B": 2}, num_shards=1)
-    os.remove(records.offsets_path(os.path.join(out, "train-00000-of-00001.tfrecord")))
+    os.remove(shards.offsets_path(os.path.join(out, "train-00000-of-00001.tfrecord")))
     images, labels = next(iter(pipeline.pk_dataset(out, "train", P=2, K=2)))
     assert images.shape == (4, 16, 16, 3) and sorted(set(labels.numpy())) == [0, 1]
     gz = str(tmp_path / "gz")

@@ -146,7 +146,7 @@ def test_crop_patches_centre_convention_and_reflection():
 def test_records_round_trip(tmp_path):
     import tensorflow as tf
 
-    from ish_tf.data import records
+    from ish_tf.data import shards
     from ish_tf.data.pipeline import patch_dataset, pk_dataset
 
     rng = np.random.default_rng(0)
@@ -166,7 +166,7 @@ def test_records_round_trip(tmp_path):
     assert labels["label"].value_counts().sort_index().tolist() == [3, 2, 3, 3]
     for size in (8, 16):
         rdir = spatial.records_dir_for(out, size)
-        info = records.load_dataset_info(rdir)
+        info = shards.load_dataset_info(rdir)
         assert info.patch_size == size and [g.gene_symbol for g in info.genes] == result["classes"]
         ds = patch_dataset(rdir, "train", batch_size=100, training=False, with_keys=True)
         images, keys = next(iter(ds))

@@ -288,13 +288,13 @@ def test_incompatible_checkpoint_is_reported(runs, tmp_path):
 # --------------------------------------------------------------------------- bin/train
 def _write_records(out_dir, genes=6, per_gene=4, size=16, seed=0):
     """A tiny uncompressed records directory in the bin/extract layout."""
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     rng = np.random.default_rng(seed)
     symbols = [f"G{i}" for i in range(genes)]
-    vocab = records.make_gene_vocabulary(symbols)
+    vocab = shards.make_gene_vocabulary(symbols)
     index = {g.gene_symbol: g.gene_index for g in vocab}
-    with records.ShardWriter(str(out_dir), "train", 0, 1) as writer:
+    with shards.ShardWriter(str(out_dir), "train", 0, 1) as writer:
         image_id = 0
         for g in symbols:
             for _ in range(per_gene):
@@ -304,8 +304,8 @@ def _write_records(out_dir, genes=6, per_gene=4, size=16, seed=0):
                                                   image_id=image_id, gene_symbol=g,
                                                   gene_index=index[g]), g, image_id)
                 image_id += 1
-    records.update_index(str(out_dir), writer.info)
-    records.write_dataset_info(str(out_dir), records.DatasetInfo(genes=vocab, patch_size=size,
+    shards.update_index(str(out_dir), writer.info)
+    shards.write_dataset_info(str(out_dir), shards.DatasetInfo(genes=vocab, patch_size=size,
                                                                  format="png"))
     return str(out_dir)
 

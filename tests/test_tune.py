@@ -31,15 +31,15 @@ def write_records(out_dir: str, seed: int = 0) -> str:
 
     Each gene is a fixed random texture plus noise, so a model can learn something.
     """
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     rng = np.random.default_rng(seed)
     layout = {"train": [f"G{i}" for i in range(6)], "validation": [f"V{i}" for i in range(3)]}
-    vocab = records.make_gene_vocabulary([g for genes in layout.values() for g in genes])
+    vocab = shards.make_gene_vocabulary([g for genes in layout.values() for g in genes])
     index = {g.gene_symbol: g.gene_index for g in vocab}
     image_id = 0
     for split, genes in layout.items():
-        with records.ShardWriter(out_dir, split, 0, 1) as writer:
+        with shards.ShardWriter(out_dir, split, 0, 1) as writer:
             for gene in genes:
                 template = rng.uniform(0, 255, (S, S, 3))
                 for donor in ("D1", "D2"):
@@ -52,8 +52,8 @@ def write_records(out_dir: str, seed: int = 0) -> str:
                                 image_encoded=png, image_height=S, image_width=S,
                                 image_id=image_id, patch_index=p, gene_symbol=gene,
                                 gene_index=index[gene], donor_id=donor), gene, image_id)
-        records.update_index(out_dir, writer.info)
-    records.write_dataset_info(out_dir, records.DatasetInfo(genes=vocab, patch_size=S,
+        shards.update_index(out_dir, writer.info)
+    shards.write_dataset_info(out_dir, shards.DatasetInfo(genes=vocab, patch_size=S,
                                                             format="png"))
     return out_dir
 

@@ -122,7 +122,7 @@ class RecordSetConfig(abc.ABC):
 
     @abc.abstractmethod
     def record_sizes(self) -> tuple[int, int]:
-        """(source_size, patch_size) for `records.DatasetInfo` (0 where not one number)."""
+        """(source_size, patch_size) for `shards.DatasetInfo` (0 where not one number)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -553,13 +553,13 @@ def plan_extraction(df: pd.DataFrame,
       cfg: extraction settings (patches or whole sections).
 
     Returns:
-      (records.DatasetInfo, [ShardPlan, ...] in split then shard order,
+      (shards.DatasetInfo, [ShardPlan, ...] in split then shard order,
        image_id -> split).
 
     Raises:
       ExtractError: no images.
     """
-    from ish_tf.data import records
+    from ish_tf.data import shards
 
     if len(df) == 0:
         raise ExtractError(f"{cfg.manifest}: no images to extract (empty gene list)")
@@ -570,31 +570,31 @@ def plan_extraction(df: pd.DataFrame,
         if g not in entrez and not pd.isna(e):
             entrez[g] = int(e)
     if cfg.split_by == "gene":
-        gene_split = records.split_genes(genes, cfg.split_fractions, cfg.seed)
+        gene_split = shards.split_genes(genes, cfg.split_fractions, cfg.seed)
         image_split = dict(zip(df["image_id"].astype(int),
                                df["gene_symbol"].astype(str).map(gene_split), strict=True))
         donor_split: dict[str, str] = {}
     else:
-        donor_split = records.split_donors(donors, cfg.split_fractions, cfg.seed)
+        donor_split = shards.split_donors(donors, cfg.split_fractions, cfg.seed)
         image_split = dict(zip(df["image_id"].astype(int),
                                df["donor_id"].astype(str).map(donor_split), strict=True))
         gene_split = {}
     source_size, patch_size = cfg.record_sizes()
-    info = records.DatasetInfo(
-        genes=records.make_gene_vocabulary(genes, gene_split, entrez), donors=donors,
+    info = shards.DatasetInfo(
+        genes=shards.make_gene_vocabulary(genes, gene_split, entrez), donors=donors,
         source_size=source_size, patch_size=patch_size, format=cfg.image_format,
         seed=cfg.seed, split_by=cfg.split_by, donor_splits=donor_split,
         extra={"manifest": os.path.abspath(cfg.manifest), "manifest_digest": _manifest_digest(df),
                "sampling": cfg.sampling_key()})
     split_col = df["image_id"].astype(int).map(image_split)
     plans: list[ShardPlan] = []
-    for split in records.SPLITS:
+    for split in shards.SPLITS:
         part = df[split_col == split]
         if len(part) == 0:
             continue
         split_genes = sorted(part["gene_symbol"].astype(str).unique())
         k = min(cfg.num_shards, len(split_genes))
-        shard_of = records.assign_shards(split_genes, k)
+        shard_of = shards.assign_shards(split_genes, k)
         shard_col = part["gene_symbol"].astype(str).map(shard_of)
         for i in range(k):
             rows = part[shard_col == i].sort_values(["gene_symbol", "image_id"], kind="stable")
@@ -633,12 +633,12 @@ def _write_report(path: str, rows: dict[int, dict],
 
 def _check_resume(out_dir: str, info: Any) -> None:
     """Refuses to mix shards of different settings or manifests in one directory."""
-    from ish_tf.data import records
+    from ish_tf.data import shards
 
-    old = records.load_dataset_info(out_dir)
+    old = shards.load_dataset_info(out_dir)
     if old is None:
-        if records.load_index(out_dir, missing_ok=True)["shards"]:
-            raise ExtractError(f"{records.index_path(out_dir)}: lists shards but no dataset "
+        if shards.load_index(out_dir, missing_ok=True)["shards"]:
+            raise ExtractError(f"{shards.index_path(out_dir)}: lists shards but no dataset "
                                "info; use a fresh --out")
         return
     diffs = []
@@ -700,11 +700,11 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
       (report rows by image id, shards written, shards resumed).
     """
     from ish_tf.data import manifest as mf
-    from ish_tf.data import records
+    from ish_tf.data import shards
 
     report_path = os.path.join(out, stage.report_name)
     report = _read_report(report_path)
-    done = {split: records.completed_shards(out, split) for split in records.SPLITS}
+    done = {split: shards.completed_shards(out, split) for split in shards.SPLITS}
     pending = [p for p in plans if p.index not in done[p.split]]
     resumed = len(plans) - len(pending)
     if resumed:
@@ -727,7 +727,7 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
                 tasks = [stage.task(mf.image_path(manifest, str(r.path)), r) for r in rows]
                 results = pool.imap(stage.worker, tasks) if pool else map(stage.worker, tasks)
                 new_rows = {}
-                with records.ShardWriter(out, plan.split, plan.index, plan.num_shards,
+                with shards.ShardWriter(out, plan.split, plan.index, plan.num_shards,
                                          compression) as writer:
                     for row, res in zip(rows, results, strict=True):
                         gene, image_id = str(row.gene_symbol), int(row.image_id)
@@ -751,7 +751,7 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
                 # The shard file is in place; record its images, then mark it complete.
                 report.update(new_rows)
                 _write_report(report_path, report, stage.report_columns)
-                records.update_index(out, writer.info)
+                shards.update_index(out, writer.info)
                 written += 1
                 if hooks.after_shard:
                     hooks.after_shard(writer.info)
@@ -844,7 +844,7 @@ def prepare_out_dir(out: str, info: Any, *subdirs: str | None) -> list[str]:
     Raises:
       ExtractError: OUT holds records of other settings or manifests.
     """
-    from ish_tf.data import records
+    from ish_tf.data import shards
 
     dirs = [out, *(d for d in subdirs if d)]
     for d in dirs:
@@ -854,7 +854,7 @@ def prepare_out_dir(out: str, info: Any, *subdirs: str | None) -> list[str]:
         logging.info("removed %d partial file(s) of an interrupted run: %s", len(removed),
                      ", ".join(os.path.basename(r) for r in removed))
     _check_resume(out, info)
-    records.write_dataset_info(out, info)
+    shards.write_dataset_info(out, info)
     return removed
 
 
@@ -924,9 +924,9 @@ def _text(value: Any) -> str:
 
 def _summary(out: str, report: dict[int, dict], plans: list[ShardPlan], removed: list[str],
              written: int, resumed: int, report_path: str) -> dict:
-    from ish_tf.data import records
+    from ish_tf.data import shards
 
-    index = records.load_index(out, missing_ok=True)
+    index = shards.load_index(out, missing_ok=True)
     splits: dict[str, dict] = {}
     skipped: dict[str, int] = {}
     for plan in plans:
@@ -944,7 +944,7 @@ def _summary(out: str, report: dict[int, dict], plans: list[ShardPlan], removed:
             s["status"][status] = s["status"].get(status, 0) + 1
         if status != OK:
             skipped[status] = skipped.get(status, 0) + 1
-    return {"out_dir": out, "report": report_path, "index": records.index_path(out),
+    return {"out_dir": out, "report": report_path, "index": shards.index_path(out),
             "removed_tmp": removed, "shards_written": written, "shards_resumed": resumed,
             "splits": splits, "skipped": skipped}
 

@@ -1,12 +1,17 @@
-"""tf.data input pipelines over the patch records written by `bin/extract`.
+"""tf.data input pipelines over the record sets written by `bin/extract` (or
+`ish_tf.data.record_sets.write_record_set`).
 
-Two readers, both yielding images as float32 in [0, 255] with shape (B, R, R, 3) (the
-models carry their own preprocessing, so exported models accept the same input):
+Two readers, both decoding per the record set's input kind (`shards.records_input_spec`):
+images as float32 (B, H, W, C) with the stored values (in [0, 255] for the 3-channel
+uint8 ISH patches: (B, R, R, 3)), vectors as float32 (B, D). The models carry their own
+preprocessing, so exported models accept the same input:
 
 * `patch_dataset`: the plain shuffled reader (classifiers, autoencoders, evaluation,
   and with `with_keys=True` the embedding stage).
-* `pk_dataset`: P genes × K patches per batch for triplet training with batch-hard
-  mining (Hermans et al. 2017; Abed-Esfahani et al. 2022).
+* `pk_dataset`: P identities (genes) × K records per batch for triplet training with
+  batch-hard mining (Hermans et al. 2017; Abed-Esfahani et al. 2022).
+
+Flips apply to images only; vectors pass unchanged.
 
 Determinism. Every random choice (file order, shuffling, the P×K gene and patch
 draws, the flips) comes from the `seed`; with `deterministic=True` two runs with the
@@ -18,9 +23,9 @@ flips are stateless; `patch_dataset`'s shuffles are tf.data's, which combine the
 with TensorFlow's global one (`tf.random.set_seed`): the trainer and bin/tune's scoring
 set it from --seed before building a dataset, and other callers should too.
 
-Scale. The P×K reader never loads the dataset: the index (`records.gene_extents`)
+Scale. The P×K reader never loads the dataset: the index (`shards.gene_extents`)
 says where each gene's contiguous records lie, a small per-shard offsets file
-(`records.record_offsets`) gives each record's byte position, and each batch reads
+(`shards.record_offsets`) gives each record's byte position, and each batch reads
 just its P·K records with positioned reads. Memory is O(number of records × 8 bytes)
 for the memory-mapped offsets, independent of image size.
 """
@@ -35,15 +40,17 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ish_tf.data import records
+from ish_tf.data import records, shards
+from ish_tf.data.inputs import InputSpec
 from ish_tf.data.records import RecordsError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 # Scalar features returned by `patch_dataset(with_keys=True)`, in this order.
 KEY_FEATURES: tuple[str, ...] = (
-    "image_id", "patch_index", "x", "y", "source_size", "gene_symbol", "gene_index",
-    "entrez_id", "donor_id", "donor_index", "region", "study", "label")
+    "image_id", "patch_index", "x", "y", "source_size", records.IDENTITY_KEY,
+    records.IDENTITY_INDEX_KEY, "entrez_id", records.GROUP_KEY, records.GROUP_INDEX_KEY,
+    "region", "study", "label")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,25 +101,25 @@ def list_shards(records_dir: str, split: str) -> list[str]:
     Raises:
       RecordsError: no index, no completed shard of the split, or a listed shard missing.
     """
-    index = records.load_index(records_dir)
-    shards = sorted((s for s in index["shards"] if s["split"] == split),
+    index = shards.load_index(records_dir)
+    listed = sorted((s for s in index["shards"] if s["split"] == split),
                     key=lambda s: s["index"])
-    if not shards:
+    if not listed:
         have = sorted({s["split"] for s in index["shards"]})
         raise RecordsError(f"{records_dir}: split '{split}' has no completed shards "
                            f"(splits with shards: {', '.join(have) or 'none'})")
     paths = []
-    for s in shards:
+    for s in listed:
         path = os.path.abspath(os.path.join(records_dir, s["file"]))
         if not os.path.exists(path):
-            raise RecordsError(f"{records.index_path(records_dir)} lists {s['file']} "
+            raise RecordsError(f"{shards.index_path(records_dir)} lists {s['file']} "
                                f"but it is not in {records_dir}")
         paths.append(path)
     return paths
 
 
 def _compression(files: Sequence[str]) -> str | None:
-    kinds = {records.compression_of(f) for f in files}
+    kinds = {shards.compression_of(f) for f in files}
     if len(kinds) > 1:
         raise RecordsError(f"shards mix GZIP and uncompressed files: {list(files)[:4]}...")
     return kinds.pop()
@@ -121,33 +128,75 @@ def _compression(files: Sequence[str]) -> str | None:
 def _patch_size(records_dir: str | None) -> int | None:
     if records_dir is None:
         return None
-    info = records.load_dataset_info(records_dir)
+    info = shards.load_dataset_info(records_dir)
     return info.patch_size if info is not None and info.patch_size > 0 else None
 
 
+def _input_spec(records_dir: str | None, patch_size: int | None,
+                input_spec: InputSpec | None) -> InputSpec:
+    """The spec to decode with: given, else the set's (3-channel images without a set);
+    `patch_size` fixes an image size the spec leaves open."""
+    if input_spec is None:
+        input_spec = (shards.records_input_spec(records_dir) if records_dir is not None
+                      else InputSpec.image(3))
+    if input_spec.kind == "image" and patch_size and input_spec.height is None:
+        input_spec = dataclasses.replace(input_spec, height=patch_size, width=patch_size)
+    return input_spec
+
+
+def _decode_keys(spec: InputSpec) -> list[str]:
+    """Features to parse for the payload of a record of `spec`."""
+    return ["vector"] if spec.kind == "vector" else records.image_keys(spec)
+
+
+def _decode_payload(feats: dict, spec: InputSpec) -> tf.Tensor:
+    """uint8/uint16 (H, W, C) image or float32 (D,) vector of a parsed record."""
+    if spec.kind == "vector":
+        return records.decode_vector(feats, spec.dim or None)
+    return records.decode_image(feats, spec=spec)
+
+
+def _prepare(payload: tf.Tensor, spec: InputSpec, flip: tf.Tensor | None,
+             standardize: bool) -> tf.Tensor:
+    """Images: flips, float32, optional standardisation; vectors pass as float32."""
+    if spec.kind == "vector":
+        return tf.cast(payload, tf.float32)
+    return augment_image(payload, flip, standardize)
+
+
 # --------------------------------------------------------------------------- preprocessing
-def decode_batch(serialized: tf.Tensor, patch_size: int | None = None) -> tf.Tensor:
-    """Decodes a batch of serialized records to uint8 images.
+def decode_batch(serialized: tf.Tensor, patch_size: int | None = None,
+                 input_spec: InputSpec | None = None) -> tf.Tensor:
+    """Decodes a batch of serialized records to images (or vectors).
 
     Args:
       serialized: tf.string (B,) serialized records.
-      patch_size: R when known, for a static shape.
+      patch_size: R when known, for a static shape (where the spec fixes none).
+      input_spec: the set's input kind (default: 3-channel uint8 images).
 
     Returns:
-      uint8 (B, R, R, 3).
+      uint8 (B, R, R, 3) by default; (B, H, W, C) of the spec's dtype for images,
+      float32 (B, D) for vectors.
     """
-    encoded = tf.io.parse_example(serialized, records.feature_spec(["image/encoded"]))
-    size = patch_size
-    return tf.map_fn(
-        lambda e: records.decode_image({"image/encoded": e}, size), encoded["image/encoded"],
-        fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+    spec = _input_spec(None, patch_size, input_spec)
+    return tf.map_fn(lambda s: decode_one(s, input_spec=spec), serialized,
+                     fn_output_signature=tf.TensorSpec(
+                         spec.shape, tf.float32 if spec.kind == "vector"
+                         else tf.as_dtype(spec.dtype)))
 
 
-def decode_one(serialized: tf.Tensor, patch_size: int | None = None) -> tf.Tensor:
-    """Decodes one serialized record to uint8 (R, R, 3) (the per-element form of
-    `decode_batch`, which parallel `Dataset.map` runs faster than a batched map_fn)."""
-    encoded = tf.io.parse_single_example(serialized, records.feature_spec(["image/encoded"]))
-    return records.decode_image(encoded, patch_size)
+def decode_one(serialized: tf.Tensor, patch_size: int | None = None,
+               input_spec: InputSpec | None = None) -> tf.Tensor:
+    """Decodes one serialized record (the per-element form of `decode_batch`, which
+    parallel `Dataset.map` runs faster than a batched map_fn).
+
+    Returns:
+      uint8 (R, R, 3) by default; (H, W, C) of the spec's dtype for images, float32
+      (D,) for vectors.
+    """
+    spec = _input_spec(None, patch_size, input_spec)
+    feats = records.parse_example(serialized, _decode_keys(spec), spec.kind)
+    return _decode_payload(feats, spec)
 
 
 def flip_bits(seed: tf.Tensor, batch_size: int | tf.Tensor | None = None) -> tf.Tensor:
@@ -220,11 +269,12 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
                   training: bool, flips: bool = True, standardize: bool = False,
                   shuffle_buffer: int = 4096, deterministic: bool = False, seed: int = 0,
                   input_context: tf.distribute.InputContext | None = None,
-                  label_key: str | None = "gene_index", drop_remainder: bool | None = None,
+                  label_key: str | None = records.IDENTITY_INDEX_KEY, drop_remainder: bool | None = None,
                   with_keys: bool = False, repeat: bool | None = None,
                   cycle_length: int | None = None,
-                  patch_size: int | None = None) -> tf.data.Dataset:
-    """The plain shuffled reader of patch records.
+                  patch_size: int | None = None,
+                  input_spec: InputSpec | None = None) -> tf.data.Dataset:
+    """The plain shuffled reader of records (images or vectors, per the set's input kind).
 
     Steps: file list (sharded over input pipelines, then shuffled with the seed while
     training) -> `interleave` of `TFRecordDataset`s -> record shuffle (training) ->
@@ -245,7 +295,8 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
       input_context: from `strategy.distribute_datasets_from_function`: shards are
         split over `num_input_pipelines` (each pipeline reads a disjoint subset of
         files), so there must be at least as many shards as pipelines.
-      label_key: int feature used as label (cast to int32), or None to yield images only.
+      label_key: int feature used as label (cast to int32; default the identity index),
+        or None to yield images only.
       drop_remainder: drop the last partial batch (default: `training`).
       with_keys: yield (images, features) where features maps each of
         `KEY_FEATURES` to a (B,) tensor (tf.string or int64); no shuffling, no
@@ -253,10 +304,14 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
       repeat: repeat forever (default: `training` and not `with_keys`).
       cycle_length: shards read at once (None: TensorFlow's default).
       patch_size: R for static shapes (default: from the directory's index).
+      input_spec: what the records hold (default: from the directory's index;
+        3-channel images for a list of files).
 
     Returns:
-      Dataset of `(images float32 (B, R, R, 3), labels int32 (B,))`, or of images only
-      when `label_key` is None, or of `(images, features)` when `with_keys`.
+      Dataset of `(images float32 (B, H, W, C), labels int32 (B,))` ((B, R, R, 3) for
+      ISH patches; `(vectors float32 (B, D), labels)` for a vector set), or of
+      images only when `label_key` is None, or of `(images, features)` when
+      `with_keys`. Flips and standardisation apply to images only.
 
     Raises:
       RecordsError: no shards, too few shards for the input pipelines, mixed compression.
@@ -267,10 +322,12 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
             raise ValueError("patch_dataset: give `split` when `source` is a records directory")
         files = list_shards(source, split)
         patch_size = patch_size or _patch_size(source)
+        spec = _input_spec(source, patch_size, input_spec)
     else:
         files = [os.fspath(f) for f in source]
         if not files:
             raise RecordsError("patch_dataset: empty list of shard files")
+        spec = _input_spec(None, patch_size, input_spec)
     if label_key is not None and label_key not in records.SCALAR_KEYS:
         raise ValueError(f"label_key '{label_key}' is not a scalar record feature; "
                          f"choose one of {records.SCALAR_KEYS}")
@@ -278,7 +335,7 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
         training = False
     drop_remainder = training if drop_remainder is None else drop_remainder
     repeat = training if repeat is None else repeat
-    augmenting = training and flips
+    augmenting = training and flips and spec.kind == "image"
 
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
@@ -312,9 +369,11 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
 
     def parse(i, serialized):
         # Per record, in parallel: decoding dominates the cost of the pipeline.
-        feats = records.parse_example(serialized, ["image/encoded"] + keys)
+        feats = records.parse_example(
+            serialized, _decode_keys(spec) + [k for k in keys if k not in _decode_keys(spec)],
+            spec.kind)
         flip = flip_bits(tf.stack([tf.cast(seed, tf.int64), i])) if augmenting else None
-        image = augment_image(records.decode_image(feats, patch_size), flip, standardize)
+        image = _prepare(_decode_payload(feats, spec), spec, flip, standardize)
         if with_keys:
             return image, {k: feats[k] for k in keys}
         if label_key is None:
@@ -399,7 +458,7 @@ class _RecordReader:
 
     def __init__(self, files: Sequence[str]):
         self.files = list(files)
-        self.offsets = [records.record_offsets(f) for f in self.files]
+        self.offsets = [shards.record_offsets(f) for f in self.files]
         self._fds: list[int | None] = [None] * len(self.files)
         self._lock = threading.Lock()
 
@@ -411,7 +470,7 @@ class _RecordReader:
                     self._fds[file_id] = os.open(self.files[file_id], os.O_RDONLY)
                 fd = self._fds[file_id]
         start, end = int(self.offsets[file_id][record]), int(self.offsets[file_id][record + 1])
-        return records.read_record_at(fd, start, end - start, self.files[file_id])
+        return shards.read_record_at(fd, start, end - start, self.files[file_id])
 
     def close(self) -> None:
         for fd in self._fds:
@@ -426,8 +485,13 @@ class _RecordReader:
 def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips: bool = True,
                standardize: bool = False, seed: int = 0, deterministic: bool = True,
                input_context: tf.distribute.InputContext | None = None,
-               start_batch: int = 0, patch_size: int | None = None) -> tf.data.Dataset:
-    """Infinite P×K batches: P distinct genes, K patches of each, labels = gene_index.
+               start_batch: int = 0, patch_size: int | None = None,
+               input_spec: InputSpec | None = None) -> tf.data.Dataset:
+    """Infinite P×K batches: P distinct identities (genes), K records of each, labels =
+    the identity index (`records.IDENTITY_INDEX_KEY`, from the index's vocabulary).
+
+    Records are decoded per the set's input kind: images (flipped when `flips`),
+    or vectors (never flipped).
 
     Batch t is drawn by `PKSampler` (seeded numpy, a pure function of (seed, t); see
     its docstring for the with/without-replacement rules). A `Dataset.counter` of
@@ -462,21 +526,25 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
       input_context: see above.
       start_batch: first global batch to yield (resume a run exactly at step t).
       patch_size: R (default: from the index).
+      input_spec: what the records hold (default: from the index).
 
     Returns:
-      Dataset of `(images float32 (b, R, R, 3), labels int32 (b,))` with b = P*K, or
-      b = P*K/num_replicas_in_sync with `input_context`.
+      Dataset of `(images float32 (b, H, W, C), labels int32 (b,))` ((b, R, R, 3) for
+      ISH patches, `(vectors float32 (b, D), labels)` for a vector set) with b = P*K,
+      or b = P*K/num_replicas_in_sync with `input_context`.
 
     Raises:
       RecordsError: no shards, GZIP shards, inconsistent offsets.
       ValueError: P larger than the number of genes, P not divisible by the replicas.
     """
-    extents = records.gene_extents(records_dir, split)
+    extents = shards.gene_extents(records_dir, split)
     files = sorted({e.file for e in extents})
     if _compression(files) is not None:
         raise RecordsError(f"{records_dir}: split '{split}' has GZIP shards; the P×K reader "
                            "needs random access to records: extract with --compression=none")
     patch_size = patch_size or _patch_size(records_dir)
+    spec = _input_spec(records_dir, patch_size, input_spec)
+    flips = flips and spec.kind == "image"
     file_id = {f: i for i, f in enumerate(files)}
     counts = np.array([e.count for e in extents], np.int64)
     starts = np.array([e.offset for e in extents], np.int64)
@@ -522,8 +590,8 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
     # Decode record by record in parallel; this map must keep its order (whatever
     # `deterministic` says), because re-batching by b restores the slices.
     ds = ds.unbatch().map(
-        lambda s, y, f: (augment_image(decode_one(s, patch_size), f if flips else None,
-                                       standardize), y),
+        lambda s, y, f: (_prepare(decode_one(s, input_spec=spec), spec, f if flips else None,
+                                  standardize), y),
         num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
     options = _options(deterministic)

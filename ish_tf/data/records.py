@@ -1,69 +1,57 @@
-"""The TFRecord schema of patch datasets, the sharded writer and the dataset index.
+"""The TFRecord schema of record sets: feature keys, `make_example`, parsing and decoding.
 
-One record = one S×S window of a section image, resized to an R×R patch and stored
-encoded (JPEG or PNG) in a `tf.train.Example` with the features in `FEATURE_KEYS`.
+One record = one example of a record set, in a `tf.train.Example` with the features
+in `FEATURE_KEYS`. What the example holds is the set's input kind (an `InputSpec`,
+stored in the set's `index.json`; see `ish_tf.data.shards`):
 
-Layout of an output directory `OUT` written by `bin/extract`::
+- ``image`` with 1 or 3 uint8 channels (ISH patches: an S×S window of a section
+  image resized to an R×R patch): `image/encoded` JPEG or PNG bytes, exactly as
+  always; `image/channels` and `image/dtype` are not written, so these records are
+  byte-identical to those of earlier versions;
+- ``image`` with any other channel count, or uint16 (fluorescence plates):
+  `image/format` = "raw", `image/encoded` the little-endian (H, W, C) pixels, plus
+  `image/channels` and `image/dtype`;
+- ``vector``: the `vector` feature (D floats) and no image features at all.
 
-    OUT/train-00000-of-00004.tfrecord[.gz]   # shards, named by `shard_name`
-    OUT/train-00000-of-00004.tfrecord.offsets.npy  # byte offset of each record
-                                             # (uncompressed shards only)
-    OUT/index.json                           # every completed shard + dataset info
-    OUT/genes.csv                            # gene vocabulary with counts
+Every record carries an identity (the label of re-identification: a gene, later a
+perturbation or a cell type) and a group (a donor, later a plate or a batch). The
+stored keys keep their original names (`gene_symbol`/`gene_index`,
+`donor_id`/`donor_index`) so old record sets stay readable; code names the roles
+through `IDENTITY_KEY`, `IDENTITY_INDEX_KEY`, `GROUP_KEY`, `GROUP_INDEX_KEY`.
 
-Within a split, whole genes go to one shard (genes sorted, assigned round-robin by
-`assign_shards`) and inside a shard the records of a gene are contiguous (then
-ordered by image, then patch). Two things follow: a shard is the unit of resume
-(it is redone whole, never appended to), and a gene's records are found by
-(shard file, offset, count) from the index, which the P×K reader
-(`ish_tf.data.pipeline.pk_dataset`) uses to read one gene without scanning others.
+Writers and readers both import this module; shards, offsets and the index
+(`index.json`, `genes.csv`) live in `ish_tf.data.shards`.
 
-The index is the source of truth: a shard is complete only once its `ShardInfo` is
-in `index.json`. Shards are written under a temporary name and renamed on clean
-close, and the index is rewritten atomically under a file lock, so a crash at any
-point leaves an index that agrees with the files on disk (at worst, one finished
-shard that the index does not list yet; a rerun rewrites it).
-
-TensorFlow is imported lazily so that reading the index or splitting genes does not
-pay for it.
+TensorFlow is imported lazily so that building the schema does not pay for it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import io
-import json
-import os
-import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from ish_tf.io_utils import atomic_write_bytes, atomic_write_text, tmp_path_for
+from ish_tf.data.inputs import InputSpec
 
-INDEX_NAME = "index.json"
-GENES_NAME = "genes.csv"
-INDEX_VERSION = 1
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-COMPRESSIONS: tuple[str | None, ...] = (None, "GZIP")
-
-# Feature key -> (kind, default). kind: "bytes" | "int" | "float_list".
-# A default of `None` marks a required field.
+# Feature key -> (kind, default). kind: "bytes" | "int" | "float_list". Which keys are
+# required depends on the input kind (`REQUIRED_KEYS`); the default is what a reader
+# gets when a record lacks an optional key.
 _SCHEMA: dict[str, tuple[str, Any]] = {
-    "image/encoded": ("bytes", None),
+    "image/encoded": ("bytes", ""),
     "image/format": ("bytes", ""),        # "" -> sniffed from the encoded bytes
-    "image/height": ("int", None),
-    "image/width": ("int", None),
-    "image_id": ("int", None),
+    "image/height": ("int", 0),
+    "image/width": ("int", 0),
+    "image/channels": ("int", 0),         # raw images only (0: from the format)
+    "image/dtype": ("bytes", ""),         # raw images only ("uint8" | "uint16")
+    "image_id": ("int", 0),
     "patch_index": ("int", 0),
     "x": ("int", 0),
     "y": ("int", 0),
     "source_size": ("int", -1),           # -1 -> image/height (no resize)
-    "gene_symbol": ("bytes", None),
-    "gene_index": ("int", None),
+    "gene_symbol": ("bytes", ""),
+    "gene_index": ("int", -1),
     "entrez_id": ("int", -1),
     "donor_id": ("bytes", ""),
     "donor_index": ("int", -1),
@@ -73,23 +61,81 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "vector": ("float_list", ()),
 }
 
-#: Every feature of a patch record, defined once.
+#: Every feature of a record, defined once.
 FEATURE_KEYS: tuple[str, ...] = tuple(_SCHEMA)
 
 #: Scalar features (everything except the encoded image and the variable-length vector).
 SCALAR_KEYS: tuple[str, ...] = tuple(
     k for k, (kind, _) in _SCHEMA.items() if kind != "float_list" and k != "image/encoded")
 
+#: The roles of a record: identity (re-identified across groups; the P×K sampler's
+#: classes) and group. The stored keys keep their first family's names.
+IDENTITY_KEY = "gene_symbol"
+IDENTITY_INDEX_KEY = "gene_index"
+GROUP_KEY = "donor_id"
+GROUP_INDEX_KEY = "donor_index"
+#: What identities and groups are in a set whose index does not say.
+DEFAULT_IDENTITY_NAME = "gene"
+DEFAULT_GROUP_NAME = "donor"
+
+#: Features of an image; a vector record holds none of them.
+IMAGE_KEYS: tuple[str, ...] = ("image/encoded", "image/format", "image/height", "image/width",
+                               "image/channels", "image/dtype")
+#: Features written only for raw images (so JPEG/PNG records keep their bytes).
+RAW_IMAGE_KEYS: tuple[str, ...] = ("image/channels", "image/dtype")
+
+#: Required features by input kind.
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "image": ("image/encoded", "image/height", "image/width", "image_id", IDENTITY_KEY,
+              IDENTITY_INDEX_KEY),
+    "vector": ("vector", "image_id", IDENTITY_KEY, IDENTITY_INDEX_KEY),
+}
+
 # Python-identifier aliases so callers can write make_example(image_encoded=...).
 _ALIASES = {k.replace("/", "_"): k for k in FEATURE_KEYS if "/" in k}
 _ALIASES.update({"encoded": "image/encoded", "format": "image/format",
-                 "height": "image/height", "width": "image/width"})
+                 "height": "image/height", "width": "image/width",
+                 "channels": "image/channels", "dtype": "image/dtype", "image": "image/encoded"})
 
 IMAGE_FORMATS = ("jpeg", "png")
+RAW_FORMAT = "raw"
+RAW_DTYPES = ("uint8", "uint16")
 
 
 class RecordsError(ValueError):
     """A records directory, index or record that is missing or malformed; the message names it."""
+
+
+# --------------------------------------------------------------------------- input kinds
+def stores_raw(channels: int, dtype: str) -> bool:
+    """Whether images of this channel count and dtype are stored raw (else JPEG/PNG).
+
+    JPEG and PNG hold 1 or 3 uint8 channels losslessly enough for ISH patches; any
+    other channel count, and uint16, is stored as raw bytes.
+    """
+    return not (dtype == "uint8" and channels in (1, 3))
+
+
+def input_spec_of(dataset: Mapping | None) -> InputSpec:
+    """The input spec of a record set from its dataset info (the `index.json` "dataset").
+
+    Sets written before input kinds were recorded hold 3-channel uint8 images of the
+    patch size R: `InputSpec.image(3, R, R)` (R None when unknown).
+
+    Args:
+      dataset: `DatasetInfo.to_dict()`, or None.
+
+    Raises:
+      RecordsError: the stored spec is invalid.
+    """
+    stored = (dataset or {}).get("input_spec")
+    if stored:
+        try:
+            return InputSpec.from_dict(dict(stored))
+        except (TypeError, ValueError) as e:
+            raise RecordsError(f"dataset info: invalid input_spec {stored!r}: {e}") from e
+    size = int((dataset or {}).get("patch_size") or 0) or None
+    return InputSpec.image(3, size, size)
 
 
 # --------------------------------------------------------------------------- examples
@@ -120,28 +166,158 @@ def _as_int(key: str, value: Any) -> int:
     return int(value)
 
 
-def make_example(**fields: Any) -> bytes:
-    """Builds one serialized `tf.train.Example` patch record (pure protobuf, no graph).
+def _check_declared(values: dict, key: str, actual: int | str) -> None:
+    """Fills `values[key]` with `actual`, or checks a declared value against it."""
+    if key not in values:
+        values[key] = actual
+        return
+    declared = values[key]
+    declared = (_as_bytes(key, declared).decode() if isinstance(actual, str)
+                else _as_int(key, declared))
+    if declared != actual:
+        raise RecordsError(f"feature '{key}' is {declared!r} but the image array has {actual!r}")
 
-    Keys are the names in `FEATURE_KEYS`; because `image/...` keys are not Python
-    identifiers, `image_encoded`, `image_format`, `image_height`, `image_width` (or
-    `encoded`, `format`, `height`, `width`) are accepted too, as is
-    `make_example(**{"image/encoded": ...})`.
 
-    Required: image/encoded, image/height, image/width, image_id, gene_symbol,
-    gene_index. Defaults: image/format sniffed from the bytes; patch_index, x, y 0;
-    source_size = image/height; entrez_id, donor_index, label -1; donor_id, region,
-    study ""; vector empty.
+def _encode_array(values: dict, fmt: str) -> tuple[bytes, str]:
+    """Stores an image array: raw bytes, or PNG/JPEG for 1 or 3 uint8 channels."""
+    array = np.asarray(values["image/encoded"])
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise RecordsError(f"feature 'image/encoded': an image array must be (H, W) or "
+                           f"(H, W, C), got shape {array.shape}")
+    if array.dtype.name not in RAW_DTYPES:
+        raise RecordsError(f"feature 'image/dtype': image arrays must be one of {RAW_DTYPES}, "
+                           f"got {array.dtype.name}")
+    h, w, c = array.shape
+    _check_declared(values, "image/height", h)
+    _check_declared(values, "image/width", w)
+    raw = stores_raw(c, array.dtype.name)
+    fmt = fmt or (RAW_FORMAT if raw else "png")
+    if raw != (fmt == RAW_FORMAT):
+        raise RecordsError(
+            f"feature 'image/format': a {c}-channel {array.dtype.name} image is stored "
+            f"{'raw' if raw else 'as png or jpeg'}, not as {fmt!r}")
+    if raw:
+        _check_declared(values, "image/channels", c)
+        _check_declared(values, "image/dtype", array.dtype.name)
+        return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(), fmt
+    for key in RAW_IMAGE_KEYS:
+        values.pop(key, None)
+    import tensorflow as tf
 
-    Args:
-      **fields: feature values: bytes/str for bytes features, ints for int64
-        features, a sequence of floats (or 1-D array) for `vector`.
+    if fmt == "png":
+        return tf.io.encode_png(array).numpy(), fmt
+    return tf.io.encode_jpeg(array, quality=95).numpy(), fmt
+
+
+def _image_features(values: dict) -> int | None:
+    """Validates and normalises the image features of `values` in place.
 
     Returns:
-      The serialized Example.
+      The image's channel count when known without decoding (an array, a raw image).
+    """
+    fmt = _as_bytes("image/format", values.get("image/format", b"")).decode().lower()
+    fmt = "jpeg" if fmt == "jpg" else fmt
+    if fmt and fmt not in IMAGE_FORMATS + (RAW_FORMAT,):
+        raise RecordsError(f"feature 'image/format' must be one of "
+                           f"{IMAGE_FORMATS + (RAW_FORMAT,)}, got {fmt!r}")
+    known_channels = None
+    if isinstance(values["image/encoded"], np.ndarray):
+        shape = np.shape(values["image/encoded"])
+        known_channels = shape[2] if len(shape) == 3 else 1
+        encoded, fmt = _encode_array(values, fmt)
+    else:
+        encoded = _as_bytes("image/encoded", values["image/encoded"])
+        fmt = fmt or _sniff_format(encoded)
+    if fmt == RAW_FORMAT:
+        if "image/channels" not in values:
+            raise RecordsError("feature 'image/channels' is required for a raw image "
+                               "(image/format 'raw')")
+        channels = _as_int("image/channels", values["image/channels"])
+        dtype = _as_bytes("image/dtype", values.get("image/dtype", "uint8")).decode()
+        if dtype not in RAW_DTYPES:
+            raise RecordsError(f"feature 'image/dtype' must be one of {RAW_DTYPES}, got {dtype!r}")
+        if channels < 1:
+            raise RecordsError(f"feature 'image/channels' must be >= 1, got {channels}")
+        h, w = (_as_int(k, values[k]) for k in ("image/height", "image/width"))
+        expected = h * w * channels * np.dtype(dtype).itemsize
+        if len(encoded) != expected:
+            raise RecordsError(f"feature 'image/encoded' holds {len(encoded)} bytes, but a raw "
+                               f"{h}x{w}x{channels} {dtype} image takes {expected}")
+        values["image/channels"], values["image/dtype"] = channels, dtype
+    else:
+        channels = _as_int("image/channels", values.pop("image/channels", 0))
+        dtype = _as_bytes("image/dtype", values.pop("image/dtype", "")).decode()
+        if channels not in (0, 1, 3) or dtype not in ("", "uint8"):
+            raise RecordsError(f"feature 'image/format' {fmt!r} holds 1 or 3 uint8 channels; "
+                               f"got image/channels {channels}, image/dtype {dtype!r} "
+                               "(store these raw)")
+    values["image/encoded"], values["image/format"] = encoded, fmt
+    return channels if fmt == RAW_FORMAT else known_channels
+
+
+def _check_against_spec(values: dict, spec: InputSpec, channels: int | None) -> None:
+    if spec.kind == "vector":
+        n = len(values["vector"])
+        if spec.dim and n != spec.dim:
+            raise RecordsError(f"feature 'vector' has {n} values but the set's input spec "
+                               f"says dim {spec.dim}")
+        return
+    raw = values["image/format"] == RAW_FORMAT
+    if raw != stores_raw(spec.channels, spec.dtype):
+        raise RecordsError(
+            f"feature 'image/format' is {values['image/format']!r} but the set's input spec "
+            f"({spec.describe()}) is stored {'raw' if not raw else 'as png or jpeg'}")
+    if channels is not None and channels != spec.channels:
+        raise RecordsError(f"feature 'image/channels': the image has {channels} channel(s) but "
+                           f"the set's input spec says {spec.channels}")
+    if raw and values["image/dtype"] != spec.dtype:
+        raise RecordsError(f"feature 'image/dtype' is {values['image/dtype']!r} but the "
+                           f"set's input spec says {spec.dtype!r}")
+    for key, want in (("image/height", spec.height), ("image/width", spec.width)):
+        if want is not None and _as_int(key, values[key]) != want:
+            raise RecordsError(f"feature '{key}' is {values[key]} but the set's input spec "
+                               f"says {want}")
+
+
+def make_example(*, input_spec: InputSpec | None = None, **fields: Any) -> bytes:
+    """Builds one serialized `tf.train.Example` record (pure protobuf, no graph).
+
+    Keys are the names in `FEATURE_KEYS`; because `image/...` keys are not Python
+    identifiers, `image_encoded`, `image_format`, `image_height`, `image_width`,
+    `image_channels`, `image_dtype` (or `encoded`/`image`, `format`, `height`, `width`,
+    `channels`, `dtype`) are accepted too, as is `make_example(**{"image/encoded": ...})`.
+
+    The image is either encoded bytes (JPEG/PNG, or raw little-endian pixels with
+    image/format "raw" and image/channels, image/dtype) or a uint8/uint16 array
+    (H, W[, C]): 1 or 3 uint8 channels are encoded as PNG (or JPEG with
+    image/format "jpeg"), anything else is stored raw. Declared height, width,
+    channels and dtype are checked against the array.
+
+    Required (`REQUIRED_KEYS`): for an image record image/encoded, image/height,
+    image/width (taken from an array), image_id, gene_symbol, gene_index; for a vector
+    record vector, image_id, gene_symbol, gene_index. Defaults: image/format sniffed
+    from the bytes; patch_index, x, y 0; source_size = image/height (-1 for vectors);
+    entrez_id, donor_index, label -1; donor_id, region, study ""; vector empty.
+
+    Args:
+      input_spec: the set's input kind; when given, the record is checked against it
+        (vector length, channels, dtype, height, width). Without it, the kind is
+        "vector" when a vector and no image is given, else "image".
+      **fields: feature values: bytes/str for bytes features, ints for int64
+        features, a sequence of floats (or 1-D array) for `vector`, bytes or an array
+        for the image.
+
+    Returns:
+      The serialized Example. JPEG/PNG image records hold exactly the features they
+      always did (same bytes for the same inputs); raw images add image/channels and
+      image/dtype; vector records hold no image feature.
 
     Raises:
-      RecordsError: an unknown key, a missing required key, or a value of the wrong type.
+      RecordsError: an unknown key, a missing required key, a value of the wrong type,
+        or a record that disagrees with itself or with `input_spec`; the message names
+        the feature.
     """
     from tensorflow.core.example import example_pb2, feature_pb2
 
@@ -153,57 +329,79 @@ def make_example(**fields: Any) -> bytes:
         if key in values:
             raise RecordsError(f"feature '{key}' given twice (as '{name}' and an alias)")
         values[key] = value
-    missing = [k for k, (_, default) in _SCHEMA.items() if default is None and k not in values]
+    if input_spec is not None:
+        kind = input_spec.kind
+    else:
+        kind = "vector" if "vector" in values and "image/encoded" not in values else "image"
+    missing = [k for k in REQUIRED_KEYS[kind] if k not in values
+               and not (k in ("image/height", "image/width")
+                        and isinstance(values.get("image/encoded"), np.ndarray))]
     if missing:
-        raise RecordsError(f"make_example: missing required feature(s): {', '.join(missing)}")
-
-    encoded = _as_bytes("image/encoded", values["image/encoded"])
-    fmt = _as_bytes("image/format", values.get("image/format", b"")).decode().lower()
-    if fmt in ("", "jpg"):
-        fmt = _sniff_format(encoded) if not fmt else "jpeg"
-    if fmt not in IMAGE_FORMATS:
-        raise RecordsError(f"feature 'image/format' must be one of {IMAGE_FORMATS}, got {fmt!r}")
-    values["image/encoded"], values["image/format"] = encoded, fmt
-    if _as_int("source_size", values.get("source_size", -1)) < 0:
-        values["source_size"] = values["image/height"]
+        raise RecordsError(f"make_example: missing required feature(s) of a {kind} record: "
+                           f"{', '.join(missing)}")
+    if "vector" in values:
+        try:
+            values["vector"] = np.asarray(values["vector"], dtype=np.float32).reshape(-1).tolist()
+        except (TypeError, ValueError) as e:
+            raise RecordsError(f"feature 'vector' must be a sequence of floats: {e}") from e
+    if kind == "vector":
+        extra = [k for k in IMAGE_KEYS if k in values]
+        if extra:
+            raise RecordsError(f"a vector record holds no image; got {', '.join(extra)}")
+        written = [k for k in FEATURE_KEYS if k not in IMAGE_KEYS]
+    else:
+        channels = _image_features(values)
+        if _as_int("source_size", values.get("source_size", -1)) < 0:
+            values["source_size"] = values["image/height"]
+        raw = values["image/format"] == RAW_FORMAT
+        written = [k for k in FEATURE_KEYS if raw or k not in RAW_IMAGE_KEYS]
+    if input_spec is not None:
+        _check_against_spec(values, input_spec, None if kind == "vector" else channels)
 
     feature = {}
-    for key, (kind, default) in _SCHEMA.items():
+    for key in written:
+        kind_of, default = _SCHEMA[key]
         value = values.get(key, default)
-        if kind == "bytes":
+        if kind_of == "bytes":
             feature[key] = feature_pb2.Feature(
                 bytes_list=feature_pb2.BytesList(value=[_as_bytes(key, value)]))
-        elif kind == "int":
+        elif kind_of == "int":
             feature[key] = feature_pb2.Feature(
                 int64_list=feature_pb2.Int64List(value=[_as_int(key, value)]))
         else:
-            try:
-                floats = np.asarray(value, dtype=np.float32).reshape(-1).tolist()
-            except (TypeError, ValueError) as e:
-                raise RecordsError(f"feature 'vector' must be a sequence of floats: {e}") from e
-            feature[key] = feature_pb2.Feature(float_list=feature_pb2.FloatList(value=floats))
+            feature[key] = feature_pb2.Feature(
+                float_list=feature_pb2.FloatList(value=list(value)))
     example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
     # Deterministic: features in key order. The default map order differs between
     # processes, so the same records would give different shard bytes from run to run.
     return example.SerializeToString(deterministic=True)
 
 
-def feature_spec(keys: Iterable[str] | None = None) -> dict[str, Any]:
+def feature_spec(keys: Iterable[str] | None = None, kind: str = "image") -> dict[str, Any]:
     """The `tf.io.parse_single_example` spec of the given keys (default: all).
 
+    Args:
+      keys: features to parse.
+      kind: the set's input kind: its `REQUIRED_KEYS` have no default (a record
+        without them fails to parse); the others read as their default when absent.
+
     Raises:
-      RecordsError: an unknown key.
+      RecordsError: an unknown key or input kind.
     """
     import tensorflow as tf
 
+    if kind not in REQUIRED_KEYS:
+        raise RecordsError(f"unknown input kind {kind!r}; known: {', '.join(REQUIRED_KEYS)}")
+    required = REQUIRED_KEYS[kind]
     spec = {}
     for key in FEATURE_KEYS if keys is None else keys:
         if key not in _SCHEMA:
             raise RecordsError(f"unknown feature '{key}'; known: {', '.join(FEATURE_KEYS)}")
-        kind, default = _SCHEMA[key]
-        if kind == "bytes":
+        kind_of, default = _SCHEMA[key]
+        default = None if key in required else default
+        if kind_of == "bytes":
             spec[key] = tf.io.FixedLenFeature([], tf.string, default_value=default)
-        elif kind == "int":
+        elif kind_of == "int":
             spec[key] = tf.io.FixedLenFeature([], tf.int64, default_value=default)
         else:
             # Variable length (possibly empty): a RaggedFeature parses to a dense (V,) tensor
@@ -212,12 +410,13 @@ def feature_spec(keys: Iterable[str] | None = None) -> dict[str, Any]:
     return spec
 
 
-def parse_example(serialized, keys: Iterable[str] | None = None) -> dict:
-    """Parses one serialized patch record; usable inside `Dataset.map`.
+def parse_example(serialized, keys: Iterable[str] | None = None, kind: str = "image") -> dict:
+    """Parses one serialized record; usable inside `Dataset.map`.
 
     Args:
       serialized: scalar tf.string tensor (or bytes).
       keys: features to parse (default: all of `FEATURE_KEYS`); parsing fewer is cheaper.
+      kind: the set's input kind ("image" or "vector"; see `feature_spec`).
 
     Returns:
       Dict feature key -> tensor: scalar tf.string for bytes features, scalar tf.int64
@@ -225,666 +424,69 @@ def parse_example(serialized, keys: Iterable[str] | None = None) -> dict:
     """
     import tensorflow as tf
 
-    return tf.io.parse_single_example(serialized, feature_spec(keys))
+    return tf.io.parse_single_example(serialized, feature_spec(keys, kind))
 
 
-def decode_image(features: Mapping, size: int | None = None):
-    """Decodes the patch of a parsed record to uint8 (H, W, 3).
+def image_keys(spec: InputSpec) -> list[str]:
+    """The features `decode_image` needs for images of `spec`."""
+    if stores_raw(spec.channels, spec.dtype) and (spec.height is None or spec.width is None):
+        return ["image/encoded", "image/height", "image/width"]
+    return ["image/encoded"]
+
+
+def decode_image(features: Mapping, size: int | None = None, spec: InputSpec | None = None):
+    """Decodes the image of a parsed record to (H, W, C) of the set's dtype.
 
     Args:
-      features: dict from `parse_example` holding at least `image/encoded`.
+      features: dict from `parse_example` holding at least `image/encoded` (and, for raw
+        images of a spec without a fixed size, `image/height` and `image/width`;
+        see `image_keys`).
       size: the patch size R when known (from the index), to give the result a static
-        (R, R, 3) shape; the decoded size is checked against it.
+        (R, R, C) shape; the decoded size is checked against it. Used where the spec
+        fixes no size.
+      spec: the set's input spec (default: 3-channel uint8 images, the ISH patches).
 
     Returns:
-      uint8 tensor (H, W, 3); grayscale patches are expanded to 3 channels.
+      uint8 or uint16 tensor (H, W, C) with C = spec.channels; grayscale JPEG/PNG
+      patches are expanded to 3 channels when C = 3.
     """
     import tensorflow as tf
 
-    image = tf.io.decode_image(features["image/encoded"], channels=3, expand_animations=False)
-    if size is not None:
-        image = tf.ensure_shape(image, [size, size, 3])
-    else:
-        image.set_shape([None, None, 3])
+    if spec is None:
+        spec = InputSpec.image(3, size, size)
+    elif spec.height is None and size is not None:
+        spec = dataclasses.replace(spec, height=size, width=size)
+    channels = spec.channels
+    if not stores_raw(channels, spec.dtype):
+        image = tf.io.decode_image(features["image/encoded"], channels=channels,
+                                   expand_animations=False)
+        if spec.height is not None:
+            image = tf.ensure_shape(image, [spec.height, spec.width, channels])
+        else:
+            image.set_shape([None, None, channels])
+        return image
+    flat = tf.io.decode_raw(features["image/encoded"], tf.as_dtype(spec.dtype),
+                            little_endian=True)
+    if spec.height is not None and spec.width is not None:
+        return tf.reshape(flat, [spec.height, spec.width, channels])
+    shape = tf.stack([tf.cast(features["image/height"], tf.int32),
+                      tf.cast(features["image/width"], tf.int32), channels])
+    image = tf.reshape(flat, shape)
+    image.set_shape([None, None, channels])
     return image
 
 
-# --------------------------------------------------------------------------- shards
-def _check_compression(compression: str | None) -> str | None:
-    if compression in (None, "", "NONE", "none"):
-        return None
-    if str(compression).upper() == "GZIP":
-        return "GZIP"
-    raise RecordsError(f"compression must be None or 'GZIP', got {compression!r}")
-
-
-def shard_name(split: str, index: int, num_shards: int, compression: str | None = None) -> str:
-    """File name of one shard, e.g. `train-00003-of-00016.tfrecord` (+ `.gz` for GZIP).
-
-    Raises:
-      RecordsError: index out of range or an unknown compression.
-    """
-    if not 0 <= index < num_shards:
-        raise RecordsError(f"shard index {index} out of range for {num_shards} shards")
-    name = f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
-    return name + ".gz" if _check_compression(compression) == "GZIP" else name
-
-
-def compression_of(path: str) -> str | None:
-    """The compression of a shard file, read from its name (`.gz` -> GZIP)."""
-    return "GZIP" if path.endswith(".gz") else None
-
-
-def assign_shards(gene_symbols: Iterable[str], num_shards: int) -> dict[str, int]:
-    """Assigns whole genes to shards: genes sorted, then round-robin.
+def decode_vector(features: Mapping, dim: int | None = None):
+    """The vector of a parsed record as float32 (D,).
 
     Args:
-      gene_symbols: the genes of one split (duplicates are ignored).
-      num_shards: number of shards of the split, ≥ 1.
-
-    Returns:
-      gene_symbol -> shard index.
+      features: dict from `parse_example` holding `vector`.
+      dim: D when known (from the set's spec), for a static shape; checked.
     """
-    if num_shards < 1:
-        raise RecordsError(f"num_shards must be >= 1, got {num_shards}")
-    return {g: i % num_shards for i, g in enumerate(sorted(set(gene_symbols)))}
-
-
-@dataclasses.dataclass
-class ShardInfo:
-    """What one completed shard holds.
-
-    Attributes:
-      file: shard file name, relative to the records directory.
-      split: train | validation | test.
-      index, num_shards: position of the shard in its split.
-      num_records: records (patches) in the shard.
-      num_images: distinct image ids in the shard.
-      genes: gene_symbol -> number of records.
-      compression: None or "GZIP".
-      gene_offsets: gene_symbol -> position of the gene's first record in the shard
-        (its records are the `genes[g]` records from there on).
-      gene_images: gene_symbol -> distinct images of the gene in the shard.
-    """
-
-    file: str
-    split: str
-    index: int
-    num_shards: int
-    num_records: int = 0
-    num_images: int = 0
-    genes: dict[str, int] = dataclasses.field(default_factory=dict)
-    compression: str | None = None
-    gene_offsets: dict[str, int] = dataclasses.field(default_factory=dict)
-    gene_images: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> ShardInfo:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-class ShardWriter:
-    """Writes one shard under a temporary name; renames it into place on clean close.
-
-    Records of one gene must be written contiguously (all of gene A, then all of B);
-    a gene that reappears after another raises, because readers rely on
-    (offset, count) per gene.
-
-    Usage::
-
-        with ShardWriter(out, "train", 3, 16) as w:
-            for ...: w.write(make_example(...), gene_symbol, image_id)
-        update_index(out, w.info)   # the shard counts as done only now
-
-    On an exception inside the `with` block (or `abort()`), the temporary file is
-    removed and nothing with the final name is created.
-
-    Args:
-      out_dir: records directory (created if missing).
-      split: split name (goes into the file name).
-      index, num_shards: shard position.
-      compression: None or "GZIP".
-    """
-
-    def __init__(self, out_dir: str, split: str, index: int, num_shards: int,
-                 compression: str | None = None):
-        import tensorflow as tf
-
-        self.compression = _check_compression(compression)
-        self.out_dir, self.split = out_dir, split
-        self.index, self.num_shards = index, num_shards
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, shard_name(split, index, num_shards, self.compression))
-        self._tmp = tmp_path_for(self.path)
-        options = tf.io.TFRecordOptions(compression_type=self.compression or "")
-        self._writer = tf.io.TFRecordWriter(self._tmp, options=options)
-        self._genes: dict[str, int] = {}
-        self._offsets: dict[str, int] = {}
-        self._gene_images: dict[str, set[int]] = {}
-        self._images: set[int] = set()
-        self._current: str | None = None
-        self._n = 0
-        # Framing start of every record (uncompressed shards), for the offsets sidecar.
-        self._offsets_bytes: list[int] = [0]
-        self.info: ShardInfo | None = None
-
-    def write(self, serialized: bytes, gene_symbol: str, image_id: int) -> None:
-        """Appends one serialized record.
-
-        Args:
-          serialized: output of `make_example`.
-          gene_symbol, image_id: the record's gene and image (for the shard's counts).
-
-        Raises:
-          RecordsError: the writer is closed, or the gene's records are not contiguous.
-        """
-        if self.info is not None or self._writer is None:
-            raise RecordsError(f"{self.path}: write after close")
-        if gene_symbol != self._current:
-            if gene_symbol in self._genes:
-                raise RecordsError(
-                    f"{self.path}: records of gene '{gene_symbol}' are not contiguous "
-                    f"(it reappears after '{self._current}'); write each gene's records together")
-            self._current = gene_symbol
-            self._offsets[gene_symbol] = self._n
-            self._genes[gene_symbol] = 0
-            self._gene_images[gene_symbol] = set()
-        self._writer.write(serialized)
-        self._offsets_bytes.append(self._offsets_bytes[-1] + _FRAMING + len(serialized))
-        self._genes[gene_symbol] += 1
-        self._gene_images[gene_symbol].add(int(image_id))
-        self._images.add(int(image_id))
-        self._n += 1
-
-    def close(self) -> ShardInfo:
-        """Finishes the shard: flushes, renames to the final name, returns its `ShardInfo`.
-
-        Idempotent: a second call returns the same info.
-        """
-        if self.info is not None:
-            return self.info
-        if self._writer is None:
-            raise RecordsError(f"{self.path}: close after abort")
-        try:
-            self._writer.close()
-            self._writer = None
-            if self.compression is None:
-                # Sidecar first: a shard never exists without its offsets (a stale sidecar
-                # without a shard is harmless: it is checked against the shard's size).
-                _write_offsets(self.path, np.asarray(self._offsets_bytes, np.int64))
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self.info = ShardInfo(
-            file=os.path.basename(self.path), split=self.split, index=self.index,
-            num_shards=self.num_shards, num_records=self._n, num_images=len(self._images),
-            genes=dict(self._genes), compression=self.compression,
-            gene_offsets=dict(self._offsets),
-            gene_images={g: len(s) for g, s in self._gene_images.items()})
-        return self.info
-
-    def abort(self) -> None:
-        """Discards the shard: closes the writer and removes the temporary file."""
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
-            self._writer = None
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self._tmp)
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
-
-
-# --------------------------------------------------------------------------- random access
-# TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC.
-_FRAMING = 16
-OFFSETS_SUFFIX = ".offsets.npy"
-
-
-def offsets_path(shard_path: str) -> str:
-    """The offsets sidecar of a shard: `<shard>.offsets.npy`."""
-    return shard_path + OFFSETS_SUFFIX
-
-
-def _write_offsets(shard_path: str, offsets: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, offsets, allow_pickle=False)
-    atomic_write_bytes(offsets_path(shard_path), buf.getvalue())
-
-
-def scan_record_offsets(shard_path: str) -> np.ndarray:
-    """Byte position of every record of an uncompressed shard, by reading its headers.
-
-    Returns:
-      int64 (N+1,): record i spans bytes [o[i], o[i+1]); o[N] is the file size.
-
-    Raises:
-      RecordsError: the shard is compressed or truncated.
-    """
-    if compression_of(shard_path):
-        raise RecordsError(f"{shard_path}: compressed shards have no record offsets")
-    size = os.path.getsize(shard_path)
-    offsets = [0]
-    with open(shard_path, "rb") as f:
-        pos = 0
-        while pos < size:
-            header = f.read(8)
-            if len(header) < 8:
-                raise RecordsError(f"{shard_path}: truncated record header at byte {pos}")
-            (length,) = struct.unpack("<Q", header)
-            pos += _FRAMING + length
-            if pos > size:
-                raise RecordsError(f"{shard_path}: record at byte {offsets[-1]} runs past the "
-                                   "end of the file (truncated shard)")
-            f.seek(pos)
-            offsets.append(pos)
-    return np.asarray(offsets, np.int64)
-
-
-def record_offsets(shard_path: str) -> np.ndarray:
-    """Byte positions of the records of an uncompressed shard (sidecar, else a scan).
-
-    The sidecar written by `ShardWriter` is memory-mapped, so millions of offsets cost
-    no load time; a missing or inconsistent sidecar falls back to
-    `scan_record_offsets`.
-
-    Returns:
-      int64 (N+1,) as in `scan_record_offsets`.
-    """
-    side = offsets_path(shard_path)
-    if os.path.exists(side):
-        try:
-            offsets = np.load(side, mmap_mode="r", allow_pickle=False)
-            if (offsets.ndim == 1 and len(offsets) >= 1 and offsets[0] == 0
-                    and int(offsets[-1]) == os.path.getsize(shard_path)):
-                return offsets
-        except (OSError, ValueError):
-            pass
-    return scan_record_offsets(shard_path)
-
-
-def read_record_at(fd: int, start: int, span: int, name: str = "<shard>") -> bytes:
-    """Reads one framed record spanning [start, start + span) of an open shard.
-
-    Args:
-      fd: OS file descriptor of the shard.
-      start, span: from `record_offsets` (span = o[i+1] - o[i]).
-      name: shard name for error messages.
-
-    Returns:
-      The record's serialized bytes (the CRCs are not checked).
-
-    Raises:
-      RecordsError: short read or a length header that disagrees with the offsets.
-    """
-    raw = os.pread(fd, span, start)
-    if len(raw) != span or struct.unpack("<Q", raw[:8])[0] != span - _FRAMING:
-        raise RecordsError(f"{name}: no record of {span - _FRAMING} bytes at byte {start} "
-                           "(offsets sidecar out of date? delete it to rescan)")
-    return raw[12:span - 4]
-
-
-# --------------------------------------------------------------------------- index
-@dataclasses.dataclass
-class GeneEntry:
-    """One gene of the dataset's vocabulary; `gene_index` is the triplet label."""
-
-    gene_symbol: str
-    gene_index: int
-    entrez_id: int = -1
-    split: str = ""
-
-
-@dataclasses.dataclass
-class DatasetInfo:
-    """Dataset-level facts stored in `index.json` beside the shards.
-
-    Attributes:
-      genes: the gene vocabulary (gene_index is the position in the label space).
-      donors: donor names; a donor's donor_index is its position in this list.
-      source_size: S, the side of the source window in original-image pixels.
-      patch_size: R, the side of the stored patch.
-      format: "jpeg" or "png".
-      seed: seed of the extraction (splits, sampling).
-      split_by: "gene" or "donor".
-      donor_splits: donor -> split when split_by == "donor".
-      extra: free-form facts of the extraction (flags, source manifest, ...).
-    """
-
-    genes: list[GeneEntry]
-    donors: list[str] = dataclasses.field(default_factory=list)
-    source_size: int = 0
-    patch_size: int = 0
-    format: str = "jpeg"
-    seed: int = 0
-    split_by: str = "gene"
-    donor_splits: dict[str, str] = dataclasses.field(default_factory=dict)
-    extra: dict = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> DatasetInfo:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["genes"] = [GeneEntry(**g) for g in d.get("genes", [])]
-        return cls(**kw)
-
-    def gene_index(self) -> dict[str, int]:
-        """gene_symbol -> gene_index."""
-        return {g.gene_symbol: g.gene_index for g in self.genes}
-
-
-def make_gene_vocabulary(gene_symbols: Iterable[str], splits: Mapping[str, str] | None = None,
-                         entrez_ids: Mapping[str, int] | None = None) -> list[GeneEntry]:
-    """Gene vocabulary: genes sorted by symbol, gene_index = rank (deterministic).
-
-    Args:
-      gene_symbols: genes of the dataset (duplicates ignored).
-      splits: gene -> split (e.g. from `split_genes`), optional.
-      entrez_ids: gene -> Entrez id, optional (missing/NaN -> -1).
-    """
-    out = []
-    for i, g in enumerate(sorted(set(gene_symbols))):
-        eid = (entrez_ids or {}).get(g, -1)
-        eid = -1 if eid is None or (isinstance(eid, float) and np.isnan(eid)) else int(eid)
-        out.append(GeneEntry(g, i, eid, (splits or {}).get(g, "")))
-    return out
-
-
-def index_path(out_dir: str) -> str:
-    return os.path.join(out_dir, INDEX_NAME)
-
-
-def _empty_index() -> dict:
-    return {"version": INDEX_VERSION, "dataset": None, "shards": []}
-
-
-def load_index(out_dir: str, missing_ok: bool = False) -> dict:
-    """Reads `OUT/index.json`.
-
-    Args:
-      out_dir: records directory.
-      missing_ok: return an empty index instead of raising when there is none.
-
-    Returns:
-      {"version": 1, "dataset": DatasetInfo dict or None, "shards": [ShardInfo dicts]}.
-
-    Raises:
-      RecordsError: the index is missing (unless missing_ok) or unreadable.
-    """
-    path = index_path(out_dir)
-    if not os.path.exists(path):
-        if missing_ok:
-            return _empty_index()
-        raise RecordsError(f"{out_dir}: no {INDEX_NAME}; is this a records directory "
-                           f"written by bin/extract (did it finish any shard)?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecordsError(f"{path}: cannot read the index: {e}") from e
-    if not isinstance(index, dict) or "shards" not in index:
-        raise RecordsError(f"{path}: not an ish_tf records index (no 'shards' key)")
-    index.setdefault("dataset", None)
-    return index
-
-
-@contextlib.contextmanager
-def _locked(out_dir: str) -> Iterator[None]:
-    """Serialises read-modify-write of the index between processes (parallel extract)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".index.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _write_index(out_dir: str, index: dict) -> None:
-    index["shards"] = sorted(index["shards"], key=lambda s: (s["split"], s["index"]))
-    atomic_write_text(index_path(out_dir), json.dumps(index, indent=1, sort_keys=True) + "\n")
-    if index.get("dataset"):
-        write_genes_csv(out_dir, index)
-
-
-def update_index(out_dir: str, shard_info: ShardInfo) -> dict:
-    """Adds (or replaces) one completed shard in the index, atomically.
-
-    Call it after `ShardWriter.close()`; the shard counts as complete only from now.
-
-    Args:
-      out_dir: records directory.
-      shard_info: the shard's info.
-
-    Returns:
-      The updated index.
-
-    Raises:
-      RecordsError: the shard file is absent, or the split already has shards with
-        a different `num_shards` (a rerun with another shard count must use a fresh
-        directory, otherwise old and new shards would double-count genes).
-    """
-    if not os.path.exists(os.path.join(out_dir, shard_info.file)):
-        raise RecordsError(f"{out_dir}: shard {shard_info.file} is not on disk; "
-                           "call update_index only after ShardWriter.close()")
-    with _locked(out_dir):
-        index = load_index(out_dir, missing_ok=True)
-        kept = []
-        for s in index["shards"]:
-            if s["split"] != shard_info.split:
-                kept.append(s)
-                continue
-            if s["num_shards"] != shard_info.num_shards:
-                raise RecordsError(
-                    f"{index_path(out_dir)}: split '{shard_info.split}' already has shards "
-                    f"of {s['num_shards']}, this one is of {shard_info.num_shards}; "
-                    "use a fresh output directory to change the number of shards")
-            if s["index"] != shard_info.index:
-                kept.append(s)
-        kept.append(shard_info.to_dict())
-        index["shards"] = kept
-        _write_index(out_dir, index)
-    return index
-
-
-def write_dataset_info(out_dir: str, info: DatasetInfo) -> dict:
-    """Stores the dataset-level info in the index (atomically) and rewrites genes.csv.
-
-    Args:
-      out_dir: records directory.
-      info: dataset info; replaces any stored one.
-
-    Returns:
-      The updated index.
-    """
-    with _locked(out_dir):
-        index = load_index(out_dir, missing_ok=True)
-        index["dataset"] = info.to_dict()
-        _write_index(out_dir, index)
-    return index
-
-
-def load_dataset_info(out_dir: str) -> DatasetInfo | None:
-    """The stored `DatasetInfo`, or None when the directory has none yet."""
-    d = load_index(out_dir, missing_ok=True).get("dataset")
-    return DatasetInfo.from_dict(d) if d else None
-
-
-def completed_shards(out_dir: str, split: str) -> set[int]:
-    """Indices of the shards of `split` that the index lists and that exist on disk."""
-    index = load_index(out_dir, missing_ok=True)
-    return {s["index"] for s in index["shards"]
-            if s["split"] == split and os.path.exists(os.path.join(out_dir, s["file"]))}
-
-
-def shard_infos(out_dir: str, split: str) -> list[ShardInfo]:
-    """Completed shards of a split, in index order, from the index."""
-    index = load_index(out_dir)
-    return [ShardInfo.from_dict(s) for s in index["shards"] if s["split"] == split]
-
-
-def write_genes_csv(out_dir: str, index: dict | None = None) -> str:
-    """Writes `OUT/genes.csv` (gene_symbol, gene_index, entrez_id, split, n_images, n_patches).
-
-    Counts cover completed shards only. Genes of the vocabulary with no completed
-    shard yet have zero counts.
-
-    Returns:
-      The path written.
-
-    Raises:
-      RecordsError: the index has no dataset info.
-    """
-    index = index or load_index(out_dir)
-    if not index.get("dataset"):
-        raise RecordsError(f"{index_path(out_dir)}: no dataset info; call write_dataset_info")
-    info = DatasetInfo.from_dict(index["dataset"])
-    n_patches: dict[str, int] = {}
-    n_images: dict[str, int] = {}
-    for s in index["shards"]:
-        for g, n in s["genes"].items():
-            n_patches[g] = n_patches.get(g, 0) + n
-        for g, n in s.get("gene_images", {}).items():
-            n_images[g] = n_images.get(g, 0) + n
-    lines = ["gene_symbol,gene_index,entrez_id,split,n_images,n_patches"]
-    for g in sorted(info.genes, key=lambda e: e.gene_index):
-        lines.append(f"{_csv(g.gene_symbol)},{g.gene_index},{g.entrez_id},{g.split},"
-                     f"{n_images.get(g.gene_symbol, 0)},{n_patches.get(g.gene_symbol, 0)}")
-    path = os.path.join(out_dir, GENES_NAME)
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _csv(s: str) -> str:
-    return f'"{s.replace(chr(34), chr(34) * 2)}"' if any(c in s for c in ',"\n') else s
-
-
-@dataclasses.dataclass(frozen=True)
-class GeneExtent:
-    """Where one gene's records lie: `count` records from `offset` in `file`."""
-
-    gene_symbol: str
-    gene_index: int
-    file: str
-    offset: int
-    count: int
-
-
-def gene_extents(out_dir: str, split: str) -> list[GeneExtent]:
-    """Every gene of a split with the location of its records, sorted by gene symbol.
-
-    Args:
-      out_dir: records directory.
-      split: split name.
-
-    Returns:
-      One `GeneExtent` per gene (absolute file paths); genes with no records are left out.
-
-    Raises:
-      RecordsError: the split has no completed shard, or a gene is missing from the
-        vocabulary.
-    """
-    index = load_index(out_dir)
-    shards = [s for s in index["shards"] if s["split"] == split]
-    if not shards:
-        raise RecordsError(f"{out_dir}: split '{split}' has no completed shards in {INDEX_NAME}")
-    vocab = DatasetInfo.from_dict(index["dataset"]).gene_index() if index.get("dataset") else {}
-    out = []
-    for s in shards:
-        offsets = s.get("gene_offsets") or {}
-        for g, n in s["genes"].items():
-            if n <= 0:
-                continue
-            if g not in vocab:
-                raise RecordsError(f"{index_path(out_dir)}: gene '{g}' of shard {s['file']} "
-                                   "is not in the dataset's gene vocabulary")
-            if g not in offsets:
-                raise RecordsError(f"{index_path(out_dir)}: shard {s['file']} has no offset "
-                                   f"for gene '{g}'")
-            out.append(GeneExtent(g, vocab[g], os.path.join(out_dir, s["file"]),
-                                  int(offsets[g]), int(n)))
-    return sorted(out, key=lambda e: e.gene_symbol)
-
-
-# --------------------------------------------------------------------------- splits
-def _split_items(items: Iterable[str], fractions: Sequence[float], seed: int,
-                 what: str) -> dict[str, str]:
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise RecordsError(f"split fractions must be three non-negative numbers "
-                           f"(train, validation, test), got {tuple(fractions)}")
-    uniq = sorted(set(items))
-    if not uniq:
-        raise RecordsError(f"cannot split an empty list of {what}s")
-    total = float(sum(fractions))
-    fr = [f / total for f in fractions]
-    n = len(uniq)
-    nonzero = [i for i in range(3) if fr[i] > 0]
-    counts = [0, 0, 0]
-    if n < len(nonzero):
-        # Too few items for every split: one each, train first, then validation.
-        for i in nonzero[:n]:
-            counts[i] = 1
-    else:
-        # Largest-remainder apportionment (ties: train, then validation), so counts sum
-        # to n and are as close as possible to the fractions; then every split with a
-        # non-zero fraction gets at least one item, taken from the largest split.
-        quotas = [n * f for f in fr]
-        counts = [int(np.floor(q)) for q in quotas]
-        for i in sorted(range(3), key=lambda i: (-(quotas[i] - counts[i]), i))[:n - sum(counts)]:
-            counts[i] += 1
-        for i in nonzero:
-            if counts[i] == 0:
-                counts[max(range(3), key=lambda j: (counts[j], -j))] -= 1
-                counts[i] = 1
-    n_train, n_val, n_test = counts
-    # Seeded permutation of the sorted list: independent of input order and of PYTHONHASHSEED.
-    order = np.random.default_rng(seed).permutation(n)
-    out = {}
-    for rank, i in enumerate(order):
-        if rank < n_train:
-            out[uniq[i]] = "train"
-        elif rank < n_train + n_val:
-            out[uniq[i]] = "validation"
-        else:
-            out[uniq[i]] = "test"
-    return out
-
-
-def split_genes(gene_symbols: Iterable[str], fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                seed: int = 0) -> dict[str, str]:
-    """Assigns each gene to train, validation or test (deterministic given the seed).
-
-    Args:
-      gene_symbols: genes (duplicates ignored; order does not matter).
-      fractions: (train, validation, test) proportions, normalised to sum 1.
-      seed: seed of the permutation.
-
-    Returns:
-      gene -> "train" | "validation" | "test". With ≥ 3 genes every split whose
-      fraction is > 0 is non-empty.
-
-    Raises:
-      RecordsError: bad fractions or no genes.
-    """
-    return _split_items(gene_symbols, fractions, seed, "gene")
-
-
-def split_donors(donor_ids: Iterable[str], fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                 seed: int = 0) -> dict[str, str]:
-    """Assigns each donor to a split, for `--split_by=donor`; same rules as `split_genes`."""
-    return _split_items(donor_ids, fractions, seed, "donor")
+    import tensorflow as tf
+
+    vector = tf.convert_to_tensor(features["vector"], tf.float32)
+    if dim:
+        return tf.ensure_shape(vector, [dim])
+    vector.set_shape([None])
+    return vector

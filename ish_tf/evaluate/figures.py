@@ -293,11 +293,12 @@ def _read_patches(records_dir: str, gene: str, wanted: set[tuple[int, int]]) -> 
     import tensorflow as tf
 
     from ish_tf.data import records
+    from ish_tf.data.shards import index_path, load_index
 
-    index = records.load_index(records_dir)
+    index = load_index(records_dir)
     shards = [s for s in index["shards"] if s.get("genes", {}).get(gene, 0) > 0]
     if not shards:
-        raise FigureError(f"{records.index_path(records_dir)}: no completed shard holds gene "
+        raise FigureError(f"{index_path(records_dir)}: no completed shard holds gene "
                           f"{gene!r}")
     found: dict[tuple[int, int], bytes] = {}
     keys = ("image/encoded", "image_id", "patch_index", "gene_symbol")

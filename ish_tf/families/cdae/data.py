@@ -100,10 +100,10 @@ def invert_mismatch(records_dir: str, invert: bool) -> str | None:
     Returns:
       The warning, or None where the setting suits the records or they do not say.
     """
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     try:
-        info = records.load_dataset_info(records_dir)
+        info = shards.load_dataset_info(records_dir)
     except (records.RecordsError, OSError):
         return None
     if info is None:

@@ -63,9 +63,9 @@ def term_matrix(records_dir: str, groups: dict[str, set[str]], terms: Sequence[s
     Raises:
       ValueError: no dataset info, or no term passes the bounds.
     """
-    from ish_tf.data import records
+    from ish_tf.data import shards
 
-    info = records.load_dataset_info(records_dir)
+    info = shards.load_dataset_info(records_dir)
     if info is None:
         raise ValueError(f"{records_dir}: no dataset info in index.json; run bin/extract first")
     size = max(g.gene_index for g in info.genes) + 1

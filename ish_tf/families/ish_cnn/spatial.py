@@ -575,7 +575,7 @@ def write_patch_records(sections: Sequence[Section], centres: pd.DataFrame, out_
     Returns:
       {split: number of records}.
     """
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     os.makedirs(out_dir, exist_ok=True)
     padded = [pad_for_patches(s.image, size) for s in sections]
@@ -584,7 +584,7 @@ def write_patch_records(sections: Sequence[Section], centres: pd.DataFrame, out_
         part = centres[centres["split"] == split]
         if part.empty:
             continue
-        with records.ShardWriter(out_dir, split, 0, 1) as writer:
+        with shards.ShardWriter(out_dir, split, 0, 1) as writer:
             for label in sorted(part["label"].unique()):
                 rows = part[part["label"] == label]
                 for row in rows.itertuples():
@@ -596,10 +596,10 @@ def write_patch_records(sections: Sequence[Section], centres: pd.DataFrame, out_
                         y=int(row.y), source_size=size, gene_symbol=names[int(label)],
                         gene_index=int(label), label=int(label), region=sec.name,
                         study="spatial"), names[int(label)], int(row.section))
-        records.update_index(out_dir, writer.info)
+        shards.update_index(out_dir, writer.info)
         counts[split] = writer.info.num_records
-    genes = [records.GeneEntry(n, i, -1, "") for i, n in enumerate(names)]
-    records.write_dataset_info(out_dir, records.DatasetInfo(
+    genes = [shards.GeneEntry(n, i, -1, "") for i, n in enumerate(names)]
+    shards.write_dataset_info(out_dir, shards.DatasetInfo(
         genes=genes, donors=[s.name for s in sections], source_size=size, patch_size=size,
         format="png", seed=seed, split_by="gene", extra=dict(extra or {})))
     return counts
@@ -673,14 +673,14 @@ def records_dir_for(out_dir: str, size: int) -> str:
 
 
 def _records_done(path: str, digest: str) -> bool:
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
 
     try:
-        info = records.load_dataset_info(path)
+        info = shards.load_dataset_info(path)
     except records.RecordsError:
         return False
     return (info is not None and info.extra.get("digest") == digest
-            and bool(records.completed_shards(path, "train")))
+            and bool(shards.completed_shards(path, "train")))
 
 
 def run_spatial(cfg: SpatialConfig, log=None) -> dict:
@@ -737,9 +737,9 @@ def run_spatial(cfg: SpatialConfig, log=None) -> dict:
     for size in cfg.patch_sizes:
         path = records_dir_for(cfg.out_dir, size)
         if _records_done(path, digest):
-            from ish_tf.data import records
+            from ish_tf.data import shards
 
-            index = records.load_index(path)
+            index = shards.load_index(path)
             counts = {}
             for s in index["shards"]:
                 counts[s["split"]] = counts.get(s["split"], 0) + s["num_records"]

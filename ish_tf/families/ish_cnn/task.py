@@ -26,7 +26,7 @@ def resolve_records_dir(records_dir: str, patch_size: int) -> str:
     Raises:
       ValueError: neither holds an index.json.
     """
-    from ish_tf.data.records import INDEX_NAME
+    from ish_tf.data.shards import INDEX_NAME
 
     for cand in (records_dir, os.path.join(records_dir, f"p{int(patch_size)}")):
         if os.path.exists(os.path.join(cand, INDEX_NAME)):
@@ -104,11 +104,11 @@ class IshCnnTask(Task):
         super().__init__(model_config, train_config, dataset_fn)
         self.records_dir = ""
         if train_config.records_dir and dataset_fn is None:
-            from ish_tf.data import records
+            from ish_tf.data import shards
 
             self.records_dir = resolve_records_dir(train_config.records_dir,
                                                    model_config.input_size)
-            info = records.load_dataset_info(self.records_dir)
+            info = shards.load_dataset_info(self.records_dir)
             if info is None:
                 raise ValueError(f"{self.records_dir}: index.json has no dataset info")
             if info.patch_size != model_config.input_size:

@@ -109,12 +109,12 @@ def validation_keys(records_dir: str, split: str):
     import pandas as pd
     import tensorflow as tf
 
-    from ish_tf.data import records
+    from ish_tf.data import records, shards
     from ish_tf.data.pipeline import list_shards
 
     keys = ["image_id", "gene_symbol", "donor_id"]
     files = list_shards(records_dir, split)
-    compression = records.compression_of(files[0]) or ""
+    compression = shards.compression_of(files[0]) or ""
     ds = tf.data.TFRecordDataset(files, compression_type=compression).map(
         lambda s: records.parse_example(s, keys)).batch(4096)
     parts = [{k: v.numpy() for k, v in batch.items()} for batch in ds]
