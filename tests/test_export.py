@@ -109,7 +109,7 @@ def test_fresh_process_serving_matches_keras(tmp_path, model):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "['embed_images', 'serving_default']" in proc.stdout
+    assert "['embed_images', 'serving_default', 'tf_example']" in proc.stdout
 
     served = np.load(tmp_path / "served.npy")
     assert served.shape == (4, 8)
@@ -129,7 +129,7 @@ def test_sidecar_describes_the_export(tmp_path, model):
     assert meta["output_shapes"] == {"embedding": [None, 8]}
     assert meta["input"] == {"height": S, "width": S, "channels": 3, "dtype": "float32",
                              "range": [0, 255]}
-    assert set(meta["signatures"]) == {"serving_default", "embed_images"}
+    assert set(meta["signatures"]) == {"serving_default", "embed_images", "tf_example"}
     assert meta["flags"] == {"backbone": "small_cnn", "input_size": "16", "l2_normalize": True,
                              "jit_compile": False}
     assert "image/encoded" in meta["schema"]["record_features"]
@@ -198,7 +198,7 @@ def test_family_outputs_and_input_checks(tmp_path):
     cdae = keras.Model(inputs, [code, recon])
     path = sm.export_saved_model(cdae, str(tmp_path / "cdae"), family="cdae")
     loaded = tf.saved_model.load(path)
-    assert set(loaded.signatures) == {"serving_default", "encode_images"}
+    assert set(loaded.signatures) == {"serving_default", "encode_images", "tf_example"}
     png = tf.io.encode_png(_image(S, S, 7, channels=1)).numpy()
     out = loaded.signatures["serving_default"](image_bytes=tf.constant([png, png]))
     assert out["code"].shape == (2, 3) and out["reconstruction"].shape == (2, S, S, 1)
