@@ -172,13 +172,21 @@ def _parquet_available() -> bool:
 
 
 # --------------------------------------------------------------------------- served model
+def _takes_one_string(fn) -> bool:
+    import tensorflow as tf
+
+    inputs = fn.structured_input_signature[1]
+    return len(inputs) == 1 and next(iter(inputs.values())).dtype == tf.string
+
+
 class ServedModel:
     """One signature of a SavedModel, fed serialized records or encoded image bytes.
 
     Args:
       path: SavedModel version directory or export base (newest version).
       signature: signature name; "" or "auto": `tf_example` when the export has it,
-        else `serving_default`.
+        else `serving_default`. `serving_default` of an export whose serving_default
+        takes no encoded bytes (raw-pixel and vector exports) means `tf_example`.
       output: output key; None = the export's first declared output, or the only one.
 
     Attributes:
@@ -204,9 +212,14 @@ class ServedModel:
         except sm.ExportError:
             self.metadata = {}  # a SavedModel exported by other tools still works
         self._loaded = tf.saved_model.load(self.path)
+        have = self._loaded.signatures
         if signature in ("", "auto"):
-            signature = (sig.TF_EXAMPLE if sig.TF_EXAMPLE in self._loaded.signatures
-                         else sm.SERVING_DEFAULT)
+            signature = sig.TF_EXAMPLE if sig.TF_EXAMPLE in have else sm.SERVING_DEFAULT
+        elif (signature == sm.SERVING_DEFAULT and sig.TF_EXAMPLE in have
+              and not _takes_one_string(have[signature])):
+            # Raw-pixel and vector exports: serving_default takes tensors that records
+            # cannot be fed as; tf_example takes the same records and gives its outputs.
+            signature = sig.TF_EXAMPLE
         if signature not in self._loaded.signatures:
             raise EmbedError(f"{self.path}: no signature {signature!r}; it has "
                              f"{sorted(self._loaded.signatures)}")

@@ -253,6 +253,15 @@ def test_embed_records_feeds_tf_example_for_every_kind(setup, kind, tmp_path):
     assert sorted(gene.index) == ["g0", "g1"]
 
 
+def test_serving_default_of_a_vector_export_embeds_through_tf_example(setup, tmp_path):
+    # bin/embed's --signature=serving_default cannot feed records as vectors: tf_example does.
+    job = setup["vector"]
+    served = embed.ServedModel(job["export"], "serving_default")
+    assert (served.signature, served.feeds) == ("tf_example", "records")
+    with pytest.raises(embed.EmbedError, match="one tf.string input"):
+        embed.ServedModel(job["export"], "predict_vectors")
+
+
 def _old_style_export(model: keras.Model, path: str) -> None:
     """A SavedModel as exported before input kinds: serving_default on image bytes only."""
 
