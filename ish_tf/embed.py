@@ -1,9 +1,12 @@
-"""`bin/embed`: embed the patches of TFRecord shards with an exported SavedModel.
+"""`bin/embed`: embed the records of TFRecord shards with an exported SavedModel.
 
-The served model, not the Python one, is what gets evaluated: every patch's ENCODED
-bytes (`image/encoded`, JPEG or PNG, as stored by `bin/extract`) go in batches
-through the SavedModel's `serving_default` signature (`ish_tf.export`), which
-decodes, resizes if needed and embeds them in-graph.
+The served model, not the Python one, is what gets evaluated: the serialized records,
+exactly as they are in the shards, go in batches through the SavedModel's
+`tf_example` signature (`ish_tf.export`), which parses and decodes them in-graph with
+the record schema, so any family's records embed: JPEG/PNG patches, raw multi-channel
+images, vectors. SavedModels exported before `tf_example` existed are fed each
+record's ENCODED image bytes (`image/encoded`) through `serving_default` instead.
+Vector records have no image position: their patch_index, x and y are 0.
 
 Outputs in OUT (CSV; Parquet with `table_format="parquet"` when pyarrow is installed)::
 
@@ -80,7 +83,10 @@ class EmbedConfig:
       gene_from: "patches" (mean of all patches, the paper) or "images" (mean of image
         means); applies to the donor and gene levels.
       table_format: "csv" or "parquet" (needs pyarrow).
-      signature: serving signature fed with the encoded bytes.
+      signature: serving signature; "" (auto): `tf_example` fed with the serialized
+        records when the export has it, else `serving_default` fed with the encoded
+        image bytes (exports from before tf_example). A signature whose string input
+        is `examples` (tf_example) gets records, any other gets image bytes.
       output: output of the signature to store; None = the export's first output
         (or the only one).
       levels: tables to write, a subset of ("patch", "image", "donor", "gene").
@@ -93,7 +99,7 @@ class EmbedConfig:
     batch_size: int = 64
     gene_from: str = "patches"
     table_format: str = "csv"
-    signature: str = "serving_default"
+    signature: str = ""
     output: str | None = None
     levels: tuple[str, ...] = LEVELS
 
@@ -166,22 +172,36 @@ def _parquet_available() -> bool:
 
 
 # --------------------------------------------------------------------------- served model
+def _takes_one_string(fn) -> bool:
+    import tensorflow as tf
+
+    inputs = fn.structured_input_signature[1]
+    return len(inputs) == 1 and next(iter(inputs.values())).dtype == tf.string
+
+
 class ServedModel:
-    """One signature of a SavedModel, called with encoded image bytes.
+    """One signature of a SavedModel, fed serialized records or encoded image bytes.
 
     Args:
       path: SavedModel version directory or export base (newest version).
-      signature: signature name.
+      signature: signature name; "" or "auto": `tf_example` when the export has it,
+        else `serving_default`. `serving_default` of an export whose serving_default
+        takes no encoded bytes (raw-pixel and vector exports) means `tf_example`.
       output: output key; None = the export's first declared output, or the only one.
+
+    Attributes:
+      feeds: "records" (the signature parses serialized records: `tf_example`) or
+        "image_bytes" (it decodes JPEG/PNG bytes: `serving_default` of image exports).
 
     Raises:
       EmbedError: no such signature, no single string input, or an ambiguous output.
     """
 
-    def __init__(self, path: str, signature: str = "serving_default", output: str | None = None):
+    def __init__(self, path: str, signature: str = "", output: str | None = None):
         import tensorflow as tf
 
         from ish_tf.export import saved_model as sm
+        from ish_tf.export import signatures as sig
 
         try:
             self.path = sm.resolve_saved_model(path)
@@ -192,6 +212,14 @@ class ServedModel:
         except sm.ExportError:
             self.metadata = {}  # a SavedModel exported by other tools still works
         self._loaded = tf.saved_model.load(self.path)
+        have = self._loaded.signatures
+        if signature in ("", "auto"):
+            signature = sig.TF_EXAMPLE if sig.TF_EXAMPLE in have else sm.SERVING_DEFAULT
+        elif (signature == sm.SERVING_DEFAULT and sig.TF_EXAMPLE in have
+              and not _takes_one_string(have[signature])):
+            # Raw-pixel and vector exports: serving_default takes tensors that records
+            # cannot be fed as; tf_example takes the same records and gives its outputs.
+            signature = sig.TF_EXAMPLE
         if signature not in self._loaded.signatures:
             raise EmbedError(f"{self.path}: no signature {signature!r}; it has "
                              f"{sorted(self._loaded.signatures)}")
@@ -200,9 +228,15 @@ class ServedModel:
         inputs = self._fn.structured_input_signature[1]
         strings = [k for k, spec in inputs.items() if spec.dtype == tf.string]
         if len(inputs) != 1 or len(strings) != 1:
+            hint = ("; it has no tf_example signature (exported before input kinds?): "
+                    "re-export it with bin/export" if sig.TF_EXAMPLE not in
+                    self._loaded.signatures else "")
             raise EmbedError(f"{self.path}: signature {signature!r} must take one tf.string "
-                             f"input of encoded images, it takes {dict(inputs)}")
+                             f"input of serialized records or encoded images, it takes "
+                             f"{dict(inputs)}{hint}")
         self.input_key = strings[0]
+        self.feeds = ("records" if signature == sig.TF_EXAMPLE
+                      or self.input_key == sig.EXAMPLES_INPUT else "image_bytes")
         outputs = list(self._fn.structured_outputs)
         if output is None:
             declared = [o for o in self.metadata.get("outputs", []) if o in outputs]
@@ -228,21 +262,21 @@ class ServedModel:
         """Identity of (SavedModel, signature, output), to tag resumable parts."""
         return f"{self.fingerprint}|{self.signature}|{self.output}"
 
-    def __call__(self, image_bytes) -> np.ndarray:
-        """Embeds encoded images.
+    def __call__(self, inputs) -> np.ndarray:
+        """Embeds serialized records or encoded images (as `feeds` says).
 
         Args:
-          image_bytes: tf.string (B,) tensor or a list of bytes.
+          inputs: tf.string (B,) tensor or a list of bytes.
 
         Returns:
           float32 (B, D); outputs of rank > 2 are flattened per row.
 
         Raises:
-          tensorflow.errors.InvalidArgumentError: an image cannot be decoded.
+          tensorflow.errors.InvalidArgumentError: a record or image cannot be decoded.
         """
         import tensorflow as tf
 
-        out = self._fn(**{self.input_key: tf.convert_to_tensor(image_bytes, tf.string)})
+        out = self._fn(**{self.input_key: tf.convert_to_tensor(inputs, tf.string)})
         values = out[self.output].numpy().astype(np.float32, copy=False)
         return values.reshape(values.shape[0], -1)
 
@@ -253,11 +287,16 @@ def _as_text(values: np.ndarray) -> list[str]:
             for v in values]
 
 
-def _parse(serialized) -> dict[str, np.ndarray]:
+def _parse(serialized, with_image: bool = True) -> dict[str, np.ndarray]:
+    """The key features of a batch of records (+ image/encoded for byte-fed models).
+
+    The keys are those of every input kind; a vector record has no patch_index, x, y
+    and reads them as their default 0.
+    """
     import tensorflow as tf
 
-    spec = records.feature_spec(("image/encoded",) + _RECORD_KEYS)
-    parsed = tf.io.parse_example(serialized, spec)
+    keys = (("image/encoded",) if with_image else ()) + _RECORD_KEYS
+    parsed = tf.io.parse_example(serialized, records.feature_spec(keys))
     return {k: v.numpy() for k, v in parsed.items()}
 
 
@@ -265,6 +304,8 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
                 bar: Progress | None = None) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
     """Embeds every record of one shard, continuing past bad records.
 
+    The serialized records go to the served model as they are (`served.feeds` ==
+    "records"), or their image/encoded bytes do (exports without tf_example).
     A batch that fails to parse or decode is retried record by record; the records
     that still fail are returned as skipped. A shard that ends in corrupt data keeps
     what was read before it.
@@ -289,6 +330,7 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
     chunks: list[np.ndarray] = []
     skipped: list[dict] = []
     position = 0
+    by_record = getattr(served, "feeds", "image_bytes") == "records"
 
     def keep(parsed: dict[str, np.ndarray], values: np.ndarray) -> None:
         for k in _RECORD_KEYS:
@@ -313,20 +355,21 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
             break
         n = int(batch.shape[0])
         try:
-            parsed = _parse(batch)
-            keep(parsed, served(parsed["image/encoded"]))
+            parsed = _parse(batch, with_image=not by_record)
+            keep(parsed, served(batch if by_record else parsed["image/encoded"]))
         except tf.errors.InvalidArgumentError:
             # One bad record fails the whole batch: find it by going one at a time.
             for i in range(n):
                 try:
-                    one = _parse(batch[i:i + 1])
+                    one = _parse(batch[i:i + 1], with_image=not by_record)
                 except tf.errors.InvalidArgumentError as e:
                     skip(position + i, f"cannot parse the record: {e.message}")
                     continue
                 try:
-                    keep(one, served(one["image/encoded"]))
+                    keep(one, served(batch[i:i + 1] if by_record else one["image/encoded"]))
                 except tf.errors.InvalidArgumentError as e:
-                    skip(position + i, f"cannot decode image/encoded: {e.message}", one)
+                    what = "the record" if by_record else "image/encoded"
+                    skip(position + i, f"cannot decode {what}: {e.message}", one)
         position += n
         if bar is not None:
             bar.update(n)
@@ -528,7 +571,8 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
         patches_embedded=embedded, seconds=seconds,
         patches_per_sec=embedded / seconds if seconds > 0 else 0.0)
     summary: dict[str, Any] = dataclasses.asdict(result)
-    summary.update({"signature": served.signature, "output": served.output,
+    summary.update({"signature": served.signature, "feeds": served.feeds,
+                    "output": served.output,
                     "fingerprint": served.fingerprint, "gene_from": config.gene_from,
                     "records_dir": os.path.abspath(config.records_dir),
                     "splits": sorted({s["split"] for s in shards}),

@@ -118,7 +118,9 @@ def test_patch_table_keys_rows_and_values(exported, dataset, result):
     expected = _keras_embeddings(model, [encoded[k] for k in keys])
     np.testing.assert_allclose(table.values, expected, atol=1e-4)
     summary = json.load(open(os.path.join(out, embed.SUMMARY_NAME)))
-    assert summary["signature"] == "serving_default" and summary["output"] == "embedding"
+    # Fed the serialized records through tf_example (same numbers as the image bytes).
+    assert summary["signature"] == "tf_example" and summary["output"] == "embedding"
+    assert summary["feeds"] == "records"
     assert summary["patches_per_sec"] > 0
     assert not os.path.exists(os.path.join(out, embed.PARTS_DIR))
 

@@ -91,6 +91,14 @@ def test_fresh_process_serving_matches_keras(tmp_path, model):
         (tmp_path / f"img{i}.bin").write_bytes(data)
     pixels = np.stack([_image(S, S, 5), _image(S, S, 6)]).astype(np.float32)
     np.save(tmp_path / "pixels.npy", pixels)
+    # The same encoded images as records of the schema, for the tf_example signature.
+    from ish_tf.data import records
+
+    for i, data in enumerate(encoded):
+        h, w = tf.io.decode_image(data).shape[:2]
+        (tmp_path / f"rec{i}.bin").write_bytes(records.make_example(
+            image_encoded=data, image_height=h, image_width=w, image_id=i,
+            gene_symbol="g", gene_index=0))
 
     script = textwrap.dedent(f"""
         import sys, numpy as np, tensorflow as tf
@@ -103,17 +111,22 @@ def test_fresh_process_serving_matches_keras(tmp_path, model):
         px = np.load({str(tmp_path / "pixels.npy")!r})
         out = m.signatures["embed_images"](images=tf.constant(px))
         np.save({str(tmp_path / "served_px.npy")!r}, out["embedding"].numpy())
+        recs = [open({str(tmp_path)!r} + f"/rec{{i}}.bin", "rb").read() for i in range(4)]
+        out = m.signatures["tf_example"](examples=tf.constant(recs))
+        np.save({str(tmp_path / "served_rec.npy")!r}, out["embedding"].numpy())
         print(sorted(m.signatures))
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "['embed_images', 'serving_default']" in proc.stdout
+    assert "['embed_images', 'serving_default', 'tf_example']" in proc.stdout
 
     served = np.load(tmp_path / "served.npy")
     assert served.shape == (4, 8)
     np.testing.assert_allclose(served, _reference(model, encoded), atol=1e-4)
+    # Records through tf_example: the same numbers as their bytes through serving_default.
+    np.testing.assert_array_equal(np.load(tmp_path / "served_rec.npy"), served)
     served_px = np.load(tmp_path / "served_px.npy")
     np.testing.assert_allclose(served_px, model(pixels, training=False).numpy(), atol=1e-4)
     # The outputs differ per image (the test would not notice a constant model otherwise).
@@ -129,7 +142,7 @@ def test_sidecar_describes_the_export(tmp_path, model):
     assert meta["output_shapes"] == {"embedding": [None, 8]}
     assert meta["input"] == {"height": S, "width": S, "channels": 3, "dtype": "float32",
                              "range": [0, 255]}
-    assert set(meta["signatures"]) == {"serving_default", "embed_images"}
+    assert set(meta["signatures"]) == {"serving_default", "embed_images", "tf_example"}
     assert meta["flags"] == {"backbone": "small_cnn", "input_size": "16", "l2_normalize": True,
                              "jit_compile": False}
     assert "image/encoded" in meta["schema"]["record_features"]
@@ -198,7 +211,7 @@ def test_family_outputs_and_input_checks(tmp_path):
     cdae = keras.Model(inputs, [code, recon])
     path = sm.export_saved_model(cdae, str(tmp_path / "cdae"), family="cdae")
     loaded = tf.saved_model.load(path)
-    assert set(loaded.signatures) == {"serving_default", "encode_images"}
+    assert set(loaded.signatures) == {"serving_default", "encode_images", "tf_example"}
     png = tf.io.encode_png(_image(S, S, 7, channels=1)).numpy()
     out = loaded.signatures["serving_default"](image_bytes=tf.constant([png, png]))
     assert out["code"].shape == (2, 3) and out["reconstruction"].shape == (2, S, S, 1)

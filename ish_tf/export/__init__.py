@@ -5,8 +5,6 @@ Importing this package does not import TensorFlow.
 """
 
 from ish_tf.export.saved_model import (
-    BYTES_INPUT,
-    PIXELS_INPUT,
     SERVING_DEFAULT,
     ExportConfig,
     ExportError,
@@ -22,10 +20,20 @@ from ish_tf.export.saved_model import (
     remove_stale_exports,
     resolve_saved_model,
 )
+from ish_tf.export.signatures import (
+    BYTES_INPUT,
+    EXAMPLES_INPUT,
+    PIXELS_INPUT,
+    TF_EXAMPLE,
+    VECTORS_INPUT,
+    decode_records,
+    resolve_input_spec,
+)
 
 __all__ = [
-    "BYTES_INPUT", "PIXELS_INPUT", "SERVING_DEFAULT", "ExportConfig", "ExportError",
-    "decode_images", "export_run", "export_saved_model", "family_outputs", "latest_version", "list_versions",
+    "BYTES_INPUT", "EXAMPLES_INPUT", "PIXELS_INPUT", "SERVING_DEFAULT", "TF_EXAMPLE",
+    "VECTORS_INPUT", "ExportConfig", "ExportError", "decode_images", "decode_records",
+    "resolve_input_spec", "export_run", "export_saved_model", "family_outputs", "latest_version", "list_versions",
     "parse_flagfile", "prune_versions", "read_metadata",
     "remove_stale_exports", "resolve_saved_model",
 ]

@@ -1,4 +1,4 @@
-"""Versioned TF Serving SavedModels whose signatures take encoded image bytes.
+"""Versioned TF Serving SavedModels with signatures by input kind.
 
 Layout of an export base `EXPORT/<name>` (the TF Serving model base path)::
 
@@ -8,18 +8,31 @@ Layout of an export base `EXPORT/<name>` (the TF Serving model base path)::
     EXPORT/<name>/2/assets.extra/ish_tf.json   # sidecar: family, input, outputs, flags, schema
     EXPORT/<name>/2/assets.extra/flags.cfg     # the training run's flagfile (replayable)
 
-Signatures of every export (`saved_model_cli show --dir EXPORT/<name>/2 --all`):
+Signatures (`saved_model_cli show --dir EXPORT/<name>/2 --all`), chosen by the
+export's input kind (an `InputSpec`: given, or derived from the model input; see
+`ish_tf.export.signatures`); every one returns a dict of the family's outputs, e.g.
+`{"embedding": float32 (B, D)}`:
 
-* `serving_default`: `image_bytes` tf.string (B,) of JPEG or PNG files -> dict of the
-  family's outputs, e.g. `{"embedding": float32 (B, D)}`. Decoding, the resize to the
-  model's input size (bilinear, antialiased, only when the size differs) and the cast
-  to float32 [0, 255] happen inside the graph, so a client needs no ish_tf code.
-* the family's pixel signature (`embed_images` for triplet): `images` float32
-  (B, S, S, C) in [0, 255] -> the same outputs (skips decoding; for speed and tests).
+* images of 1 or 3 uint8 channels (ISH patches, sections):
+  - `serving_default`: `image_bytes` tf.string (B,) of JPEG or PNG files. Decoding,
+    the resize to the model's input size (bilinear, antialiased, only when the size
+    differs) and the cast to float32 [0, 255] happen inside the graph, so a client
+    needs no ish_tf code;
+  - the family's pixel signature (`embed_images` for triplet): `images` float32
+    (B, H, W, C) in [0, 255] (skips decoding; for speed and tests);
+* images of any other channel count, or uint16 (fluorescence plates): JPEG/PNG
+  cannot hold them, so `serving_default` takes the raw pixels, `images` float32
+  (B, H, W, C) (the stored values, unscaled), as does the family's pixel signature;
+* vectors (expression profiles): `serving_default` (and the family's decoded-input
+  signature, `predict_vectors` for families that name none) takes `vectors` float32
+  (B, D);
+* every kind: `tf_example`: `examples` tf.string (B,) serialized records of the one
+  record schema (`ish_tf.data.records`), parsed and decoded in the graph with the
+  readers' own functions: JPEG/PNG or raw images of any channel count and either
+  stored dtype, cast to float32 unscaled and resized like `serving_default` when
+  stored at another size; or vectors.
 
-Any Keras model whose input is float32 images in [0, 255] of shape (S, S, C) can be
-exported; each model family declares its output names in its registry entry
-(`ish_tf.families`).
+Each model family declares its output names in its registry entry (`ish_tf.families`).
 The SavedModel is written by `keras.export.ExportArchive` (which tracks the model's
 variables and sets `serving_default`) into a hidden temporary directory beside the
 versions, the sidecar is added, and the directory is renamed to its version number
@@ -40,14 +53,28 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from ish_tf.data.inputs import InputSpec
+from ish_tf.export.signatures import (
+    BYTES_INPUT,
+    EXAMPLES_INPUT,
+    PIXELS_INPUT,
+    TF_EXAMPLE,
+    VECTORS_INPUT,
+    InputSpecError,
+    decode_records,
+    fit_image,
+    resolve_input_spec,
+    takes_image_bytes,
+)
 from ish_tf.io_utils import atomic_write_text
 
 SIDECAR_DIR = "assets.extra"
 SIDECAR_NAME = "ish_tf.json"
 FLAGFILE_NAME = "flags.cfg"
-SIDECAR_FORMAT = 1
-BYTES_INPUT = "image_bytes"
-PIXELS_INPUT = "images"
+# 2: input_spec, input_kind, signature_names and tf_example added (all version-1 keys kept).
+SIDECAR_FORMAT = 2
 SERVING_DEFAULT = "serving_default"
 _TMP_PREFIX = ".export-"
 _TMP_SUFFIX = ".tmp"
@@ -212,23 +239,6 @@ def read_metadata(saved_model_dir: str) -> dict:
         raise ExportError(f"{path}: cannot read the export metadata: {e}") from e
 
 
-def model_input_shape(model) -> tuple[int, int, int]:
-    """(S_h, S_w, C) of a Keras model taking one batch of images.
-
-    Raises:
-      ExportError: several inputs, not rank 4, or dynamic height/width/channels.
-    """
-    inputs = model.inputs if getattr(model, "inputs", None) else None
-    if not inputs or len(inputs) != 1:
-        raise ExportError(f"model {model.name!r}: export needs exactly one image input, "
-                          f"got {0 if not inputs else len(inputs)}")
-    shape = tuple(inputs[0].shape)
-    if len(shape) != 4 or any(d is None for d in shape[1:]):
-        raise ExportError(f"model {model.name!r}: input shape {shape} is not (B, S, S, C) "
-                          "with a static size; build the model with a fixed input size")
-    return int(shape[1]), int(shape[2]), int(shape[3])
-
-
 # --------------------------------------------------------------------------- graph pieces
 def decode_images(image_bytes, size: tuple[int, int], channels: int = 3):
     """Decodes a batch of JPEG/PNG strings to float32 images of one size.
@@ -251,12 +261,7 @@ def decode_images(image_bytes, size: tuple[int, int], channels: int = 3):
 
     def one(data):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-        image = tf.cast(image, tf.float32)
-        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
-        image = tf.cond(same, lambda: image,
-                        lambda: tf.image.resize(image, [height, width], method="bilinear",
-                                                antialias=True))
-        return tf.ensure_shape(image, [height, width, channels])
+        return fit_image(tf.cast(image, tf.float32), height, width, channels)
 
     return tf.map_fn(one, image_bytes,
                      fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
@@ -284,22 +289,39 @@ def _model_output_count(model) -> int:
 
 
 # --------------------------------------------------------------------------- export
+def _family_input_spec(family: str) -> InputSpec | None:
+    """The registered family's `InputSpec`, or None for an unregistered family."""
+    from ish_tf.families import family_names, get_family
+
+    return get_family(family).inputs if family in family_names() else None
+
+
 def export_saved_model(model, export_base: str, *, family: str = "triplet",
                        outputs: Sequence[str] | Mapping[str, Any] | None = None,
+                       input_spec: InputSpec | None = None,
                        metadata: Mapping[str, Any] | None = None,
                        class_names: Sequence[str] | None = None,
                        flagfile: str | None = None, version: int | None = None,
                        keep: int = 5, overwrite: bool = False) -> str:
-    """Exports a Keras image model as a new integer version of a TF Serving model.
+    """Exports a Keras model as a new integer version of a TF Serving model.
+
+    The signatures follow the input kind (see the module docstring): JPEG/PNG bytes,
+    raw pixels or vectors for `serving_default`, the decoded-input signature, and
+    `tf_example` (serialized records) for every kind.
 
     Args:
-      model: keras.Model, input float32 (B, S, S, C) in [0, 255], in inference mode
-        (it is called with `training=False`).
+      model: keras.Model with one input: float32 images (B, H, W, C) (in [0, 255] for
+        uint8 images; the stored values for uint16) or float32 vectors (B, D); in
+        inference mode (it is called with `training=False`).
       export_base: `EXPORT/<name>`; created if missing.
       family: model family (`ish_tf.families`); sets the output names when `outputs`
         is None.
       outputs: output names in the model's output order, or {name: index or key} to
         pick from a list/dict-output model.
+      input_spec: what the export serves (`InputSpec`; open sizes are taken from the
+        model); None: derived from the model input (rank 4 -> images of its channel
+        count, rank 2 -> vectors), with the stored dtype of the family's registered
+        spec when it has the same kind and channels (else uint8).
       metadata: extra JSON-serialisable facts stored in the sidecar under "extra".
       class_names: class names (classifier families), stored in the sidecar.
       flagfile: a flagfile (e.g. RUN/flags.cfg) copied to `assets.extra/flags.cfg`
@@ -314,7 +336,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
 
     Raises:
       ExportError: unknown family, output names that do not fit the model, a model
-        input that is not (S, S, C), or an existing explicit version.
+        input that is neither (H, W, C) nor (D,) with static sizes, an input spec that
+        disagrees with the model, or an existing explicit version.
     """
     import keras
     import tensorflow as tf
@@ -326,23 +349,41 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
                           f"family {family!r} names {len(names)}: {names}")
     if version is not None and version < 0:
         raise ExportError(f"version must be a non-negative integer, got {version}")
-    height, width, channels = model_input_shape(model)
+    family_spec = _family_input_spec(family)
+    try:
+        spec = resolve_input_spec(model, input_spec, family_spec)
+    except InputSpecError as e:
+        raise ExportError(str(e)) from e
+    if spec.kind == "vector":
+        decoded_input = tf.TensorSpec([None, spec.dim], tf.float32, name=VECTORS_INPUT)
+        if family_spec is None or family_spec.kind != "vector":
+            pixels_signature = "predict_vectors"  # an image family's name would mislead
+    else:
+        decoded_input = tf.TensorSpec([None, spec.height, spec.width, spec.channels],
+                                      tf.float32, name=PIXELS_INPUT)
 
     def serve_bytes(image_bytes):
-        images = decode_images(image_bytes, (height, width), channels)
+        images = decode_images(image_bytes, (spec.height, spec.width), spec.channels)
         return _name_outputs(model(images, training=False), names, output_map)
 
-    def serve_pixels(images):
-        return _name_outputs(model(images, training=False), names, output_map)
+    def serve_decoded(inputs):
+        return _name_outputs(model(inputs, training=False), names, output_map)
+
+    def serve_examples(examples):
+        return _name_outputs(model(decode_records(examples, spec), training=False), names,
+                             output_map)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     # The first endpoint is also TF Serving's default; name it so explicitly.
-    archive.add_endpoint(SERVING_DEFAULT, serve_bytes,
-                         input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
-    archive.add_endpoint(pixels_signature, serve_pixels,
-                         input_signature=[tf.TensorSpec([None, height, width, channels],
-                                                        tf.float32, name=PIXELS_INPUT)])
+    if takes_image_bytes(spec):
+        archive.add_endpoint(SERVING_DEFAULT, serve_bytes,
+                             input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+    else:
+        archive.add_endpoint(SERVING_DEFAULT, serve_decoded, input_signature=[decoded_input])
+    archive.add_endpoint(pixels_signature, serve_decoded, input_signature=[decoded_input])
+    archive.add_endpoint(TF_EXAMPLE, serve_examples,
+                         input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
 
     os.makedirs(export_base, exist_ok=True)
     remove_stale_exports(export_base)
@@ -354,7 +395,7 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
         with _quiet_tensorflow_logs():
             archive.write_out(tmp, verbose=False)
         flags_text = _read_text(flagfile)
-        sidecar = _sidecar(model, family, pixels_signature, names, (height, width, channels), class_names,
+        sidecar = _sidecar(model, family, pixels_signature, names, spec, class_names,
                            flags_text, metadata)
         _write_sidecar(tmp, sidecar, flags_text)
         final = _commit(tmp, export_base, version, overwrite)
@@ -393,9 +434,34 @@ def _read_text(path: str | None) -> str | None:
         return f.read()
 
 
-def _sidecar(model, family: str, pixels: str, names: Sequence[str],
-             input_shape: tuple[int, int, int], class_names: Sequence[str] | None,
-             flags_text: str | None, metadata: Mapping[str, Any] | None) -> dict:
+def _signature_inputs(spec: InputSpec, pixels: str) -> dict[str, dict[str, str]]:
+    """Signature name -> {input name: description}, as exported for `spec`."""
+    if spec.kind == "vector":
+        decoded = {VECTORS_INPUT: f"float32 (B, {spec.dim})"}
+    else:
+        scale = "in [0, 255]" if spec.dtype == "uint8" else f"the stored {spec.dtype} values"
+        decoded = {PIXELS_INPUT: f"float32 (B, {spec.height}, {spec.width}, {spec.channels}) "
+                                 f"{scale}"}
+    default = ({BYTES_INPUT: "string (B,): JPEG or PNG bytes"} if takes_image_bytes(spec)
+               else decoded)
+    return {SERVING_DEFAULT: default, pixels: decoded,
+            TF_EXAMPLE: {EXAMPLES_INPUT: f"string (B,): serialized tf.train.Example records "
+                                         f"(ish_tf.data.records, {spec.kind})"}}
+
+
+def _preprocessing(spec: InputSpec) -> str:
+    if spec.kind == "vector":
+        return "vector (float32, D values) -> model"
+    resize = "bilinear antialiased resize to the input size when different"
+    if takes_image_bytes(spec):
+        return f"decode_image(channels=C) -> {resize} -> float32 [0, 255] -> model"
+    return (f"raw pixels -> float32 (stored values, unscaled) -> model; tf_example: "
+            f"decode_raw -> {resize}")
+
+
+def _sidecar(model, family: str, pixels: str, names: Sequence[str], spec: InputSpec,
+             class_names: Sequence[str] | None, flags_text: str | None,
+             metadata: Mapping[str, Any] | None) -> dict:
     import keras
     import tensorflow as tf
 
@@ -407,25 +473,33 @@ def _sidecar(model, family: str, pixels: str, names: Sequence[str],
     for name, tensor in zip(names, outputs, strict=False):
         output_shapes[name] = [None] + [int(d) if d is not None else None
                                         for d in tuple(tensor.shape)[1:]]
-    height, width, channels = input_shape
+    if spec.kind == "image":
+        # Version-1 keys, unchanged: readers print height x width x channels.
+        model_input = {"height": spec.height, "width": spec.width, "channels": spec.channels,
+                       "dtype": "float32",
+                       "range": [0, 255] if spec.dtype == "uint8"
+                       else [0, int(np.iinfo(spec.dtype).max)]}
+    else:
+        model_input = {"height": None, "width": None, "channels": None, "dim": spec.dim,
+                       "dtype": "float32"}
+    signatures = _signature_inputs(spec, pixels)
+    default_input = next(iter(signatures[SERVING_DEFAULT]))
     return {
         "format_version": SIDECAR_FORMAT,
         "family": family,
         "model_name": model.name,
-        "input": {"height": height, "width": width, "channels": channels,
-                  "dtype": "float32", "range": [0, 255]},
-        "input_size": height,
+        "input": model_input,
+        "input_size": spec.height if spec.kind == "image" else None,
+        "input_kind": spec.kind,
+        "input_spec": spec.to_dict(),
         "outputs": list(names),
         "output_shapes": output_shapes,
-        "signatures": {
-            SERVING_DEFAULT: {"inputs": {BYTES_INPUT: "string (B,): JPEG or PNG bytes"},
-                              "outputs": list(names)},
-            pixels: {"inputs": {PIXELS_INPUT: f"float32 (B, {height}, {width}, {channels}) "
-                                              "in [0, 255]"},
-                     "outputs": list(names)},
-        },
-        "preprocessing": "decode_image(channels=C) -> bilinear antialiased resize to the "
-                         "input size when different -> float32 [0, 255] -> model",
+        "signatures": {name: {"inputs": inputs, "outputs": list(names)}
+                       for name, inputs in signatures.items()},
+        "signature_names": {"serving_default": SERVING_DEFAULT,
+                            "serving_default_input": default_input,
+                            "decoded": pixels, "records": TF_EXAMPLE},
+        "preprocessing": _preprocessing(spec),
         "class_names": list(class_names) if class_names is not None else None,
         "flags": parse_flagfile(flags_text) if flags_text else {},
         "schema": {"record_features": list(records.FEATURE_KEYS)},
@@ -514,7 +588,8 @@ class ExportConfig:
 
 def export_run(model_dir: str, export_base: str, *, family: str | None = None,
                version: int | None = None, keep: int = 5, overwrite: bool = False,
-               class_names: Sequence[str] | None = None) -> str:
+               class_names: Sequence[str] | None = None,
+               input_spec: InputSpec | None = None) -> str:
     """Exports a training run's `RUN/model.keras` (see `export_saved_model`).
 
     The family is read from `RUN/model_config.json` ("builder") unless given;
@@ -524,7 +599,8 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
       model_dir: the run directory RUN (or a `.keras` file).
       export_base: `EXPORT/<name>`.
       family: model family; default from model_config.json, else "triplet".
-      version, keep, overwrite, class_names: as in `export_saved_model`.
+      version, keep, overwrite, class_names, input_spec: as in `export_saved_model`
+        (the input kind and signatures follow the model input and the family's spec).
 
     Returns:
       The version directory.
@@ -566,6 +642,6 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
         raise ExportError(f"{model_path}: cannot load the Keras model "
                           f"({type(e).__name__}: {e})") from e
     return export_saved_model(model, export_base, family=family, metadata=extra,
-                              class_names=class_names,
+                              class_names=class_names, input_spec=input_spec,
                               flagfile=os.path.join(run_dir, FLAGFILE_NAME),
                               version=version, keep=keep, overwrite=overwrite)
