@@ -62,6 +62,7 @@ def _decoded_inputs(records_dir: str, split: str, spec) -> np.ndarray:
     from ish_tf.data import records, shards
     from ish_tf.data.pipeline import list_shards
 
+    stored = shards.records_input_spec(records_dir)
     out = []
     for f in list_shards(records_dir, split):
         for raw in tf.data.TFRecordDataset(f, compression_type=shards.compression_of(f) or ""):
@@ -69,11 +70,10 @@ def _decoded_inputs(records_dir: str, split: str, spec) -> np.ndarray:
             if spec.kind == "vector":
                 out.append(records.decode_vector(feats).numpy())
             else:
-                image = tf.cast(records.decode_image(feats, spec=None), tf.float32)
-                if image.shape[-1] != spec.channels:
-                    image = tf.image.rgb_to_grayscale(image) if spec.channels == 1 else image
-                out.append(tf.image.resize(image, (spec.height, spec.width)).numpy()
-                           if tuple(image.shape[:2]) != (spec.height, spec.width) else image.numpy())
+                image = tf.cast(records.decode_image(feats, spec=stored), tf.float32)
+                assert image.shape[-1] == spec.channels, (stored, spec)
+                assert tuple(image.shape[:2]) == (spec.height, spec.width), (stored, spec)
+                out.append(image.numpy())
     return np.stack(out).astype(np.float32)
 
 
