@@ -108,7 +108,7 @@ class _Retry(Exception):
 # --------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class FetchConfig:
-    """Everything `fetch` needs; built from flags by `ish_tf.flags.fetch_config`.
+    """Everything `fetch` needs; built from flags by `ish_tf.cli.fetch.fetch_config`.
 
     Attributes:
       study: key of `STUDIES` (cortex | schizophrenia | mouse).
