@@ -171,18 +171,15 @@ def test_compute_loss_matches_crossentropy():
 
 
 def test_flags_fill_options():
-    from absl import flags as absl_flags
+    from ish_tf import cli, config
+    from ish_tf.cli import train as train_cli
 
-    from ish_tf import flags
-
-    flags.define_common()
-    flags.define_model()
-    flags.define_ish_cnn()
-    fv = absl_flags.FlagValues()
-    # A fresh FlagValues with just the section's defaults reads like an undefined one.
-    opts = flags.ish_cnn_options(fv)
-    assert opts["filters"] == [16, 32, 64, 64, 96] and "classes" not in opts
-    json.dumps(opts)  # serialisable into model_config.json
+    mc = train_cli.model_config(cli.parse("train", ["--model=ish_cnn"]))
+    assert mc.family.filters == (16, 32, 64, 64, 96) and mc.family.classes == ()
+    json.dumps(config.to_dict(mc.family))  # serialisable into model_config.json
+    mc = train_cli.model_config(cli.parse("train", ["--model=ish_cnn", "--ish_cnn_P=5",
+                                                    "--ish_cnn_classes=a,b"]))
+    assert (mc.family.P, mc.family.classes) == (5, ("a", "b"))
 
 
 def test_intensity_jitter_is_seeded_and_resumable():

@@ -132,9 +132,10 @@ def pipeline_config(fv):
     --deterministic where defined); --small_run shrinks the shuffle buffer."""
     from ish_tf.data.pipeline import PipelineConfig
 
-    flips = fv.flips if "flips" in fv else True
-    deterministic = fv.deterministic if "deterministic" in fv else False
-    small = fv.small_run if "small_run" in fv else False
+    # getattr: FlagValues raises AttributeError for a flag the command did not define.
+    flips = getattr(fv, "flips", True)
+    deterministic = getattr(fv, "deterministic", False)
+    small = getattr(fv, "small_run", False)
     shuffle_buffer = min(fv.shuffle_buffer, 256) if small else fv.shuffle_buffer
     return PipelineConfig(flips=flips, standardize=fv.standardize,
                           shuffle_buffer=shuffle_buffer, deterministic=deterministic,
