@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ish_tf.data import spatial
+from ish_tf.families.ish_cnn import spatial
 from ish_tf.families.ish_cnn.spatial import LabelConfig, SpatialError
 from ish_tf.families.ish_cnn.synthetic_pairs import DECOY_GENE, SpatialSynthConfig, generate_pair
 

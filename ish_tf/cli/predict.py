@@ -85,7 +85,7 @@ def main(fv, argv: list[str]) -> int:
     """Runs dense prediction and scoring; returns the exit status (0 ok, 1 bad input)."""
     from absl import logging
 
-    from ish_tf.evaluate import segmentation
+    from ish_tf.families.ish_cnn import segmentation
     from ish_tf.families.ish_cnn.spatial import SpatialError
 
     with usage_errors():

@@ -121,8 +121,8 @@ def main(fv, argv: list[str]) -> int:
     """Runs the spatial stage; returns the exit status (0 ok, 1 bad input, 130 Ctrl-C)."""
     from absl import logging
 
-    from ish_tf.data import spatial
     from ish_tf.data.records import RecordsError
+    from ish_tf.families.ish_cnn import spatial
 
     with usage_errors():
         cfg, synth = spatial_config(fv)
