@@ -506,7 +506,7 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
     run = tmp_path / "sup"
     tcfg = _train_cfg(run, data["records"], steps=2)
     task = make_task(sup_cfg, tcfg)
-    assert task.model_config.option("terms") == terms
+    assert list(task.model_config.family.terms) == terms
     model = task.build_model()
     trained = keras.saving.load_model(str(cdae_run / "model.keras"), compile=False)
     np.testing.assert_array_equal(model.get_layer("code").get_weights()[0],
