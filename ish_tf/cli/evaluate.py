@@ -35,13 +35,13 @@ def define_evaluate(fv) -> None:
     d = definer(fv, NAME)
     d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid.")
     d.string("embedding", "", "One embedding table (CSV/Parquet; every numeric "
-                        "non-key column is a dimension); named after its file.")
+             "non-key column is a dimension); named after its file.")
     d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
     d.string("out", "", "Output directory.")
     d.string("manifest", "", "Manifest CSV written by bin/fetch or "
-                 "bin/synth.")
+             "bin/synth.")
     d.string("zeng_table", "", "Zeng et al. 2012 Table S2 (.xlsx): pattern, level, "
-                        "level_description, layer_marker, celltype_marker groups.")
+             "level_description, layer_marker, celltype_marker groups.")
     d.string("gaf", "", "GO annotations, GAF 2.x (plain or .gz; symbols or NCBIGene ids).")
     d.string("obo", "", "GO ontology (.obo) to propagate annotations up is_a edges.")
     d.list("go_aspects", ["P", "F", "C"], "GO aspects kept: P, F, C.")
@@ -49,54 +49,54 @@ def define_evaluate(fv) -> None:
     d.integer("go_min_genes", 40, "Smallest GO group, in matched genes.", lower_bound=1)
     d.integer("go_max_genes", 200, "Largest GO group, in matched genes.", lower_bound=1)
     d.list("annotations", [], "Generic annotation CSVs: gene_symbol and/or entrez_id "
-                      "+ categorical columns, each value a group (e.g. bin/synth's annotations.csv).")
+           "+ categorical columns, each value a group (e.g. bin/synth's annotations.csv).")
     d.list("annotation_columns", [], "Columns of --annotations to use; empty = all "
-                      "non-key columns.")
+           "non-key columns.")
     d.integer("min_group_genes", 5, "Groups with fewer matched genes are skipped.",
-                         lower_bound=2)
+              lower_bound=2)
     d.integer("folds", 5, "Stratified cross-validation folds.", lower_bound=2)
     d.integer("max_iter", 500, "Iteration cap of the logistic regression.",
-                         lower_bound=1)
+              lower_bound=1)
     d.enum("solver", "newton-cg", ["newton-cg", "lbfgs", "newton-cholesky"],
-                      "scikit-learn solver of the unpenalised logistic regression.")
+           "scikit-learn solver of the unpenalised logistic regression.")
     d.bool("standardize_features", True, "z-score embedding dimensions inside each "
-                      "fold (training part's mean/std): results do not depend on the scale.")
+           "fold (training part's mean/std): results do not depend on the scale.")
     d.enum("join_key", "auto", ["auto", "gene_symbol", "entrez_id"],
-                      "Key joining embeddings to annotations; auto = the one matching more genes.")
+           "Key joining embeddings to annotations; auto = the one matching more genes.")
     d.bool("common_genes", True, "Score all embeddings on the genes every one of them "
-                      "matches (paired comparison).")
+           "matches (paired comparison).")
     d.string("donor_matrix", "", "Gene x donor 0/1 assay matrix CSV, scored as "
-                        "embedding 'donor_matrix' (donor-bias control).")
+             "embedding 'donor_matrix' (donor-bias control).")
     d.bool("donor_control", True, "With --manifest and no --donor_matrix, build the "
-                      "donor matrix from the manifest and score it too.")
+           "donor matrix from the manifest and score it too.")
     d.string("diagnosis_label", "diagnosis", "Manifest column labelling donors.")
     d.string("diagnosis_positive", "schizophrenia", "Value of the positive class.")
     d.string("diagnosis_negative", "control", "Value of the negative class; empty = "
-                        "every other value.")
+             "every other value.")
     d.integer("min_donors", 40, "Diagnosis: genes assayed in fewer labelled donors "
-                         "are skipped.", lower_bound=2)
+              "are skipped.", lower_bound=2)
     d.list("demographics", ["donor_age", "pmi", "tissue_ph", "smoker", "donor_sex",
-                                       "donor_race"],
-                      "Diagnosis covariates (numeric as is, others one-hot).")
+           "donor_race"],
+           "Diagnosis covariates (numeric as is, others one-hot).")
     d.integer("top_genes", 20, "Rows of OUT/diagnosis_top.csv.", lower_bound=1)
     d.enum("reid_level", "image", ["image", "patch", "donor"],
-                      "Level re-identification runs at (patch tables are averaged up).")
+           "Level re-identification runs at (patch tables are averaged up).")
     d.enum("reid_metric", "euclidean", ["euclidean", "sqeuclidean", "cosine",
-                                                   "cityblock"], "Re-identification distance.")
+           "cityblock"], "Re-identification distance.")
     d.bool("report", True, "Write figures/ and report.html for the tasks that ran.")
     d.enum("map_method", "pca", ["pca", "tsne", "umap", "auto", "none"],
-                      "Projection of the per-embedding gene maps in the report (tsne: nicer, "
-                      "~15-60 s per embedding on 2 cores; none: no maps).")
+           "Projection of the per-embedding gene maps in the report (tsne: nicer, "
+           "~15-60 s per embedding on 2 cores; none: no maps).")
     d.integer("n_jobs", 2, "Processes scoring groups (or genes) in parallel.",
-                         lower_bound=1)
+              lower_bound=1)
     # The paper's Fig 3: the patches of one gene that most and least activate a dimension.
     d.string("patch_embeddings", "", "Patch-level table from bin/embed; with "
-                        "--records_dir and --extreme_gene adds the extreme-patches figure.")
+             "--records_dir and --extreme_gene adds the extreme-patches figure.")
     d.string("records_dir", "", "TFRecord shards + index.json "
-                 "(from bin/extract) holding the patches of --patch_embeddings.")
+             "(from bin/extract) holding the patches of --patch_embeddings.")
     d.string("extreme_gene", "", "Gene whose extreme patches are shown.")
     d.integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
-                         "figure; -1 = the dimension varying most over that gene's patches.")
+              "figure; -1 = the dimension varying most over that gene's patches.")
 
 
 def parse_named_paths(value: str) -> dict[str, str]:

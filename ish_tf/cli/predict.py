@@ -30,22 +30,22 @@ def define_predict(fv) -> None:
     d = definer(fv, NAME)
     d.string("out", "", "Output directory.")
     d.string("model_dirs", "", "ISH CNN training runs (or .keras files), one per "
-                        "patch size, comma-separated; shell-style patterns allowed "
-                        "(runs/ish_cnn/p*).")
+             "patch size, comma-separated; shell-style patterns allowed "
+             "(runs/ish_cnn/p*).")
     d.string("section_image", "", "The section to predict (TIFF/PNG).")
     d.string("spot_table", "", "Its spot table (x, y, gene): the Dice ground truth.")
     d.string("section_mask", "", "Its tissue mask PNG; empty = computed.")
     define_mask_background(d)
     define_spot_flags(d)
     d.float("truth_radius", 6.0, "Radius (px) of the discs drawn around the "
-                       "section's spots as gene ground truth.", lower_bound=0.5)
+            "section's spots as gene ground truth.", lower_bound=0.5)
     d.integer("predict_stride", 4, "Pixels between window centres; 0 = each "
-                         "model's native stride. Must divide or be a multiple of it (dense).",
-                         lower_bound=0)
+              "model's native stride. Must divide or be a multiple of it (dense).",
+              lower_bound=0)
     d.enum("predict_method", "dense", ["dense", "sliding"], "Fully convolutional "
-                      "(shift-and-stitch for small strides) or cropped sliding windows.")
+           "(shift-and-stitch for small strides) or cropped sliding windows.")
     d.integer("predict_batch_size", 256, "Windows per call (sliding).",
-                         lower_bound=1)
+              lower_bound=1)
     d.bool("report", True, "Write report.html.")
 
 

@@ -37,31 +37,31 @@ def define_spatial(fv) -> None:
     d = definer(fv, NAME)
     d.string("out", "", "Output directory.")
     d.string("genes", "", "Comma-separated genes (the gene classes, "
-                 "in label order).")
+             "in label order).")
     d.string("section_images", "", "Section images (TIFF/PNG), comma-separated.")
     d.string("spot_tables", "", "Spot table CSVs (x, y, gene), one per image.")
     d.string("section_masks", "", "Tissue mask PNGs, one per image; empty = "
-                        "computed with the classical segmenter.")
+             "computed with the classical segmenter.")
     define_mask_background(d)
     define_spot_flags(d)
     d.string("patch_sizes", "16,32,48,64,128", "Patch sides in pixels; one record "
-                        "set OUT/p{R} (and one model) each.")
+             "set OUT/p{R} (and one model) each.")
     d.float("label_radius", 8.0, "Radius (px): a gene spot nearer than this to "
-                       "another chosen gene's spot is ambiguous; tissue centres keep this "
-                       "distance from every chosen gene's spot.", lower_bound=0.0)
+            "another chosen gene's spot is ambiguous; tissue centres keep this "
+            "distance from every chosen gene's spot.", lower_bound=0.0)
     d.bool("keep_ambiguous", False, "Keep ambiguous gene spots (labelled with "
-                      "their own gene) instead of skipping them.")
+           "their own gene) instead of skipping them.")
     d.integer("max_per_class", 2000, "Most patch centres per class and section; "
-                         "0 = all gene spots, and as many tissue/background centres as the "
-                         "largest gene class.", lower_bound=0)
+              "0 = all gene spots, and as many tissue/background centres as the "
+              "largest gene class.", lower_bound=0)
     d.bool("balance_classes", True, "Cut every class to the smallest one's count.")
     d.float("validation_fraction", 0.1, "Share of each class's centres written to "
-                       "the validation split.", lower_bound=0.0, upper_bound=0.9)
+            "the validation split.", lower_bound=0.0, upper_bound=0.9)
     d.string("synthetic_pair", "", "Generate a synthetic pair of sections (two "
-                        "animals) into this directory first; without --section_images the "
-                        "first animal is labelled (the second is the independent test).")
+             "animals) into this directory first; without --section_images the "
+             "first animal is labelled (the second is the independent test).")
     d.integer("synthetic_size", 512, "Side of the synthetic sections, pixels.",
-                         lower_bound=64)
+              lower_bound=64)
 
 
 def mask_config(fv):

@@ -31,35 +31,35 @@ def define_tune(fv) -> None:
     d = definer(fv, NAME)
     d.string("out", "", "Output directory: trials.csv, best.cfg, runs/, tuner/.")
     d.enum("tuner", "random", ["grid", "random", "bayesian", "hyperband"],
-                      "KerasTuner oracle choosing each trial's hyperparameters.")
+           "KerasTuner oracle choosing each trial's hyperparameters.")
     d.integer("max_trials", 20, "Most trials (hyperband: its own budget too).",
-                         lower_bound=1)
+              lower_bound=1)
     d.integer("executions_per_trial", 1, "Trainings per trial (seeds seed, seed+1, "
-                         "...); the objective is their mean.", lower_bound=1)
+              "...); the objective is their mean.", lower_bound=1)
     d.float("steps_scale", 1.0, "Multiplies each trial's --steps (small runs); "
-                       "best.cfg keeps the full length.")
+            "best.cfg keeps the full length.")
     d.string("validation_split", "validation", "Split the objective is computed on.")
     d.integer("val_batch_size", 64, "Patches per inference batch when scoring.",
-                         lower_bound=1)
+              lower_bound=1)
     d.integer("val_batches", 20, "Validation batches of the task loss (families "
-                         "scored by validation loss).", lower_bound=1)
+              "scored by validation loss).", lower_bound=1)
     d.bool("tune_overwrite", False, "Discard an existing search in --out instead "
-                      "of resuming it.")
+           "of resuming it.")
     d.integer("hyperband_max_epochs", 9, "Hyperband's largest budget, in units of "
-                         "max(--tune_steps)/hyperband_max_epochs steps.", lower_bound=1)
+              "max(--tune_steps)/hyperband_max_epochs steps.", lower_bound=1)
     d.integer("hyperband_factor", 3, "Hyperband's reduction factor.", lower_bound=2)
     d.list("tune_flips", ["true", "false"], "Search values of --flips.")
     d.list("tune_P", ["5", "10", "12", "14", "16", "17", "18", "20", "40", "50", "60"],
-                      "Search values of --triplet_P (genes per batch); K = tune_batch_images // P.")
+           "Search values of --triplet_P (genes per batch); K = tune_batch_images // P.")
     d.integer("tune_batch_images", 300, "Images per global batch of a trial.",
-                         lower_bound=4)
+              lower_bound=4)
     d.list("tune_margin", ["soft", "0.5", "1"], "Search values of --triplet_margin.")
-    d.list("tune_learning_rate", ["1e-4", "9e-5", "8e-5", "7e-5", "6e-5", "5e-5",
-                                             "1e-5"], "Search values of --learning_rate.")
+    d.list("tune_learning_rate", ["1e-4", "9e-5", "8e-5", "7e-5", "6e-5", "5e-5", "1e-5"],
+           "Search values of --learning_rate.")
     d.list("tune_metric", ["euclidean", "sqeuclidean", "cityblock"],
-                      "Search values of --triplet_metric.")
+           "Search values of --triplet_metric.")
     d.list("tune_steps", ["10000", "15000", "20000", "30000"],
-                      "Search values of --steps (before --steps_scale).")
+           "Search values of --steps (before --steps_scale).")
 
 
 def _parse_bool(name: str, text: str) -> bool:
