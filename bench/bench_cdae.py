@@ -18,7 +18,7 @@ their names carry the gene count and size, so other settings never reuse them):
      first seed) and from scratch, per-term AUC on the held-out genes next to that CDAE's
      codes (and its untrained initialisation's) + logistic regression fit on the
      training genes;
-  8. train-step throughput with --unpool=switches vs nearest (the baseline, same script),
+  8. train-step throughput with --cdae_unpool=switches vs nearest (the baseline, same script),
      for the config's model and any --throughput_configs (the paper-sized model).
 
 Usage:
@@ -49,24 +49,17 @@ def sh(args: list[str]) -> None:
 def config_model(flagfile: str, extra: list[str] = ()):
     """(ModelConfig, batch size) of a training flagfile (and extra flags after it), read
     through the flags edge."""
-    from absl import flags as absl_flags
+    from ish_tf import cli
+    from ish_tf.cli import train as train_cli
 
-    from ish_tf import flags
-    from ish_tf.cli import train as _  # noqa: F401 - defines the training flags
-
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(["train", f"--flagfile={flagfile}", *extra])
-        return (flags.model_config(absl_flags.FLAGS),
-                int(flags.cdae_options(absl_flags.FLAGS)["batch_size"]))
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    model_config = train_cli.model_config(cli.parse("train", [f"--flagfile={flagfile}", *extra]))
+    return model_config, int(model_config.family.global_batch_size)
 
 
 def throughput(flagfile: str, unpool: str, steps: int = 30, extra: list[str] = (),
                pool_implementation: str = "kernel", jit: bool = False) -> tuple[float, str]:
     """Images/s of the CDAE train step (forward, loss, backward, Adam) of a config's model
-    and batch size (with `extra` flags) on random images, with --unpool forced to `unpool`
+    and batch size (with `extra` flags) on random images, with --cdae_unpool forced to `unpool`
     and the switch pooling's implementation to `pool_implementation`, XLA-compiled with
     `jit`; and the shape."""
     import dataclasses
@@ -78,8 +71,8 @@ def throughput(flagfile: str, unpool: str, steps: int = 30, extra: list[str] = (
     from ish_tf.families.cdae.model import cdae_options
 
     config, batch = config_model(flagfile, extra)
-    config = dataclasses.replace(config, options={**config.options, "unpool": unpool,
-                                                  "pool_implementation": pool_implementation})
+    config = dataclasses.replace(config, family=dataclasses.replace(
+        config.family, unpool=unpool, pool_implementation=pool_implementation))
     opts = cdae_options(config)
     model = build_model(config)
     opt = keras.optimizers.Adam(1e-3)

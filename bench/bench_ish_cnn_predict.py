@@ -20,8 +20,8 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from ish_tf.families.ish_cnn import segmentation as seg  # noqa: E402
 from ish_tf.families import ModelConfig, build_model  # noqa: E402
+from ish_tf.families.ish_cnn import segmentation as seg  # noqa: E402
 
 
 def main() -> None:

@@ -32,15 +32,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    from absl import flags as absl_flags
 
-    import ish_tf.cli.train  # noqa: F401  (defines bin/train's flags)
-    from ish_tf import flags
+    from ish_tf import cli
+    from ish_tf.cli import train as train_cli
     from ish_tf.data import manifest as mf
     from ish_tf.data.segment import UNetSegmenter, classical_mask
     from ish_tf.data.synthetic import SynthConfig, generate_dataset
+    from ish_tf.families import make_task
     from ish_tf.families.unet.task import score_segmenter
-    from ish_tf.train.tasks import make_task
     from ish_tf.train.trainer import train
 
     work = args.work or tempfile.mkdtemp(prefix="bench_unet_")
@@ -57,11 +56,11 @@ def main() -> None:
     mf.write_manifest(train_df, train_manifest)
 
     run_dir = os.path.join(work, "run")
-    absl_flags.FLAGS(["bench", f"--flagfile={os.path.join(ROOT, 'configs', 'unet_segmenter.cfg')}",
-                      f"--mask_manifest={train_manifest}", f"--run_dir={run_dir}",
-                      f"--steps={args.steps}", f"--decay_start={args.steps * 5 // 6}",
-                      "--val_fraction=0"])
-    model_cfg, train_cfg = flags.model_config(), flags.train_config()
+    fv = cli.parse("train", [f"--flagfile={os.path.join(ROOT, 'configs', 'unet_segmenter.cfg')}",
+                             f"--unet_mask_manifest={train_manifest}", f"--run_dir={run_dir}",
+                             f"--steps={args.steps}", f"--decay_start={args.steps * 5 // 6}",
+                             "--unet_val_fraction=0"])
+    model_cfg, train_cfg = train_cli.model_config(fv), train_cli.train_config(fv)
     t0 = time.monotonic()
     result = train(make_task(model_cfg, train_cfg), train_cfg)
     train_s = time.monotonic() - t0

@@ -16,20 +16,22 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from ish_tf.families import ModelConfig, build_model
+from ish_tf import cli
+from ish_tf.families import ModelConfig, build_model, make_task
+from ish_tf.families.cdae.config import CdaeConfig
 from ish_tf.families.cdae.model import build_cdae, cdae_options, encoder_model, scale_images
 from ish_tf.families.cdae.task import corrupt, reconstruction_loss
 from ish_tf.train import TrainConfig
-from ish_tf.train.tasks import make_task
 from ish_tf.train.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTS = {"depth": 2, "filters": [4, 8], "code_size": 6, "batch_size": 4, "noise": "masking",
+OPTS = {"depth": 2, "filters": (4, 8), "code_size": 6, "batch_size": 4, "noise": "masking",
         "noise_level": 0.2, "loss": "bce", "image_every": 2, "norm": "batch"}
 
 
 def _cfg(model="cdae", size=16, **options) -> ModelConfig:
-    return ModelConfig(model=model, input_size=size, seed=0, options={**OPTS, **options})
+    return ModelConfig(model=model, input_size=size, seed=0,
+                       family=CdaeConfig(**{**OPTS, **options}))
 
 
 # --------------------------------------------------------------------------- builder
@@ -68,7 +70,7 @@ def test_average_code_is_translation_invariant_and_flatten_is_not():
     assert average.get_layer("enc_global_pool") is not None
 
 
-@pytest.mark.parametrize("bad,match", [({"unpool": "bilinear"}, "--unpool"),
+@pytest.mark.parametrize("bad,match", [({"unpool": "bilinear"}, "--cdae_unpool"),
                                        ({"depth": 0}, "--cdae_depth"),
                                        ({"code_size": 0}, "--cdae_code_size"),
                                        ({"code_pooling": "max"}, "--cdae_code_pooling"),
@@ -169,30 +171,17 @@ def test_whole_records_one_per_image_and_resume(data):
 
 
 def test_bin_extract_whole_images(data, tmp_path, capsys):
-    from absl import app
-    from absl import flags as absl_flags
-
-    from ish_tf.cli import extract as cli
-
-    fv = absl_flags.FLAGS
     manifest = os.path.join(data["synth"], "manifest.csv")
     out = tmp_path / "cli_whole"
-    try:
-        fv.unparse_flags()
-        fv(["extract", f"--manifest={manifest}", f"--out={out}", "--whole_images",
-            "--whole_size=16", "--whole_aspect=1.5", "--format=png", "--num_shards=1",
-            "--workers=1"])
-        assert cli.main(["extract"]) == 0
-        printed = capsys.readouterr().out
-        assert "whole sections 16x24 grayscale png" in printed and "sections" in printed
-        assert (out / "whole_report.csv").exists() and (out / "extract_flags.cfg").exists()
-        fv.unparse_flags()
-        fv(["extract", f"--manifest={manifest}", f"--out={out}", "--whole_images",
-            "--split_fractions=0.9,0.1"])
-        with pytest.raises(app.UsageError, match="split_fractions must be three numbers"):
-            cli.main(["extract"])
-    finally:
-        fv.unparse_flags()
+    assert cli.invoke("extract", [f"--manifest={manifest}", f"--out={out}", "--whole_images",
+                                  "--whole_size=16", "--whole_aspect=1.5", "--format=png",
+                                  "--num_shards=1", "--workers=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "whole sections 16x24 grayscale png" in printed and "sections" in printed
+    assert (out / "whole_report.csv").exists() and (out / "extract_flags.cfg").exists()
+    assert cli.invoke("extract", [f"--manifest={manifest}", f"--out={out}", "--whole_images",
+                                  "--split_fractions=0.9,0.1"]) == 2
+    assert "split_fractions must be three numbers" in capsys.readouterr().err
 
 
 def test_whole_gene_filter_is_the_patch_extractions(data, tmp_path, caplog):
@@ -318,29 +307,23 @@ def test_tune_cdae_on_validation_loss(data, tmp_path):
     """bin/tune's path for families without a HyperModel of their own: the CDAE's trials are
     ordinary runs scored by the task's loss on the validation split; best.cfg replays the
     best one with the CDAE's flags."""
-    from absl import flags as absl_flags
-
-    from ish_tf import flags
-    from ish_tf.cli import tune as cli
+    from ish_tf.cli import train as train_cli
+    from ish_tf.cli import tune as tune_cli
     from ish_tf.tune import hypermodels
 
     out = tmp_path / "tune"
-    argv = ["tune", "--model=cdae", f"--records_dir={data['records']}", f"--out={out}",
+    argv = ["--model=cdae", f"--records_dir={data['records']}", f"--out={out}",
             "--input_size=16", "--cdae_depth=2", "--cdae_filters=4,8", "--cdae_code_size=6",
             "--cdae_batch_size=4", "--cdae_image_every=0", "--noimage_summaries",
             "--strategy=default", "--log_every=1", "--tuner=grid", "--max_trials=2",
             "--val_batches=2", "--tune_flips=false", "--tune_learning_rate=3e-3,1e-5",
             "--tune_steps=3", "--executions_per_trial=2"]
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(argv)
-        model_cfg, base = flags.model_config(), flags.train_config()
-        hm = hypermodels.make_hypermodel(model_cfg, base, flags.tune_config())
-        assert type(hm) is hypermodels.TaskHyperModel
-        assert (hm.objective.name, hm.objective.direction) == ("val_loss", "min")
-        assert cli.main(["tune"]) == 0
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    fv = cli.parse("tune", argv)
+    model_cfg, base = train_cli.model_config(fv), train_cli.train_config(fv)
+    hm = hypermodels.make_hypermodel(model_cfg, base, tune_cli.tune_config(fv))
+    assert type(hm) is hypermodels.TaskHyperModel
+    assert (hm.objective.name, hm.objective.direction) == ("val_loss", "min")
+    assert cli.invoke("tune", argv) == 0
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 2 and (trials["status"] == "COMPLETED").all()
     assert np.isfinite(trials["val_loss"]).all()
@@ -523,14 +506,14 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
     run = tmp_path / "sup"
     tcfg = _train_cfg(run, data["records"], steps=2)
     task = make_task(sup_cfg, tcfg)
-    assert task.model_config.option("terms") == terms
+    assert list(task.model_config.family.terms) == terms
     model = task.build_model()
     trained = keras.saving.load_model(str(cdae_run / "model.keras"), compile=False)
     np.testing.assert_array_equal(model.get_layer("code").get_weights()[0],
                                   trained.get_layer("code").get_weights()[0])
     train(task, tcfg)
     saved = json.loads((run / "model_config.json").read_text())
-    assert saved["config"]["options"]["terms"] == terms
+    assert saved["config"]["family"]["terms"] == terms
     assert pd.read_csv(run / "terms.csv")["term"].tolist() == terms
     model = keras.saving.load_model(str(run / "model.keras"), compile=False)
     table = term_auc(model, data["records"], terms, groups, split="test")
@@ -608,38 +591,27 @@ def test_heldout_lr_auc_fits_on_some_rows_and_scores_others():
 
 
 def test_bin_train_and_extract_flags(data, tmp_path, capsys):
-    from absl import flags as absl_flags
-
-    from ish_tf import flags
-    from ish_tf.cli import train as cli
+    from ish_tf.cli import train as train_cli
 
     run = tmp_path / "run"
-    argv = ["train", f"--flagfile={os.path.join(ROOT, 'configs', 'cdae_quickstart.cfg')}",
+    argv = [f"--flagfile={os.path.join(ROOT, 'configs', 'cdae_quickstart.cfg')}",
             f"--records_dir={data['records']}", f"--run_dir={run}", "--input_size=16",
             "--cdae_depth=2", "--cdae_filters=4,8", "--cdae_code_size=6", "--steps=2",
             "--log_every=1", "--small_run"]
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(argv)
-        options = flags.cdae_options(absl_flags.FLAGS)
-        assert options["batch_size"] == 8 and options["unpool"] == "switches"
-        assert options["filters"] == [4, 8]
-        assert cli.main(["train"]) == 0
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    family = train_cli.model_config(cli.parse("train", argv)).family
+    assert family.batch_size == 8 and family.unpool == "switches"
+    assert family.filters == (4, 8)
+    assert cli.invoke("train", argv) == 0
     assert "steps 0->2" in capsys.readouterr().out
     saved = json.loads((run / "model_config.json").read_text())["config"]
-    assert saved["model"] == "cdae" and saved["options"]["code_size"] == 6
+    assert saved["model"] == "cdae" and saved["family"]["code_size"] == 6
     # The mouse config parses into a valid model configuration.
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(["train", f"--flagfile={os.path.join(ROOT, 'configs', 'cdae_mouse.cfg')}"])
-        mcfg = flags.model_config(absl_flags.FLAGS)
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    fv = cli.parse("train", [f"--flagfile={os.path.join(ROOT, 'configs', 'cdae_mouse.cfg')}"])
+    mcfg = train_cli.model_config(fv)
     opts = cdae_options(mcfg)
     assert (opts["height"], opts["width"], opts["code_size"]) == (128, 192, 256)
-    model = build_model(dataclasses.replace(mcfg, options={**mcfg.options, "filters": [2]}))
+    model = build_model(dataclasses.replace(
+        mcfg, family=dataclasses.replace(mcfg.family, filters=(2,))))
     assert model.outputs[0].shape[-1] == 256
 
 
@@ -698,8 +670,8 @@ def test_whole_record_of_a_real_allen_mouse_section(tmp_path):
     assert img[0].mean() > 235 and img[-1].mean() > 235  # slide background at the edges
     assert img[24:40, 32:64].mean() < 225  # tissue in the middle
     assert img.min() < 120  # the dentate gyrus's dark Prox1 stain survives downsampling
-    model = build_cdae(ModelConfig(model="cdae", input_size=64, seed=0, options={
-        "depth": 3, "filters": [8, 8, 8], "code_size": 16, "aspect": 1.5, "norm": "batch"}))
+    model = build_cdae(ModelConfig(model="cdae", input_size=64, seed=0, family=CdaeConfig(
+        depth=3, filters=(8, 8, 8), code_size=16, aspect=1.5, norm="batch")))
     keys, codes = predict_records(encoder_model(model), out, "train")
     assert keys["gene_symbol"].tolist() == ["Prox1"] and codes.shape == (1, 16)
     assert np.isfinite(codes).all()

@@ -12,7 +12,6 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from absl.testing import flagsaver  # noqa: E402
 
 from ish_tf import embed  # noqa: E402
 from ish_tf.data import records, shards  # noqa: E402
@@ -239,14 +238,12 @@ def test_errors_name_the_problem(exported, dataset, tmp_path, monkeypatch):
 
 
 def test_cli_embed(exported, dataset, tmp_path, capsys):
-    from ish_tf.cli import embed as cli
+    from ish_tf import cli
 
     out = str(tmp_path / "out")
-    with flagsaver.flagsaver():
-        cli.FLAGS(["embed", f"--saved_model={exported[1]}", f"--records_dir={dataset[0]}",
-                   f"--out={out}", "--splits=test", "--levels=patch,gene",
-                   f"--projector_dir={tmp_path / 'projector'}"])
-        assert cli.main(["embed"]) == 0
+    assert cli.invoke("embed", [f"--saved_model={exported[1]}", f"--records_dir={dataset[0]}",
+                                f"--out={out}", "--splits=test", "--levels=patch,gene",
+                                f"--projector_dir={tmp_path / 'projector'}"]) == 0
     text = capsys.readouterr().out
     assert "gene" in text and os.path.join(out, "gene_embeddings.csv") in text
     # --projector_dir: the gene table as a TensorBoard projector view, one row per gene.
@@ -261,8 +258,6 @@ def test_cli_embed(exported, dataset, tmp_path, capsys):
                                        "gene_embeddings.csv", "patch_embeddings.csv",
                                        "skipped.csv"]
     assert "--saved_model=" in open(os.path.join(out, "flags.cfg")).read()
-    with flagsaver.flagsaver():
-        cli.FLAGS(["embed", f"--saved_model={exported[1]}", f"--records_dir={tmp_path}/none",
-                   f"--out={out}"])
-        assert cli.main(["embed"]) == 1
+    assert cli.invoke("embed", [f"--saved_model={exported[1]}", f"--records_dir={tmp_path}/none",
+                                f"--out={out}"]) == 1
     assert "index.json" in capsys.readouterr().err

@@ -309,7 +309,7 @@ def test_evaluate_many_uses_common_genes():
 
 
 def test_parse_named_paths():
-    from ish_tf.flags import parse_named_paths
+    from ish_tf.cli.evaluate import parse_named_paths
 
     assert parse_named_paths("a=x/one.csv, /y/two.parquet") == {"a": "x/one.csv",
                                                                  "two": "/y/two.parquet"}

@@ -14,7 +14,6 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from absl.testing import flagsaver  # noqa: E402
 from conftest import shared_data_path  # noqa: E402 - tests/ is on sys.path under pytest
 
 from ish_tf.export import saved_model as sm  # noqa: E402
@@ -70,8 +69,8 @@ def _fake_run(tmp_path, model) -> str:
     run = tmp_path / "run"
     run.mkdir()
     model.save(str(run / "model.keras"))
-    (run / "flags.cfg").write_text("# Resolved flags\n--backbone=small_cnn\n--input_size=16\n"
-                                   "--l2_normalize\n--nojit_compile\n")
+    (run / "flags.cfg").write_text("# Resolved flags\n--triplet_backbone=small_cnn\n"
+                                   "--input_size=16\n--triplet_l2_normalize\n--nojit_compile\n")
     (run / "model_config.json").write_text(json.dumps(
         {"builder": "triplet", "config": {"model": "triplet", "input_size": S}}))
     return str(run)
@@ -143,8 +142,8 @@ def test_sidecar_describes_the_export(tmp_path, model):
     assert meta["input"] == {"height": S, "width": S, "channels": 3, "dtype": "float32",
                              "range": [0, 255]}
     assert set(meta["signatures"]) == {"serving_default", "embed_images", "tf_example"}
-    assert meta["flags"] == {"backbone": "small_cnn", "input_size": "16", "l2_normalize": True,
-                             "jit_compile": False}
+    assert meta["flags"] == {"triplet_backbone": "small_cnn", "input_size": "16",
+                             "triplet_l2_normalize": True, "jit_compile": False}
     assert "image/encoded" in meta["schema"]["record_features"]
     assert meta["class_names"] == ["a", "b"]
     assert meta["extra"]["model_config"]["builder"] == "triplet"
@@ -232,21 +231,17 @@ def test_family_outputs_and_input_checks(tmp_path):
 
 
 def test_cli_export(tmp_path, model, capsys):
-    from ish_tf.cli import export as cli
+    from ish_tf import cli
 
     run = _fake_run(tmp_path, model)
     base = str(tmp_path / "exp" / "tiny")
-    with flagsaver.flagsaver():
-        cli.FLAGS(["export", f"--model_dir={run}", f"--export_dir={base}", "--version=4",
-                   "--keep=1"])
-        assert cli.main(["export"]) == 0
+    assert cli.invoke("export", [f"--model_dir={run}", f"--export_dir={base}", "--version=4",
+                                 "--keep=1"]) == 0
     out = capsys.readouterr().out
     assert os.path.join(base, "4") in out
     assert f"saved_model_cli show --dir {os.path.join(base, '4')}" in out
     assert sm.list_versions(base) == [4]
-    with flagsaver.flagsaver():
-        cli.FLAGS(["export", f"--model_dir={tmp_path}/missing", f"--export_dir={base}"])
-        assert cli.main(["export"]) == 1
+    assert cli.invoke("export", [f"--model_dir={tmp_path}/missing", f"--export_dir={base}"]) == 1
     assert "model.keras: not found" in capsys.readouterr().err
 
 

@@ -216,36 +216,26 @@ def test_split_by_donor_and_gene_filter(synth, tmp_path):
 
 
 def test_cli_main(synth, tmp_path, capsys):
-    from absl import flags as absl_flags
+    from ish_tf import cli
 
-    from ish_tf.cli import extract as cli
-
-    fv = absl_flags.FLAGS
     out = tmp_path / "cli"
-    argv = ["extract", f"--manifest={synth / 'manifest.csv'}", f"--out={out}",
+    argv = [f"--manifest={synth / 'manifest.csv'}", f"--out={out}",
             "--patches_per_image=2", "--source_size=96", "--patch_size=32", "--num_shards=1",
             "--genes=" + ",".join(sorted(pd.read_csv(synth / "manifest.csv")["gene_symbol"])[:3]),
             "--save_overlays"]
-    try:
-        fv.unparse_flags()
-        fv(argv)
-        assert cli.main(["extract"]) == 0
-        printed = capsys.readouterr().out
-        assert "extract: wrote" in printed and str(out) in printed
-        assert os.path.exists(out / "extract_flags.cfg")
-        # --save_overlays: one mask overlay per extracted image, the image's size.
-        report = pd.read_csv(out / P.REPORT_NAME)
-        ok = report[report["status"] == S.OK]
-        assert len(ok) > 0
-        assert sorted(os.listdir(out / "overlays")) == sorted(f"{i}.png" for i in ok["image_id"])
-        with Image.open(out / "overlays" / f"{ok['image_id'].iloc[0]}.png") as im:
-            assert im.mode == "RGB" and im.size[0] > 0
-        fv.unparse_flags()
-        fv(["extract", f"--manifest={tmp_path / 'missing.csv'}", f"--out={out}"])
-        assert cli.main(["extract"]) == 1
-        assert "missing.csv" in capsys.readouterr().err
-    finally:
-        fv.unparse_flags()
+    assert cli.invoke("extract", argv) == 0
+    printed = capsys.readouterr().out
+    assert "extract: wrote" in printed and str(out) in printed
+    assert os.path.exists(out / "extract_flags.cfg")
+    # --save_overlays: one mask overlay per extracted image, the image's size.
+    report = pd.read_csv(out / P.REPORT_NAME)
+    ok = report[report["status"] == S.OK]
+    assert len(ok) > 0
+    assert sorted(os.listdir(out / "overlays")) == sorted(f"{i}.png" for i in ok["image_id"])
+    with Image.open(out / "overlays" / f"{ok['image_id'].iloc[0]}.png") as im:
+        assert im.mode == "RGB" and im.size[0] > 0
+    assert cli.invoke("extract", [f"--manifest={tmp_path / 'missing.csv'}", f"--out={out}"]) == 1
+    assert "missing.csv" in capsys.readouterr().err
 
 
 def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
@@ -268,18 +258,12 @@ def test_fluorescence_sections_with_a_dark_background(synth, tmp_path):
     out = tmp_path / "records"
     cfg = _cfg(tmp_path / "manifest.csv", out, min_fraction=1.0,
                mask=MaskConfig(background="dark"))
-    from absl import flags as absl_flags
+    from ish_tf import cli
+    from ish_tf.cli import extract as extract_cli
 
-    from ish_tf import flags
-    from ish_tf.cli import extract as _  # noqa: F401 - defines the flags
-
-    try:
-        absl_flags.FLAGS.unparse_flags()
-        absl_flags.FLAGS(["extract", f"--manifest={tmp_path / 'manifest.csv'}", f"--out={out}",
-                          "--mask_background=dark"])
-        assert flags.extract_config(absl_flags.FLAGS).mask == cfg.mask
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    fv = cli.parse("extract", [f"--manifest={tmp_path / 'manifest.csv'}", f"--out={out}",
+                               "--mask_background=dark"])
+    assert extract_cli.extract_config(fv).mask == cfg.mask
     assert P.check_background(P.select_images(cfg), cfg) is None
     P.run_extract(cfg)
     report = pd.read_csv(out / P.REPORT_NAME)

@@ -145,29 +145,20 @@ def test_bad_configurations_and_patterns_are_named(folder, tmp_path):
 
 
 def test_cli_then_extract_reads_the_manifest(folder, tmp_path, capsys):
-    from absl import flags as absl_flags
-
-    from ish_tf.cli import ingest as cli
+    from ish_tf import cli
     from ish_tf.data.patches import ExtractConfig, run_extract
 
     root, _ = folder
     out = tmp_path / "data"
-    fv = absl_flags.FLAGS
-    try:
-        fv.unparse_flags()
-        fv(["ingest", f"--images={root}", "--name_pattern={gene_symbol}/{donor_id}_*.*",
-            f"--out={out}"])
-        assert cli.main(["ingest"]) == 0
-        printed = capsys.readouterr().out
-        assert "4 images of 2 genes in 2 donor(s)" in printed
-        assert "no_match 1" in printed and "unreadable 1" in printed
-        assert os.path.exists(out / "ingest_flags.cfg")
-        fv.unparse_flags()
-        fv(["ingest", f"--images={root}", "--name_pattern={gene_symbol}.gif", f"--out={out}"])
-        assert cli.main(["ingest"]) == 1
-        assert "no usable image" in capsys.readouterr().err
-    finally:
-        fv.unparse_flags()
+    assert cli.invoke("ingest", [f"--images={root}", "--name_pattern={gene_symbol}/{donor_id}_*.*",
+                                 f"--out={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 images of 2 genes in 2 donor(s)" in printed
+    assert "no_match 1" in printed and "unreadable 1" in printed
+    assert os.path.exists(out / "ingest_flags.cfg")
+    assert cli.invoke("ingest", [f"--images={root}", "--name_pattern={gene_symbol}.gif",
+                                 f"--out={out}"]) == 1
+    assert "no usable image" in capsys.readouterr().err
     run_extract(ExtractConfig(manifest=str(out / "manifest.csv"), out_dir=str(tmp_path / "rec"),
                               patches_per_image=1, source_size=16, patch_size=16,
                               min_fraction=0.0, num_shards=1, split_fractions=(0.5, 0.5, 0.0)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -9,14 +10,15 @@ import numpy as np
 import pytest
 
 from ish_tf.families import ModelConfig, build_model
+from ish_tf.families.ish_cnn.config import IshCnnConfig
 
 keras = pytest.importorskip("keras")
 
 
 def _config(size=16, pooling="avg", **opts):
-    options = {"classes": ["A", "B", "tissue", "background"], "filters": [4, 8, 8],
-               "pooling": pooling, **opts}
-    return ModelConfig(model="ish_cnn", input_size=size, head_units=8, seed=3, options=options)
+    options = {"classes": ("A", "B", "tissue", "background"), "filters": (4, 8, 8),
+               "pooling": pooling, "head_units": 8, **opts}
+    return ModelConfig(model="ish_cnn", input_size=size, seed=3, family=IshCnnConfig(**options))
 
 
 def _perturb_batch_norm(model):
@@ -49,7 +51,7 @@ def test_build_shapes_and_registry():
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
     assert stride_of(model) == 4
     with pytest.raises(ValueError, match="at least two classes"):
-        build_model(ModelConfig(model="ish_cnn", input_size=16, options={}))
+        build_model(ModelConfig(model="ish_cnn", input_size=16))
     with pytest.raises(ValueError, match="pooling"):
         build_model(_config(16, pooling="max"))
 
@@ -91,11 +93,10 @@ def test_dense_model_rejects_branching_models():
 
 def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     """`--model=ish_cnn` through the shared trainer on bin/spatial's records (tiny run)."""
+    from ish_tf.families import load_model_config, make_task
     from ish_tf.families.ish_cnn import spatial
-    from ish_tf.families import load_model_config
     from ish_tf.families.ish_cnn.synthetic_pairs import SpatialSynthConfig, generate_pair
     from ish_tf.train import TrainConfig
-    from ish_tf.train.tasks import make_task
     from ish_tf.train.trainer import train
 
     table = generate_pair(SpatialSynthConfig(out_dir=str(tmp_path / "sec"), height=96, width=96,
@@ -107,16 +108,16 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
                                                 max_per_class=20, balance=False),
         patch_sizes=(16,)))
     run = str(tmp_path / "run")
-    mcfg = ModelConfig(model="ish_cnn", input_size=16, head_units=8,
-                       options={"filters": [4, 8], "dropout": 0.0})
-    tcfg = TrainConfig(run_dir=run, records_dir=out, P=4, K=2, steps=3, decay_start=3,
+    mcfg = ModelConfig(model="ish_cnn", input_size=16, family=IshCnnConfig(
+        head_units=8, filters=(4, 8), dropout=0.0, P=4, K=2))
+    tcfg = TrainConfig(run_dir=run, records_dir=out, steps=3, decay_start=3,
                        checkpoint_every=3, log_every=1, learning_rate=1e-3, image_summaries=True)
     task = make_task(mcfg, tcfg)
     assert type(task).__name__ == "IshCnnTask"
     result = train(task, tcfg)
     assert result.step == 3 and np.isfinite(result.loss)
     saved = load_model_config(os.path.join(run, "model_config.json"))
-    assert saved.option("classes") == ["Sst", "Pvalb", "tissue", "background"]
+    assert saved.family.classes == ("Sst", "Pvalb", "tissue", "background")
     with open(os.path.join(run, "metrics.csv")) as f:
         header = f.readline()
     assert "accuracy" in header
@@ -131,7 +132,7 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
 
     from ish_tf.families.ish_cnn.model import dense_model
 
-    mixed_cfg = TrainConfig(run_dir=str(tmp_path / "mixed"), records_dir=out, P=4, K=2, steps=3,
+    mixed_cfg = TrainConfig(run_dir=str(tmp_path / "mixed"), records_dir=out, steps=3,
                             decay_start=3, checkpoint_every=3, log_every=1, learning_rate=1e-3,
                             image_summaries=False, mixed_precision=True)
     mixed = train(make_task(mcfg, mixed_cfg), mixed_cfg)
@@ -142,25 +143,22 @@ def test_task_trains_on_spatial_records_and_saves_classes(tmp_path):
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
     # Wrong patch size / class list / P are refused with the reason.
     with pytest.raises(ValueError, match="p24"):
-        make_task(ModelConfig(model="ish_cnn", input_size=24), tcfg)
+        make_task(dataclasses.replace(mcfg, input_size=24), tcfg)
     with pytest.raises(ValueError, match="have classes"):
-        make_task(ModelConfig(model="ish_cnn", input_size=16,
-                              options={"classes": ["x", "y"]}), tcfg)
-    import dataclasses
-
-    with pytest.raises(ValueError, match="--P=5"):
-        make_task(ModelConfig(model="ish_cnn", input_size=16),
-                  dataclasses.replace(tcfg, P=5))
+        make_task(dataclasses.replace(
+            mcfg, family=dataclasses.replace(mcfg.family, classes=("x", "y"))), tcfg)
+    with pytest.raises(ValueError, match="--ish_cnn_P=5"):
+        make_task(dataclasses.replace(mcfg, family=dataclasses.replace(mcfg.family, P=5)), tcfg)
 
 
 def test_compute_loss_matches_crossentropy():
     import tensorflow as tf
 
+    from ish_tf.families import make_task
     from ish_tf.train import TrainConfig
-    from ish_tf.train.tasks import make_task
 
-    cfg = _config(16)
-    task = make_task(cfg, TrainConfig(P=4, K=2), dataset_fn=lambda ctx: None)
+    cfg = _config(16, P=4, K=2)
+    task = make_task(cfg, TrainConfig(), dataset_fn=lambda ctx: None)
     model = task.build_model()
     x = np.random.default_rng(2).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     y = np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32)
@@ -171,18 +169,15 @@ def test_compute_loss_matches_crossentropy():
 
 
 def test_flags_fill_options():
-    from absl import flags as absl_flags
+    from ish_tf import cli, config
+    from ish_tf.cli import train as train_cli
 
-    from ish_tf import flags
-
-    flags.define_common()
-    flags.define_model()
-    flags.define_ish_cnn()
-    fv = absl_flags.FlagValues()
-    # A fresh FlagValues with just the section's defaults reads like an undefined one.
-    opts = flags.ish_cnn_options(fv)
-    assert opts["filters"] == [16, 32, 64, 64, 96] and "classes" not in opts
-    json.dumps(opts)  # serialisable into model_config.json
+    mc = train_cli.model_config(cli.parse("train", ["--model=ish_cnn"]))
+    assert mc.family.filters == (16, 32, 64, 64, 96) and mc.family.classes == ()
+    json.dumps(config.to_dict(mc.family))  # serialisable into model_config.json
+    mc = train_cli.model_config(cli.parse("train", ["--model=ish_cnn", "--ish_cnn_P=5",
+                                                    "--ish_cnn_classes=a,b"]))
+    assert (mc.family.P, mc.family.classes) == (5, ("a", "b"))
 
 
 def test_intensity_jitter_is_seeded_and_resumable():

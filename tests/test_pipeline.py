@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 from test_records import write_tiny_dataset
 
-from ish_tf import flags as ish_flags
+from ish_tf import cli
+from ish_tf.cli import train as train_cli
 from ish_tf.data import pipeline, shards
 from ish_tf.data.records import RecordsError
 
@@ -248,17 +249,20 @@ def test_pk_without_sidecar_and_with_gzip(tmp_path):
 
 
 def test_pipeline_config_from_flags():
-    ish_flags.define_common()
-    ish_flags.define_pipeline()
-    assert ish_flags.FLAGS["shuffle_buffer"].default == 4096
-    assert ish_flags.FLAGS["standardize"].default is False
+    from absl import flags as absl_flags
+
+    flag_values = absl_flags.FlagValues()
+    cli.define_common(flag_values)
+    train_cli.define_pipeline(flag_values)
+    assert flag_values["shuffle_buffer"].default == 4096
+    assert flag_values["standardize"].default is False
     fv = types.SimpleNamespace(standardize=True, shuffle_buffer=10000, cycle_length=2,
                                small_run=True)
-    cfg = ish_flags.pipeline_config(fv)
+    cfg = train_cli.pipeline_config(fv)
     assert cfg == pipeline.PipelineConfig(flips=True, standardize=True, shuffle_buffer=256,
                                           deterministic=False, cycle_length=2)
     fv.flips, fv.deterministic, fv.small_run = False, True, False
-    cfg = ish_flags.pipeline_config(fv)
+    cfg = train_cli.pipeline_config(fv)
     assert cfg.reader_kwargs() == {"flips": False, "standardize": True, "shuffle_buffer": 10000,
                                    "deterministic": True, "cycle_length": 2}
     assert cfg.pk_kwargs() == {"flips": False, "standardize": True, "deterministic": True}

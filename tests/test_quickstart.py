@@ -8,6 +8,7 @@ import pytest
 from ish_tf.data.patches import ExtractConfig
 from ish_tf.data.synthetic import SynthConfig
 from ish_tf.families import ModelConfig
+from ish_tf.families.triplet.config import TripletConfig
 from ish_tf.quickstart import QuickstartConfig, run_quickstart
 from ish_tf.train import TrainConfig
 
@@ -20,11 +21,11 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
                           height=128, width=128, seed=0),
         extract=ExtractConfig(manifest="", out_dir="", patches_per_image=4, source_size=64,
                               patch_size=32, max_tries=200, num_shards=2, workers=1),
-        model=ModelConfig(backbone="small_cnn", backbone_weights="none", input_size=32,
-                          embedding_dim=16, head_units=32, seed=0),
-        train=TrainConfig(P=4, K=4, steps=6, decay_start=5, mining="batch_all",
-                          learning_rate=3e-4, checkpoint_every=3, log_every=3,
-                          image_summaries=False),
+        model=ModelConfig(input_size=32, seed=0, family=TripletConfig(
+            backbone="small_cnn", backbone_weights="none", embedding_dim=16, head_units=32,
+            P=4, K=4, mining="batch_all")),
+        train=TrainConfig(steps=6, decay_start=5, learning_rate=3e-4, checkpoint_every=3,
+                          log_every=3, image_summaries=False),
         embed_batch_size=64)
     logs = []
     summary = run_quickstart(cfg, log=logs.append)

@@ -224,28 +224,22 @@ def test_synthetic_pair(tmp_path):
 
 def test_fluorescence_sections_from_the_flags(tmp_path):
     """--mask_background=dark reaches the computed masks of bin/spatial and bin/predict."""
-    from absl import flags as absl_flags
     from test_segment import _fluorescence
 
-    from ish_tf import flags
-    from ish_tf.cli import predict as _p  # noqa: F401 - defines the flags
-    from ish_tf.cli import spatial as _s  # noqa: F401
+    from ish_tf import cli
+    from ish_tf.cli import predict as predict_cli
+    from ish_tf.cli import spatial as spatial_cli
 
     yy, xx = np.mgrid[0:160, 0:200]
     truth = ((yy - 80) / 60) ** 2 + ((xx - 100) / 80) ** 2 < 1
     img, spots, _ = _write_section(tmp_path, _fluorescence(truth, 0), [(100, 80, "A")])
-    fv = absl_flags.FLAGS
-    try:
-        fv.unparse_flags()
-        fv(["spatial", f"--section_images={img}", f"--spot_tables={spots}", "--genes=A",
-            f"--out={tmp_path / 'out'}", "--mask_background=dark"])
-        cfg, _ = flags.spatial_config(fv)
-        fv.unparse_flags()
-        fv(["predict", f"--model_dirs={tmp_path}", f"--section_image={img}",
-            f"--spot_table={spots}", f"--out={tmp_path / 'pred'}", "--mask_background=dark"])
-        pred = flags.segmentation_config(fv)
-    finally:
-        fv.unparse_flags()
+    fv = cli.parse("spatial", [f"--section_images={img}", f"--spot_tables={spots}", "--genes=A",
+                               f"--out={tmp_path / 'out'}", "--mask_background=dark"])
+    cfg, _ = spatial_cli.spatial_config(fv)
+    fv = cli.parse("predict", [f"--model_dirs={tmp_path}", f"--section_image={img}",
+                               f"--spot_table={spots}", f"--out={tmp_path / 'pred'}",
+                               "--mask_background=dark"])
+    pred = predict_cli.segmentation_config(fv)
     assert cfg.mask_config.background == pred.mask_config.background == "dark"
     sec = spatial.load_section(img, spots, genes=["A"], mask_config=cfg.mask_config)
     assert (sec.mask & truth).sum() / (sec.mask | truth).sum() > 0.95

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ish_tf.families import ModelConfig, build_model, load_model_config
+from ish_tf import cli
+from ish_tf.families import ModelConfig, build_model, family_names, load_model_config, make_task
+from ish_tf.families.triplet.config import TripletConfig
 from ish_tf.train import TrainConfig
 from ish_tf.train.schedules import HoldThenExponentialDecay, hold_then_exp_decay
-from ish_tf.train.tasks import Task, make_task, register_task, task_names
 from ish_tf.train.trainer import TrainingError, run_paths, train
 
 R = 32
@@ -50,34 +51,24 @@ def test_schedule_serialises_and_degenerate_case():
 # --------------------------------------------------------------------------- config
 def test_train_config_validation_and_small_run():
     cfg = TrainConfig()
-    assert cfg.global_batch_size == 289
+    assert TripletConfig().global_batch_size == 289
     small = cfg.shrunk_for_small_run()
-    assert (small.steps, small.P, small.K) == (20, 4, 4)
+    family = TripletConfig().shrunk_for_small_run()
+    assert (small.steps, family.P, family.K) == (20, 4, 4)
     assert small.decay_start == round(25_000 * 20 / 30_000)
     assert small.checkpoint_every <= small.steps and small.log_every <= 5
-    with pytest.raises(ValueError, match="--P"):
-        TrainConfig(P=1).validate()
+    with pytest.raises(ValueError, match="--triplet_P"):
+        TripletConfig(P=1).validate()
     with pytest.raises(ValueError, match="--final_lr_fraction"):
         TrainConfig(final_lr_fraction=2.0).validate()
 
 
 def test_task_registry():
-    assert "triplet" in task_names()
-
-    @register_task("dummy_for_test")
-    class Dummy(Task):
-        def make_records_dataset(self, input_context, start_step=0):
-            raise AssertionError("not called: the test only checks the registry")
-
-        def compute_loss(self, model, batch, training):
-            raise AssertionError("not called: the test only checks the registry")
-
-    task = make_task(ModelConfig(model="dummy_for_test"), TrainConfig())
-    assert isinstance(task, Dummy) and task.name == "dummy_for_test"
+    assert "triplet" in family_names()
     with pytest.raises(ValueError, match="--model='nope'"):
         make_task(ModelConfig(model="nope"), TrainConfig())
     with pytest.raises(ValueError, match="mining"):
-        make_task(ModelConfig(), TrainConfig(mining="hardest"))
+        make_task(ModelConfig(family=TripletConfig(mining="hardest")), TrainConfig())
 
 
 # --------------------------------------------------------------------------- trainer
@@ -100,12 +91,12 @@ def _dataset_fn(ctx):
     return tf.data.Dataset.from_tensor_slices((X, Y)).repeat()
 
 
-MODEL_CFG = ModelConfig(backbone="small_cnn", backbone_weights="none", input_size=R, head_units=64,
-                        embedding_dim=16, seed=0)
+MODEL_CFG = ModelConfig(input_size=R, seed=0, family=TripletConfig(
+    backbone="small_cnn", backbone_weights="none", head_units=64, embedding_dim=16, P=P, K=K))
 
 
 def _config(run_dir, **kw) -> TrainConfig:
-    base = dict(run_dir=str(run_dir), P=P, K=K, steps=24, decay_start=20, learning_rate=1e-3,
+    base = dict(run_dir=str(run_dir), steps=24, decay_start=20, learning_rate=1e-3,
                 log_every=4, checkpoint_every=6, strategy="default", seed=0)
     base.update(kw)
     return TrainConfig(**base)
@@ -279,7 +270,8 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path):
 
 def test_incompatible_checkpoint_is_reported(runs, tmp_path):
     cfg, _ = runs["full"]
-    other = dataclasses.replace(MODEL_CFG, embedding_dim=8)
+    other = dataclasses.replace(
+        MODEL_CFG, family=dataclasses.replace(MODEL_CFG.family, embedding_dim=8))
     new_cfg = dataclasses.replace(cfg, steps=30)
     with pytest.raises(TrainingError, match="new --run_dir"):
         train(make_task(other, new_cfg, _dataset_fn), new_cfg)
@@ -311,31 +303,21 @@ def _write_records(out_dir, genes=6, per_gene=4, size=16, seed=0):
 
 
 def _run_cli(argv):
-    from absl import flags as absl_flags
-
-    from ish_tf.cli import train as cli
-
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(["train", *argv])
-        return cli.main(["train"])
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    return cli.invoke("train", argv)
 
 
 def test_bin_train_quickstart_config_runs_resumes_and_replays(tmp_path, capsys):
     pytest.importorskip("ish_tf.data.pipeline")
-    from absl import flags as absl_flags
-
-    from ish_tf import flags
+    from ish_tf.cli import train as train_cli
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     records_dir = _write_records(tmp_path / "records")
     run_dir = str(tmp_path / "run")
     # Patches are 16x16, the model takes 32x32: the task resizes in the pipeline.
     argv = [f"--flagfile={os.path.join(root, 'configs', 'triplet_quickstart.cfg')}",
-            f"--records_dir={records_dir}", f"--run_dir={run_dir}", "--steps=3", "--P=3", "--K=2",
-            "--input_size=32", "--head_units=16", "--embedding_dim=8", "--log_every=1",
+            f"--records_dir={records_dir}", f"--run_dir={run_dir}", "--steps=3", "--triplet_P=3",
+            "--triplet_K=2", "--input_size=32", "--triplet_head_units=16",
+            "--triplet_embedding_dim=8", "--log_every=1",
             "--checkpoint_every=2"]
     assert _run_cli(argv) == 0
     out = capsys.readouterr().out
@@ -343,16 +325,13 @@ def test_bin_train_quickstart_config_runs_resumes_and_replays(tmp_path, capsys):
     for name in ("flags.cfg", "model.keras", "model_config.json", "metrics.csv"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     cfg_model = load_model_config(os.path.join(run_dir, "model_config.json"))
-    assert (cfg_model.backbone, cfg_model.input_size) == ("small_cnn", 32)
+    assert (cfg_model.family.backbone, cfg_model.input_size) == ("small_cnn", 32)
 
     # The flagfile replays to the same configuration...
-    absl_flags.FLAGS.unparse_flags()
-    absl_flags.FLAGS(["train", *argv])
-    want = (flags.model_config(), flags.train_config())
-    absl_flags.FLAGS.unparse_flags()
-    absl_flags.FLAGS(["train", f"--flagfile={os.path.join(run_dir, 'flags.cfg')}"])
-    got = (flags.model_config(), flags.train_config())
-    absl_flags.FLAGS.unparse_flags()
+    fv = cli.parse("train", argv)
+    want = (train_cli.model_config(fv), train_cli.train_config(fv))
+    fv = cli.parse("train", [f"--flagfile={os.path.join(run_dir, 'flags.cfg')}"])
+    got = (train_cli.model_config(fv), train_cli.train_config(fv))
     assert got == want
     # ... and, with more steps, resumes the run.
     assert _run_cli([f"--flagfile={os.path.join(run_dir, 'flags.cfg')}", "--steps=5"]) == 0
@@ -368,4 +347,4 @@ def test_bin_train_offline_imagenet_fails_clearly(tmp_path, capsys, monkeypatch)
     rc = _run_cli([f"--flagfile={os.path.join(root, 'configs', 'triplet_resnet50.cfg')}",
                    f"--records_dir={tmp_path}", f"--run_dir={tmp_path / 'run'}", "--steps=3"])
     assert rc == 1
-    assert "--backbone_weights=none" in capsys.readouterr().err
+    assert "--backbone_weights=none" in capsys.readouterr().err  # (--triplet_backbone_weights)

@@ -16,9 +16,10 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras_tuner = pytest.importorskip("keras_tuner")
 
-from absl import flags as absl_flags  # noqa: E402
-
+from ish_tf import cli  # noqa: E402
 from ish_tf.families import ModelConfig  # noqa: E402
+from ish_tf.families.triplet import hypermodel as triplet_hm  # noqa: E402
+from ish_tf.families.triplet.config import TripletConfig  # noqa: E402
 from ish_tf.train import TrainConfig  # noqa: E402
 from ish_tf.tune import TuneConfig, TuneError, TuneSpace, hypermodels, search  # noqa: E402
 
@@ -63,8 +64,8 @@ def records_dir(tmp_path_factory):
     return write_records(str(tmp_path_factory.mktemp("records")))
 
 
-MODEL = ModelConfig(backbone="small_cnn", backbone_weights="none", input_size=S, head_units=16,
-                    embedding_dim=8, seed=0)
+MODEL = ModelConfig(input_size=S, seed=0, family=TripletConfig(
+    backbone="small_cnn", backbone_weights="none", head_units=16, embedding_dim=8))
 SPACE = TuneSpace(flips=(True, False), P=(2, 3), batch_images=12, margin=("soft", "0.5"),
                   learning_rate=(1e-3, 5e-4), metric=("euclidean", "cityblock"), steps=(4, 6))
 
@@ -93,7 +94,7 @@ def test_triplet_hypermodel_space_configs_and_flags(tmp_path):
     tune = TuneConfig(out_dir=str(tmp_path), space=SPACE, steps_scale=0.5)
     base = _train_config("recs")
     hm = hypermodels.make_hypermodel(MODEL, base, tune)
-    assert isinstance(hm, hypermodels.TripletHyperModel)
+    assert isinstance(hm, triplet_hm.TripletHyperModel)
     assert hm.objective.name == "val_rank1" and hm.objective.direction == "max"
     hp = keras_tuner.HyperParameters()
     hm.declare_hyperparameters(hp)
@@ -101,13 +102,14 @@ def test_triplet_hypermodel_space_configs_and_flags(tmp_path):
     values = {"flips": False, "P": 3, "margin": "0.5", "learning_rate": 5e-4,
               "metric": "cityblock", "steps": 6}
     mc, tc = hm.trial_configs(values, run_dir=str(tmp_path / "r"), execution=1)
-    assert (tc.P, tc.K, tc.flips, tc.margin, tc.metric) == (3, 4, False, "0.5", "cityblock")
+    assert (mc.family.P, mc.family.K, tc.flips, mc.family.margin, mc.family.metric) == (
+        3, 4, False, "0.5", "cityblock")
     assert tc.learning_rate == 5e-4 and tc.steps == 3  # 6 x 0.5
     assert tc.decay_start == round(3 * 25 / 30) and tc.seed == 1 and mc.seed == 1
     assert tc.run_dir == str(tmp_path / "r") and tc.records_dir == "recs"
     # best.cfg records the unscaled steps and the base run's hold fraction.
     over = hm.flag_overrides(values)
-    assert over["steps"] == 6 and over["decay_start"] == 5 and over["K"] == 4
+    assert over["steps"] == 6 and over["decay_start"] == 5 and over["triplet_K"] == 4
     assert hm.hparams(values)["K"] == 4
     # A single value is fixed, not searched.
     hp1 = keras_tuner.HyperParameters()
@@ -121,14 +123,15 @@ def test_triplet_hypermodel_space_configs_and_flags(tmp_path):
     hb.declare_hyperparameters(hp2)
     assert "steps" not in {p.name for p in hp2.space}
     assert hb.unscaled_steps({"tuner/epochs": 2}) == 4  # 2 x (6 / 3)
-    with pytest.raises(TuneError, match="cannot be tuned"):
+    with pytest.raises(ValueError, match="nope"):  # TuneError is a ValueError
         hypermodels.make_hypermodel(dataclasses.replace(MODEL, model="nope"), base, tune)
 
 
 def test_render_flagfile_overrides_and_bools():
-    text = search.render_flagfile({"P": "--P=17", "flips": "--flips", "out": ""},
-                                  {"P": 5, "flips": False, "learning_rate": 1e-4}, "hello")
-    assert text.splitlines() == ["# hello", "--P=5", "--noflips", "--learning_rate=0.0001"]
+    text = search.render_flagfile({"triplet_P": "--triplet_P=17", "flips": "--flips", "out": ""},
+                                  {"triplet_P": 5, "flips": False, "learning_rate": 1e-4}, "hello")
+    assert text.splitlines() == ["# hello", "--triplet_P=5", "--noflips",
+                                 "--learning_rate=0.0001"]
 
 
 def test_image_embeddings_average_patches(records_dir):
@@ -138,10 +141,10 @@ def test_image_embeddings_average_patches(records_dir):
         calls.append(x.shape)
         return tf.reduce_mean(x, axis=[1, 2])  # (B, 3): the mean colour
 
-    frame, values = hypermodels.image_embeddings(model, records_dir, "validation", batch_size=5)
+    frame, values = triplet_hm.image_embeddings(model, records_dir, "validation", batch_size=5)
     assert len(frame) == 3 * 2 * 2 and values.shape == (12, 3)
     assert set(frame["donor_id"]) == {"D1", "D2"} and frame["image_id"].is_unique
-    keys = hypermodels.validation_keys(records_dir, "validation")
+    keys = triplet_hm.validation_keys(records_dir, "validation")
     assert len(keys) == 36 and keys["gene_symbol"].nunique() == 3
 
 
@@ -156,21 +159,15 @@ def test_check_data_needs_two_donors(tmp_path, records_dir):
 
 # --------------------------------------------------------------------------- a search
 def _run_cli(argv):
-    from ish_tf.cli import tune as cli
-
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(["tune", *argv])
-        return cli.main(["tune"])
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    return cli.invoke("tune", argv)
 
 
 def _argv(records_dir, out, *extra):
     return [f"--flagfile={os.path.join(ROOT, 'configs', 'tune_triplet.cfg')}",
-            f"--records_dir={records_dir}", f"--out={out}", "--backbone=small_cnn",
-            "--backbone_weights=none", f"--input_size={S}", "--head_units=16",
-            "--embedding_dim=8", "--log_every=1", "--noimage_summaries", "--strategy=default",
+            f"--records_dir={records_dir}", f"--out={out}",
+            "--triplet_backbone=small_cnn", "--triplet_backbone_weights=none",
+            f"--input_size={S}", "--triplet_head_units=16", "--triplet_embedding_dim=8",
+            "--log_every=1", "--noimage_summaries", "--strategy=default",
             "--tune_P=2,3", "--tune_batch_images=12", "--tune_learning_rate=1e-3,5e-4",
             "--tune_steps=4,6", "--steps_scale=0.5", "--val_batch_size=16", *extra]
 
@@ -200,7 +197,8 @@ def test_search_writes_trials_csv_and_best_cfg(searched, capsys):
     best_id = int(best.splitlines()[0].split("Best trial ")[1].split()[0])
     best_row = trials.set_index("trial_id").loc[best_id]
     assert best_row["val_rank1"] == trials["val_rank1"].max()
-    assert f"--P={int(best_row['P'])}" in best and f"--K={int(best_row['K'])}" in best
+    assert f"--triplet_P={int(best_row['P'])}" in best
+    assert f"--triplet_K={int(best_row['K'])}" in best
     assert f"--steps={int(best_row['steps'])}" in best  # unscaled
     assert "--tuner" not in best and "--tune_P" not in best  # only bin/train's flags
 
@@ -209,9 +207,10 @@ def test_best_cfg_is_accepted_by_bin_train(searched, tmp_path, capsys):
     """bin/train parses OUT/best.cfg as is (a fresh interpreter: only bin/train's flags)."""
     out, _ = searched
     best = os.path.join(out, "best.cfg")
-    code = ("import sys; from absl import flags as f; from ish_tf.cli import train; "
-            "from ish_tf import flags; f.FLAGS(sys.argv); m = flags.model_config(); "
-            "t = flags.train_config(); print(m.backbone, t.P, t.K, t.steps, t.run_dir)")
+    code = ("import sys; from ish_tf import cli; from ish_tf.cli import train; "
+            "fv = cli.parse('train', sys.argv[1:]); m = train.model_config(fv); "
+            "t = train.train_config(fv); "
+            "print(m.family.backbone, m.family.P, m.family.K, t.steps, t.run_dir)")
     proc = subprocess.run([sys.executable, "-c", code, f"--flagfile={best}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -219,15 +218,8 @@ def test_best_cfg_is_accepted_by_bin_train(searched, tmp_path, capsys):
     assert backbone == "small_cnn" and int(p) * int(k) <= 12 and int(steps) in (4, 6)
     assert run_dir == os.path.join(out, "best_run")
     # ... and it starts training (one step, in this process).
-    from ish_tf.cli import train as train_cli
-
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(["train", f"--flagfile={best}", f"--run_dir={tmp_path / 'best'}",
-                          "--steps=1"])
-        assert train_cli.main(["train"]) == 0
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    assert cli.invoke("train", [f"--flagfile={best}", f"--run_dir={tmp_path / 'best'}",
+                                "--steps=1"]) == 0
     assert "steps 0->1" in capsys.readouterr().out
 
 

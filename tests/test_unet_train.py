@@ -11,11 +11,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from ish_tf import cli
 from ish_tf.data import manifest as mf
-from ish_tf.families import ModelConfig
+from ish_tf.families import ModelConfig, family_names, make_task
+from ish_tf.families.unet import task as U
+from ish_tf.families.unet.config import UnetConfig
 from ish_tf.train import TrainConfig
-from ish_tf.train import task_unet as U
-from ish_tf.train.tasks import make_task, task_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +108,7 @@ def test_split_pairs_is_seeded_and_order_independent():
     assert set(U.split_pairs(pairs, 0.1, seed=1)["split"]) == {"train", "validation"}
     assert (U.split_pairs(pairs.iloc[:3], 0.01, seed=0)["split"] == "validation").sum() == 1
     assert (U.split_pairs(pairs, 0.0, seed=0)["split"] == "train").all()
-    with pytest.raises(ValueError, match="--val_fraction"):
+    with pytest.raises(ValueError, match="--unet_val_fraction"):
         U.split_pairs(pairs, 1.0, seed=0)
 
 
@@ -127,15 +128,16 @@ def test_loss_terms_equal_bce_dice_loss_and_iou():
 
 
 def test_task_options_are_checked_and_registered():
-    assert "unet" in task_names()
+    assert "unet" in family_names()
     cfg = TrainConfig(run_dir="unused")
-    task = make_task(ModelConfig(model="unet", input_size=32, options={"batch_size": 6}), cfg)
+    task = make_task(ModelConfig(model="unet", input_size=32, family=UnetConfig(batch_size=6)),
+                     cfg)
     assert isinstance(task, U.UNetTask) and task.global_batch_size == 6
     with pytest.raises(ValueError, match="divisible"):
-        make_task(ModelConfig(model="unet", input_size=40, options={"depth": 4}), cfg)
+        make_task(ModelConfig(model="unet", input_size=40, family=UnetConfig(depth=4)), cfg)
     with pytest.raises(ValueError, match="--unet_batch_size"):
-        make_task(ModelConfig(model="unet", input_size=32, options={"batch_size": 0}), cfg)
-    with pytest.raises(ValueError, match="--mask_manifest"):
+        make_task(ModelConfig(model="unet", input_size=32, family=UnetConfig(batch_size=0)), cfg)
+    with pytest.raises(ValueError, match="--unet_mask_manifest"):
         task.make_dataset(None)
 
 
@@ -149,7 +151,7 @@ def test_unreadable_masks_are_skipped_and_recorded(synth, tmp_path):
     opts = {"mask_manifest": str(out / "manifest.csv"), "mask_dir": str(mask_dir),
             "val_fraction": 0.0, "batch_size": 2}
     run = tmp_path / "run"
-    task = make_task(ModelConfig(model="unet", input_size=32, options=opts),
+    task = make_task(ModelConfig(model="unet", input_size=32, family=UnetConfig(**opts)),
                      TrainConfig(run_dir=str(run)))
     x, y = next(iter(task.make_dataset(None)))
     assert x.shape == (2, 32, 32, 3) and y.shape == (2, 32, 32, 1)
@@ -161,7 +163,7 @@ def test_unreadable_masks_are_skipped_and_recorded(synth, tmp_path):
     empty = tmp_path / "empty_masks"
     empty.mkdir()
     task = make_task(ModelConfig(model="unet", input_size=32,
-                                 options={**opts, "mask_dir": str(empty)}),
+                                 family=UnetConfig(**{**opts, "mask_dir": str(empty)})),
                      TrainConfig(run_dir=str(run)))
     with pytest.raises(ValueError, match="none of the 12 training pairs"):
         task.make_dataset(None)
@@ -169,16 +171,7 @@ def test_unreadable_masks_are_skipped_and_recorded(synth, tmp_path):
 
 # --------------------------------------------------------------------------- end to end
 def _run_cli(argv):
-    from absl import flags as absl_flags
-
-    from ish_tf.cli import train as cli
-
-    absl_flags.FLAGS.unparse_flags()
-    try:
-        absl_flags.FLAGS(["train", *argv])
-        return cli.main(["train"])
-    finally:
-        absl_flags.FLAGS.unparse_flags()
+    return cli.invoke("train", argv)
 
 
 def test_bin_train_unet_then_segment_and_extract(synth, tmp_path, capsys):
@@ -194,8 +187,9 @@ def test_bin_train_unet_then_segment_and_extract(synth, tmp_path, capsys):
             for p, i in zip(df["path"][8:], df["image_id"][8:], strict=True)]
     run_dir = str(tmp_path / "run")
     argv = [f"--flagfile={os.path.join(ROOT, 'configs', 'unet_segmenter.cfg')}",
-            f"--mask_manifest={train_manifest}", f"--run_dir={run_dir}", "--input_size=64",
-            "--unet_filters=8", "--unet_depth=2", "--unet_batch_size=4", "--val_fraction=0.25",
+            f"--unet_mask_manifest={train_manifest}", f"--run_dir={run_dir}", "--input_size=64",
+            "--unet_filters=8", "--unet_depth=2", "--unet_batch_size=4",
+            "--unet_val_fraction=0.25",
             "--steps=40", "--decay_start=40", "--learning_rate=3e-3", "--log_every=10",
             "--checkpoint_every=20", "--strategy=default"]
     assert _run_cli(argv) == 0
@@ -204,7 +198,7 @@ def test_bin_train_unet_then_segment_and_extract(synth, tmp_path, capsys):
     for name in ("model.keras", "model_config.json", "flags.cfg", "metrics.csv", U.SPLIT_NAME):
         assert os.path.exists(os.path.join(run_dir, name)), name
     cfg = load_model_config(os.path.join(run_dir, "model_config.json"))
-    assert cfg.model == "unet" and cfg.options["depth"] == 2 and cfg.input_size == 64
+    assert cfg.model == "unet" and cfg.family.depth == 2 and cfg.input_size == 64
     metrics = pd.read_csv(os.path.join(run_dir, "metrics.csv"))
     assert list(metrics["step"]) == [10, 20, 30, 40]
     assert metrics["loss"].iloc[-1] < metrics["loss"].iloc[0]

@@ -15,34 +15,48 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
+from ish_tf.cli import define_common, definer, run
 
-from ish_tf import flags
-from ish_tf.cli import quiet_tensorflow_info
-
-flags.define_common()
-flags.define_cdae_tools()
-FLAGS = flags.FLAGS
+NAME = "cdae"
+ACCEPTS_ARGS = True  # the tool: baselines or term_auc
 COMMANDS = ("baselines", "term_auc")
 
 
-def main(argv: list[str]) -> int:
-    """Runs one command; returns the exit status (0 ok, 1 the run cannot be scored)."""
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
+def define_cdae_tools(fv) -> None:
+    """Flags of `bin/cdae baselines|term_auc` (after a CDAE or cdae_supervised run)."""
+    d = definer(fv, NAME)
+    d.string("run_dir", "", "A cdae (baselines) or cdae_supervised (term_auc) training run.")
+    d.string("records_dir", "", "Whole-section records; empty = the run's.")
+    d.string("split", "test", "term_auc: the held-out split to score.")
+    d.string("codes_run", "", "term_auc: a CDAE run (or .keras file) whose codes + logistic "
+             "regression (fit on the other splits' genes) are scored on the same genes; "
+             "empty = the supervised run's --cdae_init_from.")
+    d.string("out", "", "Output directory; empty = RUN (term_auc) or RUN/baselines.")
+
+
+def define_flags(fv) -> None:
+    define_common(fv)
+    define_cdae_tools(fv)
+
+
+def main(fv, argv: list[str]) -> int:
+    """Runs one tool; returns the exit status (0 ok, 1 the run cannot be scored)."""
+    from absl import app
+
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)}: "
                              "bin/cdae baselines|term_auc --run_dir=RUN")
-    if not FLAGS.run_dir:
+    if not fv.run_dir:
         raise app.UsageError("--run_dir is required")
     from ish_tf.families.cdae import baselines as cdae_baselines
 
     try:
         if argv[1] == "term_auc":
-            _, path, line = cdae_baselines.write_term_auc(FLAGS.run_dir, FLAGS.records_dir,
-                                                     FLAGS.split, FLAGS.codes_run, FLAGS.out)
+            _, path, line = cdae_baselines.write_term_auc(fv.run_dir, fv.records_dir, fv.split,
+                                                          fv.codes_run, fv.out)
             print(f"{line} -> {path}")
         else:
-            for line in cdae_baselines.write_baselines(FLAGS.run_dir, FLAGS.records_dir, FLAGS.out):
+            for line in cdae_baselines.write_baselines(fv.run_dir, fv.records_dir, fv.out):
                 print(line)
     except cdae_baselines.CdaeRunError as e:
         print(f"cdae: error: {e}", file=sys.stderr)
@@ -51,4 +65,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main, accepts_args=ACCEPTS_ARGS)

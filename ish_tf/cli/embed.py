@@ -17,29 +17,64 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
+from ish_tf import config
+from ish_tf.cli import define_common, definer, run, usage_errors
 
-from ish_tf import flags
-from ish_tf.cli import quiet_tensorflow_info
-
-flags.define_common()
-flags.define_embed()
-FLAGS = flags.FLAGS
+NAME = "embed"
 
 
-def main(argv: list[str]) -> int:
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def define_embed(fv) -> None:
+    """Flags of `bin/embed` (SavedModel + TFRecord patches -> patch/image/donor/gene tables)."""
+    d = definer(fv, NAME)
+    d.string("saved_model", "", "Export base EXPORT/<name> (newest version) or a SavedModel "
+             "version directory written by bin/export.")
+    d.string("records_dir", "", "TFRecord shards + index.json written by bin/extract.")
+    d.string("out", "", "Output directory.")
+    d.list("splits", [], "Splits to embed (train, validation, test); empty = all.")
+    d.integer("embed_batch_size", 64, "Patches per call of the serving signature.",
+              lower_bound=1)
+    d.enum("gene_from", "patches", ["patches", "images"], "Donor and gene vectors: mean of all "
+           "their patches (the paper) or mean of their image means.")
+    d.enum("table_format", "csv", ["csv", "parquet"], "Format of the embedding tables "
+           "(parquet needs pyarrow).")
+    d.string("signature", "serving_default", "Signature fed with the encoded patch bytes.")
+    d.string("output_key", "", "Output of the signature to store; empty = the export's first "
+             "output (embedding for triplet).")
+    d.list("levels", ["patch", "image", "donor", "gene"], "Tables to write.")
+    d.string("projector_dir", "", "Also write a TensorBoard embedding-projector view of the "
+             "gene-level embeddings (labelled by gene) here; open it with tensorboard --logdir "
+             "DIR. Empty = none.")
+
+
+def embed_config(fv):
+    """`ish_tf.embed.EmbedConfig` from the embed flags.
+
+    Raises:
+      ish_tf.embed.EmbedError (a ValueError): a required flag is empty or a value is invalid.
+    """
+    from ish_tf.embed import EmbedConfig
+
+    return EmbedConfig(
+        saved_model=fv.saved_model, records_dir=fv.records_dir, out_dir=fv.out,
+        splits=tuple(config.parse_list(fv.splits)), batch_size=fv.embed_batch_size,
+        gene_from=fv.gene_from, table_format=fv.table_format, signature=fv.signature,
+        output=fv.output_key or None, levels=tuple(config.parse_list(fv.levels))).validate()
+
+
+def define_flags(fv) -> None:
+    define_common(fv)
+    define_embed(fv)
+
+
+def main(fv, argv: list[str]) -> int:
+    """Embeds; returns the exit status (0 ok, 1 bad input, 130 Ctrl-C)."""
     from ish_tf.data.records import RecordsError
     from ish_tf.embed import EmbedError, embed_records
 
-    try:
-        cfg = flags.embed_config(FLAGS)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    with usage_errors():
+        cfg = embed_config(fv)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    flags.write_flagfile(os.path.join(cfg.out_dir, "flags.cfg"))
+    config.write_flagfile(os.path.join(cfg.out_dir, "flags.cfg"), fv)
     try:
         result = embed_records(cfg)
     except KeyboardInterrupt:
@@ -56,16 +91,16 @@ def main(argv: list[str]) -> int:
         print(f"  {level:<6} {result.rows[level]:>8} rows  {path}")
     if result.skipped:
         print(f"  skipped {result.skipped} record(s): see {result.skipped_path}")
-    if FLAGS.projector_dir and "gene" in result.tables:
+    if fv.projector_dir and "gene" in result.tables:
         from ish_tf.data.embeddings import read_embedding_table
         from ish_tf.train.tensorboard import write_projector_from_table
 
-        n = write_projector_from_table(FLAGS.projector_dir,
+        n = write_projector_from_table(fv.projector_dir,
                                        read_embedding_table(result.tables["gene"]),
                                        ("gene_symbol", "split", "entrez_id"))
-        print(f"  projector: {n} genes -> tensorboard --logdir {FLAGS.projector_dir}")
+        print(f"  projector: {n} genes -> tensorboard --logdir {fv.projector_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main)

@@ -23,14 +23,150 @@ import os
 import sys
 import time
 
-from absl import app, logging
+from ish_tf import config
+from ish_tf.cli import define_common, definer, run, usage_errors
 
-from ish_tf import flags
-from ish_tf.evaluate.run import run, write_figures_and_report
+NAME = "evaluate"
+USES_TENSORFLOW = False
 
-flags.define_common()
-flags.define_evaluate()
-FLAGS = flags.FLAGS
+
+def define_evaluate(fv) -> None:
+    """Flags of `bin/evaluate` (annotation/GO prediction, donor control, diagnosis, reid)."""
+    d = definer(fv, NAME)
+    d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid.")
+    d.string("embedding", "", "One embedding table (CSV/Parquet; every numeric "
+             "non-key column is a dimension); named after its file.")
+    d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
+    d.string("out", "", "Output directory.")
+    d.string("manifest", "", "Manifest CSV written by bin/fetch or "
+             "bin/synth.")
+    d.string("zeng_table", "", "Zeng et al. 2012 Table S2 (.xlsx): pattern, level, "
+             "level_description, layer_marker, celltype_marker groups.")
+    d.string("gaf", "", "GO annotations, GAF 2.x (plain or .gz; symbols or NCBIGene ids).")
+    d.string("obo", "", "GO ontology (.obo) to propagate annotations up is_a edges.")
+    d.list("go_aspects", ["P", "F", "C"], "GO aspects kept: P, F, C.")
+    d.list("go_exclude_evidence", [], "GO evidence codes dropped, e.g. IEA.")
+    d.integer("go_min_genes", 40, "Smallest GO group, in matched genes.", lower_bound=1)
+    d.integer("go_max_genes", 200, "Largest GO group, in matched genes.", lower_bound=1)
+    d.list("annotations", [], "Generic annotation CSVs: gene_symbol and/or entrez_id "
+           "+ categorical columns, each value a group (e.g. bin/synth's annotations.csv).")
+    d.list("annotation_columns", [], "Columns of --annotations to use; empty = all "
+           "non-key columns.")
+    d.integer("min_group_genes", 5, "Groups with fewer matched genes are skipped.",
+              lower_bound=2)
+    d.integer("folds", 5, "Stratified cross-validation folds.", lower_bound=2)
+    d.integer("max_iter", 500, "Iteration cap of the logistic regression.",
+              lower_bound=1)
+    d.enum("solver", "newton-cg", ["newton-cg", "lbfgs", "newton-cholesky"],
+           "scikit-learn solver of the unpenalised logistic regression.")
+    d.bool("standardize_features", True, "z-score embedding dimensions inside each "
+           "fold (training part's mean/std): results do not depend on the scale.")
+    d.enum("join_key", "auto", ["auto", "gene_symbol", "entrez_id"],
+           "Key joining embeddings to annotations; auto = the one matching more genes.")
+    d.bool("common_genes", True, "Score all embeddings on the genes every one of them "
+           "matches (paired comparison).")
+    d.string("donor_matrix", "", "Gene x donor 0/1 assay matrix CSV, scored as "
+             "embedding 'donor_matrix' (donor-bias control).")
+    d.bool("donor_control", True, "With --manifest and no --donor_matrix, build the "
+           "donor matrix from the manifest and score it too.")
+    d.string("diagnosis_label", "diagnosis", "Manifest column labelling donors.")
+    d.string("diagnosis_positive", "schizophrenia", "Value of the positive class.")
+    d.string("diagnosis_negative", "control", "Value of the negative class; empty = "
+             "every other value.")
+    d.integer("min_donors", 40, "Diagnosis: genes assayed in fewer labelled donors "
+              "are skipped.", lower_bound=2)
+    d.list("demographics", ["donor_age", "pmi", "tissue_ph", "smoker", "donor_sex",
+           "donor_race"],
+           "Diagnosis covariates (numeric as is, others one-hot).")
+    d.integer("top_genes", 20, "Rows of OUT/diagnosis_top.csv.", lower_bound=1)
+    d.enum("reid_level", "image", ["image", "patch", "donor"],
+           "Level re-identification runs at (patch tables are averaged up).")
+    d.enum("reid_metric", "euclidean", ["euclidean", "sqeuclidean", "cosine",
+           "cityblock"], "Re-identification distance.")
+    d.bool("report", True, "Write figures/ and report.html for the tasks that ran.")
+    d.enum("map_method", "pca", ["pca", "tsne", "umap", "auto", "none"],
+           "Projection of the per-embedding gene maps in the report (tsne: nicer, "
+           "~15-60 s per embedding on 2 cores; none: no maps).")
+    d.integer("n_jobs", 2, "Processes scoring groups (or genes) in parallel.",
+              lower_bound=1)
+    # The paper's Fig 3: the patches of one gene that most and least activate a dimension.
+    d.string("patch_embeddings", "", "Patch-level table from bin/embed; with "
+             "--records_dir and --extreme_gene adds the extreme-patches figure.")
+    d.string("records_dir", "", "TFRecord shards + index.json "
+             "(from bin/extract) holding the patches of --patch_embeddings.")
+    d.string("extreme_gene", "", "Gene whose extreme patches are shown.")
+    d.integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
+              "figure; -1 = the dimension varying most over that gene's patches.")
+
+
+def parse_named_paths(value: str) -> dict[str, str]:
+    """`name=path,name=path` (or bare paths, named after the file) to an ordered dict.
+
+    Raises:
+      ValueError: a name repeats or is empty.
+    """
+    out: dict[str, str] = {}
+    for item in config.parse_list(value):
+        name, sep, path = item.partition("=")
+        if not sep:
+            path = item
+            name = os.path.splitext(os.path.basename(item))[0]
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ValueError(f"--embeddings item {item!r} must be name=path")
+        if name in out:
+            raise ValueError(f"--embeddings names {name!r} twice")
+        out[name] = path
+    return out
+
+
+def evaluate_config(fv):
+    """Converts the evaluate flags (and --seed) into an `ish_tf.evaluate.EvaluateConfig`.
+
+    Raises:
+      ValueError: --out is empty, --embeddings is malformed, or a task lacks its inputs.
+    """
+    from ish_tf.evaluate import EvaluateConfig
+    from ish_tf.evaluate.annotations import ScoringConfig
+    from ish_tf.evaluate.diagnosis import DiagnosisConfig
+
+    if not fv.out:
+        raise ValueError("--out is required: the directory to write results to")
+    embeddings = parse_named_paths(fv.embedding)
+    for name, path in parse_named_paths(fv.embeddings).items():
+        if name in embeddings:
+            raise ValueError(f"embedding name {name!r} given by both --embedding and --embeddings")
+        embeddings[name] = path
+    scoring = ScoringConfig(
+        n_splits=fv.folds, seed=fv.seed, standardize=fv.standardize_features,
+        max_iter=fv.max_iter, solver=fv.solver, min_genes=fv.min_group_genes,
+        size_bounds={"go": (fv.go_min_genes, fv.go_max_genes)}, n_jobs=fv.n_jobs)
+    diagnosis = DiagnosisConfig(
+        label_column=fv.diagnosis_label, positive=fv.diagnosis_positive,
+        negative=fv.diagnosis_negative, min_donors=fv.min_donors,
+        demographics=tuple(config.parse_list(fv.demographics)), n_splits=fv.folds,
+        seed=fv.seed, standardize=fv.standardize_features, max_iter=fv.max_iter,
+        solver=fv.solver, n_jobs=fv.n_jobs)
+    return EvaluateConfig(
+        tasks=tuple(config.parse_list(fv.task)), embeddings=embeddings, out_dir=fv.out,
+        zeng_table=fv.zeng_table, gaf=fv.gaf, obo=fv.obo,
+        go_aspects=tuple(config.parse_list(fv.go_aspects)),
+        go_exclude_evidence=tuple(config.parse_list(fv.go_exclude_evidence)),
+        annotation_tables=tuple(config.parse_list(fv.annotations)),
+        annotation_columns=tuple(config.parse_list(fv.annotation_columns)),
+        donor_matrix=fv.donor_matrix, manifest=fv.manifest,
+        donor_control=fv.donor_control, join_key=fv.join_key,
+        common_genes=fv.common_genes, scoring=scoring, diagnosis=diagnosis,
+        top_genes=fv.top_genes, reid_level=fv.reid_level, reid_metric=fv.reid_metric,
+        report=fv.report, map_method=fv.map_method,
+        patch_embeddings=fv.patch_embeddings, records_dir=fv.records_dir,
+        extreme_gene=fv.extreme_gene, extreme_dim=fv.extreme_dim).validate()
+
+
+def define_flags(fv) -> None:
+    define_common(fv)
+    define_evaluate(fv)
+
 
 def _print_summary(done: dict, seconds: float) -> None:
     print(f"evaluate: finished {', '.join(done)} in {seconds:.1f}s")
@@ -55,24 +191,26 @@ def _print_summary(done: dict, seconds: float) -> None:
             print(f"  {name + ':':22s}{os.path.abspath(path)}")
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        config = flags.evaluate_config(FLAGS)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+def main(fv, argv: list[str]) -> int:
+    """Scores the embeddings; returns the exit status (0 ok, 1 bad input or failed report)."""
+    from absl import logging
+
+    from ish_tf.evaluate.run import run as run_tasks
+    from ish_tf.evaluate.run import write_figures_and_report
+
+    with usage_errors():
+        cfg = evaluate_config(fv)
     start = time.monotonic()
     try:
-        done = run(config)
+        done = run_tasks(cfg)
     except (ValueError, KeyError, OSError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
-    flags.write_flagfile(os.path.join(config.out_dir, "evaluate_flags.cfg"))
+    config.write_flagfile(os.path.join(cfg.out_dir, "evaluate_flags.cfg"), fv)
     status, report_path = 0, ""
-    if config.report:
+    if cfg.report:
         try:
-            report_path = write_figures_and_report(config, done)
+            report_path = write_figures_and_report(cfg, done)
         except Exception as e:  # noqa: BLE001 - the CSVs are written; say why the report is not
             logging.exception("report failed")
             print(f"evaluate: error: figures/report failed ({type(e).__name__}: {e}); "
@@ -85,4 +223,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main, tensorflow=USES_TENSORFLOW)

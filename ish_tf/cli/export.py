@@ -16,26 +16,50 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
+from ish_tf.cli import define_common, definer, run, usage_errors
 
-from ish_tf import flags
-from ish_tf.cli import quiet_tensorflow_info
-
-flags.define_common()
-flags.define_export()
-FLAGS = flags.FLAGS
+NAME = "export"
 
 
-def main(argv: list[str]) -> int:
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def define_export(fv) -> None:
+    """Flags of `bin/export` (RUN/model.keras -> versioned SavedModel EXPORT/<name>/<v>/)."""
+    d = definer(fv, NAME)
+    d.string("model_dir", "", "Training run directory RUN (holding model.keras, "
+             "model_config.json, flags.cfg), or a .keras file.")
+    d.string("export_dir", "", "Export base EXPORT/<name>: versions are written to integer "
+             "subdirectories (TF Serving's model base path).")
+    d.string("family", "", "Model family (sets the output names); empty = the builder in "
+             "RUN/model_config.json, else triplet.")
+    d.integer("version", 0, "Version number to write; 0 = newest + 1.", lower_bound=0)
+    d.integer("keep", 5, "Keep only the newest N versions after exporting; 0 = all.",
+              lower_bound=0)
+    d.bool("overwrite", False, "Replace --version if it already exists.")
+
+
+def export_config(fv):
+    """`ish_tf.export.saved_model.ExportConfig` from the export flags.
+
+    Raises:
+      ish_tf.export.ExportError (a ValueError): a required flag is empty.
+    """
+    from ish_tf.export.saved_model import ExportConfig
+
+    return ExportConfig(model_dir=fv.model_dir, export_dir=fv.export_dir, family=fv.family,
+                        version=fv.version or None, keep=fv.keep,
+                        overwrite=fv.overwrite).validate()
+
+
+def define_flags(fv) -> None:
+    define_common(fv)
+    define_export(fv)
+
+
+def main(fv, argv: list[str]) -> int:
+    """Exports; returns the exit status (0 ok, 1 export error)."""
     from ish_tf.export.saved_model import ExportError, export_run, list_versions, read_metadata
 
-    try:
-        cfg = flags.export_config(FLAGS)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    with usage_errors():
+        cfg = export_config(fv)
     try:
         path = export_run(cfg.model_dir, cfg.export_dir, family=cfg.family or None,
                           version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite)
@@ -54,4 +78,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main)

@@ -15,42 +15,150 @@ partial files of an interrupted run are removed and their shards redone.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
-from absl import app, logging
+from ish_tf import config
+from ish_tf.cli import FlagDefiner, define_common, definer, run, usage_errors
 
-from ish_tf import flags
-from ish_tf.cli import quiet_tensorflow_info
-
-flags.define_common()
-flags.define_extract()
-flags.define_whole()
-FLAGS = flags.FLAGS
+NAME = "extract"
 
 
-def main(argv: list[str]) -> int:
+def define_mask_background(d: FlagDefiner) -> None:
+    """--mask_background (bin/extract, bin/spatial and bin/predict each define it)."""
+    d.enum("mask_background", "bright", ["bright", "dark"], "Slide background for the "
+           "classical segmenter: bright (brightfield ISH on a white slide) or dark "
+           "(fluorescence sections on black).")
+
+
+def define_extract(fv) -> None:
+    """Flags of `bin/extract` (manifest -> masks, patches, sharded TFRecords)."""
+    d = definer(fv, NAME)
+    d.string("manifest", "", "Manifest CSV written by bin/fetch, bin/ingest or bin/synth.")
+    d.string("out", "", "Output directory.")
+    d.string("genes", "", "Comma-separated genes to keep (or @FILE, one per line); empty = "
+             "all.")
+    d.integer("workers", 1, "Worker processes.", lower_bound=1)
+    d.integer("patches_per_image", 50, "N: most patches per image.", lower_bound=1)
+    d.integer("source_size", 1024, "S: side of a patch window in original-image pixels.",
+              lower_bound=1)
+    d.integer("patch_size", 256, "R: side of the stored (resized) patch.", lower_bound=1)
+    d.float("min_fraction", 0.9, "F: least tissue fraction of a window.", lower_bound=0.0,
+            upper_bound=1.0)
+    d.integer("max_tries", 500, "T: most random windows tried per image.", lower_bound=1)
+    d.enum("format", "jpeg", ["jpeg", "png"], "Encoding of stored patches.")
+    d.integer("jpeg_quality", 90, "JPEG quality of stored patches.", lower_bound=1,
+              upper_bound=95)
+    d.integer("num_shards", 4, "Most TFRecord shards per split (whole genes per shard).",
+              lower_bound=1)
+    d.enum("compression", "none", ["none", "gzip"], "TFRecord compression.")
+    d.enum("split_by", "gene", ["gene", "donor"], "Hold out unseen genes or unseen donors in "
+           "validation/test.")
+    d.string("split_fractions", "0.8,0.1,0.1", "train,validation,test fractions.")
+    d.enum("segmenter", "classical", ["classical", "unet"], "Foreground mask method.")
+    d.string("unet_path", "", "Trained U-Net .keras file for --segmenter=unet.")
+    define_mask_background(d)
+    d.integer("mask_work_size", 512, "Longest side of the resolution masks are computed at.",
+              lower_bound=16)
+    d.bool("save_overlays", False, "Also write OUT/overlays/{image_id}.png (mask over image) "
+           "for visual checks.")
+
+
+def extract_config(fv):
+    """`ish_tf.data.patches.ExtractConfig` from the extract flags (and --seed).
+
+    Raises:
+      ValueError: --split_fractions is not three numbers, or --genes names an unreadable file.
+    """
+    from ish_tf.data.patches import ExtractConfig
+    from ish_tf.data.segment import MaskConfig
+
+    try:
+        fractions = tuple(float(v) for v in config.parse_list(fv.split_fractions))
+    except ValueError as e:
+        raise ValueError(f"--split_fractions must be three numbers, got "
+                         f"{fv.split_fractions!r}") from e
+    if len(fractions) != 3:
+        raise ValueError(f"--split_fractions must be three numbers, got {fv.split_fractions!r}")
+    genes_flag = fv.genes or ""
+    if genes_flag.startswith("@"):
+        try:
+            with open(genes_flag[1:], encoding="utf-8") as f:
+                genes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise ValueError(f"--genes={genes_flag}: cannot read the gene list: {e}") from e
+    else:
+        genes = config.parse_list(genes_flag)
+    mask = MaskConfig(segmenter=fv.segmenter, unet_path=fv.unet_path or None,
+                      background=fv.mask_background, work_size=fv.mask_work_size)
+    return ExtractConfig(
+        manifest=fv.manifest, out_dir=fv.out, patches_per_image=fv.patches_per_image,
+        source_size=fv.source_size, patch_size=fv.patch_size, min_fraction=fv.min_fraction,
+        max_tries=fv.max_tries, image_format=fv.format, jpeg_quality=fv.jpeg_quality,
+        num_shards=fv.num_shards, compression=None if fv.compression == "none" else "GZIP",
+        split_by=fv.split_by, split_fractions=fractions, workers=fv.workers, seed=fv.seed,
+        genes=tuple(genes), mask=mask, save_overlays=fv.save_overlays)
+
+
+# --------------------------------------------------------------------------- whole images
+def define_whole(fv) -> None:
+    """Flags of whole-section records (`bin/extract --whole_images`, `ish_tf.data.whole`)."""
+    d = definer(fv, NAME)
+    d.bool("whole_images", False, "Write one downsampled grayscale whole section per record "
+           "(cropped to the tissue mask's bounding box, padded to --whole_aspect with the "
+           "slide background) instead of patches.")
+    d.integer("whole_size", 128, "Height of the stored whole sections, pixels.", lower_bound=8)
+    d.float("whole_aspect", 1.0, "Width / height of the stored whole sections.",
+            lower_bound=0.05)
+    d.float("whole_margin", 0.02, "Margin around the tissue's bounding box, as a fraction of "
+            "its longer side.", lower_bound=0.0, upper_bound=1.0)
+
+
+def whole_config(fv):
+    """`ish_tf.data.whole.WholeConfig` from the extract flags (manifest, out, genes, shards,
+    splits, mask, workers, seed, --format) and the --whole_* flags.
+
+    Raises:
+      ValueError: as `extract_config`, or a bad whole-image setting.
+    """
+    from ish_tf.data.patches import RecordSetConfig
+    from ish_tf.data.whole import WholeConfig
+
+    ext = extract_config(fv)
+    shared = {f.name: getattr(ext, f.name) for f in dataclasses.fields(RecordSetConfig)}
+    return WholeConfig(size=fv.whole_size, aspect=fv.whole_aspect, margin=fv.whole_margin,
+                       **shared)
+
+
+def define_flags(fv) -> None:
+    define_common(fv)
+    define_extract(fv)
+    define_whole(fv)
+
+
+def main(fv, argv: list[str]) -> int:
     """Runs the extract stage; returns the exit status (0 ok, 1 bad input, 130 Ctrl-C)."""
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.manifest or not FLAGS.out:
+    from absl import app, logging
+
+    if not fv.manifest or not fv.out:
         raise app.UsageError("--manifest and --out are required")
     from ish_tf.data import patches, whole
     from ish_tf.data.manifest import ManifestError
     from ish_tf.data.records import RecordsError
     from ish_tf.data.segment import SegmentError
 
-    sections = FLAGS.whole_images  # one whole section per record (CDAE input)
+    sections = fv.whole_images  # one whole section per record (CDAE input)
     try:
-        config = flags.whole_config(FLAGS) if sections else flags.extract_config(FLAGS)
-    except (ValueError, patches.ExtractError, SegmentError) as e:
+        with usage_errors():
+            cfg = whole_config(fv) if sections else extract_config(fv)
+    except (patches.ExtractError, SegmentError) as e:
         raise app.UsageError(str(e)) from e
-    os.makedirs(config.out_dir, exist_ok=True)
-    flags.write_flagfile(os.path.join(config.out_dir, "extract_flags.cfg"))
-    logging.info("extracting %s into %s", config.manifest, config.out_dir)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    config.write_flagfile(os.path.join(cfg.out_dir, "extract_flags.cfg"), fv)
+    logging.info("extracting %s into %s", cfg.manifest, cfg.out_dir)
     try:
-        summary = whole.run_whole(config) if sections else patches.run_extract(config)
+        summary = whole.run_whole(cfg) if sections else patches.run_extract(cfg)
     except KeyboardInterrupt:
         print("extract: interrupted; completed shards are kept, rerun the same command to "
               "resume", file=sys.stderr)
@@ -60,7 +168,7 @@ def main(argv: list[str]) -> int:
         return 1
     if sections:
         print(patches.format_summary(summary).replace("patches", "sections"))
-        print(f"  whole sections {config.size}x{config.width} grayscale {config.image_format}; "
+        print(f"  whole sections {cfg.size}x{cfg.width} grayscale {cfg.image_format}; "
               f"report {summary['report']}")
     else:
         print(patches.format_summary(summary))
@@ -68,4 +176,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main)

@@ -14,32 +14,78 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, logging
+from ish_tf import config
+from ish_tf.cli import define_common, definer, run, usage_errors
 
-from ish_tf import flags
-
-flags.define_common()
-flags.define_fetch()
-FLAGS = flags.FLAGS
+NAME = "fetch"
+USES_TENSORFLOW = False
 
 
-def main(argv: list[str]) -> int:
+def define_fetch(fv) -> None:
+    """Flags of `bin/fetch` (Allen Brain Atlas section images -> images/, manifest.csv)."""
+    d = definer(fv, NAME)
+    d.enum("study", "cortex", ["cortex", "schizophrenia", "mouse"],
+           "Allen ISH product: cortex (Human Cortex Study, product 9), schizophrenia (Human "
+           "Schizophrenia Study, 11), mouse (adult Mouse, 1).")
+    d.string("api_url", "http://api.brain-map.org", "Allen API host (scheme://host[:port]).")
+    d.string("out", "", "Output directory: images/, manifest.csv, failures.csv.")
+    d.string("genes", "", "Comma-separated gene acronyms to fetch, or @FILE with one per "
+             "line; empty fetches every gene of the study.")
+    d.integer("max_images", 0, "Keep only the first N images (experiment id, image id "
+              "order); 0 = all.", lower_bound=0)
+    d.integer("sections_per_experiment", 0, "Keep only the N section images of each "
+              "experiment nearest the middle of its series (by section_number); 0 = all (an "
+              "adult mouse series has ~20).", lower_bound=0)
+    d.integer("downsample", 2, "image_download downsample: each side halved N times.",
+              lower_bound=0)
+    d.integer("workers", 4, "Concurrent image downloads.", lower_bound=1)
+    d.string("plane", "", "plane_of_section to keep (coronal, sagittal); empty = the study's "
+             "default (mouse: sagittal, human: all); 'any' = all.")
+    d.integer("page_size", 50, "Rows per RMA query page (1..2000).", lower_bound=1)
+    d.integer("retries", 5, "Retries of a request after timeouts, 5xx, 429, cut-off or "
+              "undecodable bodies.", lower_bound=0)
+    d.float("backoff_base", 1.0, "First retry delay in seconds; doubles each retry.",
+            lower_bound=0.0)
+    d.float("max_retry_after", 60.0, "Cap on a server's Retry-After, seconds.", lower_bound=0.0)
+    d.float("timeout", 60.0, "Connect/read timeout of one HTTP request, seconds.")
+
+
+def fetch_config(fv):
+    """`ish_tf.data.allen.FetchConfig` from the fetch flags.
+
+    Raises:
+      ValueError: --genes names a file that cannot be read.
+    """
+    from ish_tf.data.allen import FetchConfig, read_gene_list
+
+    return FetchConfig(
+        study=fv.study, out=fv.out, api_url=fv.api_url, genes=read_gene_list(fv.genes),
+        max_images=fv.max_images, sections_per_experiment=fv.sections_per_experiment,
+        downsample=fv.downsample, workers=fv.workers, plane=fv.plane, page_size=fv.page_size,
+        retries=fv.retries, backoff_base=fv.backoff_base, max_retry_after=fv.max_retry_after,
+        timeout=fv.timeout)
+
+
+def define_flags(fv) -> None:
+    define_common(fv)
+    define_fetch(fv)
+
+
+def main(fv, argv: list[str]) -> int:
     """Runs the fetch stage; returns the exit status (0 ok, 1 API/manifest error, 130 Ctrl-C)."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from absl import logging
+
     from ish_tf.data import allen
     from ish_tf.data.manifest import ManifestError
 
+    with usage_errors():
+        cfg = fetch_config(fv)
+        cfg.validate()
+    os.makedirs(cfg.out, exist_ok=True)
+    config.write_flagfile(os.path.join(cfg.out, "fetch_flags.cfg"), fv)
+    logging.info("fetching study %s from %s into %s", cfg.study, cfg.api_url, cfg.out)
     try:
-        config = flags.fetch_config(FLAGS)
-        config.validate()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    os.makedirs(config.out, exist_ok=True)
-    flags.write_flagfile(os.path.join(config.out, "fetch_flags.cfg"))
-    logging.info("fetching study %s from %s into %s", config.study, config.api_url, config.out)
-    try:
-        result = allen.fetch(config)
+        result = allen.fetch(cfg)
     except allen.FetchInterrupted as e:
         print(f"fetch: {e}", file=sys.stderr)
         return 130
@@ -56,4 +102,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main, tensorflow=USES_TENSORFLOW)

@@ -14,40 +14,61 @@ import json
 import os
 import sys
 
-from absl import app, logging
+from ish_tf import config
+from ish_tf.cli import define_common, definer, run, usage_errors
+from ish_tf.cli.extract import define_extract, extract_config
+from ish_tf.cli.synth import define_synth, synth_config
+from ish_tf.cli.train import define_model, define_train, model_config, train_config
 
-from ish_tf import flags
-from ish_tf.cli import quiet_tensorflow_info
-
-flags.define_common()
-flags.define_synth()
-flags.define_extract()
-flags.define_model()
-flags.define_train()
-flags.define_quickstart()
-FLAGS = flags.FLAGS
+NAME = "quickstart"
 
 
+def define_quickstart(fv) -> None:
+    """Flags of `bin/quickstart` (besides the synth, extract, model and train sections)."""
+    d = definer(fv, NAME)
+    d.string("workdir", "work/quickstart", "Directory for every stage's output.")
+    d.integer("embed_batch_size_qs", 128, "Patches per call of the served model when the "
+              "quickstart embeds.")
 
-def main(argv: list[str]) -> int:
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ish_tf.quickstart import QuickstartConfig, run_quickstart
 
-    try:
-        cfg = QuickstartConfig(
-            workdir=FLAGS.workdir, synth=flags.synth_config(FLAGS),
-            extract=flags.extract_config(FLAGS), model=flags.model_config(FLAGS),
-            train=flags.train_config(FLAGS), embed_batch_size=FLAGS.embed_batch_size_qs,
-            seed=FLAGS.seed)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    flags.write_flagfile(os.path.join(FLAGS.workdir, "quickstart_flags.cfg"))
+def define_flags(fv) -> None:
+    """The quickstart's own flags, then synth's, extract's and train's (stage paths are
+    replaced by ones under --workdir)."""
+    define_common(fv)
+    define_quickstart(fv)
+    define_synth(fv)
+    define_extract(fv)
+    define_model(fv)
+    define_train(fv)
+
+
+def quickstart_config(fv):
+    """`ish_tf.quickstart.QuickstartConfig` from the stage flags.
+
+    Raises:
+      ValueError: a stage rejects its flags.
+    """
+    from ish_tf.quickstart import QuickstartConfig
+
+    return QuickstartConfig(
+        workdir=fv.workdir, synth=synth_config(fv), extract=extract_config(fv),
+        model=model_config(fv), train=train_config(fv), embed_batch_size=fv.embed_batch_size_qs,
+        seed=fv.seed)
+
+
+def main(fv, argv: list[str]) -> int:
+    """Runs the whole pipeline; returns the exit status (0 ok, 130 Ctrl-C)."""
+    from absl import logging
+
+    from ish_tf.quickstart import run_quickstart
+
+    with usage_errors():
+        cfg = quickstart_config(fv)
+    os.makedirs(fv.workdir, exist_ok=True)
+    config.write_flagfile(os.path.join(fv.workdir, "quickstart_flags.cfg"), fv)
     logging.set_verbosity(logging.WARNING)
-    print(f"ish_tf quickstart: writing to {os.path.abspath(FLAGS.workdir)}")
-    print(f"  watch training with: tensorboard --logdir {os.path.join(FLAGS.workdir, 'run', 'logs')}")
+    print(f"ish_tf quickstart: writing to {os.path.abspath(fv.workdir)}")
+    print(f"  watch training with: tensorboard --logdir {os.path.join(fv.workdir, 'run', 'logs')}")
     try:
         summary = run_quickstart(cfg, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
@@ -61,11 +82,12 @@ def main(argv: list[str]) -> int:
     print(f"SavedModel: {summary['saved_model']}")
     if summary["paths"]["report"]:
         print(f"Report:     {summary['paths']['report']}")
-    print(f"Summary:    {os.path.join(os.path.abspath(FLAGS.workdir), 'summary.json')}")
+    print(f"Summary:    {os.path.join(os.path.abspath(fv.workdir), 'summary.json')}")
     print(f"Total:      {sum(summary['seconds'].values()):.0f} s "
           f"({json.dumps(summary['seconds'])})")
     return 0
 
 
+
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main)

@@ -16,38 +16,89 @@ import os
 import sys
 import time
 
-from absl import app, logging
+from ish_tf import config
+from ish_tf.cli import define_common, definer, run, usage_errors
 
-from ish_tf import flags
-
-flags.define_common()
-flags.define_synth()
-FLAGS = flags.FLAGS
+NAME = "synth"
+USES_TENSORFLOW = False
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def define_synth(fv) -> None:
+    """Flags of `bin/synth` (synthetic ISH sections -> images/, masks/, manifest.csv, ...)."""
+    d = definer(fv, NAME)
+    d.string("out", "", "Output directory of the dataset.")
+    d.integer("n_genes", 24, "Number of synthetic genes.", lower_bound=1)
+    d.integer("n_donors", 4, "Number of synthetic donors (half get a schizophrenia "
+              "diagnosis).", lower_bound=2)
+    d.integer("donors_per_gene", 3, "Donors each gene is assayed in (>= 2, so "
+              "re-identification in another donor is possible).", lower_bound=2)
+    d.integer("images_per_gene_donor", 2, "Section images per (gene, donor) experiment.",
+              lower_bound=1)
+    d.integer("n_groups", 6, "Number of GO-like gene groups (go.gaf, go.obo).", lower_bound=1)
+    d.integer("synth_height", 256, "Height of the synthetic images, pixels.", lower_bound=32)
+    d.integer("synth_width", 256, "Width of the synthetic images, pixels.", lower_bound=32)
+    d.list("synth_regions", ["V1", "MTG"], "Brain regions; the images of an experiment "
+           "alternate between them (V1 gets a thick layer 4).")
+    d.string("synth_study", "synthetic", "Value of the manifest's study column.")
+    d.integer("synth_jpeg_quality", 90, "JPEG quality of the images (1..100).", lower_bound=1,
+              upper_bound=100)
+    d.integer("synth_workers", 0, "Worker processes rendering images; 0 = render in the main "
+              "process.", lower_bound=0)
+
+
+def synth_config(fv):
+    """`ish_tf.data.synthetic.SynthConfig` from the synth flags (and --seed, --small_run).
+
+    --small_run shrinks the set to at most 8 genes, one image per (gene, donor) and
+    128 x 128 pixels.
+
+    Raises:
+      ValueError: --out is empty, or the values do not make a valid SynthConfig (the
+        message names the field).
+    """
+    from ish_tf.data.synthetic import SynthConfig
+
+    if not fv.out:
+        raise ValueError("--out is required: the directory to write the synthetic dataset to")
+    n_genes, per_pair = fv.n_genes, fv.images_per_gene_donor
+    height, width = fv.synth_height, fv.synth_width
+    if fv.small_run:
+        n_genes, per_pair = min(n_genes, 8), 1
+        height, width = min(height, 128), min(width, 128)
+    return SynthConfig(
+        out_dir=fv.out, n_genes=n_genes, n_donors=fv.n_donors,
+        donors_per_gene=fv.donors_per_gene, images_per_gene_donor=per_pair,
+        height=height, width=width, regions=tuple(config.parse_list(fv.synth_regions)),
+        seed=fv.seed, jpeg_quality=fv.synth_jpeg_quality, study=fv.synth_study,
+        n_groups=min(fv.n_groups, n_genes), workers=fv.synth_workers)
+
+
+def define_flags(fv) -> None:
+    define_common(fv)
+    define_synth(fv)
+
+
+def main(fv, argv: list[str]) -> int:
+    """Writes the synthetic dataset; returns the exit status (0 ok, 1 write error)."""
+    from absl import logging
+
     from ish_tf.data import manifest, synthetic
 
-    try:
-        config = flags.synth_config(FLAGS)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    with usage_errors():
+        cfg = synth_config(fv)
     logging.info("synth: %d genes x %d donors (%d per gene) x %d images, %dx%d px, seed %d -> %s",
-                 config.n_genes, config.n_donors, config.donors_per_gene,
-                 config.images_per_gene_donor, config.height, config.width, config.seed,
-                 config.out_dir)
+                 cfg.n_genes, cfg.n_donors, cfg.donors_per_gene, cfg.images_per_gene_donor,
+                 cfg.height, cfg.width, cfg.seed, cfg.out_dir)
     start = time.monotonic()
     try:
-        df = synthetic.generate_dataset(config)
+        df = synthetic.generate_dataset(cfg)
     except (ValueError, OSError) as e:
         print(f"synth: error: {e}", file=sys.stderr)
         return 1
     # Written only after success, so a refused rerun cannot overwrite the record of a dataset.
-    flags.write_flagfile(os.path.join(config.out_dir, "synth_flags.cfg"))
+    config.write_flagfile(os.path.join(cfg.out_dir, "synth_flags.cfg"), fv)
     summary = manifest.summarize(df)
-    out = os.path.abspath(config.out_dir)
+    out = os.path.abspath(cfg.out_dir)
     # Counts describe the dataset on disk (a resumed run keeps finished images).
     print(f"synth: dataset of {summary['images']} images of {summary['genes']} genes in "
           f"{summary['donors']} donors ({summary['experiments']} experiments, regions "
@@ -63,4 +114,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main, tensorflow=USES_TENSORFLOW)

@@ -1,4 +1,4 @@
-"""`bin/train`: train a model family (triplet now) on TFRecord patches.
+"""`bin/train`: train a model family on TFRecord patches (or whole sections).
 
 Examples:
   bin/train --flagfile=configs/triplet_quickstart.cfg --records_dir=work/quickstart/records
@@ -8,6 +8,11 @@ Examples:
 Writes RUN/flags.cfg (the resolved flags, first), RUN/checkpoints/, RUN/logs/train
 (TensorBoard), RUN/metrics.csv, and at the end RUN/model.keras + RUN/model_config.json.
 Rerunning with the same --run_dir resumes from the latest checkpoint.
+
+Flags: --model and --input_size, each family's settings generated from its typed config
+(`--triplet_*`, `--cdae_*`, `--unet_*`, `--ish_cnn_*`; --helpfull groups them under
+ish_tf.families.<prefix>), and the runtime settings of `TrainConfig`. This module also
+defines the sections bin/tune and bin/quickstart reuse (`define_model`, `define_train`).
 """
 
 from __future__ import annotations
@@ -15,35 +20,146 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
+from ish_tf import config
+from ish_tf.cli import define_common, definer, run, usage_errors
 
-from ish_tf import flags
-from ish_tf.cli import quiet_tensorflow_info
-
-flags.define_common()
-flags.define_model()
-flags.define_train()
-flags.define_cdae()
-flags.define_unet()
-flags.define_ish_cnn()
-FLAGS = flags.FLAGS
+NAME = "train"
+_MODULE = "ish_tf.cli.train"
 
 
+# --------------------------------------------------------------------------- model
+def define_model(fv) -> None:
+    """--model, --input_size and every family's config flags (one section per prefix)."""
+    from ish_tf import families
 
-def main(argv: list[str]) -> int:
-    quiet_tensorflow_info()  # before any library import brings TensorFlow in
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        model_cfg = flags.model_config(FLAGS)
-        train_cfg = flags.train_config(FLAGS)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    d = definer(fv, NAME)
+    names = families.family_names()
+    d.enum("model", "triplet", names, "Model family: " + "; ".join(
+        f"{n} ({families.get_family(n).description})" for n in names) + ".")
+    d.integer("input_size", 256, "Side of the square input images, in pixels (height of the "
+              "CDAE's whole sections; unused by vector families).", lower_bound=1)
+    for prefix, spec in families.flag_sections():
+        config.define_flags(spec.config_cls, prefix, fv,
+                            module_name=f"ish_tf.families.{prefix}")
+
+
+def model_config(fv):
+    """`ish_tf.families.ModelConfig` from --model, --input_size, --seed and the family's
+    flags; --small_run shrinks the family's batch (`shrunk_for_small_run`).
+
+    Raises:
+      ValueError: an unknown family or a value the family's config rejects (naming the flag).
+    """
+    from ish_tf.families import ModelConfig, get_family
+
+    spec = get_family(fv.model)
+    family = config.from_flags(spec.config_cls, spec.prefix, fv)
+    if fv.small_run:
+        family = family.shrunk_for_small_run()
+    return ModelConfig(model=spec.name, input_size=fv.input_size, seed=fv.seed, family=family)
+
+
+# --------------------------------------------------------------------------- train runtime
+def define_train(fv) -> None:
+    """The runtime settings of a training run (`ish_tf.train.TrainConfig`)."""
+    d = definer(fv, NAME)
+    d.string("run_dir", "runs/triplet", "Run directory: flags.cfg, checkpoints/, logs/, "
+             "metrics.csv, model.keras. Rerunning with the same directory resumes.")
+    d.string("records_dir", "", "TFRecord shards + index.json written by bin/extract.")
+    d.string("split", "train", "Split of the records to train on.")
+    d.bool("flips", True, "Random horizontal and vertical flips.")
+    d.float("learning_rate", 7e-5, "Initial Adam learning rate.")
+    d.float("adam_epsilon", 1e-8, "Adam epsilon.")
+    d.integer("steps", 30000, "Total optimizer steps.")
+    d.integer("decay_start", 25000, "Hold the learning rate until this step, then decay it "
+              "exponentially.")
+    d.float("final_lr_fraction", 0.001, "Learning rate at --steps as a fraction of the "
+            "initial one.")
+    d.enum("strategy", "auto", ["auto", "mirrored", "one_device", "default", "multi_worker"],
+           "tf.distribute strategy; auto = mirrored when more than one GPU is visible; "
+           "multi_worker = MultiWorkerMirroredStrategy from TF_CONFIG.")
+    d.integer("checkpoint_every", 1000, "Steps between checkpoints.")
+    d.integer("keep_checkpoints", 3, "Checkpoints kept on disk.")
+    d.integer("log_every", 100, "Steps between log lines, TensorBoard scalars and "
+              "metrics.csv rows.")
+    d.bool("image_summaries", True, "Write a few input patches to TensorBoard at step 0.")
+    d.bool("mixed_precision", False, "Mixed precision: float16 with loss scaling on GPU, "
+           "bfloat16 on CPU.")
+    d.bool("jit_compile", False, "XLA-compile the train step.")
+    d.bool("deterministic", False, "Enable TensorFlow op determinism (slower).")
+
+
+def train_config(fv):
+    """`ish_tf.train.TrainConfig` (runtime settings) from the train flags; --small_run
+    shrinks it.
+
+    Raises:
+      ValueError: a value out of range, naming the flag.
+    """
+    from ish_tf.train import TrainConfig
+
+    cfg = TrainConfig(
+        run_dir=fv.run_dir, records_dir=fv.records_dir, split=fv.split, flips=fv.flips,
+        learning_rate=fv.learning_rate, adam_epsilon=fv.adam_epsilon, steps=fv.steps,
+        decay_start=fv.decay_start, final_lr_fraction=fv.final_lr_fraction,
+        strategy=fv.strategy, checkpoint_every=fv.checkpoint_every,
+        keep_checkpoints=fv.keep_checkpoints, log_every=fv.log_every,
+        image_summaries=fv.image_summaries, mixed_precision=fv.mixed_precision,
+        jit_compile=fv.jit_compile, deterministic=fv.deterministic, seed=fv.seed)
+    if fv.small_run:
+        cfg = cfg.shrunk_for_small_run()
+    return cfg.validate()
+
+
+# --------------------------------------------------------------------------- pipeline
+def define_pipeline(fv) -> None:
+    """Flags of the tf.data readers (`ish_tf.data.pipeline.PipelineConfig`).
+
+    --flips and --deterministic belong to the train section; `pipeline_config` uses them
+    when defined.
+    """
+    d = definer(fv, NAME)
+    d.bool("standardize", False, "Per-image standardisation (mean 0, std 1) instead of "
+           "pixels in [0, 255].")
+    d.integer("shuffle_buffer", 4096, "Records in the shuffle buffer of the plain reader "
+              "(mixes genes, which lie contiguous in the shards).", lower_bound=0)
+    d.integer("cycle_length", 0, "Shards read concurrently by the plain reader (0 = number "
+              "of cores).", lower_bound=0)
+
+
+def pipeline_config(fv):
+    """`ish_tf.data.pipeline.PipelineConfig` from the pipeline flags (+ --flips and
+    --deterministic where defined); --small_run shrinks the shuffle buffer."""
+    from ish_tf.data.pipeline import PipelineConfig
+
+    # getattr: FlagValues raises AttributeError for a flag the command did not define.
+    flips = getattr(fv, "flips", True)
+    deterministic = getattr(fv, "deterministic", False)
+    small = getattr(fv, "small_run", False)
+    shuffle_buffer = min(fv.shuffle_buffer, 256) if small else fv.shuffle_buffer
+    return PipelineConfig(flips=flips, standardize=fv.standardize,
+                          shuffle_buffer=shuffle_buffer, deterministic=deterministic,
+                          cycle_length=fv.cycle_length)
+
+
+# --------------------------------------------------------------------------- command
+def define_flags(fv) -> None:
+    """bin/train's flags: common, model + families, train runtime."""
+    define_common(fv)
+    define_model(fv)
+    define_train(fv)
+
+
+def main(fv, argv: list[str]) -> int:
+    """Trains; returns the exit status (0 ok, 1 training error, 130 Ctrl-C)."""
+    with usage_errors():
+        model_cfg = model_config(fv)
+        train_cfg = train_config(fv)
     os.makedirs(train_cfg.run_dir, exist_ok=True)
-    flags.write_flagfile(os.path.join(train_cfg.run_dir, "flags.cfg"))
+    config.write_flagfile(os.path.join(train_cfg.run_dir, "flags.cfg"), fv)
 
+    from ish_tf.families import make_task
     from ish_tf.models.backbones import BackboneWeightsError
-    from ish_tf.train.tasks import make_task
     from ish_tf.train.trainer import TrainingError, train
 
     try:
@@ -59,8 +175,9 @@ def main(argv: list[str]) -> int:
     if result.start_step == result.step:
         print(f"train: {result.run_dir} had already reached step {result.step}; nothing to do")
     else:
-        # Only the triplet family has a --backbone; the others would print a misleading one.
-        name = model_cfg.model + (f"/{model_cfg.backbone}" if model_cfg.model == "triplet" else "")
+        # Only the triplet family has a backbone; the others would print a misleading one.
+        backbone = getattr(model_cfg.family, "backbone", "") if model_cfg.model == "triplet" else ""
+        name = model_cfg.model + (f"/{backbone}" if backbone else "")
         print(f"train: {name} steps {result.start_step}->{result.step} "
               f"in {result.run_dir}: loss {result.loss:.4f}, {result.images_per_sec:.1f} images/s")
     print(f"  checkpoints: {result.checkpoint}")
@@ -72,4 +189,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(NAME, define_flags, main)

@@ -94,7 +94,7 @@ def _is_disk_error(e: BaseException) -> bool:
 # --------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class FetchConfig:
-    """Everything `fetch` needs; built from flags by `ish_tf.flags.fetch_config`.
+    """Everything `fetch` needs; built from flags by `ish_tf.cli.fetch.fetch_config`.
 
     Attributes:
       study: key of `STUDIES` (cortex | schizophrenia | mouse).

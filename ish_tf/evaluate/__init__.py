@@ -27,7 +27,7 @@ TASKS: tuple[str, ...] = ("annotations", "diagnosis", "reid")
 
 @dataclasses.dataclass
 class EvaluateConfig:
-    """Everything `bin/evaluate` needs (built from flags by `ish_tf.flags.evaluate_config`).
+    """Everything `bin/evaluate` needs (built from flags by `ish_tf.cli.evaluate.evaluate_config`).
 
     Attributes:
       tasks: subset of TASKS to run.
