@@ -62,9 +62,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
 
-    model = build_model(ModelConfig(backbone=args.backbone, backbone_weights="none",
-                                    input_size=args.size, head_units=256, embedding_dim=64,
-                                    seed=0))
+    from ish_tf.families.triplet.config import TripletConfig
+
+    model = build_model(ModelConfig("triplet", input_size=args.size, seed=0, family=TripletConfig(
+        backbone=args.backbone, backbone_weights="none", head_units=256, embedding_dim=64)))
     pixels = _patches(args.n, args.size)
     encoded = [tf.io.encode_jpeg(p, quality=90).numpy() for p in pixels]
     with tempfile.TemporaryDirectory() as tmp:

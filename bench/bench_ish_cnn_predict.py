@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 from ish_tf.families import ModelConfig, build_model  # noqa: E402
 from ish_tf.families.ish_cnn import segmentation as seg  # noqa: E402
+from ish_tf.families.ish_cnn.config import IshCnnConfig  # noqa: E402
 
 
 def main() -> None:
@@ -35,8 +36,8 @@ def main() -> None:
     print(f"{'patch':>6} {'dense_s':>9} {'sliding_s':>10} {'ratio':>7} {'max_abs_diff':>13}")
     for size in (int(s) for s in args.sizes.split(",")):
         model = build_model(ModelConfig(
-            model="ish_cnn", input_size=size, head_units=32, seed=0,
-            options={"n_classes": 4, "filters": [16, 32, 48, 64]}))
+            model="ish_cnn", input_size=size, seed=0, family=IshCnnConfig(
+                head_units=32, n_classes=4, filters=(16, 32, 48, 64))))
         seg.dense_probabilities(model, image[:64, :64], args.stride, "dense")  # warm-up
         t0 = time.perf_counter()
         dense, _ = seg.dense_probabilities(model, image, args.stride, "dense")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import tempfile
 import time
@@ -33,11 +34,15 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from ish_tf.families import ModelConfig, build_model  # noqa: E402
+from ish_tf.families import (  # noqa: E402
+    ModelConfig,
+    build_model,
+    make_task,  # noqa: E402
+)
+from ish_tf.families.triplet.config import TripletConfig  # noqa: E402
 from ish_tf.losses.triplet import triplet_loss  # noqa: E402
 from ish_tf.train import TrainConfig  # noqa: E402
 from ish_tf.train.strategy import set_precision  # noqa: E402
-from ish_tf.train.tasks import make_task  # noqa: E402
 from ish_tf.train.trainer import train  # noqa: E402
 
 
@@ -52,9 +57,11 @@ def bench_trainer(model_cfg: ModelConfig, P: int, K: int, steps: int, warmup: in
                   args, run_dir: str) -> float:
     """Images/s of `train` over `steps` steps after `warmup` steps (incl. tracing)."""
     x, y = _batches(P, K, model_cfg.input_size)
+    model_cfg = dataclasses.replace(model_cfg, family=dataclasses.replace(model_cfg.family,
+                                                                          P=P, K=K))
     # Warm-up = one log interval of `steps` steps (tracing included), then one timed interval.
     del warmup
-    cfg = TrainConfig(run_dir=run_dir, P=P, K=K, steps=2 * steps, decay_start=2 * steps,
+    cfg = TrainConfig(run_dir=run_dir, steps=2 * steps, decay_start=2 * steps,
                       log_every=steps, checkpoint_every=10**9, image_summaries=False,
                       strategy=args.strategy, mixed_precision=args.mixed_precision,
                       jit_compile=args.jit_compile, learning_rate=1e-4)
@@ -80,6 +87,8 @@ def bench_baseline(model_cfg: ModelConfig, P: int, K: int, steps: int, warmup: i
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     x, y = _batches(P, K, model_cfg.input_size)
+    model_cfg = dataclasses.replace(model_cfg, family=dataclasses.replace(model_cfg.family,
+                                                                          P=P, K=K))
     data = [(tf.constant(x[i]), tf.constant(y[i])) for i in range(len(x))]
 
     def step(images, labels):
@@ -120,10 +129,11 @@ def main() -> None:
           f"mixed_precision={args.mixed_precision} jit_compile={args.jit_compile} "
           f"strategy={args.strategy}")
     setups = {
-        "quickstart": (ModelConfig(backbone="small_cnn", backbone_weights="none", input_size=64,
-                                   head_units=256, embedding_dim=64, seed=0), 8, 8, args.quick_steps),
-        "resnet50": (ModelConfig(backbone="resnet50", backbone_weights="none",
-                                 input_size=args.resnet_size, seed=0),
+        "quickstart": (ModelConfig("triplet", input_size=64, seed=0, family=TripletConfig(
+            backbone="small_cnn", backbone_weights="none", head_units=256, embedding_dim=64)),
+            8, 8, args.quick_steps),
+        "resnet50": (ModelConfig("triplet", input_size=args.resnet_size, seed=0,
+                                 family=TripletConfig(backbone="resnet50", backbone_weights="none")),
                      args.resnet_P, args.resnet_K, args.steps),
     }
     rates = {}

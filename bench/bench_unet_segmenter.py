@@ -79,7 +79,7 @@ def main() -> None:
     trivial = float(u["truth_fraction"].mean())
 
     print(f"U-Net: {args.n_train} pairs, {result.step} steps, input {model_cfg.input_size}, "
-          f"batch {model_cfg.options['batch_size']}: train {train_s:.1f} s, final loss "
+          f"batch {model_cfg.family.batch_size}: train {train_s:.1f} s, final loss "
           f"{result.loss:.4f}")
     print(f"held-out sections: {len(pairs)} of {args.size}x{args.size}")
     print(f"  classical IoU mean {c['iou'].mean():.4f} min {c['iou'].min():.4f}  "

@@ -115,10 +115,13 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     import numpy as np
     import pandas as pd
 
-    from ish_tf.families import ModelConfig
+    from ish_tf.families import ModelConfig, make_task
+    from ish_tf.families.cdae.config import CdaeConfig
+    from ish_tf.families.ish_cnn.config import IshCnnConfig
+    from ish_tf.families.triplet.config import TripletConfig
+    from ish_tf.families.triplet.task import TripletTask
     from ish_tf.losses.triplet import triplet_loss
     from ish_tf.train import TrainConfig
-    from ish_tf.train.tasks import TripletTask, make_task
     from ish_tf.train.trainer import replica_gradients, train
 
     P, K, R = 4, 3, 16
@@ -128,9 +131,10 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     labels = np.repeat(np.arange(P), K).astype("int32")
     half = P * K // 2
     # No per-replica batch statistics: small_cnn has no BN, the head's BN is off.
-    mcfg = ModelConfig(backbone="small_cnn", backbone_weights="none", input_size=R,
-                       head_units=32, embedding_dim=8, head_batch_norm="none", seed=3)
-    tcfg = TrainConfig(P=P, K=K, learning_rate=1e-3, steps=3, decay_start=3, log_every=1,
+    mcfg = ModelConfig("triplet", input_size=R, seed=3, family=TripletConfig(
+        backbone="small_cnn", backbone_weights="none", head_units=32, embedding_dim=8,
+        head_batch_norm="none", P=P, K=K))
+    tcfg = TrainConfig(learning_rate=1e-3, steps=3, decay_start=3, log_every=1,
                        checkpoint_every=2, image_summaries=False, seed=0)
     task = make_task(mcfg, tcfg)
 
@@ -170,7 +174,8 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     (loss1, stats1, grads1), (loss2, stats2, grads2) = single_and_mirrored(task)
     _, (loss3, _, grads3) = single_and_mirrored(NoGatherTask(mcfg, tcfg))
     # Synchronised batch norm in the head: statistics over the global batch.
-    sync_cfg = dataclasses.replace(mcfg, head_batch_norm="sync")
+    sync_cfg = dataclasses.replace(mcfg, family=dataclasses.replace(mcfg.family,
+                                                                    head_batch_norm="sync"))
     (loss4, _, grads4), (loss5, _, grads5) = single_and_mirrored(make_task(sync_cfg, tcfg))
     local_batch = strategy.experimental_local_results(per_replica)[0][0]
 
@@ -213,9 +218,9 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     # The CDAE family through the same trainer: without input noise and batch statistics,
     # three steps on two replicas (each reconstructing half of every batch) give the
     # single-device run; reconstruction images are written from the replicas too.
-    cdae_model = ModelConfig(model="cdae", input_size=16, seed=3, options={
-        "depth": 2, "filters": [4, 8], "code_size": 8, "norm": "none", "noise": "none",
-        "noise_level": 0.0, "loss": "mse", "batch_size": 8, "image_every": 1})
+    cdae_model = ModelConfig(model="cdae", input_size=16, seed=3, family=CdaeConfig(
+        depth=2, filters=(4, 8), code_size=8, norm="none", noise="none", noise_level=0.0,
+        loss="mse", batch_size=8, image_every=1))
     whole = rng.uniform(0, 255, (8, 16, 16, 1)).astype("float32")
 
     def cdae_data(ctx):
@@ -229,9 +234,9 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
     # the clean images under the strategy too (mirrored variables, cross-replica context).
     from ish_tf.models.batch_norm import batch_norm_moments
 
-    bn_model = dataclasses.replace(cdae_model, options={
-        **cdae_model.options, "norm": "batch", "noise": "masking", "noise_level": 0.5,
-        "bn_images": 8, "image_every": 0})
+    bn_model = dataclasses.replace(cdae_model, family=dataclasses.replace(
+        cdae_model.family, norm="batch", noise="masking", noise_level=0.5, bn_images=8,
+        image_every=0))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(tcfg, run_dir=tmp)
         result = train(make_task(bn_model, cfg, cdae_data), cfg, strategy=strategy)
@@ -243,8 +248,8 @@ def _main() -> None:  # pragma: no cover - runs in the subprocess
         for name, (mean, var) in want.items())
     # The ISH CNN likewise (softmax cross-entropy over the global P x K batch), on the
     # triplet check's batches, without dropout and batch statistics.
-    ish_model = ModelConfig(model="ish_cnn", input_size=R, head_units=8, seed=3, options={
-        "n_classes": P, "filters": [4, 8], "batch_norm": False, "dropout": 0.0})
+    ish_model = ModelConfig(model="ish_cnn", input_size=R, seed=3, family=IshCnnConfig(
+        head_units=8, n_classes=P, filters=(4, 8), batch_norm=False, dropout=0.0, P=P, K=K))
     ish = single_and_mirrored_runs(ish_model, dataset_fn)
 
     print(json.dumps({

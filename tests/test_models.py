@@ -10,16 +10,16 @@ import keras
 import numpy as np
 import pytest
 
-from ish_tf.families import ModelConfig, build_model, get_builder, load_model_config, model_names
+from ish_tf.families import ModelConfig, build_model, family_names, get_family, load_model_config
+from ish_tf.families.triplet.config import TripletConfig
 from ish_tf.models import backbones as bb
 from ish_tf.models.heads import L2Normalize, embedding_head, head_parameter_count
 
 
 def _small(**kw) -> ModelConfig:
-    base = dict(backbone="small_cnn", backbone_weights="none", input_size=32, head_units=64,
-                embedding_dim=16, seed=0)
+    base = dict(backbone="small_cnn", backbone_weights="none", head_units=64, embedding_dim=16)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig("triplet", input_size=32, seed=0, family=TripletConfig(**base))
 
 
 def test_head_parameter_count_exact():
@@ -147,8 +147,8 @@ def test_model_keras_save_load_identical_outputs(tmp_path):
 
 
 def test_resnet_model_keras_roundtrip_keeps_preprocessing(tmp_path):
-    model = build_model(ModelConfig(backbone="resnet50", backbone_weights="none", input_size=32,
-                                    head_units=8, embedding_dim=4, seed=0))
+    model = build_model(ModelConfig("triplet", input_size=32, seed=0, family=TripletConfig(
+        backbone="resnet50", backbone_weights="none", head_units=8, embedding_dim=4)))
     path = str(tmp_path / "resnet.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -167,6 +167,27 @@ def test_model_config_json_roundtrip_and_registry(tmp_path):
     path.write_text(json.dumps({"builder": "triplet", "config": {"bogus": 1}}))
     with pytest.raises(ValueError, match=f"{os.path.basename(str(path))}.*bogus"):
         load_model_config(str(path))
-    assert "triplet" in model_names()
+    assert "triplet" in family_names()
     with pytest.raises(ValueError, match="--model='no_such_family'"):
-        get_builder("no_such_family")
+        get_family("no_such_family")
+
+
+def test_model_config_json_of_runs_before_the_typed_configs(tmp_path):
+    """A run written with the old layout (triplet settings at the top, others in an untyped
+    `options` dict) still loads, into the family's typed config; an option that is not a
+    setting of the family is an error, not dropped."""
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps({"builder": "triplet", "config": {
+        "model": "triplet", "backbone": "small_cnn", "backbone_weights": "none",
+        "input_size": 32, "embedding_dim": 16, "head_units": 64, "l2_normalize": True,
+        "head_batch_norm": "batch", "seed": 0, "options": {}}}))
+    assert load_model_config(str(path)) == _small(l2_normalize=True)
+    path.write_text(json.dumps({"builder": "unet", "config": {
+        "model": "unet", "backbone": "resnet50", "input_size": 64, "seed": 1,
+        "options": {"base_filters": 8, "depth": 3, "batch_size": 4}}}))
+    cfg = load_model_config(str(path))
+    assert (cfg.family.filters, cfg.family.depth, cfg.family.batch_size) == (8, 3, 4)
+    path.write_text(json.dumps({"builder": "cdae", "config": {
+        "model": "cdae", "input_size": 64, "options": {"depth": 3, "colour": "red"}}}))
+    with pytest.raises(ValueError, match="'colour' is not a setting of --model=cdae"):
+        load_model_config(str(path))

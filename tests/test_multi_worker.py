@@ -23,9 +23,9 @@ S = 16
 WORKER = r"""
 import sys
 import numpy as np
-from ish_tf.families import ModelConfig
+from ish_tf.families import ModelConfig, make_task
+from ish_tf.families.triplet.config import TripletConfig
 from ish_tf.train import TrainConfig, trainer
-from ish_tf.train.tasks import make_task
 
 out_npz, records_dir, run_dir = sys.argv[1:4]
 real_save = trainer.save_keras_model
@@ -36,13 +36,14 @@ def capture(model, path):
     real_save(model, path)
 
 trainer.save_keras_model = capture
-cfg = TrainConfig(run_dir=run_dir, records_dir=records_dir, P=2, K=2, steps=3, decay_start=2,
+cfg = TrainConfig(run_dir=run_dir, records_dir=records_dir, steps=3, decay_start=2,
                   learning_rate=1e-2, log_every=1, checkpoint_every=2, strategy="multi_worker",
                   image_summaries=False, seed=0)
 # Synchronised batch norm: the moving statistics are then global too, so every weight
 # (not only the trainable ones) must agree across the workers.
-model_cfg = ModelConfig(backbone="small_cnn", backbone_weights="none", input_size=16,
-                        head_units=16, embedding_dim=8, head_batch_norm="sync", seed=0)
+model_cfg = ModelConfig("triplet", input_size=16, seed=0, family=TripletConfig(
+    backbone="small_cnn", backbone_weights="none", head_units=16, embedding_dim=8,
+    head_batch_norm="sync", P=2, K=2))
 result = trainer.train(make_task(model_cfg, cfg), cfg)
 print("RESULT", result.step, repr(result.loss), flush=True)
 """

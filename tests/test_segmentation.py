@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from ish_tf.families.ish_cnn import segmentation as seg
+from ish_tf.families.ish_cnn.config import IshCnnConfig
 from ish_tf.families.ish_cnn.spatial import spots_frame
 
 
@@ -60,10 +61,10 @@ def test_grid_to_pixels_nearest_centre():
 
 def _tiny_classifier(size=16, seed=4):
     from ish_tf.families import ModelConfig, build_model
+    from ish_tf.families.ish_cnn.config import IshCnnConfig
 
-    return build_model(ModelConfig(model="ish_cnn", input_size=size, head_units=8, seed=seed,
-                                   options={"classes": ["A", "B", "tissue", "background"],
-                                            "filters": [4, 8, 8]}))
+    return build_model(ModelConfig(model="ish_cnn", input_size=size, seed=seed, family=IshCnnConfig(
+        head_units=8, classes=("A", "B", "tissue", "background"), filters=(4, 8, 8))))
 
 
 @pytest.mark.parametrize("stride", [2, 4, 8])
@@ -92,8 +93,8 @@ def test_run_segmentation_end_to_end(tmp_path):
         run.mkdir()
         model = _tiny_classifier(size)
         model.save(str(run / "model.keras"))
-        cfg = ModelConfig(model="ish_cnn", input_size=size,
-                          options={"classes": ["Sst", "Pvalb", "tissue", "background"]})
+        cfg = ModelConfig(model="ish_cnn", input_size=size, family=IshCnnConfig(
+            classes=("Sst", "Pvalb", "tissue", "background")))
         (run / "model_config.json").write_text(cfg.to_json())
         dirs.append(str(run))
     out = str(tmp_path / "pred")
@@ -115,8 +116,8 @@ def test_run_segmentation_end_to_end(tmp_path):
     bad.mkdir()
     _tiny_classifier(16).save(str(bad / "model.keras"))
     (bad / "model_config.json").write_text(ModelConfig(
-        model="ish_cnn", input_size=16, options={"classes": ["x", "y", "tissue", "background"]}
-    ).to_json())
+        model="ish_cnn", input_size=16, family=IshCnnConfig(classes=("x", "y", "tissue",
+                                                                     "background"))).to_json())
     with pytest.raises(seg.SegmentationError, match="differ"):
         seg.run_segmentation(seg.SegmentationConfig(
             model_dirs=(dirs[0], str(bad)), image=table["image"][0], spots=table["spots"][0],

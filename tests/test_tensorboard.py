@@ -11,10 +11,13 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from ish_tf.data.embeddings import EmbeddingTable  # noqa: E402
-from ish_tf.families import ModelConfig  # noqa: E402
+from ish_tf.families import (
+    ModelConfig,  # noqa: E402
+    make_task,  # noqa: E402
+)
+from ish_tf.families.triplet.config import TripletConfig  # noqa: E402
 from ish_tf.train import TrainConfig  # noqa: E402
 from ish_tf.train import tensorboard as tb  # noqa: E402
-from ish_tf.train.tasks import make_task  # noqa: E402
 from ish_tf.train.trainer import run_paths, train  # noqa: E402
 
 R, P, K = 16, 3, 2
@@ -29,10 +32,10 @@ def _batches(n=4, classes=6, seed=0):
 
 def test_training_run_logs_scalars_per_step_and_input_images(tmp_path):
     xs, ys = _batches()
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"), P=P, K=K, steps=3, decay_start=2,
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), steps=3, decay_start=2,
                       learning_rate=1e-3, log_every=1, checkpoint_every=3, strategy="default")
-    model_cfg = ModelConfig(backbone="small_cnn", backbone_weights="none", input_size=R,
-                            head_units=8, embedding_dim=4, seed=0)
+    model_cfg = ModelConfig("triplet", input_size=R, seed=0, family=TripletConfig(
+        backbone="small_cnn", backbone_weights="none", head_units=8, embedding_dim=4, P=P, K=K))
     task = make_task(model_cfg, cfg, lambda ctx: tf.data.Dataset.from_tensor_slices((xs, ys)).repeat())
     train(task, cfg)
     tags = tb.event_tags(os.path.join(run_paths(cfg.run_dir)["logs"], "train"))

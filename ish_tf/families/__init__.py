@@ -227,18 +227,28 @@ _V1_RENAMED = {"unet": {"base_filters": "filters"}}
 
 
 def _upgrade_v1(cfg: dict) -> dict:
-    """The pre-registry model_config.json layout -> the current one."""
+    """The pre-registry model_config.json layout -> the current one.
+
+    Raises:
+      ValueError: keys that were never part of the old layout (a stale or foreign file).
+    """
+    unknown = sorted(set(cfg) - {"model", "input_size", "seed", "options", *_V1_TOP})
+    if unknown:
+        raise ValueError(f"model_config.json has unknown keys {unknown}")
     model = cfg.get("model", "triplet")
     field_names = {f.name for f in dataclasses.fields(get_family(model).config_cls)}
     family: dict[str, Any] = {}
     for key in _V1_TOP:
+        # The triplet settings were top-level fields of every family's config then.
         if key in cfg and key in field_names:
             family[key] = cfg[key]
     renames = _V1_RENAMED.get(model, {})
     for key, value in (cfg.get("options") or {}).items():
         key = renames.get(key, key)
-        if key in field_names:
-            family[key] = value
+        if key not in field_names:
+            raise ValueError(f"model_config.json: option {key!r} is not a setting of "
+                             f"--model={model}")
+        family[key] = value
     return {"model": model, "input_size": cfg.get("input_size", 256), "seed": cfg.get("seed"),
             "family": family}
 

@@ -202,7 +202,7 @@ def encoder_model(model: keras.Model) -> keras.Model:
 def build_cdae_supervised(config) -> keras.Model:
     """The CDAE's encoder with a multi-label sigmoid head over the config's `terms`.
 
-    With `options["init_from"]` (a CDAE run directory or .keras file), every encoder
+    With the config's `init_from` (a CDAE run directory or .keras file), every encoder
     layer is initialised from the trained CDAE's layer of the same name.
 
     Args:

@@ -401,7 +401,7 @@ def load_classifier(path: str):
     classes = [f"class_{i}" for i in range(n)]
     if os.path.exists(cfg_path):
         try:
-            listed = load_model_config(cfg_path).option("classes")
+            listed = load_model_config(cfg_path).family.classes
         except ValueError as e:
             raise SegmentationError(str(e)) from e
         if listed:
