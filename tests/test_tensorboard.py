@@ -11,10 +11,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from ish_tf.data.embeddings import EmbeddingTable  # noqa: E402
-from ish_tf.families import (
-    ModelConfig,  # noqa: E402
-    make_task,  # noqa: E402
-)
+from ish_tf.families import ModelConfig, make_task  # noqa: E402
 from ish_tf.families.triplet.config import TripletConfig  # noqa: E402
 from ish_tf.train import TrainConfig  # noqa: E402
 from ish_tf.train import tensorboard as tb  # noqa: E402
