@@ -1,11 +1,15 @@
-"""`bin/quickstart`: the whole gene re-identification pipeline on a synthetic dataset.
+"""`bin/quickstart`: a family's pipeline end to end on built-in synthetic data.
 
-  bin/quickstart                         # uses configs/quickstart.cfg, writes work/quickstart/
+  bin/quickstart                         # gene re-identification (triplet), configs/quickstart.cfg
   bin/quickstart --workdir=/tmp/qs       # elsewhere
   bin/quickstart --steps=600             # any stage flag can be overridden
+  bin/quickstart --family=cdae           # the CDAE recipe -> work/quickstart/cdae/summary.json
+  bin/quickstart --family=ish_cnn        # the ISH CNN recipe -> work/quickstart/ish_cnn/summary.json
 
 configs/quickstart.cfg includes the stage flagfiles (synth, extract, triplet training)
-and sets the quickstart's sizes; paths are taken from --workdir. Rerunning resumes.
+and sets the quickstart's sizes; paths are taken from --workdir. The other families run
+the commands of their README recipe (`ish_tf.families.<name>.quickstart`) below
+--workdir/<name>. Rerunning resumes.
 """
 
 from __future__ import annotations
@@ -25,8 +29,13 @@ NAME = "quickstart"
 
 def define_quickstart(fv) -> None:
     """Flags of `bin/quickstart` (besides the synth, extract, model and train sections)."""
+    from ish_tf.families import family_names, get_family
+
     d = definer(fv, NAME)
     d.string("workdir", "work/quickstart", "Directory for every stage's output.")
+    d.enum("family", "triplet", [n for n in family_names() if get_family(n).quickstart],
+           "Family whose quickstart runs: triplet (the default, gene re-identification) or "
+           "another family's README recipe, written to --workdir/<family>.")
     d.integer("embed_batch_size_qs", 128, "Patches per call of the served model when the "
               "quickstart embeds.")
 
@@ -62,6 +71,8 @@ def main(fv, argv: list[str]) -> int:
 
     from ish_tf.quickstart import run_quickstart
 
+    if fv.family != "triplet":
+        return _family_quickstart(fv)
     with usage_errors():
         cfg = quickstart_config(fv)
     os.makedirs(fv.workdir, exist_ok=True)
@@ -87,6 +98,31 @@ def main(fv, argv: list[str]) -> int:
           f"({json.dumps(summary['seconds'])})")
     return 0
 
+
+def _family_quickstart(fv) -> int:
+    """Runs another family's recipe below --workdir/<family>."""
+    from absl import logging
+
+    from ish_tf.families import _resolve, get_family
+    from ish_tf.families.recipes import RecipeError
+
+    workdir = os.path.join(fv.workdir, fv.family)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    logging.set_verbosity(logging.WARNING)
+    print(f"ish_tf quickstart ({fv.family}): writing to {os.path.abspath(workdir)}")
+    try:
+        summary = _resolve(get_family(fv.family).quickstart)(
+            workdir, root=root, seed=fv.seed, log=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print("quickstart: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except RecipeError as e:
+        print(f"quickstart: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Summary:    {summary['path']}")
+    print(f"Total:      {sum(summary['seconds'].values()):.0f} s "
+          f"({json.dumps(summary['seconds'])})")
+    return 0
 
 
 if __name__ == "__main__":
