@@ -147,6 +147,10 @@ def untrained_encoder(model_config: ModelConfig, records_dir: str,
     opts = cdae_options(cfg)
     bn_images = int(cfg.family.bn_images)
     if recalibrate and opts["norm"] == "batch" and bn_images > 0:
+        # tf.data's seeded shuffle also takes TensorFlow's global seed: fix it as the
+        # trainer does, so the images the statistics come from depend on the seed alone,
+        # not on what ran before in the process (the quickstart runs every command in one).
+        keras.utils.set_random_seed(cfg.seed or 0)
         stream = whole_dataset(records_dir, "train", batch_size=int(cfg.family.batch_size),
                                height=opts["height"], width=opts["width"], seed=cfg.seed or 0)
         recalibrate_batch_norm(model, (element["images"] for element in stream), bn_images)
