@@ -141,3 +141,166 @@ def test_export_full_or_read_only_export_dir_is_one_line(tmp_path, model, capsys
     assert os.strerror(err) in lines[0]
     assert sm.exported_versions(base) == [1]  # the version already there is intact
     assert sorted(os.listdir(base)) == ["1"]
+
+
+# --------------------------------------------------------------------------- 2: corrupt shards
+def _train_shard(recs: str) -> tuple[str, int]:
+    info = [s for s in shards.load_index(recs)["shards"] if s["split"] == "train"][0]
+    return os.path.join(recs, info["file"]), int(info["num_records"])
+
+
+def _flip_record(shard: str, record: int) -> None:
+    """One flipped byte inside record `record`'s data: its CRC fails."""
+    offsets = shards.record_offsets(shard)
+    start = int(offsets[record]) + 12 + 5  # past the length (8) and its CRC (4)
+    flip_bytes(shard, count=1, start=start, end=start + 1)
+
+
+@pytest.fixture
+def corrupt_records(tmp_path):
+    recs = str(tmp_path / "records")
+    write_records(recs)
+    shard, n = _train_shard(recs)
+    _flip_record(shard, 5)
+    return recs, shard, n
+
+
+def test_embed_one_flipped_byte_is_an_error_naming_the_shard_and_counts(
+        exported, corrupt_records, tmp_path, capsys):
+    recs, shard, n = corrupt_records
+    out = str(tmp_path / "out")
+    assert cli.invoke("embed", [f"--saved_model={exported}", f"--records_dir={recs}",
+                                f"--out={out}", "--embed_batch_size=4"]) == 1
+    err = capsys.readouterr().err
+    assert f"embed: error: {shard}: unreadable record at record 5" in err
+    assert f"index.json says {n} record(s), read 5" in err
+    assert "--skip_corrupt" in err
+    # Nothing is written as complete for that shard, nor any table.
+    parts = os.listdir(os.path.join(out, embed.PARTS_DIR))
+    assert os.path.basename(shard) + ".npz" not in parts
+    assert not os.path.exists(os.path.join(out, "patch_embeddings.csv"))
+
+
+def test_embed_skip_corrupt_embeds_the_rest_and_counts_one_lost_record(
+        exported, corrupt_records, tmp_path, capsys):
+    recs, shard, n = corrupt_records
+    out = str(tmp_path / "out")
+    assert cli.invoke("embed", [f"--saved_model={exported}", f"--records_dir={recs}",
+                                f"--out={out}", "--embed_batch_size=4", "--skip_corrupt",
+                                "--splits=train"]) == 0
+    cap = capsys.readouterr()
+    name = os.path.basename(shard)
+    assert f"embed: warning: {name}: 1 record(s) lost" in cap.err
+    patch = pd.read_csv(os.path.join(out, "patch_embeddings.csv"))
+    assert len(patch) == n - 1  # only the corrupt record is lost, not the rest of the shard
+    skipped = pd.read_csv(os.path.join(out, "skipped.csv"))
+    assert skipped[["shard", "record", "n_records"]].values.tolist() == [[name, 5, 1]]
+    assert skipped.loc[0, "error"].startswith(embed.LOST_PREFIX)
+    summary = json.load(open(os.path.join(out, embed.SUMMARY_NAME)))
+    assert summary["records_lost"] == 1 and summary["lost_by_shard"] == {name: 1}
+    assert summary["skipped"] == 0
+
+
+def test_embed_truncated_shard_is_an_error_or_counted_exactly(exported, tmp_path, capsys):
+    recs = str(tmp_path / "records")
+    write_records(recs)
+    shard, n = _train_shard(recs)
+    truncate_file(shard, 0.5)
+    base = dict(saved_model=exported, records_dir=recs, splits=("train",), batch_size=4)
+    with pytest.raises(embed.EmbedError, match=rf"index.json says {n} record\(s\), read \d+"):
+        embed.embed_records(embed.EmbedConfig(**base, out_dir=str(tmp_path / "a")))
+    res = embed.embed_records(embed.EmbedConfig(**base, out_dir=str(tmp_path / "b"),
+                                                skip_corrupt=True))
+    read = res.rows["patch"]
+    assert 0 < read < n and res.records_lost == n - read
+    skipped = pd.read_csv(res.skipped_path)
+    assert int(skipped["n_records"].sum()) == n - read
+
+
+def test_embed_shard_shorter_than_its_index_entry_is_an_error(exported, tmp_path):
+    recs = str(tmp_path / "records")
+    write_records(recs)
+    index_file = shards.index_path(recs)
+    index = json.load(open(index_file))
+    for s in index["shards"]:
+        if s["split"] == "train":
+            s["num_records"] += 3
+            n = s["num_records"]
+    with open(index_file, "w") as f:
+        json.dump(index, f)
+    base = dict(saved_model=exported, records_dir=recs, splits=("train",))
+    with pytest.raises(embed.EmbedError, match=rf"index.json says {n} record\(s\), read {n - 3}"):
+        embed.embed_records(embed.EmbedConfig(**base, out_dir=str(tmp_path / "a")))
+    res = embed.embed_records(embed.EmbedConfig(**base, out_dir=str(tmp_path / "b"),
+                                                skip_corrupt=True))
+    assert res.records_lost == 3 and res.rows["patch"] == n - 3
+
+
+# --------------------------------------------------------------------------- 4: foreign SavedModel
+def test_embed_refuses_a_savedmodel_without_ish_tf_metadata(exported, tmp_path, capsys):
+    recs = str(tmp_path / "records")
+    write_records(recs)
+    victim = tmp_path / "written_by_the_model.txt"
+
+    class Evil(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+        def serve(self, examples):
+            tf.io.write_file(str(victim), "pwned")
+            return {"embedding": tf.zeros([tf.shape(examples)[0], 2])}
+
+    evil = Evil()
+    path = str(tmp_path / "evil" / "1")
+    tf.saved_model.save(evil, path, signatures={"tf_example": evil.serve})
+    out = str(tmp_path / "out")
+    assert cli.invoke("embed", [f"--saved_model={path}", f"--records_dir={recs}",
+                                f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to load a SavedModel without ish_tf's export metadata" in err
+    assert "A SavedModel is code" in err and "--allow_foreign_saved_model" in err
+    assert not victim.exists()
+    # Told otherwise, explicitly: it is loaded (and runs).
+    assert cli.invoke("embed", [f"--saved_model={path}", f"--records_dir={recs}",
+                                f"--out={out}", "--allow_foreign_saved_model"]) == 0
+    assert victim.exists()
+
+
+def test_embed_uses_tf_example_by_default(exported, tmp_path):
+    recs = str(tmp_path / "records")
+    write_records(recs)
+    out = str(tmp_path / "out")
+    assert cli.invoke("embed", [f"--saved_model={exported}", f"--records_dir={recs}",
+                                f"--out={out}", "--splits=test"]) == 0
+    summary = json.load(open(os.path.join(out, embed.SUMMARY_NAME)))
+    assert summary["signature"] == "tf_example" and summary["feeds"] == "records"
+
+
+# --------------------------------------------------------------------------- 7: embed disk
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+def test_embed_full_disk_while_writing_tables_keeps_the_parts(exported, tmp_path, capsys,
+                                                              monkeypatch, err):
+    recs = str(tmp_path / "records")
+    write_records(recs)
+    out = str(tmp_path / "out")
+    args = [f"--saved_model={exported}", f"--records_dir={recs}", f"--out={out}"]
+    with monkeypatch.context() as m:
+        failing_writes(m, out, err, when=lambda p: "_embeddings" in os.path.basename(p))
+        assert cli.invoke("embed", args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("embed: error: ")
+    assert out in lines[0] and os.strerror(err) in lines[0]
+    assert len(os.listdir(os.path.join(out, embed.PARTS_DIR))) == 2  # both shards kept
+    assert cli.invoke("embed", args) == 0
+    assert "2 shard(s) reused" in capsys.readouterr().out
+
+
+def test_embed_read_only_out_is_one_line(exported, tmp_path, capsys, monkeypatch):
+    recs = str(tmp_path / "records")
+    write_records(recs)
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    failing_writes(monkeypatch, out, errno.EROFS)
+    assert cli.invoke("embed", [f"--saved_model={exported}", f"--records_dir={recs}",
+                                f"--out={out}"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"embed: error: {out}")
+    assert "Read-only file system" in lines[0]
