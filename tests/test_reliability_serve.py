@@ -304,3 +304,120 @@ def test_embed_read_only_out_is_one_line(exported, tmp_path, capsys, monkeypatch
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"embed: error: {out}")
     assert "Read-only file system" in lines[0]
+
+
+# --------------------------------------------------------------------------- 5: evaluate
+def _gene_table(path: str, genes: list[str], dim: int = 4, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.normal(size=(len(genes), dim)), columns=[str(i) for i in range(dim)])
+    df.insert(0, "gene_symbol", genes)
+    df.to_csv(path, index=False)
+
+
+def _annotations(path: str, genes: list[str]) -> None:
+    pd.DataFrame({"gene_symbol": genes,
+                  "pattern": ["a" if i % 2 else "b" for i in range(len(genes))]}).to_csv(
+        path, index=False)
+
+
+def test_evaluate_duplicate_gene_row_is_an_error_naming_table_gene_and_rows(tmp_path, capsys):
+    genes = [f"G{i}" for i in range(20)]
+    table = str(tmp_path / "genes.csv")
+    _gene_table(table, genes + ["G3"])  # G3 again on data row 21
+    ann = str(tmp_path / "ann.csv")
+    _annotations(ann, genes)
+    args = ["--task=annotations", f"--embedding={table}", f"--annotations={ann}",
+            f"--out={tmp_path / 'out'}", "--noreport", "--n_jobs=1", "--folds=2",
+            "--min_group_genes=2"]
+    assert cli.invoke("evaluate", args) == 1
+    err = capsys.readouterr().err
+    assert f"evaluate: error: {table}: gene-level table" in err
+    assert "gene G3 on data rows 4, 21 (lines 5, 22 of a CSV)" in err
+    assert "--average_duplicate_genes" in err
+    assert cli.invoke("evaluate", args + ["--average_duplicate_genes"]) == 0
+    err = capsys.readouterr().err
+    assert f"evaluate: warning: {table}: averaged the rows of 1 repeated gene(s)" in err
+
+
+def test_evaluate_duplicate_genes_are_averaged_only_when_asked():
+    from ish_tf.data.embeddings import (
+        EmbeddingTable,
+        average_duplicate_genes,
+        duplicate_genes,
+    )
+
+    keys = pd.DataFrame({"gene_symbol": ["A", "B", "A"]})
+    t = EmbeddingTable(keys, np.array([[0.0], [5.0], [2.0]], np.float32), "t.csv")
+    assert duplicate_genes(t) == [("A", [0, 2])]
+    avg = average_duplicate_genes(t)
+    assert avg.keys["gene_symbol"].tolist() == ["A", "B"]
+    np.testing.assert_allclose(avg.values[:, 0], [1.0, 5.0])
+    # Image- and donor-level tables repeat genes by design: not duplicates.
+    t.keys["donor_id"] = ["d1", "d1", "d2"]
+    assert duplicate_genes(t) == []
+
+
+def test_evaluate_reid_with_no_answerable_query_is_an_error_not_zero(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    # Every gene in one donor only: nothing to find across donors.
+    df = pd.DataFrame({"image_id": np.arange(8), "gene_symbol": [f"G{i // 2}" for i in range(8)],
+                       "donor_id": [f"D{i // 2}" for i in range(8)]})
+    for j in range(3):
+        df[str(j)] = rng.normal(size=8)
+    path = str(tmp_path / "images.csv")
+    df.to_csv(path, index=False)
+    assert cli.invoke("evaluate", ["--task=reid", f"--embedding={path}",
+                                   f"--out={tmp_path / 'out'}", "--noreport"]) == 1
+    cap = capsys.readouterr()
+    assert "rank-1 (other donors) 0.000" not in cap.out
+    assert f"evaluate: error: {path}: embedding 'images': no query is answerable" in cap.err
+    assert "no gene has rows in two donors" in cap.err
+
+
+def test_reid_table_unanswerable_set_reads_nan_not_zero():
+    from ish_tf.data.embeddings import EmbeddingTable
+    from ish_tf.evaluate.reid import reid_table
+
+    # Two donors per gene, one image per (gene, donor): same_donor has nothing to find.
+    keys = pd.DataFrame({"image_id": np.arange(6), "gene_symbol": list("AABBCC"),
+                         "donor_id": ["d1", "d2"] * 3})
+    t = EmbeddingTable(keys, np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32))
+    df = reid_table({"x": t}).set_index("candidates")
+    assert np.isnan(df.loc["same_donor", "rank1"])
+    assert df.loc["other_donor", "n_answerable"] == 6
+
+
+# --------------------------------------------------------------------------- 6: bin/cdae
+def _run_of(tmp_path, family: str) -> str:
+    from ish_tf.families import ModelConfig
+
+    run = tmp_path / f"{family}_run"
+    run.mkdir()
+    (run / "model_config.json").write_text(ModelConfig(model=family).to_json())
+    (run / "train_config.json").write_text("{}")
+    return str(run)
+
+
+def test_cdae_baselines_refuses_a_triplet_run(tmp_path, capsys):
+    run = _run_of(tmp_path, "triplet")
+    assert cli.invoke("cdae", ["baselines", f"--run_dir={run}"]) == 1
+    err = capsys.readouterr().err
+    assert f"cdae: error: {run}: a 'triplet' run" in err and "'cdae'" in err
+    assert not os.path.exists(os.path.join(run, "baselines"))
+
+
+def test_cdae_term_auc_refuses_a_plain_cdae_run(tmp_path, capsys):
+    run = _run_of(tmp_path, "cdae")
+    assert cli.invoke("cdae", ["term_auc", f"--run_dir={run}"]) == 1
+    err = capsys.readouterr().err
+    assert f"cdae: error: {run}: a 'cdae' run" in err and "'cdae_supervised'" in err
+
+
+def test_cdae_truncated_model_keras_is_named(tmp_path, capsys, model):
+    run = _run_of(tmp_path, "cdae")
+    model.save(os.path.join(run, "model.keras"))
+    truncate_file(os.path.join(run, "model.keras"), 0.5)
+    assert cli.invoke("cdae", ["baselines", f"--run_dir={run}"]) == 1
+    err = capsys.readouterr().err
+    assert f"{os.path.join(run, 'model.keras')}: unreadable or truncated" in err
+    assert "File not found" not in err
