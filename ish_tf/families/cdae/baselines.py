@@ -175,8 +175,9 @@ def _load_run(run_dir: str, families: Sequence[str] = CDAE_FAMILIES,
     config_path = os.path.join(run_dir, "model_config.json")
     config = load_model_config(config_path)
     if config.model not in families:
-        raise CdaeRunError(f"{run_dir}: a {config.model!r} run ({config_path}); bin/cdae "
-                           f"{tool} needs a {' or '.join(repr(f) for f in families)} run")
+        raise CdaeRunError(f"{run_dir}: a {config.model!r} run ({config_path}), so it holds "
+                           f"no finished {' or '.join(families)} model: bin/cdae {tool} needs "
+                           f"a {' or '.join(repr(f) for f in families)} run")
     with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
         train = json.load(f)
     path = os.path.join(run_dir, "model.keras")
