@@ -355,7 +355,8 @@ def _records_of(shard_path: str, losses: list[dict], skip_corrupt: bool):
     try:
         while True:
             try:
-                for record in tf.data.TFRecordDataset(source, compression_type=compression):
+                for record in tf.data.TFRecordDataset(source, compression_type=compression,
+                                                      buffer_size=1 << 20).prefetch(256):
                     yield position, record.numpy()
                     position += 1
                 return
