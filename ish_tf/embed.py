@@ -50,6 +50,7 @@ from ish_tf.data.embeddings import (
     aggregate,
     write_embedding_table,
 )
+from ish_tf.data.records import RecordsError
 from ish_tf.data.shards import compression_of, index_path, load_index
 from ish_tf.io_utils import Progress, atomic_path, atomic_write_text
 
@@ -63,7 +64,11 @@ TABLE_FORMATS = ("csv", "parquet")
 PARTS_DIR = ".parts"
 SKIPPED_NAME = "skipped.csv"
 SUMMARY_NAME = "embed_summary.json"
-_SKIPPED_COLUMNS = ["split", "shard", "record", "image_id", "patch_index", "error"]
+# n_records: how many records a row stands for (1 for a record that could not be parsed
+# or decoded; a corrupt stretch of a shard read with skip_corrupt: the records it lost).
+#: Start of the error of a skipped.csv row standing for records that could not be read.
+LOST_PREFIX = "lost: "
+_SKIPPED_COLUMNS = ["split", "shard", "record", "image_id", "patch_index", "error", "n_records"]
 
 
 class EmbedError(ValueError):
@@ -90,6 +95,12 @@ class EmbedConfig:
       output: output of the signature to store; None = the export's first output
         (or the only one).
       levels: tables to write, a subset of ("patch", "image", "donor", "gene").
+      skip_corrupt: a shard with an unreadable record, or fewer records than
+        index.json lists, is embedded as far as it can be read and the records lost
+        are counted (skipped.csv, the summary); False: such a shard is an error.
+      allow_foreign_saved_model: load a SavedModel that has no ish_tf export metadata
+        (assets.extra/ish_tf.json). A SavedModel is code: it runs whatever its graph
+        says, so only load one from a trusted source.
     """
 
     saved_model: str
@@ -102,6 +113,8 @@ class EmbedConfig:
     signature: str = ""
     output: str | None = None
     levels: tuple[str, ...] = LEVELS
+    skip_corrupt: bool = False
+    allow_foreign_saved_model: bool = False
 
     def validate(self) -> EmbedConfig:
         """Checks the settings.
@@ -152,6 +165,8 @@ class EmbedResult:
       patches_embedded: patches embedded in this run (not reused).
       seconds: wall time of the embedding loop.
       patches_per_sec: patches_embedded / seconds.
+      records_lost: records of corrupt shards that could not be read (skip_corrupt).
+      lost_by_shard: shard file -> records lost in it (only shards that lost some).
     """
 
     out_dir: str
@@ -165,6 +180,8 @@ class EmbedResult:
     patches_embedded: int
     seconds: float
     patches_per_sec: float
+    records_lost: int = 0
+    lost_by_shard: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _parquet_available() -> bool:
@@ -188,16 +205,21 @@ class ServedModel:
         else `serving_default`. `serving_default` of an export whose serving_default
         takes no encoded bytes (raw-pixel and vector exports) means `tf_example`.
       output: output key; None = the export's first declared output, or the only one.
+      allow_foreign: load a SavedModel without ish_tf's export metadata (the sidecar
+        `assets.extra/ish_tf.json`); refused by default, because a SavedModel is code
+        that runs when called (it may read or write files).
 
     Attributes:
       feeds: "records" (the signature parses serialized records: `tf_example`) or
         "image_bytes" (it decodes JPEG/PNG bytes: `serving_default` of image exports).
 
     Raises:
-      EmbedError: no such signature, no single string input, or an ambiguous output.
+      EmbedError: no ish_tf metadata (unless allow_foreign), no such signature, no
+        single string input, or an ambiguous output.
     """
 
-    def __init__(self, path: str, signature: str = "", output: str | None = None):
+    def __init__(self, path: str, signature: str = "", output: str | None = None,
+                 allow_foreign: bool = False):
         import tensorflow as tf
 
         from ish_tf.export import saved_model as sm
@@ -209,8 +231,15 @@ class ServedModel:
             raise EmbedError(str(e)) from e
         try:
             self.metadata = sm.read_metadata(self.path)
-        except sm.ExportError:
-            self.metadata = {}  # a SavedModel exported by other tools still works
+        except sm.ExportError as e:
+            if not allow_foreign:
+                raise EmbedError(
+                    f"{self.path}: refusing to load a SavedModel without ish_tf's export "
+                    f"metadata ({e}). A SavedModel is code: loading and calling it runs its "
+                    "graph, which can read and write files; only load SavedModels from "
+                    "trusted sources. Re-export it with bin/export, or pass "
+                    "--allow_foreign_saved_model if you trust it") from None
+            self.metadata = {}  # a SavedModel exported by other tools, trusted by the user
         self._loaded = tf.saved_model.load(self.path)
         have = self._loaded.signatures
         if signature in ("", "auto"):
@@ -300,15 +329,81 @@ def _parse(serialized, with_image: bool = True) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in parsed.items()}
 
 
+class ShardReadError(EmbedError):
+    """A shard with a corrupt record or fewer/more records than index.json says."""
+
+
+def _records_of(shard_path: str, losses: list[dict], skip_corrupt: bool):
+    """Yields (position, serialized record) of a shard, one record at a time.
+
+    A record TensorFlow cannot read (bad CRC, truncated data) stops the stream with
+    `ShardReadError`, or, with `skip_corrupt`, is appended to `losses` ({"record":
+    position, "n_records": 1 or None for "the rest of the shard", "error": ...}) and
+    the records after it are read on where the shard's record offsets allow it
+    (uncompressed shards: from the `.offsets.npy` sidecar, else the length headers).
+    """
+    import shutil
+    import tempfile
+
+    import tensorflow as tf
+
+    from ish_tf.data.shards import record_offsets
+
+    compression = compression_of(shard_path) or ""
+    source, position = shard_path, 0
+    scratch = None
+    try:
+        while True:
+            try:
+                for record in tf.data.TFRecordDataset(source, compression_type=compression,
+                                                      buffer_size=1 << 20).prefetch(256):
+                    yield position, record.numpy()
+                    position += 1
+                return
+            except tf.errors.OpError as e:
+                error = f"{type(e).__name__}: {(e.message or '').strip().splitlines()[0]}"
+                if not skip_corrupt:
+                    raise ShardReadError(error, position) from e
+            offsets = None
+            if not compression:
+                try:
+                    offsets = record_offsets(shard_path)
+                except (RecordsError, OSError, ValueError):
+                    offsets = None  # a truncated shard: no way past the break
+            resume = position + 1
+            if offsets is None or resume >= len(offsets) - 1:
+                losses.append({"record": position, "n_records": None, "error": error})
+                return
+            losses.append({"record": position, "n_records": 1, "error": error})
+            # Read on from the record after the bad one: copy the shard's tail aside.
+            if scratch is None:
+                scratch = tempfile.mkdtemp(prefix="ish_tf_embed_")
+            tail = os.path.join(scratch, f"tail-{resume}.tfrecord")
+            with open(shard_path, "rb") as src, open(tail, "wb") as dst:
+                src.seek(int(offsets[resume]))
+                shutil.copyfileobj(src, dst)
+            source, position = tail, resume
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: int = 64,
-                bar: Progress | None = None) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
-    """Embeds every record of one shard, continuing past bad records.
+                bar: Progress | None = None, *, expected: int | None = None,
+                skip_corrupt: bool = False) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
+    """Embeds every record of one shard and checks the count against the index.
 
     The serialized records go to the served model as they are (`served.feeds` ==
     "records"), or their image/encoded bytes do (exports without tf_example).
     A batch that fails to parse or decode is retried record by record; the records
-    that still fail are returned as skipped. A shard that ends in corrupt data keeps
-    what was read before it.
+    that still fail are returned as skipped (a readable record with bad content).
+
+    A record that cannot be read at all (a CRC error, a truncated shard), or a shard
+    holding another number of records than `expected` (index.json), is an error:
+    nothing of the shard is returned. With `skip_corrupt` the readable records are
+    embedded and the unreadable ones are counted exactly: one skipped row per corrupt
+    stretch, whose `n_records` says how many records it lost, so that the records
+    embedded, skipped and lost add up to `expected`.
 
     Args:
       served: the served model.
@@ -316,20 +411,24 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
       split: its split (stored in the `split` column).
       batch_size: records per call.
       bar: progress bar to advance per record.
+      expected: the shard's record count in index.json (None: not checked).
+      skip_corrupt: embed what can be read of a corrupt shard and count the loss.
 
     Returns:
       keys (DataFrame with `PATCH_KEYS`, one row per embedded patch), values float32
       (N, D), and skipped records as dicts with `_SKIPPED_COLUMNS`.
+
+    Raises:
+      ShardReadError: (without skip_corrupt) a corrupt or short shard; the message
+        names the shard and the counts (index says N, read M).
     """
     import tensorflow as tf
 
     shard = os.path.basename(shard_path)
-    ds = tf.data.TFRecordDataset(shard_path, compression_type=compression_of(shard_path)
-                                 or "").batch(batch_size).prefetch(2)
     columns: dict[str, list] = {k: [] for k in _RECORD_KEYS}
     chunks: list[np.ndarray] = []
     skipped: list[dict] = []
-    position = 0
+    losses: list[dict] = []
     by_record = getattr(served, "feeds", "image_bytes") == "records"
 
     def keep(parsed: dict[str, np.ndarray], values: np.ndarray) -> None:
@@ -338,22 +437,17 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
             columns[k].extend(_as_text(v) if k in _STRING_KEYS else v.tolist())
         chunks.append(values)
 
-    def skip(record: int, error: str, parsed: dict | None = None, i: int = 0) -> None:
+    def skip(record: int, error: str, parsed: dict | None = None, i: int = 0,
+             n_records: int = 1) -> None:
         skipped.append({"split": split, "shard": shard, "record": record,
                         "image_id": int(parsed["image_id"][i]) if parsed else -1,
                         "patch_index": int(parsed["patch_index"][i]) if parsed else -1,
-                        "error": error.strip().splitlines()[0][:300] if error.strip() else "?"})
+                        "error": error.strip().splitlines()[0][:300] if error.strip() else "?",
+                        "n_records": int(n_records)})
 
-    iterator = iter(ds)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        except tf.errors.OpError as e:  # truncated or corrupt shard: keep what we have
-            skip(position, f"shard unreadable from here on: {type(e).__name__}: {e.message}")
-            break
-        n = int(batch.shape[0])
+    def run(positions: list[int], batch: list[bytes]) -> None:
+        n = len(batch)
+        batch = tf.constant(batch, tf.string)
         try:
             parsed = _parse(batch, with_image=not by_record)
             keep(parsed, served(batch if by_record else parsed["image/encoded"]))
@@ -363,16 +457,60 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
                 try:
                     one = _parse(batch[i:i + 1], with_image=not by_record)
                 except tf.errors.InvalidArgumentError as e:
-                    skip(position + i, f"cannot parse the record: {e.message}")
+                    skip(positions[i], f"cannot parse the record: {e.message}")
                     continue
                 try:
                     keep(one, served(batch[i:i + 1] if by_record else one["image/encoded"]))
                 except tf.errors.InvalidArgumentError as e:
                     what = "the record" if by_record else "image/encoded"
-                    skip(position + i, f"cannot decode {what}: {e.message}", one)
-        position += n
+                    skip(positions[i], f"cannot decode {what}: {e.message}", one)
         if bar is not None:
             bar.update(n)
+
+    def counts(read: int) -> str:
+        said = "?" if expected is None else str(expected)
+        return f"index.json says {said} record(s), read {read}"
+
+    read = 0
+    positions: list[int] = []
+    pending: list[bytes] = []
+    try:
+        for position, record in _records_of(shard_path, losses, skip_corrupt):
+            positions.append(position)
+            pending.append(record)
+            read += 1
+            if len(pending) == batch_size:
+                run(positions, pending)
+                positions, pending = [], []
+    except ShardReadError as e:
+        raise ShardReadError(
+            f"{shard_path}: unreadable record at record {e.args[1]} ({e.args[0]}); "
+            f"{counts(read)} before it. Nothing of this shard was embedded; re-extract it "
+            "(bin/extract), or pass --skip_corrupt to embed its readable records and count "
+            "the lost ones") from None
+    if pending:
+        run(positions, pending)
+    if expected is not None and read > expected:
+        raise ShardReadError(f"{shard_path}: {counts(read)}: more records than the index "
+                             "lists; the shard and index.json disagree (re-extract it)")
+    lost = (expected - read) if expected is not None else 0
+    if expected is not None and lost and not losses:
+        if not skip_corrupt:
+            raise ShardReadError(
+                f"{shard_path}: {counts(read)}: the shard is short (truncated or replaced). "
+                "Nothing of this shard was embedded; re-extract it (bin/extract), or pass "
+                "--skip_corrupt to embed its readable records and count the lost ones")
+        losses.append({"record": read, "n_records": None,
+                       "error": f"the shard ends early: {counts(read)}"})
+    known = sum(x["n_records"] for x in losses if x["n_records"] is not None)
+    for x in losses:
+        n = x["n_records"]
+        if n is None:  # the rest of the shard: what the index says is missing
+            n = max(lost - known, 0) if expected is not None else 0
+            what = f"{LOST_PREFIX}shard unreadable from here on, {n} record(s)"
+        else:
+            what = f"{LOST_PREFIX}unreadable record"
+        skip(x["record"], f"{what} ({counts(read)}): {x['error']}", n_records=n)
     keys = pd.DataFrame(columns)
     keys["split"] = split
     keys = keys[list(PATCH_KEYS)]
@@ -421,7 +559,8 @@ def _load_part(path: str, model_id: str, stamp: str):
             keys = pd.DataFrame({k: z[f"key_{k}"] for k in PATCH_KEYS})
             for k in _STRING_KEYS + ("split",):
                 keys[k] = keys[k].astype(object)
-            return keys, z["values"].astype(np.float32), list(meta.get("skipped", []))
+            skipped = [{"n_records": 1, **row} for row in meta.get("skipped", [])]
+            return keys, z["values"].astype(np.float32), skipped
     except (OSError, ValueError, KeyError):
         return None  # unreadable part: embed the shard again
 
@@ -517,7 +656,8 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     """
     config.validate()
     shards = _selected_shards(config.records_dir, config.splits)
-    served = ServedModel(config.saved_model, config.signature, config.output)
+    served = ServedModel(config.saved_model, config.signature, config.output,
+                         allow_foreign=config.allow_foreign_saved_model)
     os.makedirs(os.path.join(config.out_dir, PARTS_DIR), exist_ok=True)
 
     all_keys, all_values, skipped = [], [], []
@@ -535,7 +675,10 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
                 bar.update(int(s.get("num_records", 0)))
             else:
                 start = time.perf_counter()
-                loaded = embed_shard(served, path, s["split"], config.batch_size, bar)
+                expected = s.get("num_records")
+                loaded = embed_shard(served, path, s["split"], config.batch_size, bar,
+                                     expected=None if expected is None else int(expected),
+                                     skip_corrupt=config.skip_corrupt)
                 seconds += time.perf_counter() - start
                 embedded += len(loaded[0])
                 _save_part(part, served.model_id, stamp, *loaded)
@@ -565,11 +708,19 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     with atomic_path(skipped_path) as tmp:
         pd.DataFrame(skipped, columns=_SKIPPED_COLUMNS).to_csv(tmp, index=False)
 
+    lost_by_shard: dict[str, int] = {}
+    for row in skipped:
+        if str(row.get("error", "")).startswith(LOST_PREFIX):
+            lost_by_shard[row["shard"]] = lost_by_shard.get(row["shard"], 0) + int(
+                row.get("n_records", 1))
     result = EmbedResult(
         out_dir=config.out_dir, saved_model=served.path, tables=tables, rows=rows,
-        dim=patch.dim, skipped=len(skipped), skipped_path=skipped_path, shards_reused=reused,
+        dim=patch.dim,
+        skipped=sum(1 for r in skipped if not str(r.get("error", "")).startswith(LOST_PREFIX)),
+        skipped_path=skipped_path, shards_reused=reused,
         patches_embedded=embedded, seconds=seconds,
-        patches_per_sec=embedded / seconds if seconds > 0 else 0.0)
+        patches_per_sec=embedded / seconds if seconds > 0 else 0.0,
+        records_lost=sum(lost_by_shard.values()), lost_by_shard=lost_by_shard)
     summary: dict[str, Any] = dataclasses.asdict(result)
     summary.update({"signature": served.signature, "feeds": served.feeds,
                     "output": served.output,

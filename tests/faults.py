@@ -222,3 +222,12 @@ def flip_bytes(path: str, count: int = 16, seed: int = 0, start: int = 0,
         f.seek(0)
         f.write(data)
     return offsets
+
+
+def truncate_file(path: str, fraction: float = 0.5) -> int:
+    """Cuts a file to `fraction` of its size (an interrupted copy or download); returns
+    the new size."""
+    size = int(os.path.getsize(path) * fraction)
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return size

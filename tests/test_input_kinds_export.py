@@ -273,6 +273,11 @@ def _old_style_export(model: keras.Model, path: str) -> None:
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.write_out(path, verbose=False)
+    # Exports of that time had the version-1 sidecar (bin/embed refuses SavedModels without).
+    os.makedirs(os.path.join(path, sm.SIDECAR_DIR))
+    with open(os.path.join(path, sm.SIDECAR_DIR, sm.SIDECAR_NAME), "w") as f:
+        json.dump({"format_version": 1, "family": "triplet", "outputs": ["embedding"],
+                   "input": {"height": S, "width": S, "channels": 3}}, f)
 
 
 def test_old_export_without_tf_example_still_embeds_image_bytes(setup, tmp_path):

@@ -5,8 +5,12 @@ Examples:
   bin/embed --saved_model=export/triplet/3 --records_dir=DIR --out=DIR --splits=test \\
       --gene_from=images
 
-The encoded patch bytes go through the SavedModel's serving_default signature (the
-served model is what gets evaluated). Writes OUT/patch_embeddings.csv,
+The serialized records go through the SavedModel's tf_example signature (older exports:
+the encoded patch bytes through serving_default); the served model is what gets
+evaluated. Only SavedModels exported by bin/export (with assets.extra/ish_tf.json) are
+loaded unless --allow_foreign_saved_model: a SavedModel is code. A shard with an
+unreadable record, or another record count than index.json lists, is an error naming it;
+--skip_corrupt embeds its readable records and counts the lost ones. Writes OUT/patch_embeddings.csv,
 image_embeddings.csv, donor_embeddings.csv, gene_embeddings.csv (means over patches;
 --gene_from=images: over image means), skipped.csv, embed_summary.json and flags.cfg.
 An interrupted run resumes shard by shard when rerun with the same flags.
@@ -37,10 +41,19 @@ def define_embed(fv) -> None:
            "their patches (the paper) or mean of their image means.")
     d.enum("table_format", "csv", ["csv", "parquet"], "Format of the embedding tables "
            "(parquet needs pyarrow).")
-    d.string("signature", "serving_default", "Signature fed with the encoded patch bytes.")
+    d.string("signature", "", "Serving signature; empty = tf_example (fed the serialized "
+             "records) when the export has it, else serving_default (fed the encoded patch "
+             "bytes).")
     d.string("output_key", "", "Output of the signature to store; empty = the export's first "
              "output (embedding for triplet).")
     d.list("levels", ["patch", "image", "donor", "gene"], "Tables to write.")
+    d.bool("skip_corrupt", False, "Embed the readable records of a shard with an unreadable "
+           "(corrupt) record or fewer records than index.json lists, and count the records "
+           "lost (skipped.csv, embed_summary.json, a warning); default: such a shard is an "
+           "error naming it and the counts.")
+    d.bool("allow_foreign_saved_model", False, "Load a SavedModel without ish_tf's export "
+           "metadata (assets.extra/ish_tf.json). A SavedModel is code that runs when "
+           "called: only load one from a trusted source.")
     d.string("projector_dir", "", "Also write a TensorBoard embedding-projector view of the "
              "gene-level embeddings (labelled by gene) here; open it with tensorboard --logdir "
              "DIR. Empty = none.")
@@ -58,7 +71,9 @@ def embed_config(fv):
         saved_model=fv.saved_model, records_dir=fv.records_dir, out_dir=fv.out,
         splits=tuple(config.parse_list(fv.splits)), batch_size=fv.embed_batch_size,
         gene_from=fv.gene_from, table_format=fv.table_format, signature=fv.signature,
-        output=fv.output_key or None, levels=tuple(config.parse_list(fv.levels))).validate()
+        output=fv.output_key or None, levels=tuple(config.parse_list(fv.levels)),
+        skip_corrupt=fv.skip_corrupt,
+        allow_foreign_saved_model=fv.allow_foreign_saved_model).validate()
 
 
 def define_flags(fv) -> None:
@@ -73,15 +88,21 @@ def main(fv, argv: list[str]) -> int:
 
     with usage_errors():
         cfg = embed_config(fv)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    config.write_flagfile(os.path.join(cfg.out_dir, "flags.cfg"), fv)
     try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        config.write_flagfile(os.path.join(cfg.out_dir, "flags.cfg"), fv)
         result = embed_records(cfg)
     except KeyboardInterrupt:
         print(f"embed: interrupted; rerun the same command to resume ({cfg.out_dir}/.parts "
               "keeps the finished shards)", file=sys.stderr)
         return 130
-    except (EmbedError, RecordsError, OSError) as e:
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else f"{cfg.out_dir}: "
+        print(f"embed: error: {where}cannot write ({e.strerror or e}); the finished shards "
+              f"are kept in {os.path.join(cfg.out_dir, '.parts')}: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 1
+    except (EmbedError, RecordsError) as e:
         print(f"embed: error: {e}", file=sys.stderr)
         return 1
     print(f"embed: {result.saved_model} -> {result.out_dir} (D={result.dim}, "
@@ -91,6 +112,9 @@ def main(fv, argv: list[str]) -> int:
         print(f"  {level:<6} {result.rows[level]:>8} rows  {path}")
     if result.skipped:
         print(f"  skipped {result.skipped} record(s): see {result.skipped_path}")
+    for shard, n in result.lost_by_shard.items():
+        print(f"embed: warning: {shard}: {n} record(s) lost (unreadable; --skip_corrupt): "
+              f"see {result.skipped_path}", file=sys.stderr)
     if fv.projector_dir and "gene" in result.tables:
         from ish_tf.data.embeddings import read_embedding_table
         from ish_tf.train.tensorboard import write_projector_from_table

@@ -38,6 +38,9 @@ def define_evaluate(fv) -> None:
              "non-key column is a dimension); named after its file.")
     d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
     d.string("out", "", "Output directory.")
+    d.bool("average_duplicate_genes", False, "Average the rows of a gene that a gene-level "
+           "embedding table repeats (reported as a warning); default: such a table is an "
+           "error naming the gene and its rows.")
     d.string("manifest", "", "Manifest CSV written by bin/fetch or "
              "bin/synth.")
     d.string("zeng_table", "", "Zeng et al. 2012 Table S2 (.xlsx): pattern, level, "
@@ -160,7 +163,8 @@ def evaluate_config(fv):
         top_genes=fv.top_genes, reid_level=fv.reid_level, reid_metric=fv.reid_metric,
         report=fv.report, map_method=fv.map_method,
         patch_embeddings=fv.patch_embeddings, records_dir=fv.records_dir,
-        extreme_gene=fv.extreme_gene, extreme_dim=fv.extreme_dim).validate()
+        extreme_gene=fv.extreme_gene, extreme_dim=fv.extreme_dim,
+        average_duplicate_genes=fv.average_duplicate_genes).validate()
 
 
 def define_flags(fv) -> None:

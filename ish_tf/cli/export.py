@@ -6,10 +6,13 @@ Examples:
 
 Writes EXPORT/<name>/<version>/ (saved_model.pb, variables/, assets.extra/ish_tf.json
 with family, input size, outputs, the run's flags and the record schema, and
-assets.extra/flags.cfg). `serving_default` takes JPEG/PNG bytes (`image_bytes`,
-tf.string (B,)) and returns the family's outputs, e.g. `embedding` (B, D).
+assets.extra/flags.cfg). `serving_default` takes what the input kind allows (JPEG/PNG
+bytes `image_bytes` for 1- or 3-channel uint8 images, raw `images` or `vectors`
+otherwise), `tf_example` takes serialized records; both return the family's outputs,
+e.g. `embedding` (B, D); the summary printed lists the signatures from the sidecar.
 Versions are integers (default newest + 1, so TF Serving picks the new one up);
-only the newest --keep versions are kept.
+only the newest --keep of ish_tf's own SavedModels are kept: a numeric folder that is
+not one is never deleted (and is an error when it is the --version to write).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ def define_export(fv) -> None:
     d.string("family", "", "Model family (sets the output names); empty = the builder in "
              "RUN/model_config.json, else triplet.")
     d.integer("version", 0, "Version number to write; 0 = newest + 1.", lower_bound=0)
-    d.integer("keep", 5, "Keep only the newest N versions after exporting; 0 = all.",
-              lower_bound=0)
+    d.integer("keep", 5, "Keep only the newest N ish_tf SavedModel versions after "
+              "exporting; 0 = all. Numeric folders that are not ish_tf SavedModels are never "
+              "counted or deleted.", lower_bound=0)
     d.bool("overwrite", False, "Replace --version if it already exists.")
 
 
@@ -56,25 +60,48 @@ def define_flags(fv) -> None:
 
 def main(fv, argv: list[str]) -> int:
     """Exports; returns the exit status (0 ok, 1 export error)."""
-    from ish_tf.export.saved_model import ExportError, export_run, list_versions, read_metadata
+    from ish_tf.export.saved_model import (
+        SERVING_DEFAULT,
+        ExportError,
+        export_run,
+        exported_versions,
+        read_metadata,
+    )
 
     with usage_errors():
         cfg = export_config(fv)
     try:
         path = export_run(cfg.model_dir, cfg.export_dir, family=cfg.family or None,
                           version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite)
+        meta = read_metadata(path)
+        kept = exported_versions(cfg.export_dir)
     except (ExportError, OSError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
-    meta = read_metadata(path)
-    shape = meta["input"]
     print(f"export: {meta['family']} model -> {path}")
-    print(f"  serving_default: image_bytes (JPEG/PNG strings) -> {', '.join(meta['outputs'])}; "
-          f"input {shape['height']}x{shape['width']}x{shape['channels']}")
-    print(f"  versions kept in {cfg.export_dir}: {list_versions(cfg.export_dir)}")
+    names = meta.get("signature_names") or {}
+    signatures = meta.get("signatures") or {}
+    default = names.get("serving_default", SERVING_DEFAULT)
+    for role in ("serving_default", "decoded", "records"):
+        sig = names.get(role, default if role == "serving_default" else None)
+        if not sig or sig not in signatures:
+            continue
+        inputs = "; ".join(f"{k} {v}" for k, v in signatures[sig].get("inputs", {}).items())
+        print(f"  {sig}: {inputs} -> {', '.join(meta['outputs'])}")
+    print(f"  input kind: {meta.get('input_kind', 'image')}"
+          f"{_describe_input(meta.get('input') or {})}")
+    print(f"  versions kept in {cfg.export_dir}: {kept}")
     print(f"  inspect: saved_model_cli show --dir {path} --tag_set serve "
-          "--signature_def serving_default")
+          f"--signature_def {default}")
     return 0
+
+
+def _describe_input(shape: dict) -> str:
+    if shape.get("dim") is not None:
+        return f", {shape['dim']} values"
+    if shape.get("height") is not None:
+        return f", {shape['height']}x{shape['width']}x{shape['channels']}"
+    return ""
 
 
 if __name__ == "__main__":

@@ -157,3 +157,67 @@ def aggregate(table: EmbeddingTable, by: tuple[str, ...]) -> EmbeddingTable:
     out_keys = first[constant].reset_index(drop=True)
     out_keys["n_patches" if "patch_index" in keys.columns else "n_images"] = counts
     return EmbeddingTable(out_keys, means, table.source)
+
+
+# --------------------------------------------------------------------------- duplicates
+#: Keys that make a table finer than gene level (several rows per gene are expected).
+_FINER_THAN_GENE = ("image_id", "patch_index", "donor_id", "experiment_id", "specimen_id")
+
+
+def gene_key(table: EmbeddingTable) -> str | None:
+    """The gene key of a gene-level table (one row per gene), or None for other tables.
+
+    A table is gene-level when it has gene_symbol or entrez_id and none of the keys of
+    a finer level (image_id, patch_index, donor_id, ...).
+    """
+    cols = set(map(str, table.keys.columns))
+    if cols & set(_FINER_THAN_GENE):
+        return None
+    for key in ("gene_symbol", "entrez_id"):
+        if key in cols:
+            return key
+    return None
+
+
+def duplicate_genes(table: EmbeddingTable) -> list[tuple[str, list[int]]]:
+    """Genes on more than one row of a gene-level table: (gene, 0-based data rows).
+
+    Returns [] for a table that is not gene-level (`gene_key`) or has no duplicates.
+    """
+    key = gene_key(table)
+    if key is None:
+        return []
+    values = table.keys[key]
+    dup = values.duplicated(keep=False) & values.notna()
+    if not dup.any():
+        return []
+    rows = pd.Series(np.arange(len(values)))[dup.to_numpy()]
+    return [(str(g), [int(r) for r in part])
+            for g, part in rows.groupby(values[dup].astype(str).to_numpy(), sort=False)]
+
+
+def describe_duplicates(table: EmbeddingTable, dups: list[tuple[str, list[int]]],
+                        limit: int = 3) -> str:
+    """'gene X on data rows 2, 5 (lines 3, 6 of a CSV); ...' for an error message."""
+    parts = []
+    for gene, rows in dups[:limit]:
+        parts.append(f"gene {gene} on data rows {', '.join(str(r + 1) for r in rows)} "
+                     f"(lines {', '.join(str(r + 2) for r in rows)} of a CSV)")
+    more = f"; and {len(dups) - limit} more gene(s)" if len(dups) > limit else ""
+    return "; ".join(parts) + more
+
+
+def average_duplicate_genes(table: EmbeddingTable) -> EmbeddingTable:
+    """A gene-level table with each repeated gene's rows replaced by their mean (at the
+    gene's first row; the other keys of that first row kept)."""
+    key = gene_key(table)
+    if key is None or not duplicate_genes(table):
+        return table
+    codes, _ = pd.factorize(table.keys[key].astype(str), sort=False)
+    n = int(codes.max()) + 1
+    sums = np.zeros((n, table.dim), dtype=np.float64)
+    np.add.at(sums, codes, table.values)
+    counts = np.bincount(codes, minlength=n)
+    first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
+    keys = table.keys.iloc[first].reset_index(drop=True)
+    return EmbeddingTable(keys, (sums / counts[:, None]).astype(np.float32), table.source)

@@ -56,6 +56,8 @@ class EvaluateConfig:
       records_dir: the records holding those patches.
       extreme_gene: gene of that figure ("" = no figure).
       extreme_dim: its dimension; -1 = the one varying most over the gene's patches.
+      average_duplicate_genes: average the rows of a gene repeated in a gene-level table
+        (with a warning) instead of stopping with an error naming them.
     """
 
     tasks: tuple[str, ...] = ("annotations",)
@@ -84,6 +86,7 @@ class EvaluateConfig:
     records_dir: str = ""
     extreme_gene: str = ""
     extreme_dim: int = -1
+    average_duplicate_genes: bool = False
 
     def validate(self) -> EvaluateConfig:
         """Checks that each task has its inputs.

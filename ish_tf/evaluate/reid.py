@@ -403,6 +403,24 @@ def _at_level(table: EmbeddingTable, level: str, name: str) -> EmbeddingTable:
     return aggregate(table, ("gene_symbol", "donor_id"))
 
 
+def _check_answerable(df: pd.DataFrame, table: EmbeddingTable, level: str, name: str) -> None:
+    """NaN for the rank-1 of a set without answerable queries; an error for other_donor."""
+    none = df["n_answerable"] == 0
+    if not none.any():
+        return
+    if (none & (df["candidates"] == "other_donor")).any():
+        genes, donors = table.keys["gene_symbol"], table.keys["donor_id"]
+        per_gene = pd.DataFrame({"g": genes, "d": donors}).groupby("g")["d"].nunique()
+        raise ReidError(
+            f"{table.source or name}: embedding '{name}': no query is answerable for "
+            f"re-identification across donors: among its {len(table)} {level}-level rows "
+            f"({genes.nunique()} gene(s), {donors.nunique()} donor(s)), no gene has rows in "
+            f"two donors (at most {int(per_gene.max()) if len(per_gene) else 0} donor(s) per "
+            "gene), so rank-1 (other donors) has nothing to find; select rows where genes "
+            "were assayed in several donors (e.g. more splits or all images)")
+    df.loc[none, "rank1"] = np.nan
+
+
 def reid_table(tables: Mapping[str, EmbeddingTable], level: str = "image",
                **kw) -> pd.DataFrame:
     """Re-identification of several named embeddings, one row per embedding × set.
@@ -420,10 +438,15 @@ def reid_table(tables: Mapping[str, EmbeddingTable], level: str = "image",
     Returns:
       Columns embedding, level, then `COLUMNS`.
 
+    A candidate set in which no query is answerable has rank1 NaN (not a 0 that
+    would read like a result); when that set is other_donor, the paper's metric, it is
+    an error saying why.
+
     Raises:
       EmbeddingTableError: a table lacks gene_symbol or donor_id (the message names
         the column, the embedding and its file).
-      ReidError: an unknown level or bad evaluation arguments.
+      ReidError: an unknown level or bad evaluation arguments, or no query answerable
+        across donors (no gene has rows in two donors).
     """
     if level not in REID_LEVELS:
         raise ReidError(f"level must be one of {', '.join(REID_LEVELS)} for "
@@ -435,6 +458,7 @@ def reid_table(tables: Mapping[str, EmbeddingTable], level: str = "image",
         t = _at_level(table, level, name)
         df = evaluate_reid(t.values, t.keys["gene_symbol"].to_numpy(),
                            t.keys["donor_id"].to_numpy(), **kw)
+        _check_answerable(df, t, level, name)
         df.insert(0, "level", level)
         df.insert(0, "embedding", name)
         frames.append(df)

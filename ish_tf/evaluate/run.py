@@ -9,6 +9,7 @@ quickstart's baselines) use the same code. Each writes its CSVs atomically under
 from __future__ import annotations
 
 import os
+import sys
 
 import pandas as pd
 
@@ -27,10 +28,43 @@ def _write_csv(df: pd.DataFrame, path: str) -> str:
 
 
 def load_tables(config) -> dict:
-    """Reads every --embedding/--embeddings table (name -> EmbeddingTable)."""
-    from ish_tf.data.embeddings import read_embedding_table
+    """Reads every --embedding/--embeddings table (name -> EmbeddingTable).
 
-    return {name: read_embedding_table(path) for name, path in config.embeddings.items()}
+    A gene-level table (one row per gene: no image, patch or donor keys) that repeats a
+    gene is an error naming the table, the gene and its rows, unless
+    `config.average_duplicate_genes`: then the rows are averaged and a warning says so.
+
+    Raises:
+      EmbeddingTableError: an unreadable table, or a repeated gene (see above).
+    """
+    from absl import logging
+
+    from ish_tf.data.embeddings import (
+        EmbeddingTableError,
+        average_duplicate_genes,
+        describe_duplicates,
+        duplicate_genes,
+        read_embedding_table,
+    )
+
+    tables = {}
+    for name, path in config.embeddings.items():
+        table = read_embedding_table(path)
+        dups = duplicate_genes(table)
+        if dups:
+            where = describe_duplicates(table, dups)
+            if not getattr(config, "average_duplicate_genes", False):
+                raise EmbeddingTableError(
+                    f"{path}: gene-level table (embedding '{name}') repeats "
+                    f"{len(dups)} gene(s): {where}; a gene-level table has one row per gene: "
+                    "remove the duplicates, or pass --average_duplicate_genes to average them")
+            table = average_duplicate_genes(table)
+            note = (f"{path}: averaged the rows of {len(dups)} repeated gene(s) "
+                    f"(--average_duplicate_genes): {where}")
+            logging.warning("%s", note)
+            print(f"evaluate: warning: {note}", file=sys.stderr)
+        tables[name] = table
+    return tables
 
 
 def load_annotations(config) -> list:

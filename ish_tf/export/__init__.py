@@ -11,7 +11,9 @@ from ish_tf.export.saved_model import (
     decode_images,
     export_run,
     export_saved_model,
+    exported_versions,
     family_outputs,
+    is_ish_tf_export,
     latest_version,
     list_versions,
     parse_flagfile,
@@ -33,7 +35,8 @@ from ish_tf.export.signatures import (
 __all__ = [
     "BYTES_INPUT", "EXAMPLES_INPUT", "PIXELS_INPUT", "SERVING_DEFAULT", "TF_EXAMPLE",
     "VECTORS_INPUT", "ExportConfig", "ExportError", "decode_images", "decode_records",
-    "resolve_input_spec", "export_run", "export_saved_model", "family_outputs", "latest_version", "list_versions",
+    "resolve_input_spec", "export_run", "export_saved_model", "exported_versions", "family_outputs",
+    "is_ish_tf_export", "latest_version", "list_versions",
     "parse_flagfile", "prune_versions", "read_metadata",
     "remove_stale_exports", "resolve_saved_model",
 ]

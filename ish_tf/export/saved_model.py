@@ -124,6 +124,23 @@ def latest_version(export_base: str) -> int | None:
     return versions[-1] if versions else None
 
 
+def is_ish_tf_export(version_dir: str) -> bool:
+    """Whether a directory is one of ish_tf's own SavedModels: saved_model.pb and its
+    `assets.extra/ish_tf.json` sidecar. Only such directories are ever replaced or pruned."""
+    return (os.path.isfile(os.path.join(version_dir, "saved_model.pb"))
+            and os.path.isfile(os.path.join(version_dir, SIDECAR_DIR, SIDECAR_NAME)))
+
+
+def exported_versions(export_base: str) -> list[int]:
+    """Integer versions under an export base that are ish_tf SavedModels, ascending.
+
+    Numeric folders that are not (a user's notes, another tool's files) are left out:
+    rotation never counts them, let alone deletes them.
+    """
+    return [v for v in list_versions(export_base)
+            if is_ish_tf_export(os.path.join(export_base, str(v)))]
+
+
 def resolve_saved_model(path: str) -> str:
     """A SavedModel directory from a version directory or an export base (newest wins).
 
@@ -131,22 +148,29 @@ def resolve_saved_model(path: str) -> str:
       path: `EXPORT/<name>/<version>` or `EXPORT/<name>`.
 
     Returns:
-      The version directory holding `saved_model.pb`.
+      The version directory holding `saved_model.pb` (of an export base: the newest
+      integer version that holds one; numeric folders without a SavedModel are passed over).
 
     Raises:
       ExportError: neither a SavedModel nor an export base with versions.
     """
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return path
-    version = latest_version(path)
-    if version is None:
+    versions = [v for v in list_versions(path)
+                if os.path.isfile(os.path.join(path, str(v), "saved_model.pb"))]
+    if not versions:
         raise ExportError(f"{path}: neither a SavedModel (no saved_model.pb) nor an export "
-                          "base with integer version directories; run bin/export first")
-    return os.path.join(path, str(version))
+                          "base with integer version directories holding one; run bin/export "
+                          "first")
+    return os.path.join(path, str(versions[-1]))
 
 
 def prune_versions(export_base: str, keep: int, protect: int | None = None) -> list[int]:
-    """Deletes all but the newest `keep` versions.
+    """Deletes all but the newest `keep` of ish_tf's own versions.
+
+    Only directories that `is_ish_tf_export` (saved_model.pb + the ish_tf.json sidecar)
+    count and are ever deleted: a numeric folder that is not an ish_tf SavedModel is
+    neither counted nor touched.
 
     Args:
       export_base: the directory holding the versions.
@@ -159,7 +183,7 @@ def prune_versions(export_base: str, keep: int, protect: int | None = None) -> l
     """
     if keep <= 0:
         return []
-    versions = list_versions(export_base)
+    versions = exported_versions(export_base)
     doomed = [v for v in (versions[:-keep] if len(versions) > keep else []) if v != protect]
     for v in doomed:
         # Rename first so a half-deleted directory never looks like a servable version.
@@ -199,6 +223,56 @@ def remove_stale_exports(export_base: str) -> list[str]:
             shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
             removed.append(name)
     return removed
+
+
+def keras_file_problem(path: str) -> str | None:
+    """Why a `.keras` file cannot be a complete Keras archive, or None when it looks whole.
+
+    Keras reports a truncated or corrupt `.keras` file as "File not found"; this reads
+    the zip directory and checks each member's CRC, so the message can say what is wrong.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            names = z.namelist()
+    except (zipfile.BadZipFile, EOFError) as e:
+        return f"unreadable or truncated: not a complete .keras (zip) archive ({e})"
+    except OSError as e:
+        return f"cannot be read: {e}"
+    except (zipfile.LargeZipFile, ValueError, RuntimeError) as e:  # corrupt headers
+        return f"unreadable or corrupt .keras (zip) archive ({type(e).__name__}: {e})"
+    if bad is not None:
+        return f"corrupt: member {bad!r} fails its CRC check (truncated or damaged file)"
+    if "config.json" not in names:
+        return f"not a Keras archive: no config.json among {sorted(names)[:5]}"
+    return None
+
+
+def load_keras_file(path: str, run_dir: str | None = None):
+    """`keras.saving.load_model(path, compile=False)` with errors that name the file.
+
+    Raises:
+      ExportError: a missing, truncated or corrupt file (naming it, and the run to
+        re-finish), or a model Keras cannot deserialise.
+    """
+    import keras
+
+    run_dir = run_dir or os.path.dirname(path) or "."
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: not found; has the training run in {run_dir} "
+                          "reached its last step (bin/train writes model.keras then)?")
+    problem = keras_file_problem(path)
+    if problem is not None:
+        raise ExportError(f"{path}: {problem}; re-finish the training run {run_dir} "
+                          f"(bin/train --flagfile={os.path.join(run_dir, FLAGFILE_NAME)} "
+                          "rewrites model.keras from its last checkpoint)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # Keras raises TypeError/ValueError for unknown layers etc.
+        raise ExportError(f"{path}: cannot load the Keras model "
+                          f"({type(e).__name__}: {e})") from e
 
 
 # --------------------------------------------------------------------------- metadata
@@ -385,10 +459,13 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
     archive.add_endpoint(TF_EXAMPLE, serve_examples,
                          input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
 
-    os.makedirs(export_base, exist_ok=True)
-    remove_stale_exports(export_base)
-    tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=_TMP_SUFFIX,
-                           dir=export_base)
+    try:
+        os.makedirs(export_base, exist_ok=True)
+        remove_stale_exports(export_base)
+        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=_TMP_SUFFIX,
+                               dir=export_base)
+    except OSError as e:
+        raise _write_error(export_base, e) from e
     try:
         # write_out wants to create the directory itself.
         os.rmdir(tmp)
@@ -399,11 +476,30 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
                            flags_text, metadata)
         _write_sidecar(tmp, sidecar, flags_text)
         final = _commit(tmp, export_base, version, overwrite)
+    except (OSError, tf.errors.OpError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(export_base, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_versions(export_base, keep, protect=int(os.path.basename(final)))
+    try:
+        prune_versions(export_base, keep, protect=int(os.path.basename(final)))
+    except OSError as e:
+        raise ExportError(f"{final} was written, but pruning old versions of {export_base} "
+                          f"failed: {_os_message(e)}") from e
     return final
+
+
+def _os_message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
+    return str(getattr(e, "message", None) or e).strip().splitlines()[0]
+
+
+def _write_error(export_base: str, e: BaseException) -> ExportError:
+    """An I/O failure while writing an export, as one line naming the path."""
+    return ExportError(f"cannot write the export to {export_base} ({_os_message(e)}); "
+                       "nothing was added: free space or make it writable and rerun")
 
 
 @contextlib.contextmanager
@@ -524,6 +620,10 @@ def _commit(tmp: str, export_base: str, version: int | None, overwrite: bool) ->
     if version is not None:
         final = os.path.join(export_base, str(version))
         if os.path.exists(final):
+            if not is_ish_tf_export(final):
+                raise ExportError(f"{final} exists and is not an ish_tf SavedModel (no "
+                                  f"saved_model.pb with {SIDECAR_DIR}/{SIDECAR_NAME}); it is "
+                                  "left alone: move it away or choose another --version")
             if not overwrite:
                 raise ExportError(f"{final} already exists; choose another version, omit it "
                                   "(next = newest + 1) or pass overwrite")
@@ -606,9 +706,9 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
       The version directory.
 
     Raises:
-      ExportError: no model.keras, or a model that cannot be loaded or exported.
+      ExportError: no model.keras, a truncated or corrupt one (naming it and the run to
+        re-finish), or a model that cannot be loaded or exported.
     """
-    import keras
 
     # The custom layers register themselves on import; load them before deserialising.
     import ish_tf.models.backbones  # noqa: F401
@@ -618,8 +718,7 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
     else:
         model_path, run_dir = os.path.join(model_dir, "model.keras"), model_dir
     if not os.path.isfile(model_path):
-        raise ExportError(f"{model_path}: not found; has the training run in {run_dir} "
-                          "reached its last step (bin/train writes model.keras then)?")
+        load_keras_file(model_path, run_dir)  # raises, naming the file and the run
     extra: dict[str, Any] = {"source_model": os.path.abspath(model_path)}
     config_path = os.path.join(run_dir, "model_config.json")
     if os.path.isfile(config_path):
@@ -636,11 +735,7 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
 
     if family in family_names():
         get_family(family).import_builder()
-    try:
-        model = keras.saving.load_model(model_path, compile=False)
-    except Exception as e:  # Keras raises TypeError/ValueError for unknown layers etc.
-        raise ExportError(f"{model_path}: cannot load the Keras model "
-                          f"({type(e).__name__}: {e})") from e
+    model = load_keras_file(model_path, run_dir)
     return export_saved_model(model, export_base, family=family, metadata=extra,
                               class_names=class_names, input_spec=input_spec,
                               flagfile=os.path.join(run_dir, FLAGFILE_NAME),

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from ish_tf.export.saved_model import keras_file_problem
 from ish_tf.families import ModelConfig
 from ish_tf.families.cdae.data import whole_dataset
 from ish_tf.families.cdae.model import (
@@ -160,14 +161,41 @@ def untrained_encoder(model_config: ModelConfig, records_dir: str,
 
 
 # --------------------------------------------------------------------------- command line
-def _load_run(run_dir: str) -> tuple[ModelConfig, dict, keras.Model | None]:
+#: Families `bin/cdae baselines` accepts, and the one `bin/cdae term_auc` needs.
+CDAE_FAMILIES = ("cdae", "cdae_supervised")
+
+
+def _load_run(run_dir: str, families: Sequence[str] = CDAE_FAMILIES,
+              tool: str = "baselines") -> tuple[ModelConfig, dict, keras.Model | None]:
+    """The run's model config, train config and model.keras (None before the last step).
+
+    Raises:
+      CdaeRunError: a run whose model_config.json is not one of `families` (naming the
+        run and its family), or a truncated or corrupt model.keras (naming it).
+      OSError, ValueError: missing or unreadable config files.
+    """
     from ish_tf.families import load_model_config
 
-    config = load_model_config(os.path.join(run_dir, "model_config.json"))
+    config_path = os.path.join(run_dir, "model_config.json")
+    config = load_model_config(config_path)
+    if config.model not in families:
+        raise CdaeRunError(f"{run_dir}: a {config.model!r} run ({config_path}), so it holds "
+                           f"no finished {' or '.join(families)} model: bin/cdae {tool} needs "
+                           f"a {' or '.join(repr(f) for f in families)} run")
     with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
         train = json.load(f)
     path = os.path.join(run_dir, "model.keras")
-    model = keras.saving.load_model(path, compile=False) if os.path.isfile(path) else None
+    model = None
+    if os.path.isfile(path):
+        problem = keras_file_problem(path)
+        if problem is not None:
+            raise CdaeRunError(f"{path}: {problem}; re-finish the training run {run_dir} "
+                               f"(bin/train --flagfile={os.path.join(run_dir, 'flags.cfg')})")
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as e:  # Keras raises TypeError/ValueError for unknown layers etc.
+            raise CdaeRunError(f"{path}: cannot load the Keras model "
+                               f"({type(e).__name__}: {e})") from e
     return config, train, model
 
 
@@ -197,18 +225,22 @@ def write_term_auc(run_dir: str, records_dir: str = "", split: str = "test",
       CdaeRunError: the run or the codes model cannot be loaded, or the run holds no
         finished cdae_supervised model.
     """
-    config, train, model = _load_checked(run_dir)
+    config, train, model = _load_checked(run_dir, ("cdae_supervised",), "term_auc")
     records_dir = records_dir or train.get("records_dir", "")
-    if model is None or config.model != "cdae_supervised":
-        raise CdaeRunError(f"{run_dir} holds no finished cdae_supervised model")
+    if model is None:
+        raise CdaeRunError(f"{run_dir} holds no finished cdae_supervised model (no "
+                           "model.keras: has the training run reached its last step?)")
     groups = load_term_groups(config.family.gaf, config.family.annotations)
     terms = config.family.terms
     table = term_auc(model, records_dir, terms, groups, split)
     codes_run = codes_run or str(config.family.init_from or "")
     if codes_run:  # the two-stage alternative, on the same held-out genes
         try:  # a run directory or a .keras file, as --cdae_init_from takes
-            cdae = keras.saving.load_model(cdae_model_path(codes_run, "--codes_run"),
-                                           compile=False)
+            codes_path = cdae_model_path(codes_run, "--codes_run")
+            problem = keras_file_problem(codes_path)
+            if problem is not None:
+                raise CdaeRunError(f"--codes_run={codes_run}: {codes_path}: {problem}")
+            cdae = keras.saving.load_model(codes_path, compile=False)
         except (OSError, ValueError) as e:
             raise CdaeRunError(str(e)) from e
         codes = codes_term_auc(encoder_model(cdae), records_dir, terms, groups, split)
@@ -266,9 +298,12 @@ def write_baselines(run_dir: str, records_dir: str = "", out: str = "") -> list[
     return lines
 
 
-def _load_checked(run_dir: str):
+def _load_checked(run_dir: str, families: Sequence[str] = CDAE_FAMILIES,
+                  tool: str = "baselines"):
     try:
-        return _load_run(run_dir)
+        return _load_run(run_dir, families, tool)
+    except CdaeRunError:
+        raise
     except (OSError, ValueError) as e:
         raise CdaeRunError(f"{run_dir}: {e}") from e
 
