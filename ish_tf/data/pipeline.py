@@ -628,6 +628,7 @@ class _RecordReader:
     """
 
     def __init__(self, files: Sequence[str], expected: Sequence[int]):
+        self._fds: list[int | None] = []
         self.files = list(files)
         self.offsets = [shards.checked_record_offsets(f, int(n))
                         for f, n in zip(self.files, expected, strict=True)]
@@ -764,6 +765,13 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
     b = P * K // n_rep
 
     sampler_files = _RecordReader(files, _index_record_counts(records_dir, split, files))
+    for e in extents:
+        held = len(sampler_files.offsets[file_id[e.file]]) - 1
+        if e.offset + e.count > held:
+            raise RecordsError(
+                f"{e.file}: {shards.INDEX_NAME} says {what} '{e.gene_symbol}' has records "
+                f"{e.offset}..{e.offset + e.count - 1}, the shard holds {held} (index out of "
+                "date, or a truncated shard: extract it again)")
 
     def read_slice(t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, ...]:
         # A pure function of (t, r): the iterator's only state is the counter, so
