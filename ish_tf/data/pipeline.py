@@ -28,6 +28,14 @@ says where each gene's contiguous records lie, a small per-shard offsets file
 (`shards.record_offsets`) gives each record's byte position, and each batch reads
 just its P·K records with positioned reads. Memory is O(number of records × 8 bytes)
 for the memory-mapped offsets, independent of image size.
+
+Nothing silent. Both readers check each shard against the record count index.json
+lists (a truncated shard never reads as fewer records) and check that an image record
+holds image bytes before decoding it, naming the shard and record when not. The plain
+reader's `TFRecordDataset` checks the CRCs itself; the P×K reader's positioned reads
+check each record's framing (`shards.check_record_framing`) before parsing.
+`describe_input_error` turns what iterating either reader raised into one line naming
+the shard, record and offset.
 """
 
 from __future__ import annotations
@@ -468,7 +476,10 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
       `with_keys`. Flips and standardisation apply to images only.
 
     Raises:
-      RecordsError: no shards, too few shards for the input pipelines, mixed compression.
+      RecordsError: no shards, no records, an uncompressed shard holding another number
+        of records than index.json lists, too few shards for the input pipelines, mixed
+        compression. (A corrupt or non-image record raises while iterating; see
+        `describe_input_error`.)
       ValueError: bad batch size or label key.
     """
     if isinstance(source, str):
@@ -726,9 +737,17 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
       ISH patches, `(vectors float32 (b, D), labels)` for a vector set) with b = P*K,
       or b = P*K/num_replicas_in_sync with `input_context`.
 
+    Every record read is checked before it is parsed: its TFRecord framing (masked
+    CRC32C of the length and of the data) on its first read, a zlib CRC-32 of the
+    verified bytes on later reads (see `_RecordReader`); a failure names the shard, the
+    record and its byte offset (`describe_input_error` gives it back from the
+    TensorFlow error).
+
     Raises:
-      RecordsError: no shards, GZIP shards, inconsistent offsets.
-      ValueError: P larger than the number of genes, P not divisible by the replicas.
+      RecordsError: no shards, no records, GZIP shards, a shard holding another number
+        of records than index.json lists, P larger than the number of identities
+        with records.
+      ValueError: P not divisible by the replicas.
     """
     extents = shards.gene_extents(records_dir, split)
     what = _identity_name(records_dir)
