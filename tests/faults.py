@@ -14,7 +14,11 @@ that use them run the same on a laptop, in CI and in a container running as root
   A real small full filesystem needs a mount (root); a real read-only directory needs
   a non-root user (root ignores permission bits): `read_only_dir` gives one where it
   works and says so where it does not.
-* `flip_bytes(path, ...)`: corrupts a file in place, seeded.
+* `flip_bytes(path, ...)`: corrupts a file in place, seeded; `truncate(path, keep)` cuts
+  it short, as a crash or a full disk mid-write leaves it.
+* `failing_checkpoint_saves(monkeypatch, ...)`: TensorFlow writes checkpoints from C++,
+  which `failing_writes` cannot see; this makes `tf.train.CheckpointManager.save` fail
+  the way a full disk does, after a number of saves that succeed.
 """
 
 from __future__ import annotations
@@ -203,7 +207,44 @@ def read_only_dir(path: str, monkeypatch=None) -> Iterator[str]:
         yield path
 
 
+def failing_checkpoint_saves(monkeypatch, after: int = 0,
+                             err: int = errno_lib.ENOSPC) -> list[str]:
+    """Lets `after` checkpoint saves succeed, then fails every later one as a full disk
+    (or another errno) makes TensorFlow fail: `tf.errors.ResourceExhaustedError` for
+    ENOSPC, `PermissionDeniedError` for EACCES/EROFS, else `UnknownError`.
+
+    Returns:
+      The list the paths of the successful saves are appended to.
+    """
+    import tensorflow as tf
+
+    real_save = tf.train.CheckpointManager.save
+    saved: list[str] = []
+    kind = {errno_lib.ENOSPC: tf.errors.ResourceExhaustedError,
+            errno_lib.EACCES: tf.errors.PermissionDeniedError,
+            errno_lib.EROFS: tf.errors.PermissionDeniedError}.get(err, tf.errors.UnknownError)
+
+    def save(self, *args, **kwargs):
+        if len(saved) >= after:
+            raise kind(None, None, f"{self.directory}/ckpt-x.data-00000-of-00001.tempstate; "
+                                   f"{os.strerror(err)}")
+        path = real_save(self, *args, **kwargs)
+        saved.append(path)
+        return path
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    return saved
+
+
 # --------------------------------------------------------------------------- bytes
+def truncate(path: str, keep: int) -> int:
+    """Cuts a file to its first `keep` bytes (negative: drops that many); returns the size."""
+    size = os.path.getsize(path)
+    keep = size + keep if keep < 0 else min(keep, size)
+    os.truncate(path, keep)
+    return keep
+
+
 def flip_bytes(path: str, count: int = 16, seed: int = 0, start: int = 0,
                end: int | None = None) -> list[int]:
     """Inverts `count` bytes of a file at seeded offsets in [start, end); returns the offsets.

@@ -151,12 +151,24 @@ def define_flags(fv) -> None:
 
 
 def main(fv, argv: list[str]) -> int:
-    """Trains; returns the exit status (0 ok, 1 training error, 130 Ctrl-C)."""
+    """Trains; returns the exit status (0 ok, 1 training error, 130 Ctrl-C).
+
+    Every failure is one line `train: error: ...` naming what failed (the shard and
+    record, the flag, the path that cannot be written, the run directory).
+    """
     with usage_errors():
         model_cfg = model_config(fv)
         train_cfg = train_config(fv)
-    os.makedirs(train_cfg.run_dir, exist_ok=True)
-    config.write_flagfile(os.path.join(train_cfg.run_dir, "flags.cfg"), fv)
+    flags_path = os.path.join(train_cfg.run_dir, "flags.cfg")
+    for path, write in ((train_cfg.run_dir, lambda: os.makedirs(train_cfg.run_dir, exist_ok=True)),
+                        (flags_path, lambda: config.write_flagfile(flags_path, fv))):
+        try:
+            write()
+        except OSError as e:
+            print(f"train: error: {path}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 1
+
+    import tensorflow as tf
 
     from ish_tf.families import make_task
     from ish_tf.models.backbones import BackboneWeightsError
@@ -171,6 +183,17 @@ def main(fv, argv: list[str]) -> int:
         return 130
     except (BackboneWeightsError, TrainingError, ValueError, FileNotFoundError) as e:
         print(f"train: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"train: error: {e.filename or train_cfg.run_dir}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    except tf.errors.OpError as e:
+        # Anything else TensorFlow raised while training: one line, exit 1 (the trainer
+        # has stopped the input pipeline, so the process exits).
+        lines = (e.message or "").strip().splitlines()
+        print(f"train: error: {type(e).__name__}: {lines[0] if lines else ''} "
+              f"(run {train_cfg.run_dir})", file=sys.stderr)
         return 1
     if result.start_step == result.step:
         print(f"train: {result.run_dir} had already reached step {result.step}; nothing to do")

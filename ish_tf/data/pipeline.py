@@ -28,13 +28,24 @@ says where each gene's contiguous records lie, a small per-shard offsets file
 (`shards.record_offsets`) gives each record's byte position, and each batch reads
 just its P·K records with positioned reads. Memory is O(number of records × 8 bytes)
 for the memory-mapped offsets, independent of image size.
+
+Nothing silent. Both readers check each shard against the record count index.json
+lists (a truncated shard never reads as fewer records) and check that an image record
+holds image bytes before decoding it, naming the shard and record when not. The plain
+reader's `TFRecordDataset` checks the CRCs itself; the P×K reader's positioned reads
+check each record's framing (`shards.check_record_framing`) before parsing.
+`describe_input_error` turns what iterating either reader raised into one line naming
+the shard, record and offset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import threading
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -118,6 +129,17 @@ def list_shards(records_dir: str, split: str) -> list[str]:
     return paths
 
 
+def _check_shard_counts(records_dir: str, split: str, files: Sequence[str]) -> None:
+    """The split holds records, and each uncompressed shard as many as index.json lists
+    (a truncated shard must never read as fewer records)."""
+    counts = _index_record_counts(records_dir, split, files)
+    if sum(counts) == 0:
+        raise _no_records(records_dir, split)
+    for f, n in zip(files, counts, strict=True):
+        if shards.compression_of(f) is None:
+            shards.checked_record_offsets(f, n)
+
+
 def _compression(files: Sequence[str]) -> str | None:
     kinds = {shards.compression_of(f) for f in files}
     if len(kinds) > 1:
@@ -162,6 +184,146 @@ def _prepare(payload: tf.Tensor, spec: InputSpec, flip: tf.Tensor | None,
     if spec.kind == "vector":
         return tf.cast(payload, tf.float32)
     return augment_image(payload, flip, standardize)
+
+
+def _identity_name(records_dir: str) -> str:
+    info = shards.load_dataset_info(records_dir)
+    return (info.identity_name if info is not None else "") or records.DEFAULT_IDENTITY_NAME
+
+
+def _index_record_counts(records_dir: str, split: str, files: Sequence[str]) -> list[int]:
+    """The number of records index.json lists for each of these shard files."""
+    listed = {os.path.abspath(os.path.join(records_dir, s["file"])): int(s["num_records"])
+              for s in shards.load_index(records_dir)["shards"] if s["split"] == split}
+    return [listed[os.path.abspath(f)] for f in files]
+
+
+def _no_records(records_dir: str, split: str) -> RecordsError:
+    return RecordsError(
+        f"{records_dir}: split '{split}' has no records (its shards in {shards.INDEX_NAME} "
+        "hold 0 records: the extraction found no patches); check what bin/extract "
+        "reported (tissue masks, patch size, split fractions) and extract again")
+
+
+def check_pk_identities(records_dir: str, split: str, P: int, K: int) -> int:
+    """Checks that a split can feed P×K batches of distinct identities (triplet training).
+
+    Args:
+      records_dir: directory written by `bin/extract`.
+      split: the split to train on.
+      P, K: identities per batch and records per identity.
+
+    Returns:
+      The number of identities of the split with at least K records.
+
+    Raises:
+      RecordsError: the split has no records, fewer than 2 identities with at least K
+        records, or fewer than P; the message names the split and the counts.
+    """
+    extents = shards.gene_extents(records_dir, split)
+    what = _identity_name(records_dir)
+    total = sum(e.count for e in extents)
+    enough = sum(e.count >= K for e in extents)
+    if total == 0:
+        raise _no_records(records_dir, split)
+    if enough < max(P, 2):
+        raise RecordsError(
+            f"{records_dir}: split '{split}' has {enough} {what}s with at least K={K} "
+            f"records ({len(extents)} {what}s, {total} records in all), but a P×K batch "
+            f"needs P={P} (and at least 2): lower P or K, or extract more patches per {what}")
+    return enough
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _checked(feats: dict, spec: InputSpec, where: tf.Tensor) -> dict:
+    """Parsed features whose image bytes are checked to be what the set holds before
+    they are decoded, so a record of non-image bytes fails naming `where` (its shard and
+    number) instead of with a bare decoder error."""
+    if spec.kind != "image":
+        return feats
+    encoded = feats["image/encoded"]
+    if records.stores_raw(spec.channels, spec.dtype):
+        if spec.height is None or spec.width is None:
+            return feats  # the decoder checks the size against image/height and width
+        want = spec.height * spec.width * spec.channels * np.dtype(spec.dtype).itemsize
+        ok = tf.equal(tf.strings.length(encoded), want)
+        what = f"image/encoded is not the {want} bytes of a raw {spec.describe()} image"
+    else:
+        ok = tf.logical_or(tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC),
+                           tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC))
+        what = "image/encoded is neither a JPEG nor a PNG image (non-image bytes)"
+    check = tf.debugging.Assert(ok, [where, what])
+    with tf.control_dependencies([check]):
+        return dict(feats, **{"image/encoded": tf.identity(encoded)})
+
+
+def _decode_checked(serialized: tf.Tensor, spec: InputSpec, where: tf.Tensor) -> tf.Tensor:
+    """`decode_one` with the bytes checked first (`_checked`)."""
+    feats = records.parse_example(serialized, _decode_keys(spec), spec.kind)
+    return _decode_payload(_checked(feats, spec, where), spec)
+
+
+def find_corrupt_record(files: Sequence[str]) -> str | None:
+    """Reads shards with TensorFlow's checked reader until a record fails.
+
+    For the error path of the plain reader, whose `DataLossError` says only "corrupted
+    record at OFFSET": it reads every byte of the shards, so use it once an error is
+    known.
+
+    Returns:
+      "SHARD: record N at byte B: ..." for the first bad record, or None.
+    """
+    for path in files:
+        options = tf.io.TFRecordOptions(compression_type=shards.compression_of(path) or "")
+        n = 0
+        try:
+            for _ in tf.compat.v1.io.tf_record_iterator(path, options):
+                n += 1
+        except tf.errors.OpError as e:
+            at = ""
+            if shards.compression_of(path) is None:
+                try:
+                    at = f" at byte {int(shards.record_offsets(path)[n])}"
+                except (RecordsError, IndexError):
+                    at = ""
+            return (f"{path}: record {n}{at}: {e.message} (corrupt or truncated shard: "
+                    "extract it again)")
+    return None
+
+
+_TF_NOISE = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$|"
+                       r"Error in user-defined function passed to \S+ transformation with "
+                       r"iterator: \S+: ")
+
+
+def describe_input_error(error: tf.errors.OpError, records_dir: str | None = None,
+                         split: str | None = None) -> str:
+    """One line for an error an input pipeline of this module raised, naming the shard
+    (and the record) wherever it can.
+
+    Args:
+      error: what iterating the dataset raised.
+      records_dir, split: what the pipeline reads (to find a corrupt record the plain
+        reader met, and to name the data otherwise).
+    """
+    text = error.message
+    found = re.search(r"RecordsError: ([^\n]*)", text)  # the P×K reader's checks
+    if found:
+        return found.group(1)
+    found = re.search(r"assertion failed: \[([^\n]*?)\] \[([^\n]*?)\]", text)  # `_checked`
+    if found:
+        return f"{found.group(1)}: {found.group(2)}"
+    if isinstance(error, tf.errors.DataLossError) and records_dir and split:
+        with contextlib.suppress(RecordsError, tf.errors.OpError, OSError):
+            found = find_corrupt_record(list_shards(records_dir, split))
+            if found:
+                return found
+    first = _TF_NOISE.sub("", text.strip().splitlines()[0] if text.strip() else type(error).__name__)
+    where = f"{records_dir} (split '{split}')" if records_dir else "the input pipeline"
+    return f"{where}: reading or decoding a record failed: {first}"
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -314,13 +476,17 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
       `with_keys`. Flips and standardisation apply to images only.
 
     Raises:
-      RecordsError: no shards, too few shards for the input pipelines, mixed compression.
+      RecordsError: no shards, no records, an uncompressed shard holding another number
+        of records than index.json lists, too few shards for the input pipelines, mixed
+        compression. (A corrupt or non-image record raises while iterating; see
+        `describe_input_error`.)
       ValueError: bad batch size or label key.
     """
     if isinstance(source, str):
         if split is None:
             raise ValueError("patch_dataset: give `split` when `source` is a records directory")
         files = list_shards(source, split)
+        _check_shard_counts(source, split, files)
         patch_size = patch_size or _patch_size(source)
         spec = _input_spec(source, patch_size, input_spec)
     else:
@@ -355,8 +521,11 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
         # Repeat the (reshuffled) file list rather than the records: the record shuffle
         # buffer then never drains and refills at epoch boundaries.
         ds = ds.repeat()
+    # Each record comes with its shard and number, so a record that does not decode
+    # is reported by name.
     ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=compression or ""),
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression or "").enumerate().map(
+            lambda n, r: (r, tf.strings.join([f, ": record ", tf.strings.as_string(n)]))),
         cycle_length=cycle_length, block_length=1, num_parallel_calls=AUTOTUNE,
         deterministic=deterministic or with_keys)
     if training and shuffle_buffer > 1:
@@ -367,13 +536,15 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
     # The record counter seeds each record's flips, so they do not depend on threads.
     ds = ds.enumerate()
 
-    def parse(i, serialized):
+    def parse(i, element):
         # Per record, in parallel: decoding dominates the cost of the pipeline.
+        serialized, where = element
         feats = records.parse_example(
             serialized, _decode_keys(spec) + [k for k in keys if k not in _decode_keys(spec)],
             spec.kind)
         flip = flip_bits(tf.stack([tf.cast(seed, tf.int64), i])) if augmenting else None
-        image = _prepare(_decode_payload(feats, spec), spec, flip, standardize)
+        image = _prepare(_decode_payload(_checked(feats, spec, where), spec), spec, flip,
+                         standardize)
         if with_keys:
             return image, {k: feats[k] for k in keys}
         if label_key is None:
@@ -454,13 +625,33 @@ class _RecordReader:
     """Positioned reads of single records from uncompressed shards (one fd per shard).
 
     `os.pread` has no file position, so concurrent reads from parallel map calls are safe.
+
+    Every read is checked before the record is parsed. The first read of a record
+    verifies its TFRecord framing (the masked CRC32C of the length and of the data,
+    `shards.check_record_framing`) and keeps a zlib CRC-32 of the framed bytes; later
+    reads of the same record compare with that (C speed, about 10x cheaper than the
+    numpy CRC32C), so any byte changed since the verified read is still caught.
+
+    Args:
+      files: the shards.
+      expected: the number of records index.json lists for each shard; a shard
+        holding another number (truncated) is an error naming both counts.
     """
 
-    def __init__(self, files: Sequence[str]):
+    def __init__(self, files: Sequence[str], expected: Sequence[int]):
+        self._fds: list[int | None] = []
         self.files = list(files)
-        self.offsets = [shards.record_offsets(f) for f in self.files]
+        self.offsets = [shards.checked_record_offsets(f, int(n))
+                        for f, n in zip(self.files, expected, strict=True)]
+        # 0: not verified yet; else 2**32 + zlib.crc32 of the verified framed record.
+        self._verified = [np.zeros(len(o) - 1, np.uint64) for o in self.offsets]
         self._fds: list[int | None] = [None] * len(self.files)
         self._lock = threading.Lock()
+
+    def where(self, file_id: int, record: int) -> str:
+        """'SHARD: record N at byte B', for error messages."""
+        return (f"{self.files[file_id]}: record {record} at byte "
+                f"{int(self.offsets[file_id][record])}")
 
     def read(self, file_id: int, record: int) -> bytes:
         fd = self._fds[file_id]
@@ -469,8 +660,21 @@ class _RecordReader:
                 if self._fds[file_id] is None:
                     self._fds[file_id] = os.open(self.files[file_id], os.O_RDONLY)
                 fd = self._fds[file_id]
-        start, end = int(self.offsets[file_id][record]), int(self.offsets[file_id][record + 1])
-        return shards.read_record_at(fd, start, end - start, self.files[file_id])
+        offsets = self.offsets[file_id]
+        start, end = int(offsets[record]), int(offsets[record + 1])
+        name = self.files[file_id]
+        seen = int(self._verified[file_id][record])
+        if seen:
+            raw = os.pread(fd, end - start, start)
+            if zlib.crc32(raw) == seen - (1 << 32):
+                return raw[12:-4]
+        raw = os.pread(fd, end - start, start)
+        if len(raw) != end - start:
+            raise RecordsError(f"{name}: record {record} at byte {start}: read {len(raw)} "
+                               f"of {end - start} bytes (truncated shard?)")
+        data = shards.check_record_framing(raw, name, record, start)
+        self._verified[file_id][record] = (1 << 32) + zlib.crc32(raw)
+        return data
 
     def close(self) -> None:
         for fd in self._fds:
@@ -533,11 +737,26 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
       ISH patches, `(vectors float32 (b, D), labels)` for a vector set) with b = P*K,
       or b = P*K/num_replicas_in_sync with `input_context`.
 
+    Every record read is checked before it is parsed: its TFRecord framing (masked
+    CRC32C of the length and of the data) on its first read, a zlib CRC-32 of the
+    verified bytes on later reads (see `_RecordReader`); a failure names the shard, the
+    record and its byte offset (`describe_input_error` gives it back from the
+    TensorFlow error).
+
     Raises:
-      RecordsError: no shards, GZIP shards, inconsistent offsets.
-      ValueError: P larger than the number of genes, P not divisible by the replicas.
+      RecordsError: no shards, no records, GZIP shards, a shard holding another number
+        of records than index.json lists, P larger than the number of identities
+        with records.
+      ValueError: P not divisible by the replicas.
     """
     extents = shards.gene_extents(records_dir, split)
+    what = _identity_name(records_dir)
+    if not extents:
+        raise _no_records(records_dir, split)
+    if P > len(extents):
+        raise RecordsError(
+            f"{records_dir}: split '{split}': P={P} {what}s per batch but the split has "
+            f"only {len(extents)} {what}s with records; lower P or extract more {what}s")
     files = sorted({e.file for e in extents})
     if _compression(files) is not None:
         raise RecordsError(f"{records_dir}: split '{split}' has GZIP shards; the P×K reader "
@@ -564,24 +783,34 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
         first = input_context.input_pipeline_id * per_pipe
     b = P * K // n_rep
 
-    sampler_files = _RecordReader(files)
+    sampler_files = _RecordReader(files, _index_record_counts(records_dir, split, files))
+    for e in extents:
+        held = len(sampler_files.offsets[file_id[e.file]]) - 1
+        if e.offset + e.count > held:
+            raise RecordsError(
+                f"{e.file}: {shards.INDEX_NAME} says {what} '{e.gene_symbol}' has records "
+                f"{e.offset}..{e.offset + e.count - 1}, the shard holds {held} (index out of "
+                "date, or a truncated shard: extract it again)")
 
-    def read_slice(t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_slice(t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, ...]:
         # A pure function of (t, r): the iterator's only state is the counter, so
         # it can be checkpointed (see the external-state policy below).
         genes, recs, bits = sampler.batch(int(t))
         sl = slice(int(r) * b, (int(r) + 1) * b)
-        serialized = np.array([sampler_files.read(int(gene_file[g]), int(starts[g] + i))
-                               for g, i in zip(genes[sl], recs[sl], strict=True)], dtype=object)
-        return serialized, labels[genes[sl]], bits[sl]
+        at = [(int(gene_file[g]), int(starts[g] + i))
+              for g, i in zip(genes[sl], recs[sl], strict=True)]
+        serialized = np.array([sampler_files.read(f, i) for f, i in at], dtype=object)
+        where = np.array([sampler_files.where(f, i).encode() for f, i in at], dtype=object)
+        return serialized, labels[genes[sl]], bits[sl], where
 
     def load(t, r):
-        serialized, label, bits = tf.numpy_function(
-            read_slice, [t, r], [tf.string, tf.int32, tf.bool], stateful=False)
+        serialized, label, bits, where = tf.numpy_function(
+            read_slice, [t, r], [tf.string, tf.int32, tf.bool, tf.string], stateful=False)
         serialized.set_shape([b])
         label.set_shape([b])
         bits.set_shape([b, 2])
-        return serialized, label, bits
+        where.set_shape([b])
+        return serialized, label, bits, where
 
     # Element = (global batch t, replica slice r) for the replicas this pipeline feeds.
     ds = tf.data.Dataset.counter(start_batch, dtype=tf.int64).flat_map(
@@ -590,8 +819,8 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
     # Decode record by record in parallel; this map must keep its order (whatever
     # `deterministic` says), because re-batching by b restores the slices.
     ds = ds.unbatch().map(
-        lambda s, y, f: (_prepare(decode_one(s, input_spec=spec), spec, f if flips else None,
-                                  standardize), y),
+        lambda s, y, f, where: (_prepare(_decode_checked(s, spec, where), spec,
+                                         f if flips else None, standardize), y),
         num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
     options = _options(deterministic)

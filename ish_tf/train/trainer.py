@@ -43,6 +43,7 @@ trainer uses them:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -51,7 +52,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -72,7 +73,96 @@ LOG_DIR = "logs"
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, incompatible checkpoint)."""
+    """Training cannot go on (non-finite loss, incompatible checkpoint, unreadable data)."""
+
+
+class RunWriteError(TrainingError):
+    """The run directory cannot be written (read-only, full disk); names the path.
+
+    Checkpoints written before are left as they are.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: cannot write ({reason})")
+        self.path = path
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turns a failed write (OSError, or TensorFlow's file errors) into `RunWriteError`."""
+    try:
+        yield
+    except OSError as e:
+        raise RunWriteError(path, e.strerror or str(e)) from e
+    except tf.errors.OpError as e:
+        lines = (e.message or "").strip().splitlines()
+        raise RunWriteError(path, lines[0] if lines else type(e).__name__) from e
+
+
+UNREADABLE_DIR = "unreadable"
+
+
+def _set_aside(prefix: str) -> str:
+    """Moves a checkpoint's files (`prefix.index`, `prefix.data-*`) into
+    `checkpoints/unreadable/`, so a later save of the same step cannot overwrite them;
+    returns their new prefix."""
+    directory = os.path.join(os.path.dirname(prefix), UNREADABLE_DIR)
+    os.makedirs(directory, exist_ok=True)
+    moved = os.path.join(directory, os.path.basename(prefix))
+    for path in tf.io.gfile.glob(prefix + ".*"):
+        os.replace(path, os.path.join(directory, os.path.basename(path)))
+    return moved
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, directory: str, run_dir: str,
+                       chief: bool = True) -> str | None:
+    """Restores the newest checkpoint of `directory` that reads back, falling back to
+    older ones.
+
+    A checkpoint that does not restore (truncated by a crash or a full disk) is named in
+    a warning and, by the chief, moved into `checkpoints/unreadable/` (never deleted);
+    the checkpoint state then lists the good ones only.
+
+    Returns:
+      The restored checkpoint's path, or None when the directory has none.
+
+    Raises:
+      TrainingError: checkpoints exist but none restores (naming the run directory).
+    """
+    state = tf.train.get_checkpoint_state(directory)
+    if state is None or not state.model_checkpoint_path:
+        return None
+    paths = list(state.all_model_checkpoint_paths)
+    if state.model_checkpoint_path not in paths:
+        paths.append(state.model_checkpoint_path)
+    failures: list[tuple[str, BaseException]] = []
+    for path in reversed(paths):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except (AssertionError, ValueError, IndexError, OSError, tf.errors.OpError) as e:
+            failures.append((path, e))
+            continue
+        if failures and chief:
+            for bad, e in failures:
+                with writing(directory):
+                    moved = _set_aside(bad)
+                logging.warning("checkpoint %s does not restore (%s: %s); resuming from the "
+                                "previous one, %s; the unreadable checkpoint is kept as %s",
+                                bad, type(e).__name__, _first_line(e), path, moved)
+            good = paths[:paths.index(path) + 1]
+            with writing(directory):
+                tf.compat.v1.train.update_checkpoint_state(directory, path, good)
+        return path
+    latest, error = failures[0]
+    raise TrainingError(
+        f"{run_dir}: no checkpoint in {directory} restores; the latest, {latest}, "
+        f"does not fit this model/optimizer or is damaged ({type(error).__name__}: "
+        f"{_first_line(error)}); if --backbone or sizes changed, use a new --run_dir")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "message", "") or e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @dataclasses.dataclass
@@ -232,20 +322,25 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
       TrainResult.
 
     Raises:
-      TrainingError: the loss became non-finite, or the checkpoint does not fit.
+      TrainingError: the loss became non-finite, no checkpoint restores, or the
+        training data cannot be read (naming the shard where it can).
+      RunWriteError: the run directory cannot be written (naming the path).
       ValueError: bad configuration.
     """
     config.validate()
     paths = run_paths(config.run_dir)
-    os.makedirs(config.run_dir, exist_ok=True)
+    with writing(config.run_dir):
+        os.makedirs(config.run_dir, exist_ok=True)
     # First: MultiWorkerMirroredStrategy must exist before the runtime runs any op.
     strategy = strategy or make_strategy(config.strategy)
     chief, worker_dir = worker_role(strategy, config.run_dir)
     if chief:
         remove_stale_tmp(config.run_dir)
-        atomic_write_text(paths["train_config"],
-                          json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        atomic_write_text(paths["model_config"], task.model_config.to_json() + "\n")
+        with writing(paths["train_config"]):
+            atomic_write_text(paths["train_config"],
+                              json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        with writing(paths["model_config"]):
+            atomic_write_text(paths["model_config"], task.model_config.to_json() + "\n")
 
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -284,20 +379,15 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     if clash:
         raise ValueError(f"{type(task).__name__}.checkpoint_items() uses reserved names {clash}")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, **extra)
+    restored = restore_checkpoint(checkpoint, paths["checkpoints"], config.run_dir, chief)
+    if restored:
+        logging.info("resumed from %s at step %d", restored, int(step.numpy()))
+    # Created after the restore, which may have set an unreadable checkpoint aside.
     # Multi-worker: every worker saves (saving is collective), the chief into RUN,
     # the others into a scratch directory removed at the end; all restore from RUN.
     manager = tf.train.CheckpointManager(
         checkpoint, os.path.join(worker_dir, CHECKPOINT_DIR) if worker_dir else paths["checkpoints"],
         max_to_keep=config.keep_checkpoints)
-    latest = tf.train.latest_checkpoint(paths["checkpoints"])
-    if latest:
-        try:
-            checkpoint.restore(latest).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as e:
-            raise TrainingError(
-                f"{latest} does not fit this model/optimizer (changed "
-                f"--backbone or sizes?); use a new --run_dir: {e}") from e
-        logging.info("resumed from %s at step %d", latest, int(step.numpy()))
     start_step = int(step.numpy())
     end_step = config.steps if stop_after is None else min(config.steps, stop_after)
     if replicas > 1:
@@ -305,7 +395,17 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
             lambda ctx: task.make_dataset(ctx, start_step))
     else:
         dataset = task.make_dataset(None, start_step)
-    iterator = iter(dataset)
+    iterator = None
+
+    def next_batch():
+        try:
+            return next(iterator)
+        except tf.errors.OpError as e:
+            from ish_tf.data.pipeline import describe_input_error
+
+            raise TrainingError(
+                f"reading the training data for step {current + 1} failed: "
+                f"{describe_input_error(e, config.records_dir or None, config.split)}") from e
 
     loss_scale = optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
     variables = model.trainable_variables
@@ -362,8 +462,9 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         step.assign_add(1)
         return loss, stats, nonfinite
 
-    writer = (tf.summary.create_file_writer(os.path.join(paths["logs"], "train")) if chief
-              else tf.summary.create_noop_writer())
+    with writing(os.path.join(paths["logs"], "train")):
+        writer = (tf.summary.create_file_writer(os.path.join(paths["logs"], "train")) if chief
+                  else tf.summary.create_noop_writer())
     columns = ["step", "loss", "lr", *task.stat_names, "grad_norm", "images_per_sec", "elapsed_s"]
     rows = _read_metrics(paths["metrics"], start_step)
     logging.info("run %s: %s steps %d..%d, global batch %d on %d replica(s), policy %s; "
@@ -377,12 +478,14 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     t_start = t_last = time.monotonic()
     step_last = start_step
     try:
+        iterator = iter(dataset)
         while current < end_step:
-            batch = next(iterator)
+            batch = next_batch()
             # Images at the start and at every checkpoint, so predictions (U-Net masks,
             # ISH CNN classes) can be watched improving.
             if config.image_summaries and chief and current == start_step == 0:
-                _write_image_summaries(task, strategy, batch, writer, 0)
+                with writing(os.path.join(paths["logs"], "train")):
+                    _write_image_summaries(task, strategy, batch, writer, 0)
             is_log = (current + 1) % config.log_every == 0 or current + 1 == end_step
             # One replica's norm is already exact: one trace (and XLA compile), not two.
             loss, stats, nonfinite = train_step(batch, is_log and replicas > 1)
@@ -408,28 +511,38 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                        "images_per_sec": last_rate, "elapsed_s": now - t_start}
                 rows.append(row)
                 if chief:
-                    _write_metrics(paths["metrics"], columns, rows)
-                with writer.as_default(step=current):
-                    tf.summary.scalar("loss", last_loss)
-                    tf.summary.scalar("lr", lr)
-                    for k, v in values.items():
-                        tf.summary.scalar(k, v)
-                    tf.summary.scalar("images_per_sec", last_rate)
-                writer.flush()
+                    with writing(paths["metrics"]):
+                        _write_metrics(paths["metrics"], columns, rows)
+                with writing(os.path.join(paths["logs"], "train")):
+                    with writer.as_default(step=current):
+                        tf.summary.scalar("loss", last_loss)
+                        tf.summary.scalar("lr", lr)
+                        for k, v in values.items():
+                            tf.summary.scalar(k, v)
+                        tf.summary.scalar("images_per_sec", last_rate)
+                    writer.flush()
                 logging.info("step %d/%d loss %.4f lr %.3g %s %.1f img/s", current, config.steps,
                              last_loss, lr, " ".join(f"{k} {v:.3f}" for k, v in values.items()),
                              last_rate)
             if is_ckpt:
-                manager.save(checkpoint_number=current)
+                with writing(manager.directory):
+                    manager.save(checkpoint_number=current)
                 if config.image_summaries and chief:
-                    _write_image_summaries(task, strategy, batch, writer, current)
+                    with writing(os.path.join(paths["logs"], "train")):
+                        _write_image_summaries(task, strategy, batch, writer, current)
     except KeyboardInterrupt:
         if current > start_step:
-            path = manager.save(checkpoint_number=current)
+            with writing(manager.directory):
+                path = manager.save(checkpoint_number=current)
             logging.warning("interrupted at step %d; saved %s, rerun to resume", current, path)
         raise
     finally:
-        writer.close()
+        # Stop the input pipeline's threads now, whatever happened: an iterator left to
+        # the interpreter's shutdown (held by an exception's traceback) can wait forever
+        # on reader threads that need the GIL, and the process never exits.
+        iterator = dataset = batch = None
+        with contextlib.suppress(Exception):  # never hide the error that brought us here
+            writer.close()
 
     model_path = ""
     try:
@@ -439,7 +552,9 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                 done = task.finalize_model(model)
                 if done:
                     logging.info("%s", done)
-                save_keras_model(model, model_path if chief else os.path.join(worker_dir, MODEL_NAME))
+                target = model_path if chief else os.path.join(worker_dir, MODEL_NAME)
+                with writing(target):
+                    save_keras_model(model, target)
     finally:
         if worker_dir:
             shutil.rmtree(worker_dir, ignore_errors=True)

@@ -28,7 +28,7 @@ class TripletConfig:
                                    "across replicas, or none.", choices=("batch", "sync", "none"))
     P: int = setting(17, "Genes (identities) per batch.", lower=2)
     K: int = setting(17, "Patches per gene per batch (global batch = P*K); >= 2 so every "
-                     "anchor has a positive.", lower=1)
+                     "anchor has a positive.", lower=2)
     mining: str = setting("batch_hard", "Triplet mining over the global batch.", choices=MININGS)
     margin: str = setting("soft", "Triplet margin: soft (softplus) or a number.")
     metric: str = setting("euclidean", "Embedding distance of the triplet loss.",
@@ -47,8 +47,11 @@ class TripletConfig:
         """
         if self.P < 2:
             raise ValueError(f"--triplet_P must be >= 2 (triplets need a negative), got {self.P}")
-        if self.K < 1:
-            raise ValueError(f"--triplet_K must be >= 1, got {self.K}")
+        if self.K < 2:
+            # With K = 1 no anchor has a positive: loss, gradients and active triplets
+            # are 0 at every step, and the run would "succeed" having learnt nothing.
+            raise ValueError(f"--triplet_K must be >= 2 (every anchor needs a positive "
+                             f"of its gene in the batch), got {self.K}")
         if self.embedding_dim < 1 or self.head_units < 1:
             raise ValueError("--triplet_embedding_dim and --triplet_head_units must be >= 1")
         return self

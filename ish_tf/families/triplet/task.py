@@ -22,6 +22,9 @@ class TripletTask(Task):
 
         # Fail at construction, not at the first traced step.
         family = model_config.family
+        family.validate()
+        if model_config.input_size < 1:
+            raise ValueError(f"--input_size must be >= 1, got {model_config.input_size}")
         self.mining = check_mining(family.mining)
         self.margin = check_margin(family.margin)
         self.metric = check_metric(family.metric)
@@ -32,13 +35,17 @@ class TripletTask(Task):
 
         Raises:
           ValueError: `records_dir` is not set.
+          RecordsError: the split has no records, or fewer than max(P, 2) identities
+            with at least K records (naming the split and the counts).
         """
-        from ish_tf.data.pipeline import pk_dataset
+        from ish_tf.data.pipeline import check_pk_identities, pk_dataset
 
         cfg, family = self.train_config, self.model_config.family
         if not cfg.records_dir:
             raise ValueError("--records_dir is required: the directory of TFRecord shards "
                              "and index.json written by bin/extract")
+        # Before training starts: P identities of K records each must exist.
+        check_pk_identities(cfg.records_dir, cfg.split, family.P, family.K)
         ds = pk_dataset(cfg.records_dir, cfg.split, P=family.P, K=family.K, flips=cfg.flips,
                         seed=cfg.seed, input_context=input_context, start_batch=start_step)
         size = self.model_config.input_size
