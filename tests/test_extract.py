@@ -422,3 +422,21 @@ def test_extract_full_disk_is_one_clear_error(synth, reference, tmp_path, monkey
     monkeypatch.undo()
     P.run_extract(_cfg(synth / "manifest.csv", out))  # space again: the rerun completes
     assert _shard_bytes(out) == _shard_bytes(reference[0])
+
+
+def test_manifest_size_that_does_not_match_the_image_is_reported(synth, tmp_path):
+    """A manifest row whose width/height differ from the image read (another file than
+    listed, or rescanned since) used to pass silently; the report names it, the summary
+    warns, and the image's patches are still extracted."""
+    df = pd.read_csv(synth / "manifest.csv")
+    df["path"] = [str(synth / p) for p in df["path"]]
+    wrong = int(df["image_id"].iloc[0])
+    df.loc[0, "width"] = int(df.loc[0, "width"]) * 2
+    write_manifest(df, str(tmp_path / "manifest.csv"))
+    out = tmp_path / "out"
+    summary = P.run_extract(_cfg(tmp_path / "manifest.csv", out))
+    assert summary["size_mismatch"] == [wrong]
+    report = pd.read_csv(out / P.REPORT_NAME).set_index("image_id")
+    assert "manifest says" in str(report.loc[wrong, "reason"])
+    assert report.loc[wrong, "status"] == S.OK
+    assert f"image_id {wrong}" in P.format_summary(summary)

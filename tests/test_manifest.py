@@ -105,3 +105,22 @@ def test_write_is_atomic_on_error(tmp_path):
 def test_summarize_counts():
     s = manifest.summarize(manifest.validate(_rows(4)))
     assert s["images"] == 4 and s["genes"] == 2 and s["donors"] == 4 and s["regions"] == ["V1"]
+
+
+def test_fractional_image_id_is_an_error_not_truncated(tmp_path):
+    """image_id 7777777.9 used to become 7777777 silently; it is an error naming the row."""
+    import pandas as pd
+
+    from ish_tf.data.manifest import ManifestError, read_manifest
+
+    rows = [{"image_id": 1, "experiment_id": 1, "study": "s", "gene_symbol": "A",
+             "donor_id": "d", "width": 10, "height": 10, "path": "a.jpg"},
+            {"image_id": 7777777.9, "experiment_id": 2, "study": "s", "gene_symbol": "B",
+             "donor_id": "d", "width": 10, "height": 10, "path": "b.jpg"}]
+    path = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with pytest.raises(ManifestError, match=r"image_id.*integers.*row 3.*7777777\.9"):
+        read_manifest(str(path))
+    rows[1]["image_id"] = 7777777.0  # integral values written as floats are fine
+    pd.DataFrame(rows).to_csv(path, index=False)
+    assert read_manifest(str(path))["image_id"].tolist() == [1, 7777777]

@@ -48,6 +48,10 @@ def define_fetch(fv) -> None:
             lower_bound=0.0)
     d.float("max_retry_after", 60.0, "Cap on a server's Retry-After, seconds.", lower_bound=0.0)
     d.float("timeout", 60.0, "Connect/read timeout of one HTTP request, seconds.")
+    d.float("download_deadline", None, "Most seconds one image download attempt may take, "
+            "headers to last byte (a server trickling bytes never trips --timeout); past it "
+            "the attempt is retried like a timeout. Unset: 10 x --timeout; 0: no deadline.",
+            lower_bound=0.0)
 
 
 def fetch_config(fv):
@@ -63,7 +67,7 @@ def fetch_config(fv):
         max_images=fv.max_images, sections_per_experiment=fv.sections_per_experiment,
         downsample=fv.downsample, workers=fv.workers, plane=fv.plane, page_size=fv.page_size,
         retries=fv.retries, backoff_base=fv.backoff_base, max_retry_after=fv.max_retry_after,
-        timeout=fv.timeout)
+        timeout=fv.timeout, download_deadline=fv.download_deadline)
 
 
 def define_flags(fv) -> None:

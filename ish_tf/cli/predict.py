@@ -73,7 +73,7 @@ def segmentation_config(fv):
         mask=fv.section_mask, out_dir=fv.out, radius=fv.truth_radius, stride=fv.predict_stride,
         method=fv.predict_method, spot_scale=fv.spot_scale, outside=fv.outside_spots,
         batch_size=fv.predict_batch_size, seed=fv.seed, report=fv.report,
-        mask_config=mask_config(fv)).validate()
+        mask_config=mask_config(fv), max_pixels=fv.max_pixels).validate()
 
 
 def define_flags(fv) -> None:

@@ -25,7 +25,13 @@ NAME = "spatial"
 
 
 def define_spot_flags(d: FlagDefiner) -> None:
-    """--spot_scale and --outside_spots (bin/spatial and bin/predict each define them)."""
+    """--spot_scale, --outside_spots and --max_pixels (bin/spatial and bin/predict each
+    define them)."""
+    from ish_tf.families.ish_cnn.spatial import DEFAULT_MAX_PIXELS
+
+    d.integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest section image read (width x height as "
+              "the file declares it, checked before decoding; about 1 byte per pixel is "
+              "needed): larger files are refused, naming them.", lower_bound=1)
     d.float("spot_scale", 1.0, "Spot table units -> image pixels (e.g. 0.5 for an image "
             "downsampled twice).")
     d.enum("outside_spots", "error", ["error", "drop"], "Spots outside the image: error "
@@ -108,7 +114,7 @@ def spatial_config(fv):
     cfg = SpatialConfig(images=images, spot_tables=spots, masks=masks, out_dir=fv.out,
                         labels=labels, patch_sizes=sizes, spot_scale=fv.spot_scale,
                         outside=fv.outside_spots, validation_fraction=fv.validation_fraction,
-                        mask_config=mask_config(fv))
+                        mask_config=mask_config(fv), max_pixels=fv.max_pixels)
     return cfg.validate(), synth
 
 

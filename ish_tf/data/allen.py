@@ -1,6 +1,6 @@
 """Allen Brain Atlas client: download a study's ISH section images and write their manifest.
 
-Talks to the public API (http://api.brain-map.org) directly with `requests`; allensdk is
+Talks to the public API (https://api.brain-map.org) directly with `requests`; allensdk is
 deliberately not used (its releases pin numpy<1.24 / pandas 1.5 and cannot live beside
 TensorFlow 2.21).
 
@@ -99,7 +99,7 @@ class FetchConfig:
     Attributes:
       study: key of `STUDIES` (cortex | schizophrenia | mouse).
       out: output directory (images/, manifest.csv, failures.csv).
-      api_url: API host, e.g. http://api.brain-map.org (tests use http://127.0.0.1:PORT).
+      api_url: API host, e.g. https://api.brain-map.org (tests use http://127.0.0.1:PORT).
       genes: gene acronyms to keep (empty: every gene of the study).
       max_images: keep only the first N images in (experiment id, image id) order; 0 = all.
       sections_per_experiment: keep only the N images of each experiment nearest the

@@ -29,7 +29,7 @@ from ish_tf.data.allen_http import (
     checked_get,
 )
 
-DEFAULT_API_URL = "http://api.brain-map.org"
+DEFAULT_API_URL = "https://api.brain-map.org"
 # Allen's documented maximum page size for RMA queries.
 MAX_PAGE_SIZE = 2000
 # Gene lists are split over several queries so no URL grows past what proxies accept.

@@ -74,6 +74,13 @@ def _coerce(df: pd.DataFrame, source: str) -> pd.DataFrame:
                     row = int(np.flatnonzero(numeric.isna().to_numpy())[0])
                     raise ManifestError(
                         f"{source}: column '{col.name}' is empty in row {row + 2} (line of the CSV)")
+                fractional = (numeric != np.floor(numeric)).to_numpy()
+                if fractional.any():
+                    # An id such as 7777777.9 must never become 7777777 silently.
+                    row = int(np.flatnonzero(fractional)[0])
+                    raise ManifestError(
+                        f"{source}: column '{col.name}' must hold integers; row {row + 2} (line "
+                        f"of the CSV) has {values.iloc[row]!r}")
                 out[col.name] = numeric.astype("int64")
             elif col.kind == "Int":
                 out[col.name] = pd.to_numeric(values, errors="raise").astype("Int64")

@@ -430,6 +430,10 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
                             "donor_id": str(row.donor_id), "split": plan.split,
                             "shard": plan.index, "status": res.status,
                             **stage.report_fields(res)}
+                        note = size_mismatch(row, res)
+                        if note and "reason" in new_rows[image_id]:
+                            reason = str(new_rows[image_id]["reason"] or "")
+                            new_rows[image_id]["reason"] = f"{reason}; {note}" if reason else note
                         if res.status not in (OK, FEW_PATCHES):
                             logging.debug("image %s: %s", image_id, res.reason)
                         if res.status != UNREADABLE:
@@ -701,6 +705,26 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+SIZE_MISMATCH = "manifest says"
+
+
+def size_mismatch(row: Any, result: Any) -> str:
+    """A note when an image read is not the size its manifest row declares, else "".
+
+    The manifest's width and height describe the file (bin/fetch and bin/ingest read
+    them from it); another size means another file than the one listed, or one rescanned
+    or resized since, and the physical scale of its patches is then not what was planned.
+    """
+    width, height = int(getattr(result, "width", 0) or 0), int(getattr(result, "height", 0) or 0)
+    if not width or not height:
+        return ""
+    declared = (int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0))
+    if declared == (width, height) or not all(declared):
+        return ""
+    return (f"{SIZE_MISMATCH} {declared[0]}x{declared[1]}, the image read is "
+            f"{width}x{height}")
+
+
 def _summary(out: str, report: dict[int, dict], plans: list[ShardPlan], removed: list[str],
              written: int, resumed: int, report_path: str) -> dict:
     from ish_tf.data import shards
@@ -716,7 +740,10 @@ def _summary(out: str, report: dict[int, dict], plans: list[ShardPlan], removed:
     for shard in index["shards"]:
         if shard["split"] in splits:
             splits[shard["split"]]["patches"] += int(shard["num_records"])
+    mismatched = []
     for row in report.values():
+        if SIZE_MISMATCH in str(row.get("reason", "")):
+            mismatched.append(int(row["image_id"]))
         s = splits.get(str(row["split"]))
         status = str(row["status"])
         if s is not None:
@@ -725,7 +752,7 @@ def _summary(out: str, report: dict[int, dict], plans: list[ShardPlan], removed:
             skipped[status] = skipped.get(status, 0) + 1
     return {"out_dir": out, "report": report_path, "index": shards.index_path(out),
             "removed_tmp": removed, "shards_written": written, "shards_resumed": resumed,
-            "splits": splits, "skipped": skipped}
+            "splits": splits, "skipped": skipped, "size_mismatch": sorted(mismatched)}
 
 
 def format_summary(summary: dict) -> str:
@@ -740,6 +767,13 @@ def format_summary(summary: dict) -> str:
         lines.append("  not ok: " + ", ".join(f"{k} {v}" for k, v in
                                               sorted(summary["skipped"].items()))
                      + f" (reasons in {summary['report']})")
+    mismatched = summary.get("size_mismatch") or []
+    if mismatched:
+        shown = ", ".join(str(i) for i in mismatched[:5]) + (", ..." if len(mismatched) > 5 else "")
+        lines.append(f"  warning: {len(mismatched)} image(s) are not the size their manifest row "
+                     f"declares (image_id {shown}): other files than listed, or rescanned/resized "
+                     f"since; the patch scale differs from the plan (details in "
+                     f"{summary['report']})")
     if summary["removed_tmp"]:
         lines.append(f"  removed {len(summary['removed_tmp'])} partial file(s) of an "
                      "interrupted run")

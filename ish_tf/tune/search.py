@@ -314,7 +314,12 @@ def serve_oracle(oracle, poll_seconds: float = 0.5) -> None:
     KerasTuner's own `oracle_chief.start_server`, with one change: once a worker has
     been told to stop, it re-checks every `poll_seconds` (not every 20 s) whether the
     other workers' trials have ended, so the chief returns as soon as the search does.
-    Address: KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT.
+    Address: KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT, and only that interface.
+
+    Security: the oracle's gRPC port has no authentication and no encryption (KerasTuner
+    offers none): anyone who reaches it can read and steer the search. Run it on a
+    trusted network only, and give KERASTUNER_ORACLE_IP the interface the workers use
+    (127.0.0.1 on one machine), not a wildcard; a wildcard address is warned about.
     """
     from concurrent import futures
 
@@ -325,7 +330,12 @@ def serve_oracle(oracle, poll_seconds: float = 0.5) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     servicer = oracle_chief.OracleServicer(oracle)
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    host = os.environ["KERASTUNER_ORACLE_IP"]
+    address = f"{host}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        logging.warning("the tuning oracle listens on every interface (%s) without "
+                        "authentication: use it on a trusted network only, or set "
+                        "KERASTUNER_ORACLE_IP to the one interface the workers reach", address)
     if not server.add_insecure_port(address):
         raise TuneError(f"the chief cannot listen on {address} (port in use?)")
     server.start()
