@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from cluster import run_workers
 
 tf = pytest.importorskip("tensorflow")
 
@@ -68,17 +64,6 @@ def _write_records(out_dir: str) -> str:
     return out_dir
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_tf_config_and_chief(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert strategy_lib.tf_config() == {} and strategy_lib.is_chief()
@@ -98,27 +83,8 @@ def test_tf_config_and_chief(monkeypatch):
 def test_two_workers_train_to_identical_weights(tmp_path):
     records_dir = _write_records(str(tmp_path / "records"))
     run_dir = str(tmp_path / "run")
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_CONFIG=json.dumps({"cluster": cluster,
-                                         "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / f"w{index}.npz"), records_dir, run_dir],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + 180
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for index, proc in enumerate(procs):
-        assert proc.returncode == 0, f"worker {index}:\n{outputs[index][-3000:]}"
+    outputs = run_workers(WORKER, lambda i: [str(tmp_path / f"w{i}.npz"), records_dir, run_dir],
+                          cwd=ROOT)
     results = [[line for line in out.splitlines() if line.startswith("RESULT")][-1]
                for out in outputs]
     assert results[0] == results[1] and results[0].startswith("RESULT 3 ")

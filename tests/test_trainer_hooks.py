@@ -17,15 +17,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from cluster import run_workers
 
 from ish_tf.families import ModelConfig
 from ish_tf.train import TrainConfig
@@ -361,45 +360,20 @@ print("RESULT", result.step, repr(result.loss), flush=True)
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_multi_worker_ema_teacher_matches_single_device(tmp_path):
     """Two worker processes (one CPU replica each, 4 examples of every 8): both end with
     the one-device run's student and teacher."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   TF_CONFIG=json.dumps({"cluster": cluster,
-                                         "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / f"w{index}.npz"), str(tmp_path / "mw"),
-             os.path.join(ROOT, "tests")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    # The one-device reference while the workers start.
-    _, student, teacher = run_toy(toy_config(tmp_path / "single", steps=4, checkpoint_every=2))
-    deadline = time.monotonic() + 180
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for index, proc in enumerate(procs):
-        assert proc.returncode == 0, f"worker {index}:\n{outputs[index][-3000:]}"
+    reference = {}
+
+    def one_device():
+        # The one-device reference while the workers start.
+        _, reference["student"], reference["teacher"] = run_toy(
+            toy_config(tmp_path / "single", steps=4, checkpoint_every=2))
+
+    run_workers(WORKER, lambda i: [str(tmp_path / f"w{i}.npz"), str(tmp_path / "mw"),
+                                   os.path.join(ROOT, "tests")],
+                cwd=ROOT, pythonpath=ROOT, meanwhile=one_device)
+    student, teacher = reference["student"], reference["teacher"]
     w0, w1 = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
     assert len(w0.files) == len(student) + len(teacher)
     for key in w0.files:
