@@ -347,7 +347,7 @@ def _records_of(shard_path: str, losses: list[dict], skip_corrupt: bool):
 
     import tensorflow as tf
 
-    from ish_tf.data.shards import record_offsets
+    from ish_tf.data.framing import record_offsets
 
     compression = compression_of(shard_path) or ""
     source, position = shard_path, 0

@@ -12,7 +12,7 @@ from test_records import write_tiny_dataset
 
 from ish_tf import cli
 from ish_tf.cli import train as train_cli
-from ish_tf.data import pipeline, shards
+from ish_tf.data import framing, pipeline, shards
 from ish_tf.data.records import RecordsError
 
 GENES = {"A": 4, "B": 4, "C": 3, "D": 2, "E": 1, "F": 4, "G": 5}
@@ -236,7 +236,7 @@ def test_pk_input_context_slices_concatenate_to_global_batch(tiny):
 def test_pk_without_sidecar_and_with_gzip(tmp_path):
     out = str(tmp_path / "plain")
     write_tiny_dataset(out, {"A": 3, "B": 2}, num_shards=1)
-    os.remove(shards.offsets_path(os.path.join(out, "train-00000-of-00001.tfrecord")))
+    os.remove(framing.offsets_path(os.path.join(out, "train-00000-of-00001.tfrecord")))
     images, labels = next(iter(pipeline.pk_dataset(out, "train", P=2, K=2)))
     assert images.shape == (4, 16, 16, 3) and sorted(set(labels.numpy())) == [0, 1]
     gz = str(tmp_path / "gz")

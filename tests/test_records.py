@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ish_tf.data import records, shards
+from ish_tf.data import framing, records, shards
 from ish_tf.data.records import RecordsError
 
 
@@ -176,19 +176,19 @@ def test_offsets_sidecar_matches_scan(tmp_path):
     out = str(tmp_path)
     write_tiny_dataset(out, {"A": 3, "B": 2}, num_shards=1)
     shard = os.path.join(out, "train-00000-of-00001.tfrecord")
-    side = shards.record_offsets(shard)
-    np.testing.assert_array_equal(side, shards.scan_record_offsets(shard))
+    side = framing.record_offsets(shard)
+    np.testing.assert_array_equal(side, framing.scan_record_offsets(shard))
     assert len(side) == 6 and side[-1] == os.path.getsize(shard)
     fd = os.open(shard, os.O_RDONLY)
     try:
-        third = shards.read_record_at(fd, int(side[2]), int(side[3] - side[2]))
+        third = framing.read_record_at(fd, int(side[2]), int(side[3] - side[2]))
     finally:
         os.close(fd)
     assert records.parse_example(third)["gene_symbol"].numpy() == b"A"
     with open(shard, "r+b") as f:  # truncate: the scan must notice
         f.truncate(int(side[-1]) - 3)
     with pytest.raises(RecordsError, match="truncated"):
-        shards.scan_record_offsets(shard)
+        framing.scan_record_offsets(shard)
 
 
 def test_crash_mid_shard_leaves_no_file_and_index_unchanged(tmp_path):

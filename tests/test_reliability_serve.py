@@ -22,7 +22,7 @@ from test_embed import write_records  # noqa: E402
 from test_export import _fake_run, tiny_model  # noqa: E402
 
 from ish_tf import cli, embed  # noqa: E402
-from ish_tf.data import shards  # noqa: E402
+from ish_tf.data import framing, shards  # noqa: E402
 from ish_tf.export import saved_model as sm  # noqa: E402
 
 
@@ -151,7 +151,7 @@ def _train_shard(recs: str) -> tuple[str, int]:
 
 def _flip_record(shard: str, record: int) -> None:
     """One flipped byte inside record `record`'s data: its CRC fails."""
-    offsets = shards.record_offsets(shard)
+    offsets = framing.record_offsets(shard)
     start = int(offsets[record]) + 12 + 5  # past the length (8) and its CRC (4)
     flip_bytes(shard, count=1, start=start, end=start + 1)
 

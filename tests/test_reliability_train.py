@@ -21,7 +21,7 @@ from faults import failing_checkpoint_saves, failing_writes, flip_bytes, read_on
 from test_records import write_tiny_dataset
 
 from ish_tf import cli
-from ish_tf.data import pipeline, records, shards
+from ish_tf.data import framing, input_checks, pipeline, records, shards
 from ish_tf.data.records import RecordsError
 from ish_tf.families import ModelConfig, make_task
 from ish_tf.families.triplet.config import TripletConfig
@@ -76,31 +76,31 @@ def _take_all(ds, n=4):
 def _describe(make_ds, records_dir) -> str:
     with pytest.raises(tf.errors.OpError) as info:
         _take_all(make_ds())
-    return pipeline.describe_input_error(info.value, records_dir, "train")
+    return input_checks.describe_input_error(info.value, records_dir, "train")
 
 
 # --------------------------------------------------------------------------- 1. CRC
 def test_crc32c_matches_the_standard_and_tensorflow_framing(tmp_path):
-    assert shards.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert framing.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     rng = np.random.default_rng(0)
     for n in (0, 1, 63, 64, 255, 256, 257, 4099, 70_001):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert shards.crc32c(data) == shards._crc32c_small(data), n
+        assert framing.crc32c(data) == framing._crc32c_small(data), n
     # Every record TensorFlow wrote passes the check, framing included.
     out = _records(tmp_path)
     shard = _shard(out)
-    offsets = shards.record_offsets(shard)
+    offsets = framing.record_offsets(shard)
     with open(shard, "rb") as f:
         raw = f.read()
     for i in range(len(offsets) - 1):
-        data = shards.check_record_framing(raw[offsets[i]:offsets[i + 1]], shard, i)
+        data = framing.check_record_framing(raw[offsets[i]:offsets[i + 1]], shard, i)
         assert records.parse_example(data)["gene_symbol"].numpy().decode() in GENES
 
 
 def test_corrupt_shard_pk_reader_names_shard_record_and_offset(tmp_path):
     out = _records(tmp_path)
     shard = _shard(out)
-    offsets = shards.record_offsets(shard)
+    offsets = framing.record_offsets(shard)
     # A byte in the middle of record 5's data (it may still parse and decode).
     middle = int(offsets[5] + offsets[6]) // 2
     flip_bytes(shard, count=1, start=middle, end=middle + 1)
@@ -110,7 +110,7 @@ def test_corrupt_shard_pk_reader_names_shard_record_and_offset(tmp_path):
     # The length header has its own CRC.
     fresh = _records(tmp_path / "b")
     shard_b = _shard(fresh)
-    off_b = shards.record_offsets(shard_b)
+    off_b = framing.record_offsets(shard_b)
     flip_bytes(shard_b, count=1, start=int(off_b[2]) + 9, end=int(off_b[2]) + 10)
     message = _describe(lambda: pipeline.pk_dataset(fresh, "train", P=6, K=4), fresh)
     assert f"{shard_b}: record 2 at byte {int(off_b[2])}: the length header fails" in message
@@ -120,7 +120,7 @@ def test_corrupt_shard_bin_train_stops_naming_it(tmp_path, capsys):
     """Today: a record whose data CRC does not match trained silently (exit 0)."""
     out = _records(tmp_path / "rec")
     shard = _shard(out)
-    offsets = shards.record_offsets(shard)
+    offsets = framing.record_offsets(shard)
     end = int(offsets[7])  # the last byte of record 6's data CRC
     flip_bytes(shard, count=1, start=end - 1, end=end)
     rc, err = _train_cli(capsys, _argv(out, tmp_path / "run"))
@@ -136,7 +136,7 @@ def test_corrupt_shard_plain_reader_names_the_shard(tmp_path):
     """Today: a bare DataLossError 'corrupted record at N', naming no file."""
     out = _records(tmp_path)
     shard = _shard(out)
-    offsets = shards.record_offsets(shard)
+    offsets = framing.record_offsets(shard)
     middle = int(offsets[3] + offsets[4]) // 2
     flip_bytes(shard, count=1, start=middle, end=middle + 1)
     message = _describe(
@@ -150,7 +150,7 @@ def test_truncated_shard_is_never_read_as_fewer_records(tmp_path):
     """Today: a shard cut at a record boundary read as fewer records (P×K: IndexError)."""
     out = _records(tmp_path)
     shard = _shard(out)
-    offsets = shards.record_offsets(shard)
+    offsets = framing.record_offsets(shard)
     truncate(shard, int(offsets[-2]))  # the last record is gone
     want = f"{shard}: index.json says 24 records, the shard holds 23"
     with pytest.raises(RecordsError, match=want):
@@ -207,7 +207,7 @@ def test_non_image_record_names_shard_and_record(tmp_path, capsys):
     """Today: 'Unknown image file format' from inside tf.data, naming nothing."""
     out = _non_image_records(str(tmp_path / "rec"))
     shard = _shard(out)
-    offsets = shards.record_offsets(shard)
+    offsets = framing.record_offsets(shard)
     want = "image/encoded is neither a JPEG nor a PNG image (non-image bytes)"
     message = _describe(lambda: pipeline.pk_dataset(out, "train", P=4, K=4), out)
     assert message == f"{shard}: record 5 at byte {int(offsets[5])}: {want}"
@@ -276,15 +276,15 @@ def test_P_K_against_the_identities_of_the_split(tmp_path, capsys):
     with pytest.raises(RecordsError, match=r"split 'train' has 2 genes with at least K=4 "
                                            r"records \(5 genes, 11 records in all\), but a "
                                            r"P×K batch needs P=3"):
-        pipeline.check_pk_identities(out, "train", 3, 4)
-    assert pipeline.check_pk_identities(out, "train", 2, 4) == 2
+        input_checks.check_pk_identities(out, "train", 3, 4)
+    assert input_checks.check_pk_identities(out, "train", 2, 4) == 2
     rc, err = _train_cli(capsys, _argv(out, tmp_path / "run"))
     assert rc == 1 and "has 2 genes with at least K=4 records" in _error_line(err)
     assert not os.path.exists(tmp_path / "run" / "model.keras")
     # Fewer than 2 identities with K records cannot make a triplet, whatever P.
     one = _records(tmp_path / "one", {"A": 4, "C": 1})
     with pytest.raises(RecordsError, match="has 1 genes with at least K=2"):
-        pipeline.check_pk_identities(one, "train", 1, 2)
+        input_checks.check_pk_identities(one, "train", 1, 2)
     # P above the identities of the split at all.
     with pytest.raises(RecordsError, match="split 'train': P=7 genes per batch but the split "
                                            "has only 5 genes with records"):

@@ -10,7 +10,7 @@ import pytest
 
 from ish_tf.families.ish_cnn import segmentation as seg
 from ish_tf.families.ish_cnn.config import IshCnnConfig
-from ish_tf.families.ish_cnn.spatial import spots_frame
+from ish_tf.families.ish_cnn.sections import spots_frame
 
 
 def test_dice_on_hand_made_masks():

@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ish_tf.families.ish_cnn import sections as section_io
 from ish_tf.families.ish_cnn import spatial
 from ish_tf.families.ish_cnn.spatial import LabelConfig, SpatialError
 from ish_tf.families.ish_cnn.synthetic_pairs import DECOY_GENE, SpatialSynthConfig, generate_pair
 
 
 def _spots(rows):
-    return spatial.spots_frame([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    return section_io.spots_frame([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
 def _write_section(tmp_path, image, rows, mask=None, name="s"):
@@ -35,28 +36,28 @@ def _write_section(tmp_path, image, rows, mask=None, name="s"):
 def test_read_spot_table_scales_and_names_bad_rows(tmp_path):
     path = tmp_path / "spots.csv"
     path.write_text("x,y,gene\n10,20,A\n4,6,B\n")
-    df = spatial.read_spot_table(str(path), scale=0.5)
+    df = section_io.read_spot_table(str(path), scale=0.5)
     assert df["x"].tolist() == [5.0, 2.0] and df["y"].tolist() == [10.0, 3.0]
     assert df["gene"].tolist() == ["A", "B"]
     path.write_text("x,y,gene\n10,20,A\n4,oops,B\n")
     with pytest.raises(SpatialError, match=r"line 3, column 'y'.*oops"):
-        spatial.read_spot_table(str(path))
+        section_io.read_spot_table(str(path))
     path.write_text("x,y,gene\n")
     with pytest.raises(SpatialError, match="no rows"):
-        spatial.read_spot_table(str(path))
+        section_io.read_spot_table(str(path))
     path.write_text("x,y\n1,2\n")
     with pytest.raises(SpatialError, match=r"lacks column\(s\) \['gene'\]"):
-        spatial.read_spot_table(str(path))
+        section_io.read_spot_table(str(path))
 
 
 def test_check_spots_outside_and_unknown_genes():
     spots = _spots([(1, 1, "A"), (9.4, 4, "B"), (10, 2, "A"), (3, -1, "B")])
     with pytest.raises(SpatialError, match=r"line 4: spot \(10, 2\).*outside the 10 x 5.*2 spot"):
-        spatial.check_spots(spots, (5, 10), ("A", "B"))
-    kept, dropped = spatial.check_spots(spots, (5, 10), ("A", "B"), outside="drop")
+        section_io.check_spots(spots, (5, 10), ("A", "B"))
+    kept, dropped = section_io.check_spots(spots, (5, 10), ("A", "B"), outside="drop")
     assert dropped == 2 and kept["x"].tolist() == [1, 9.4]
     with pytest.raises(SpatialError, match=r"gene\(s\) \['C'\] have no spots"):
-        spatial.check_spots(spots, (5, 10), ("A", "C"), outside="drop")
+        section_io.check_spots(spots, (5, 10), ("A", "C"), outside="drop")
 
 
 def test_load_section_mask_size_mismatch_and_16bit(tmp_path):
@@ -68,10 +69,10 @@ def test_load_section_mask_size_mismatch_and_16bit(tmp_path):
     a16 = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)
     path = os.path.join(str(tmp_path), "s16.png")
     Image.fromarray(a16).save(path)
-    grey = spatial.read_section_image(path)
+    grey = section_io.read_section_image(path)
     assert grey.dtype == np.uint8 and grey.max() == 255 and grey.min() == 0
     with pytest.raises(SpatialError, match="cannot read the section image"):
-        spatial.read_section_image(os.path.join(str(tmp_path), "missing.tif"))
+        section_io.read_section_image(os.path.join(str(tmp_path), "missing.tif"))
 
 
 # --------------------------------------------------------------------------- labels
@@ -219,7 +220,7 @@ def test_synthetic_pair(tmp_path):
     assert not np.array_equal(sections[0].mask, sections[1].mask)
     again = SpatialSynthConfig(out_dir=str(tmp_path / "again"), height=128, width=160, seed=3)
     t2 = generate_pair(again)
-    np.testing.assert_array_equal(spatial.read_section_image(t2["image"][0]), sections[0].image)
+    np.testing.assert_array_equal(section_io.read_section_image(t2["image"][0]), sections[0].image)
 
 
 def test_fluorescence_sections_from_the_flags(tmp_path):
@@ -243,7 +244,7 @@ def test_fluorescence_sections_from_the_flags(tmp_path):
     assert cfg.mask_config.background == pred.mask_config.background == "dark"
     sec = spatial.load_section(img, spots, genes=["A"], mask_config=cfg.mask_config)
     assert (sec.mask & truth).sum() / (sec.mask | truth).sum() > 0.95
-    with mock.patch.object(spatial.logging, "warning") as warn:
+    with mock.patch.object(section_io.logging, "warning") as warn:
         default = spatial.load_section(img, spots, genes=["A"])  # brightfield default
     assert default.mask[~truth].mean() > 0.9  # the black slide is "tissue"
     assert "looks like a section on a dark background" in warn.call_args[0][0] % warn.call_args[0][1:]
@@ -271,11 +272,11 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     assert path.stat().st_size < 100_000
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(spatial.SpatialError, match=r"bomb\.png.*30000x30000.*--max_pixels"):
-        spatial.read_section_image(str(path))
+        section_io.read_section_image(str(path))
     assert Image.MAX_IMAGE_PIXELS == before and before is not None
     # A genuine large image passes when the limit allows it (here a small one, limit tight).
     ok = tmp_path / "ok.png"
     Image.fromarray(np.full((40, 50), 200, np.uint8)).save(ok)
-    assert spatial.read_section_image(str(ok), max_pixels=2000).shape == (40, 50)
+    assert section_io.read_section_image(str(ok), max_pixels=2000).shape == (40, 50)
     with pytest.raises(spatial.SpatialError, match="--max_pixels=1,999"):
-        spatial.read_section_image(str(ok), max_pixels=1999)
+        section_io.read_section_image(str(ok), max_pixels=1999)

@@ -25,7 +25,7 @@ set it from --seed before building a dataset, and other callers should too.
 
 Scale. The P×K reader never loads the dataset: the index (`shards.gene_extents`)
 says where each gene's contiguous records lie, a small per-shard offsets file
-(`shards.record_offsets`) gives each record's byte position, and each batch reads
+(`framing.record_offsets`) gives each record's byte position, and each batch reads
 just its P·K records with positioned reads. Memory is O(number of records × 8 bytes)
 for the memory-mapped offsets, independent of image size.
 
@@ -33,17 +33,15 @@ Nothing silent. Both readers check each shard against the record count index.jso
 lists (a truncated shard never reads as fewer records) and check that an image record
 holds image bytes before decoding it, naming the shard and record when not. The plain
 reader's `TFRecordDataset` checks the CRCs itself; the P×K reader's positioned reads
-check each record's framing (`shards.check_record_framing`) before parsing.
+check each record's framing (`framing.check_record_framing`) before parsing.
 `describe_input_error` turns what iterating either reader raised into one line naming
 the shard, record and offset.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import re
 import threading
 import zlib
 from collections.abc import Sequence
@@ -51,7 +49,14 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ish_tf.data import records, shards
+from ish_tf.data import framing, records, shards
+from ish_tf.data.input_checks import (
+    check_shard_counts,
+    checked_image_bytes,
+    identity_name,
+    index_record_counts,
+    no_records_error,
+)
 from ish_tf.data.inputs import InputSpec
 from ish_tf.data.records import RecordsError
 
@@ -129,17 +134,6 @@ def list_shards(records_dir: str, split: str) -> list[str]:
     return paths
 
 
-def _check_shard_counts(records_dir: str, split: str, files: Sequence[str]) -> None:
-    """The split holds records, and each uncompressed shard as many as index.json lists
-    (a truncated shard must never read as fewer records)."""
-    counts = _index_record_counts(records_dir, split, files)
-    if sum(counts) == 0:
-        raise _no_records(records_dir, split)
-    for f, n in zip(files, counts, strict=True):
-        if shards.compression_of(f) is None:
-            shards.checked_record_offsets(f, n)
-
-
 def _compression(files: Sequence[str]) -> str | None:
     kinds = {shards.compression_of(f) for f in files}
     if len(kinds) > 1:
@@ -186,144 +180,11 @@ def _prepare(payload: tf.Tensor, spec: InputSpec, flip: tf.Tensor | None,
     return augment_image(payload, flip, standardize)
 
 
-def _identity_name(records_dir: str) -> str:
-    info = shards.load_dataset_info(records_dir)
-    return (info.identity_name if info is not None else "") or records.DEFAULT_IDENTITY_NAME
-
-
-def _index_record_counts(records_dir: str, split: str, files: Sequence[str]) -> list[int]:
-    """The number of records index.json lists for each of these shard files."""
-    listed = {os.path.abspath(os.path.join(records_dir, s["file"])): int(s["num_records"])
-              for s in shards.load_index(records_dir)["shards"] if s["split"] == split}
-    return [listed[os.path.abspath(f)] for f in files]
-
-
-def _no_records(records_dir: str, split: str) -> RecordsError:
-    return RecordsError(
-        f"{records_dir}: split '{split}' has no records (its shards in {shards.INDEX_NAME} "
-        "hold 0 records: the extraction found no patches); check what bin/extract "
-        "reported (tissue masks, patch size, split fractions) and extract again")
-
-
-def check_pk_identities(records_dir: str, split: str, P: int, K: int) -> int:
-    """Checks that a split can feed P×K batches of distinct identities (triplet training).
-
-    Args:
-      records_dir: directory written by `bin/extract`.
-      split: the split to train on.
-      P, K: identities per batch and records per identity.
-
-    Returns:
-      The number of identities of the split with at least K records.
-
-    Raises:
-      RecordsError: the split has no records, fewer than 2 identities with at least K
-        records, or fewer than P; the message names the split and the counts.
-    """
-    extents = shards.gene_extents(records_dir, split)
-    what = _identity_name(records_dir)
-    total = sum(e.count for e in extents)
-    enough = sum(e.count >= K for e in extents)
-    if total == 0:
-        raise _no_records(records_dir, split)
-    if enough < max(P, 2):
-        raise RecordsError(
-            f"{records_dir}: split '{split}' has {enough} {what}s with at least K={K} "
-            f"records ({len(extents)} {what}s, {total} records in all), but a P×K batch "
-            f"needs P={P} (and at least 2): lower P or K, or extract more patches per {what}")
-    return enough
-
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _checked(feats: dict, spec: InputSpec, where: tf.Tensor) -> dict:
-    """Parsed features whose image bytes are checked to be what the set holds before
-    they are decoded, so a record of non-image bytes fails naming `where` (its shard and
-    number) instead of with a bare decoder error."""
-    if spec.kind != "image":
-        return feats
-    encoded = feats["image/encoded"]
-    if records.stores_raw(spec.channels, spec.dtype):
-        if spec.height is None or spec.width is None:
-            return feats  # the decoder checks the size against image/height and width
-        want = spec.height * spec.width * spec.channels * np.dtype(spec.dtype).itemsize
-        ok = tf.equal(tf.strings.length(encoded), want)
-        what = f"image/encoded is not the {want} bytes of a raw {spec.describe()} image"
-    else:
-        ok = tf.logical_or(tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC),
-                           tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC))
-        what = "image/encoded is neither a JPEG nor a PNG image (non-image bytes)"
-    check = tf.debugging.Assert(ok, [where, what])
-    with tf.control_dependencies([check]):
-        return dict(feats, **{"image/encoded": tf.identity(encoded)})
-
-
 def _decode_checked(serialized: tf.Tensor, spec: InputSpec, where: tf.Tensor) -> tf.Tensor:
-    """`decode_one` with the bytes checked first (`_checked`)."""
+    """`decode_one` with the bytes checked first (`checked_image_bytes`)."""
     feats = records.parse_example(serialized, _decode_keys(spec), spec.kind)
-    return _decode_payload(_checked(feats, spec, where), spec)
+    return _decode_payload(checked_image_bytes(feats, spec, where), spec)
 
-
-def find_corrupt_record(files: Sequence[str]) -> str | None:
-    """Reads shards with TensorFlow's checked reader until a record fails.
-
-    For the error path of the plain reader, whose `DataLossError` says only "corrupted
-    record at OFFSET": it reads every byte of the shards, so use it once an error is
-    known.
-
-    Returns:
-      "SHARD: record N at byte B: ..." for the first bad record, or None.
-    """
-    for path in files:
-        options = tf.io.TFRecordOptions(compression_type=shards.compression_of(path) or "")
-        n = 0
-        try:
-            for _ in tf.compat.v1.io.tf_record_iterator(path, options):
-                n += 1
-        except tf.errors.OpError as e:
-            at = ""
-            if shards.compression_of(path) is None:
-                try:
-                    at = f" at byte {int(shards.record_offsets(path)[n])}"
-                except (RecordsError, IndexError):
-                    at = ""
-            return (f"{path}: record {n}{at}: {e.message} (corrupt or truncated shard: "
-                    "extract it again)")
-    return None
-
-
-_TF_NOISE = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$|"
-                       r"Error in user-defined function passed to \S+ transformation with "
-                       r"iterator: \S+: ")
-
-
-def describe_input_error(error: tf.errors.OpError, records_dir: str | None = None,
-                         split: str | None = None) -> str:
-    """One line for an error an input pipeline of this module raised, naming the shard
-    (and the record) wherever it can.
-
-    Args:
-      error: what iterating the dataset raised.
-      records_dir, split: what the pipeline reads (to find a corrupt record the plain
-        reader met, and to name the data otherwise).
-    """
-    text = error.message
-    found = re.search(r"RecordsError: ([^\n]*)", text)  # the P×K reader's checks
-    if found:
-        return found.group(1)
-    found = re.search(r"assertion failed: \[([^\n]*?)\] \[([^\n]*?)\]", text)  # `_checked`
-    if found:
-        return f"{found.group(1)}: {found.group(2)}"
-    if isinstance(error, tf.errors.DataLossError) and records_dir and split:
-        with contextlib.suppress(RecordsError, tf.errors.OpError, OSError):
-            found = find_corrupt_record(list_shards(records_dir, split))
-            if found:
-                return found
-    first = _TF_NOISE.sub("", text.strip().splitlines()[0] if text.strip() else type(error).__name__)
-    where = f"{records_dir} (split '{split}')" if records_dir else "the input pipeline"
-    return f"{where}: reading or decoding a record failed: {first}"
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -486,7 +347,7 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
         if split is None:
             raise ValueError("patch_dataset: give `split` when `source` is a records directory")
         files = list_shards(source, split)
-        _check_shard_counts(source, split, files)
+        check_shard_counts(source, split, files)
         patch_size = patch_size or _patch_size(source)
         spec = _input_spec(source, patch_size, input_spec)
     else:
@@ -543,7 +404,7 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
             serialized, _decode_keys(spec) + [k for k in keys if k not in _decode_keys(spec)],
             spec.kind)
         flip = flip_bits(tf.stack([tf.cast(seed, tf.int64), i])) if augmenting else None
-        image = _prepare(_decode_payload(_checked(feats, spec, where), spec), spec, flip,
+        image = _prepare(_decode_payload(checked_image_bytes(feats, spec, where), spec), spec, flip,
                          standardize)
         if with_keys:
             return image, {k: feats[k] for k in keys}
@@ -628,7 +489,7 @@ class _RecordReader:
 
     Every read is checked before the record is parsed. The first read of a record
     verifies its TFRecord framing (the masked CRC32C of the length and of the data,
-    `shards.check_record_framing`) and keeps a zlib CRC-32 of the framed bytes; later
+    `framing.check_record_framing`) and keeps a zlib CRC-32 of the framed bytes; later
     reads of the same record compare with that (C speed, about 10x cheaper than the
     numpy CRC32C), so any byte changed since the verified read is still caught.
 
@@ -641,7 +502,7 @@ class _RecordReader:
     def __init__(self, files: Sequence[str], expected: Sequence[int]):
         self._fds: list[int | None] = []
         self.files = list(files)
-        self.offsets = [shards.checked_record_offsets(f, int(n))
+        self.offsets = [framing.checked_record_offsets(f, int(n))
                         for f, n in zip(self.files, expected, strict=True)]
         # 0: not verified yet; else 2**32 + zlib.crc32 of the verified framed record.
         self._verified = [np.zeros(len(o) - 1, np.uint64) for o in self.offsets]
@@ -672,7 +533,7 @@ class _RecordReader:
         if len(raw) != end - start:
             raise RecordsError(f"{name}: record {record} at byte {start}: read {len(raw)} "
                                f"of {end - start} bytes (truncated shard?)")
-        data = shards.check_record_framing(raw, name, record, start)
+        data = framing.check_record_framing(raw, name, record, start)
         self._verified[file_id][record] = (1 << 32) + zlib.crc32(raw)
         return data
 
@@ -750,9 +611,9 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
       ValueError: P not divisible by the replicas.
     """
     extents = shards.gene_extents(records_dir, split)
-    what = _identity_name(records_dir)
+    what = identity_name(records_dir)
     if not extents:
-        raise _no_records(records_dir, split)
+        raise no_records_error(records_dir, split)
     if P > len(extents):
         raise RecordsError(
             f"{records_dir}: split '{split}': P={P} {what}s per batch but the split has "
@@ -783,7 +644,7 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
         first = input_context.input_pipeline_id * per_pipe
     b = P * K // n_rep
 
-    sampler_files = _RecordReader(files, _index_record_counts(records_dir, split, files))
+    sampler_files = _RecordReader(files, index_record_counts(records_dir, split, files))
     for e in extents:
         held = len(sampler_files.offsets[file_id[e.file]]) - 1
         if e.offset + e.count > held:

@@ -401,7 +401,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         try:
             return next(iterator)
         except tf.errors.OpError as e:
-            from ish_tf.data.pipeline import describe_input_error
+            from ish_tf.data.input_checks import describe_input_error
 
             raise TrainingError(
                 f"reading the training data for step {current + 1} failed: "

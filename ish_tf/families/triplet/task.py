@@ -38,7 +38,8 @@ class TripletTask(Task):
           RecordsError: the split has no records, or fewer than max(P, 2) identities
             with at least K records (naming the split and the counts).
         """
-        from ish_tf.data.pipeline import check_pk_identities, pk_dataset
+        from ish_tf.data.input_checks import check_pk_identities
+        from ish_tf.data.pipeline import pk_dataset
 
         cfg, family = self.train_config, self.model_config.family
         if not cfg.records_dir:
