@@ -27,7 +27,7 @@ NAME = "spatial"
 def define_spot_flags(d: FlagDefiner) -> None:
     """--spot_scale, --outside_spots and --max_pixels (bin/spatial and bin/predict each
     define them)."""
-    from ish_tf.families.ish_cnn.spatial import DEFAULT_MAX_PIXELS
+    from ish_tf.families.ish_cnn.sections import DEFAULT_MAX_PIXELS
 
     d.integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest section image read (width x height as "
               "the file declares it, checked before decoding; about 1 byte per pixel is "

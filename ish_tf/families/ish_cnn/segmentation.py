@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ish_tf.families.ish_cnn import spatial
+from ish_tf.families.ish_cnn import sections, spatial
 from ish_tf.io_utils import atomic_path, atomic_write_text
 
 IGNORE = -1
@@ -351,7 +351,7 @@ class SegmentationConfig:
     seed: int = 0
     report: bool = True
     mask_config: object = None
-    max_pixels: int = spatial.DEFAULT_MAX_PIXELS
+    max_pixels: int = sections.DEFAULT_MAX_PIXELS
 
     def validate(self) -> SegmentationConfig:
         """Checks the settings; returns self.
@@ -442,7 +442,7 @@ def run_segmentation(cfg: SegmentationConfig, log=None) -> dict:
         raise SegmentationError(f"{cfg.model_dirs[0]}: classes {classes} must end with "
                                 f"'{spatial.TISSUE}', '{spatial.BACKGROUND}' (an ISH CNN run)")
     genes = classes[:-2]
-    section = spatial.load_section(cfg.image, cfg.spots, cfg.mask, scale=cfg.spot_scale,
+    section = sections.load_section(cfg.image, cfg.spots, cfg.mask, scale=cfg.spot_scale,
                                    genes=genes, outside=cfg.outside,
                                    mask_config=cfg.mask_config, max_pixels=cfg.max_pixels)
     truth = rasterize_truth(section.shape, section.spots, section.mask, genes, cfg.radius)
