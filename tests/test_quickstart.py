@@ -9,7 +9,7 @@ from ish_tf.data.patches import ExtractConfig
 from ish_tf.data.synthetic import SynthConfig
 from ish_tf.families import ModelConfig
 from ish_tf.families.triplet.config import TripletConfig
-from ish_tf.quickstart import QuickstartConfig, run_quickstart
+from ish_tf.families.triplet.quickstart import QuickstartConfig, run_quickstart
 from ish_tf.train import TrainConfig
 
 

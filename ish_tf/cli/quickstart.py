@@ -52,12 +52,12 @@ def define_flags(fv) -> None:
 
 
 def quickstart_config(fv):
-    """`ish_tf.quickstart.QuickstartConfig` from the stage flags.
+    """`ish_tf.families.triplet.quickstart.QuickstartConfig` from the stage flags.
 
     Raises:
       ValueError: a stage rejects its flags.
     """
-    from ish_tf.quickstart import QuickstartConfig
+    from ish_tf.families.triplet.quickstart import QuickstartConfig
 
     return QuickstartConfig(
         workdir=fv.workdir, synth=synth_config(fv), extract=extract_config(fv),
@@ -69,7 +69,7 @@ def main(fv, argv: list[str]) -> int:
     """Runs the whole pipeline; returns the exit status (0 ok, 130 Ctrl-C)."""
     from absl import logging
 
-    from ish_tf.quickstart import run_quickstart
+    from ish_tf.families.triplet.quickstart import run_quickstart
 
     if fv.family != "triplet":
         return _family_quickstart(fv)

@@ -287,7 +287,7 @@ register_family(FamilySpec(
     task="ish_tf.families.triplet.task:TripletTask", inputs=_RGB, outputs=("embedding",),
     pixels_signature="embed_images",
     hypermodel="ish_tf.families.triplet.hypermodel:TripletHyperModel",
-    quickstart="ish_tf.quickstart:run_quickstart",
+    quickstart="ish_tf.families.triplet.quickstart:run_quickstart",
     tiny="ish_tf.families.triplet.testing:tiny",
     description="gene re-identification: triplet ResNet50 on ISH patches "
                 "(Abed-Esfahani et al. 2022)"))
