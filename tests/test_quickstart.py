@@ -49,3 +49,24 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert again["saved_model"] == saved
     assert again["rank1"] == summary["rank1"]
     assert again["seconds"]["training"] < summary["seconds"]["training"]
+
+
+def test_quickstart_into_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """bin/quickstart with an unwritable --workdir (a full disk) stops with one line naming
+    the path, exit 1, instead of a traceback."""
+    import errno
+
+    from faults import failing_writes
+
+    from ish_tf import cli
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    workdir = tmp_path / "qs"
+    failing_writes(monkeypatch, str(tmp_path), errno.ENOSPC)
+    rc = cli.invoke("quickstart", ["--flagfile=configs/quickstart.cfg",
+                                   f"--workdir={workdir}"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert f"quickstart: error: {workdir}" in err and "No space left on device" in err
+    assert "Traceback" not in err

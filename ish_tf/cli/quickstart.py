@@ -75,16 +75,22 @@ def main(fv, argv: list[str]) -> int:
         return _family_quickstart(fv)
     with usage_errors():
         cfg = quickstart_config(fv)
-    os.makedirs(fv.workdir, exist_ok=True)
-    config.write_flagfile(os.path.join(fv.workdir, "quickstart_flags.cfg"), fv)
     logging.set_verbosity(logging.WARNING)
-    print(f"ish_tf quickstart: writing to {os.path.abspath(fv.workdir)}")
-    print(f"  watch training with: tensorboard --logdir {os.path.join(fv.workdir, 'run', 'logs')}")
     try:
+        os.makedirs(fv.workdir, exist_ok=True)
+        config.write_flagfile(os.path.join(fv.workdir, "quickstart_flags.cfg"), fv)
+        print(f"ish_tf quickstart: writing to {os.path.abspath(fv.workdir)}")
+        print(f"  watch training with: tensorboard --logdir "
+              f"{os.path.join(fv.workdir, 'run', 'logs')}")
         summary = run_quickstart(cfg, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
         print("quickstart: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except (OSError, ValueError, RuntimeError) as e:
+        # Each stage's errors name their file; a disk error gets its path here.
+        print(f"quickstart: error: {_describe(e)}; finished stages are kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 1
     r = summary["rank1"]
     print()
     print(f"Other-donor rank-1 on {summary['n_queries']} images of held-out "
@@ -97,6 +103,13 @@ def main(fv, argv: list[str]) -> int:
     print(f"Total:      {sum(summary['seconds'].values()):.0f} s "
           f"({json.dumps(summary['seconds'])})")
     return 0
+
+
+def _describe(error: BaseException) -> str:
+    """One line for a stage's error: an OSError as `PATH: cannot write (reason)`."""
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: cannot write ({error.strerror or error})"
+    return str(error)
 
 
 def _family_quickstart(fv) -> int:
@@ -116,8 +129,8 @@ def _family_quickstart(fv) -> int:
     except KeyboardInterrupt:
         print("quickstart: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except RecipeError as e:
-        print(f"quickstart: error: {e}", file=sys.stderr)
+    except (RecipeError, OSError) as e:
+        print(f"quickstart: error: {_describe(e)}", file=sys.stderr)
         return 1
     print(f"Summary:    {summary['path']}")
     print(f"Total:      {sum(summary['seconds'].values()):.0f} s "
