@@ -61,32 +61,11 @@ def model_config(fv):
 
 # --------------------------------------------------------------------------- train runtime
 def define_train(fv) -> None:
-    """The runtime settings of a training run (`ish_tf.train.TrainConfig`)."""
-    d = definer(fv, NAME)
-    d.string("run_dir", "runs/triplet", "Run directory: flags.cfg, checkpoints/, logs/, "
-             "metrics.csv, model.keras. Rerunning with the same directory resumes.")
-    d.string("records_dir", "", "TFRecord shards + index.json written by bin/extract.")
-    d.string("split", "train", "Split of the records to train on.")
-    d.bool("flips", True, "Random horizontal and vertical flips.")
-    d.float("learning_rate", 7e-5, "Initial Adam learning rate.")
-    d.float("adam_epsilon", 1e-8, "Adam epsilon.")
-    d.integer("steps", 30000, "Total optimizer steps.")
-    d.integer("decay_start", 25000, "Hold the learning rate until this step, then decay it "
-              "exponentially.")
-    d.float("final_lr_fraction", 0.001, "Learning rate at --steps as a fraction of the "
-            "initial one.")
-    d.enum("strategy", "auto", ["auto", "mirrored", "one_device", "default", "multi_worker"],
-           "tf.distribute strategy; auto = mirrored when more than one GPU is visible; "
-           "multi_worker = MultiWorkerMirroredStrategy from TF_CONFIG.")
-    d.integer("checkpoint_every", 1000, "Steps between checkpoints.")
-    d.integer("keep_checkpoints", 3, "Checkpoints kept on disk.")
-    d.integer("log_every", 100, "Steps between log lines, TensorBoard scalars and "
-              "metrics.csv rows.")
-    d.bool("image_summaries", True, "Write a few input patches to TensorBoard at step 0.")
-    d.bool("mixed_precision", False, "Mixed precision: float16 with loss scaling on GPU, "
-           "bfloat16 on CPU.")
-    d.bool("jit_compile", False, "XLA-compile the train step.")
-    d.bool("deterministic", False, "Enable TensorFlow op determinism (slower).")
+    """The runtime settings of a training run, generated from `ish_tf.train.TrainConfig`
+    (each default written once, there)."""
+    from ish_tf.train import TrainConfig
+
+    config.define_flags(TrainConfig, "", fv, module_name=_MODULE)
 
 
 def train_config(fv):
@@ -98,14 +77,7 @@ def train_config(fv):
     """
     from ish_tf.train import TrainConfig
 
-    cfg = TrainConfig(
-        run_dir=fv.run_dir, records_dir=fv.records_dir, split=fv.split, flips=fv.flips,
-        learning_rate=fv.learning_rate, adam_epsilon=fv.adam_epsilon, steps=fv.steps,
-        decay_start=fv.decay_start, final_lr_fraction=fv.final_lr_fraction,
-        strategy=fv.strategy, checkpoint_every=fv.checkpoint_every,
-        keep_checkpoints=fv.keep_checkpoints, log_every=fv.log_every,
-        image_summaries=fv.image_summaries, mixed_precision=fv.mixed_precision,
-        jit_compile=fv.jit_compile, deterministic=fv.deterministic, seed=fv.seed)
+    cfg = config.from_flags(TrainConfig, "", fv)
     if fv.small_run:
         cfg = cfg.shrunk_for_small_run()
     return cfg.validate()

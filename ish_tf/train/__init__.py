@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from ish_tf.config import setting
+
+STRATEGIES: tuple[str, ...] = ("auto", "mirrored", "one_device", "default", "multi_worker")
+
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Settings of one training run (defaults: the paper's configuration).
+    """Settings of one training run (defaults: the paper's configuration); `bin/train`'s
+    runtime flags are generated from these fields (`ish_tf.config.define_flags`).
 
     Attributes:
       run_dir: output directory RUN (flags.cfg, checkpoints/, logs/, metrics.csv,
@@ -28,7 +33,7 @@ class TrainConfig:
       decay_start: step t0 after which lr decays exponentially to
         final_lr_fraction * lr0 at t1.
       final_lr_fraction: lr(t1) / lr0.
-      strategy: "auto", "mirrored", "one_device" or "default".
+      strategy: one of `STRATEGIES`.
       checkpoint_every: steps between checkpoints.
       keep_checkpoints: checkpoints kept on disk.
       log_every: steps between log lines / TensorBoard scalars / metrics.csv rows.
@@ -40,24 +45,31 @@ class TrainConfig:
       seed: seed of model initialisation and the input pipeline.
     """
 
-    run_dir: str = "runs/triplet"
-    records_dir: str = ""
-    split: str = "train"
-    flips: bool = True
-    learning_rate: float = 7e-5
-    adam_epsilon: float = 1e-8
-    steps: int = 30000
-    decay_start: int = 25000
-    final_lr_fraction: float = 0.001
-    strategy: str = "auto"
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 100
-    image_summaries: bool = True
-    mixed_precision: bool = False
-    jit_compile: bool = False
-    deterministic: bool = False
-    seed: int = 0
+    run_dir: str = setting("runs/triplet", "Run directory: flags.cfg, checkpoints/, logs/, "
+                           "metrics.csv, model.keras. Rerunning with the same directory resumes.")
+    records_dir: str = setting("", "TFRecord shards + index.json written by bin/extract.")
+    split: str = setting("train", "Split of the records to train on.")
+    flips: bool = setting(True, "Random horizontal and vertical flips.")
+    learning_rate: float = setting(7e-5, "Initial Adam learning rate.")
+    adam_epsilon: float = setting(1e-8, "Adam epsilon.")
+    steps: int = setting(30000, "Total optimizer steps.")
+    decay_start: int = setting(25000, "Hold the learning rate until this step, then decay it "
+                               "exponentially.")
+    final_lr_fraction: float = setting(0.001, "Learning rate at --steps as a fraction of the "
+                                       "initial one.")
+    strategy: str = setting("auto", "tf.distribute strategy; auto = mirrored when more than "
+                            "one GPU is visible; multi_worker = MultiWorkerMirroredStrategy "
+                            "from TF_CONFIG.", choices=STRATEGIES)
+    checkpoint_every: int = setting(1000, "Steps between checkpoints.")
+    keep_checkpoints: int = setting(3, "Checkpoints kept on disk.")
+    log_every: int = setting(100, "Steps between log lines, TensorBoard scalars and "
+                             "metrics.csv rows.")
+    image_summaries: bool = setting(True, "Write a few input patches to TensorBoard at step 0.")
+    mixed_precision: bool = setting(False, "Mixed precision: float16 with loss scaling on "
+                                    "GPU, bfloat16 on CPU.")
+    jit_compile: bool = setting(False, "XLA-compile the train step.")
+    deterministic: bool = setting(False, "Enable TensorFlow op determinism (slower).")
+    seed: int = setting(0, "Seed for every random choice of the stage.")
 
     def validate(self) -> TrainConfig:
         """Checks ranges; returns self.
