@@ -1,6 +1,6 @@
 """CDAE family: builder, corruption and losses, whole-section records, training, export,
 embedding, baselines and the supervised variant (ish_tf.families.cdae.model, ish_tf.families.cdae.task,
-ish_tf.data.whole)."""
+ish_tf.families.cdae.whole)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_reconstruction_losses():
 
 # --------------------------------------------------------------------------- whole sections
 def test_whole_section_crops_to_tissue_and_pads_with_background():
-    from ish_tf.data.whole import tissue_box, whole_section
+    from ish_tf.families.cdae.whole import tissue_box, whole_section
 
     rgb = np.full((60, 100, 3), 230, np.uint8)
     rgb[10:30, 20:80] = 40  # tissue: 20 x 60, wider than tall
@@ -133,7 +133,7 @@ def test_whole_section_crops_to_tissue_and_pads_with_background():
 def data(tmp_path_factory):
     """A tiny synthetic study and its 16x16 whole-section records (split by gene)."""
     from ish_tf.data.synthetic import SynthConfig, generate_dataset
-    from ish_tf.data.whole import WholeConfig, run_whole
+    from ish_tf.families.cdae.whole import WholeConfig, run_whole
 
     root = tmp_path_factory.mktemp("cdae")
     synth = str(root / "synth")
@@ -148,7 +148,7 @@ def data(tmp_path_factory):
 
 def test_whole_records_one_per_image_and_resume(data):
     from ish_tf.data import shards
-    from ish_tf.data.whole import WholeConfig, run_whole
+    from ish_tf.families.cdae.whole import WholeConfig, run_whole
 
     s = data["summary"]
     assert sum(v["images"] for v in s["splits"].values()) == 24
@@ -189,7 +189,7 @@ def test_whole_gene_filter_is_the_patch_extractions(data, tmp_path, caplog):
     named and ignored, and a list with none of the manifest's genes is an error."""
     from ish_tf.data import shards
     from ish_tf.data.patches import ExtractError
-    from ish_tf.data.whole import WholeConfig, run_whole
+    from ish_tf.families.cdae.whole import WholeConfig, run_whole
 
     manifest = os.path.join(data["synth"], "manifest.csv")
     gene = sorted(pd.read_csv(manifest)["gene_symbol"].astype(str).unique())[0]
@@ -214,8 +214,8 @@ def test_invert_mismatch_warns_for_the_other_kind_of_slide(data, tmp_path, caplo
 
     from ish_tf.data.manifest import write_manifest
     from ish_tf.data.segment import MaskConfig
-    from ish_tf.data.whole import WholeConfig, run_whole
     from ish_tf.families.cdae.data import invert_mismatch
+    from ish_tf.families.cdae.whole import WholeConfig, run_whole
 
     assert invert_mismatch(data["records"], True) is None
     brightfield = invert_mismatch(data["records"], False)
@@ -646,9 +646,9 @@ def test_whole_record_of_a_real_allen_mouse_section(tmp_path):
     from conftest import shared_data_path
 
     from ish_tf.data import manifest as mf
-    from ish_tf.data.whole import WholeConfig, run_whole
     from ish_tf.families.cdae.baselines import whole_pixels
     from ish_tf.families.cdae.terms import predict_records
+    from ish_tf.families.cdae.whole import WholeConfig, run_whole
 
     src = shared_data_path("allen", "mouse_prox1_sagittal_ds2.jpg")
     os.makedirs(tmp_path / "img")

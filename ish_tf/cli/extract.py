@@ -10,7 +10,7 @@ patch count, reason), OUT/masks/{image_id}.png (cached masks) and OUT/extract_fl
 (the resolved flags). Rerunning the same command resumes: complete shards are kept,
 partial files of an interrupted run are removed and their shards redone.
 `--whole_images` writes one downsampled whole section per record instead (see
-`ish_tf.data.whole`), with the same shards, index, report and resume.
+`ish_tf.families.cdae.whole`), with the same shards, index, report and resume.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def extract_config(fv):
 
 # --------------------------------------------------------------------------- whole images
 def define_whole(fv) -> None:
-    """Flags of whole-section records (`bin/extract --whole_images`, `ish_tf.data.whole`)."""
+    """Flags of whole-section records (`bin/extract --whole_images`, `ish_tf.families.cdae.whole`)."""
     d = definer(fv, NAME)
     d.bool("whole_images", False, "Write one downsampled grayscale whole section per record "
            "(cropped to the tissue mask's bounding box, padded to --whole_aspect with the "
@@ -116,14 +116,14 @@ def define_whole(fv) -> None:
 
 
 def whole_config(fv):
-    """`ish_tf.data.whole.WholeConfig` from the extract flags (manifest, out, genes, shards,
+    """`ish_tf.families.cdae.whole.WholeConfig` from the extract flags (manifest, out, genes, shards,
     splits, mask, workers, seed, --format) and the --whole_* flags.
 
     Raises:
       ValueError: as `extract_config`, or a bad whole-image setting.
     """
     from ish_tf.data.patches import RecordSetConfig
-    from ish_tf.data.whole import WholeConfig
+    from ish_tf.families.cdae.whole import WholeConfig
 
     ext = extract_config(fv)
     shared = {f.name: getattr(ext, f.name) for f in dataclasses.fields(RecordSetConfig)}
@@ -143,10 +143,11 @@ def main(fv, argv: list[str]) -> int:
 
     if not fv.manifest or not fv.out:
         raise app.UsageError("--manifest and --out are required")
-    from ish_tf.data import patches, whole
+    from ish_tf.data import patches
     from ish_tf.data.manifest import ManifestError
     from ish_tf.data.records import RecordsError
     from ish_tf.data.segment import SegmentError
+    from ish_tf.families.cdae import whole
 
     sections = fv.whole_images  # one whole section per record (CDAE input)
     try:

@@ -5,7 +5,7 @@ train/validation/test, plans whole genes per shard, and writes
 ``OUT/{split}-NNNNN-of-NNNNN.tfrecord`` shards with ``OUT/index.json``, ``OUT/genes.csv``
 and ``OUT/extract_report.csv`` (one row per image: status, patch count, reason). Images
 are processed by a pool of worker processes (`write_shards`, shared with
-`ish_tf.data.whole`); each shard is written under a temporary name and renamed when
+`ish_tf.families.cdae.whole`); each shard is written under a temporary name and renamed when
 complete, so a rerun keeps complete shards and redoes the rest.
 
 The sampling of one image's patches (`extract_image_patches`, `sample_patches`) is in

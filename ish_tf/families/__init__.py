@@ -7,7 +7,7 @@
 
 Everything that needs a family (bin/train, bin/tune, bin/export, bin/embed, the
 quickstart, the harness test) looks it up here with `get_family(name)`. Adding a family
-is one package, one `_FAMILIES` line and its config file. Importing this module is
+is one package and one `register_family(FamilySpec(...))` call below. Importing this module is
 cheap: builders, tasks and hypermodels are imported on first use.
 
 A run's model is described by a `ModelConfig`: the family name, the input size, the

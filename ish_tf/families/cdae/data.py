@@ -1,6 +1,6 @@
 """The CDAE's whole-section records as batches: grayscale (b, S_h, S_w, 1) in [0, 255].
 
-Whole-section records are written by `bin/extract --whole_images` (`ish_tf.data.whole`).
+Whole-section records are written by `bin/extract --whole_images` (`ish_tf.families.cdae.whole`).
 """
 
 from __future__ import annotations
