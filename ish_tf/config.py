@@ -3,8 +3,8 @@
 A family's settings live in one dataclass (its `config.py`), each field with its one
 default and a help text (`setting(...)`). `define_flags` turns the fields into absl flags
 named `<prefix>_<field>` (`CdaeConfig.unpool` -> `--cdae_unpool`), `from_flags` reads them
-back into an instance, and `flag_lines` renders an instance as flagfile lines (tuning's
-best.cfg). Library code takes the dataclass; only `ish_tf/cli` touches absl.
+back into an instance, and `to_dict`/`from_dict` carry it through JSON
+(RUN/model_config.json). Library code takes the dataclass; only `ish_tf/cli` touches absl.
 
 Field types map to flags as: bool -> DEFINE_bool, int -> DEFINE_integer, float ->
 DEFINE_float, str with `choices` -> DEFINE_enum, str -> DEFINE_string, tuple[...] ->
@@ -179,34 +179,16 @@ def from_flags(cls: type, prefix: str, flag_values, **overrides: Any):
     return validate() if callable(validate) else instance
 
 
-def flag_value_text(value: Any) -> str:
-    """A field value as flag text (tuples comma-joined, bools true/false)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(v) for v in value)
-    return "" if value is None else str(value)
-
-
-def flag_lines(instance: Any, prefix: str) -> dict[str, str]:
-    """{flag name: "--name=value"} for every flag field of a config instance."""
-    out = {}
-    for field in flag_fields(type(instance)):
-        name = flag_name(prefix, field.name)
-        out[name] = f"--{name}={flag_value_text(getattr(instance, field.name))}"
-    return out
-
-
 def to_dict(instance: Any) -> dict[str, Any]:
     """JSON-ready dict of a config dataclass (tuples as lists)."""
-    return json_ready(dataclasses.asdict(instance))
+    return _json_ready(dataclasses.asdict(instance))
 
 
-def json_ready(value: Any) -> Any:
+def _json_ready(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
+        return {k: _json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
+        return [_json_ready(v) for v in value]
     return value
 
 
@@ -251,9 +233,10 @@ RENAMED_FLAGS: dict[str, dict[str, str]] = {
 }
 
 
-def _flag_tokens(argv: Iterable[str], seen: set[str] | None = None,
-                 base_dir: str = "") -> Iterable[tuple[str, str, str]]:
-    """(name, value, where) for every --flag in argv, following --flagfile= recursively."""
+def _flag_tokens(argv: Iterable[str], seen: set[str] | None = None
+                 ) -> Iterable[tuple[str, str, str]]:
+    """(name, value, where) for every --flag in argv, following --flagfile= recursively
+    (paths as absl reads them: relative to the working directory)."""
     seen = set() if seen is None else seen
     for token in argv:
         if not token.startswith("-") or token in ("-", "--"):
@@ -261,7 +244,6 @@ def _flag_tokens(argv: Iterable[str], seen: set[str] | None = None,
         body = token.lstrip("-")
         name, _, value = body.partition("=")
         if name == "flagfile" and value:
-            path = value if os.path.isabs(value) or not base_dir else value
             for path_item in value.split(","):
                 path = os.path.expanduser(path_item.strip())
                 if path in seen or not os.path.isfile(path):

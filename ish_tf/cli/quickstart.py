@@ -116,7 +116,7 @@ def _family_quickstart(fv) -> int:
     """Runs another family's recipe below --workdir/<family>."""
     from absl import logging
 
-    from ish_tf.families import _resolve, get_family
+    from ish_tf.families import get_family, resolve_ref
     from ish_tf.families.recipes import RecipeError
 
     workdir = os.path.join(fv.workdir, fv.family)
@@ -124,7 +124,7 @@ def _family_quickstart(fv) -> int:
     logging.set_verbosity(logging.WARNING)
     print(f"ish_tf quickstart ({fv.family}): writing to {os.path.abspath(workdir)}")
     try:
-        summary = _resolve(get_family(fv.family).quickstart)(
+        summary = resolve_ref(get_family(fv.family).quickstart)(
             workdir, root=root, seed=fv.seed, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
         print("quickstart: interrupted; rerun the same command to resume", file=sys.stderr)

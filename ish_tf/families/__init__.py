@@ -26,7 +26,7 @@ from ish_tf.config import from_dict, to_dict
 from ish_tf.data.inputs import InputSpec
 
 
-def _resolve(ref: str) -> Any:
+def resolve_ref(ref: str) -> Any:
     """"package.module:attr" -> the object (imported now)."""
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -76,7 +76,7 @@ class FamilySpec:
     @property
     def config_cls(self) -> type:
         """The typed config dataclass."""
-        return _resolve(self.config)
+        return resolve_ref(self.config)
 
     def import_builder(self) -> None:
         """Imports the builder's module, which registers the family's custom layers
@@ -85,12 +85,12 @@ class FamilySpec:
 
     def build(self, model_config: ModelConfig):
         """Builds the family's keras.Model."""
-        return _resolve(self.builder)(model_config)
+        return resolve_ref(self.builder)(model_config)
 
     @property
     def task_cls(self) -> type:
         """The training Task class."""
-        return _resolve(self.task)
+        return resolve_ref(self.task)
 
     def tiny_setup(self, workdir: str, seed: int = 0):
         """`(ModelConfig, TrainConfig fields)` of the family's tiny setup (see `tiny`).
@@ -100,12 +100,12 @@ class FamilySpec:
         """
         if not self.tiny:
             raise ValueError(f"family {self.name!r} registers no tiny setup")
-        return _resolve(self.tiny)(workdir, seed)
+        return resolve_ref(self.tiny)(workdir, seed)
 
     @property
     def hypermodel_cls(self) -> type | None:
         """The family's HyperModel class, or None for the generic one."""
-        return _resolve(self.hypermodel) if self.hypermodel else None
+        return resolve_ref(self.hypermodel) if self.hypermodel else None
 
     def input_spec(self, model_config: ModelConfig | None = None) -> InputSpec:
         """The input of a model built from `model_config` (sizes filled in)."""

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from ish_tf import cli
-from ish_tf.families import _resolve, family_names, get_family
+from ish_tf.families import family_names, get_family, resolve_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = [n for n in family_names() if get_family(n).quickstart and n != "triplet"]
@@ -26,7 +26,7 @@ def test_the_quickstart_offers_every_family_with_a_recipe():
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_commands_parse(name, tmp_path):
-    module = _resolve(get_family(name).quickstart).__module__
+    module = resolve_ref(get_family(name).quickstart).__module__
     recipe = __import__(module, fromlist=["recipe"]).recipe
     commands = recipe(str(tmp_path / name), root=ROOT, seed=0)
     assert commands, name
