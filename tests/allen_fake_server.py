@@ -38,6 +38,7 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from faults import serving, trickle
 from PIL import Image
 
 PRODUCTS = {
@@ -362,11 +363,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.flush()
-                for i in range(len(body)):
-                    if fake.closing.wait(interval):
-                        break
-                    self.wfile.write(body[i:i + 1])
-                    self.wfile.flush()
+                trickle(self.wfile, body, interval, fake.closing)
                 self.close_connection = True
                 return
             if fault == "corrupt":
@@ -396,13 +393,5 @@ def serve(fake: FakeAllen) -> Iterator[str]:
     fake.closing.clear()
     handler = type("Handler", (_Handler,), {"fake": fake})
     server = _QuietServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        fake.closing.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(server, on_stop=fake.closing.set) as url:
+        yield url

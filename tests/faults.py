@@ -81,13 +81,25 @@ def trickling_server(body: bytes = b"x" * 10_000, interval: float = 0.5,
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    with serving(server, on_stop=stop.set) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(server, on_stop: Callable[[], object] | None = None) -> Iterator[str]:
+    """Runs an HTTP `server` bound to 127.0.0.1 in a thread; yields its base URL.
+
+    Leaving the block calls `on_stop` (e.g. to end handlers still writing), then shuts the
+    server down and closes it.
+    """
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
-        stop.set()
+        if on_stop is not None:
+            on_stop()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
