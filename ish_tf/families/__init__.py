@@ -321,3 +321,18 @@ register_family(FamilySpec(
     tiny="ish_tf.families.ish_cnn.testing:tiny",
     description="morphology from spatial-expression labels, Dice on a second animal "
                 "(Andersson et al. 2020)"))
+register_family(FamilySpec(
+    name="cic", config="ish_tf.families.cic.config:CicConfig",
+    builder="ish_tf.families.cic.model:build_cic", task="ish_tf.families.cic.task:CicTask",
+    inputs=InputSpec.vector(), outputs=("code", "reconstruction"),
+    pixels_signature="encode_vectors", tiny="ish_tf.families.cic.testing:tiny",
+    description="cell identity codes: dense autoencoder of expression profiles "
+                "(Abdolhosseini et al. 2019)"))
+register_family(FamilySpec(
+    name="cic_classifier", config="ish_tf.families.cic.config:CicConfig",
+    builder="ish_tf.families.cic.model:build_cic_classifier",
+    task="ish_tf.families.cic.task:CicClassifierTask", inputs=InputSpec.vector(),
+    outputs=("code", "reconstruction", "probabilities"), pixels_signature="encode_vectors",
+    flag_prefix="cic", tiny="ish_tf.families.cic.testing:tiny_classifier",
+    description="the cell-identity-code autoencoder with a cell-type softmax on its code, "
+                "trained jointly"))

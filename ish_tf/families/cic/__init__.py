@@ -1,0 +1,1 @@
+"""Cell identity codes: a dense autoencoder of gene-expression profiles (Abdolhosseini et al. 2019)."""
