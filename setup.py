@@ -32,7 +32,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6",
-                 "tensorflow-serving-api>=2.21,<2.22"],
+                 "tensorflow-serving-api>=2.21,<2.22", "anndata>=0.10"],
+        # .h5ad expression matrices (bin/ingest --expression); imported only where read.
+        "expression": ["anndata>=0.10"],
         "umap": ["umap-learn>=0.5"],
         "parquet": ["pyarrow>=15"],
     },
