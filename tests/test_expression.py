@@ -225,3 +225,27 @@ def test_pbmc68k_ingests_and_cic_trains(tmp_path):
     assert saved["config"]["family"]["dim"] == 765
     assert len(saved["config"]["family"]["classes"]) == 10
     assert os.path.exists(run.model_path)
+
+
+def test_bin_synth_expression_then_bin_ingest(tmp_path, capsys):
+    """bin/synth --modality=expression writes counts + obs that bin/ingest --expression
+    turns into records; a missing label column exits 1 naming it."""
+    from ish_tf import cli
+    from ish_tf.data import shards
+
+    synth = tmp_path / "synth"
+    assert cli.invoke("synth", ["--modality=expression", f"--out={synth}", "--n_genes=80",
+                                "--synth_cells=90", "--synth_cell_types=3", "--seed=2"]) == 0
+    counts = pd.read_csv(synth / "counts.csv", index_col=0)
+    assert counts.shape == (90, 80)
+    out = tmp_path / "ingested"
+    argv = [f"--expression={synth / 'counts.csv'}", f"--obs={synth / 'obs.csv'}",
+            "--label_column=cell_type", "--group_column=batch", "--n_genes=40", f"--out={out}"]
+    assert cli.invoke("ingest", argv) == 0
+    printed = capsys.readouterr().out
+    assert "90 profiles x 80 genes, 3 label(s); counts, log1p-normalised; 40" in printed
+    spec = shards.records_input_spec(str(out / "records"))
+    assert spec.kind == "vector" and spec.dim == 40
+    assert (out / "ingest_flags.cfg").exists() and (out / "genes.csv").exists()
+    assert cli.invoke("ingest", [*argv[:2], "--label_column=kind", f"--out={tmp_path / 'x'}"]) == 1
+    assert "no label column 'kind'" in capsys.readouterr().err

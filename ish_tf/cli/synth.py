@@ -3,6 +3,12 @@
 Example:
   bin/synth --out=data/synth --n_genes=24 --n_donors=4 --seed=0
   bin/synth --flagfile=configs/synth_quickstart.cfg
+  bin/synth --modality=expression --out=data/synth_cells --n_genes=500 --synth_cells=600
+
+--modality=expression writes synthetic expression profiles instead
+(`ish_tf.data.synthetic_expression`): OUT/counts.csv (samples x genes counts), OUT/obs.csv
+(sample_id, cell_type, batch); ingest them with
+`bin/ingest --expression=OUT/counts.csv --obs=OUT/obs.csv --label_column=cell_type`.
 
 Writes OUT/images/{image_id}.jpg, OUT/masks/{image_id}.png, OUT/manifest.csv,
 OUT/annotations.csv, OUT/go.gaf, OUT/go.obo, OUT/specs.json and OUT/synth_flags.cfg
@@ -27,6 +33,12 @@ def define_synth(fv) -> None:
     """Flags of `bin/synth` (synthetic ISH sections -> images/, masks/, manifest.csv, ...)."""
     d = definer(fv, NAME)
     d.string("out", "", "Output directory of the dataset.")
+    d.enum("modality", "ish", ["ish", "expression"], "ish: sections (images, masks, "
+           "manifest); expression: count profiles of cell types (counts.csv, obs.csv).")
+    d.integer("synth_cells", 600, "--modality=expression: profiles.", lower_bound=1)
+    d.integer("synth_cell_types", 6, "--modality=expression: cell types.", lower_bound=1)
+    d.integer("synth_batches", 2, "--modality=expression: batches (with batch effects).",
+              lower_bound=1)
     d.integer("n_genes", 24, "Number of synthetic genes.", lower_bound=1)
     d.integer("n_donors", 4, "Number of synthetic donors (half get a schizophrenia "
               "diagnosis).", lower_bound=2)
@@ -78,12 +90,39 @@ def define_flags(fv) -> None:
     define_synth(fv)
 
 
+def main_expression(fv) -> int:
+    """`bin/synth --modality=expression`: counts.csv + obs.csv; 0 ok."""
+    from ish_tf.data.synthetic_expression import ExpressionSynthConfig, write_synthetic_profiles
+
+    with usage_errors():
+        if not fv.out:
+            raise ValueError("--out is required: the directory to write the profiles to")
+        cells, genes = fv.synth_cells, fv.n_genes
+        if fv.small_run:
+            cells, genes = min(cells, 200), min(genes, 100)
+        cfg = ExpressionSynthConfig(n_cells=cells, n_genes=genes, n_types=fv.synth_cell_types,
+                                    n_batches=fv.synth_batches,
+                                    genes_per_program=max(1, min(30, genes // 4)),
+                                    seed=fv.seed).validate()
+    paths = write_synthetic_profiles(fv.out, cfg)
+    config.write_flagfile(os.path.join(fv.out, "synth_flags.cfg"), fv)
+    print(f"synth: {cfg.n_cells} expression profiles x {cfg.n_genes} genes of {cfg.n_types} "
+          f"cell types in {cfg.n_batches} batches, seed {cfg.seed}")
+    print(f"  counts: {os.path.abspath(paths['counts'])}")
+    print(f"  obs:    {os.path.abspath(paths['obs'])}")
+    print(f"  next:   bin/ingest --expression={paths['counts']} --obs={paths['obs']} "
+          "--label_column=cell_type --group_column=batch --out=DIR")
+    return 0
+
+
 def main(fv, argv: list[str]) -> int:
     """Writes the synthetic dataset; returns the exit status (0 ok, 1 write error)."""
     from absl import logging
 
     from ish_tf.data import manifest, synthetic
 
+    if fv.modality == "expression":
+        return main_expression(fv)
     with usage_errors():
         cfg = synth_config(fv)
     logging.info("synth: %d genes x %d donors (%d per gene) x %d images, %dx%d px, seed %d -> %s",
