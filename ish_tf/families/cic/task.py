@@ -7,6 +7,10 @@ names from the records into `CicConfig.dim` / `CicConfig.classes` (hence into
 RUN/model_config.json). Loss: per-profile MSE of the reconstruction, averaged over the
 global batch; the classifier-autoencoder adds `class_weight` x the softmax
 cross-entropy of the cell type.
+
+The classes are the record set's whole identity vocabulary (all splits), so a cell type
+held out as the test split (`bin/ingest --split_by=label`) keeps a softmax unit that
+training never targets: its profiles are then classified among the seen types.
 """
 
 from __future__ import annotations
