@@ -35,7 +35,8 @@ def define_synth(fv) -> None:
     d.string("out", "", "Output directory of the dataset.")
     d.enum("modality", "ish", ["ish", "expression"], "ish: sections (images, masks, "
            "manifest); expression: count profiles of cell types (counts.csv, obs.csv).")
-    d.integer("synth_cells", 600, "--modality=expression: profiles.", lower_bound=1)
+    d.integer("synth_cells", 600, "--modality=expression: profiles (of --n_genes genes, "
+              "500 when not given).", lower_bound=1)
     d.integer("synth_cell_types", 6, "--modality=expression: cell types.", lower_bound=1)
     d.integer("synth_batches", 2, "--modality=expression: batches (with batch effects).",
               lower_bound=1)
@@ -97,7 +98,8 @@ def main_expression(fv) -> int:
     with usage_errors():
         if not fv.out:
             raise ValueError("--out is required: the directory to write the profiles to")
-        cells, genes = fv.synth_cells, fv.n_genes
+        # --n_genes' default (24) sizes the ISH set; profiles default to 500 genes.
+        cells, genes = fv.synth_cells, (fv.n_genes if fv['n_genes'].present else 500)
         if fv.small_run:
             cells, genes = min(cells, 200), min(genes, 100)
         cfg = ExpressionSynthConfig(n_cells=cells, n_genes=genes, n_types=fv.synth_cell_types,
