@@ -164,13 +164,15 @@ def test_split_profiles_stratified_and_deterministic():
     ("id,g1,g1\ns1,1,2\ns2,3,4\n", "duplicate gene names.*'g1'"),
     ("id,g1,g2\ns1,1,2\ns1,3,4\n", "duplicate sample names.*'s1'"),
     ("id,g1,g2\ns1,1,x\ns2,3,4\n", "non-numeric values in column 'g2'.*'x'"),
+    ("gene,s1,s2,s3\ng1,1,2,3\ng2,3,oops,4\n", "non-numeric values in column 's2'.*'oops' in row 'g2'"),
     ("id,g1,g2\ns1,1,\ns2,3,4\n", "NaN .*sample 's1', gene 'g2'"),
 ])
 def test_bad_tables_name_the_problem(tmp_path, content, match):
     path = tmp_path / "bad.csv"
     path.write_text(content)
     with pytest.raises(ExpressionError, match=match) as e:
-        read_expression(str(path), orientation="samples_x_genes")
+        read_expression(str(path), orientation="genes_x_samples" if content.startswith("gene")
+                        else "samples_x_genes")
     assert str(path) in str(e.value)
 
 

@@ -208,16 +208,18 @@ def read_delimited(path: str, *, orientation: str = "auto", obs: pd.DataFrame | 
         present = [c for c in obs_columns if c in df.columns]
         table_obs = df[present].copy()
         df = df.drop(columns=present)
-    else:
-        df = df.T
-    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    # Checked in the file's own layout (a transposed mixed frame is all object columns).
+    bad = [i for i, t in enumerate(df.dtypes) if not pd.api.types.is_numeric_dtype(t)]
     if bad:
-        value = next(v for v in df[bad[0]] if not _is_number(v))
-        axis = "column" if orientation == "samples_x_genes" else "row"
-        raise ExpressionError(f"{path}: non-numeric values in {axis} {bad[0]!r} (e.g. "
-                              f"{value!r}){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; "
+        column = df.iloc[:, bad[0]]
+        row = next(r for r, v in column.items() if not _is_number(v))
+        raise ExpressionError(f"{path}: non-numeric values in column {df.columns[bad[0]]!r} "
+                              f"(e.g. {column[row]!r} in row {row!r})"
+                              f"{f' and {len(bad) - 1} more column(s)' if len(bad) > 1 else ''}; "
                               "annotation columns must be named as --label_column/"
                               "--group_column or given in a separate obs file")
+    if orientation == "genes_x_samples":
+        df = df.T
     table = ExpressionTable(df.to_numpy(dtype=np.float64), list(df.index), list(df.columns),
                             table_obs, path)
     _check_table(table)
