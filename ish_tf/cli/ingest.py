@@ -101,6 +101,11 @@ def main_expression(fv) -> int:
     """`bin/ingest --expression`: 0 ok, 1 bad input (the message names file and column)."""
     from absl import app
 
+    from ish_tf.cli import quiet_tensorflow_info
+
+    # Writing records brings TensorFlow in (image ingest does not): keep its start-up
+    # lines out of the output, as the commands that always use it do.
+    quiet_tensorflow_info()
     from ish_tf.data.expression import ExpressionError
     from ish_tf.data.records import RecordsError
 
