@@ -32,11 +32,18 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6",
-                 "tensorflow-serving-api>=2.21,<2.22", "anndata>=0.10"],
+                 "tensorflow-serving-api>=2.21,<2.22", "anndata>=0.10",
+                 # Every optional path is tested in CI, so the test extra pulls them all in.
+                 "apache-beam[tfrecord]>=2.68", "tifffile>=2024.1", "pyarrow>=15"],
         # .h5ad expression matrices (bin/ingest --expression); imported only where read.
         "expression": ["anndata>=0.10"],
         "umap": ["umap-learn>=0.5"],
         "parquet": ["pyarrow>=15"],
+        # bin/extract --runner=beam and bin/embed --runner=beam. Plain apache-beam cannot
+        # write TFRecords (it needs crcmod), hence the [tfrecord] extra.
+        "beam": ["apache-beam[tfrecord]>=2.68"],
+        # Pyramidal/tiled TIFF and OME-TIFF sections (bin/ingest, bin/extract).
+        "wsi": ["tifffile>=2024.1"],
     },
     license="Apache-2.0",
     classifiers=[
