@@ -14,7 +14,9 @@ Writes, under --out, for the tasks that ran:
   (a column per embedding), comparisons.csv (paired tests; 2+ embeddings),
   annotations_skipped.csv, gene_matches.csv;
   diagnosis.csv (per gene), diagnosis_top.csv, diagnosis_summary.csv, diagnosis_skipped.csv;
-  reid.csv; figures/*.png and report.html (--report); evaluate_flags.cfg (replayable).
+  reid.csv; figures/*.png and report.html (--report); evaluate_flags.cfg (replayable);
+  with --pooling=attention and --patch_embeddings: pooling.csv (mean vs attention-MIL
+  pooling on the same folds) and attention_weights.csv (one weight per patch).
 """
 
 from __future__ import annotations
@@ -100,6 +102,19 @@ def define_evaluate(fv) -> None:
     d.string("extreme_gene", "", "Gene whose extreme patches are shown.")
     d.integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
               "figure; -1 = the dimension varying most over that gene's patches.")
+    # Attention-MIL pooling (ish_tf.evaluate.attention_mil), scored against the mean.
+    d.enum("pooling", "mean", ["mean", "attention"], "How --patch_embeddings are pooled per "
+           "image, gene in a donor or gene for a bag-level target: mean (the paper; the "
+           "tasks' tables) or attention: gated attention-MIL scored against the mean on the "
+           "same folds, writing pooling.csv and attention_weights.csv.")
+    d.enum("pooling_level", "donor", ["image", "donor", "gene"], "Bags of --pooling: a "
+           "section's patches, a gene's patches in one donor (one cross-validation per "
+           "gene, like --task=diagnosis) or all of a gene's patches.")
+    d.string("pooling_target", "", "Bag label of --pooling: a key column of "
+             "--patch_embeddings, else the manifest's per-donor column; empty = "
+             "--diagnosis_label (classes --diagnosis_positive/--diagnosis_negative).")
+    d.integer("pooling_epochs", 60, "Training passes of the attention model per fold.",
+              lower_bound=1)
 
 
 def parse_named_paths(value: str) -> dict[str, str]:
@@ -172,6 +187,22 @@ def define_flags(fv) -> None:
     define_evaluate(fv)
 
 
+def _usage(message: str) -> int:
+    print(f"{NAME}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_pooling(fv, cfg) -> dict:
+    """--pooling=attention: mean vs attention pooling on the same folds."""
+    from ish_tf.evaluate.attention_mil import MILConfig, run_pooling
+
+    mil = MILConfig(epochs=fv.pooling_epochs, seed=fv.seed, n_splits=fv.folds).validate()
+    return run_pooling(fv.patch_embeddings, cfg.out_dir, level=fv.pooling_level,
+                       target=fv.pooling_target or fv.diagnosis_label,
+                       positive=fv.diagnosis_positive, negative=fv.diagnosis_negative,
+                       manifest=fv.manifest, config=mil)
+
+
 def _print_summary(done: dict, seconds: float) -> None:
     print(f"evaluate: finished {', '.join(done)} in {seconds:.1f}s")
     if "annotations" in done:
@@ -190,6 +221,11 @@ def _print_summary(done: dict, seconds: float) -> None:
         for _, row in r[r["candidates"] == "other_donor"].iterrows():
             print(f"  reid: {row['embedding']}: rank-1 (other donors) {row['rank1']:.3f}, "
                   f"chance {row['chance']:.3f}")
+    if "pooling" in done:
+        s = done["pooling"]["scores"]
+        for pooling, auc in s.groupby("pooling", sort=False)["auc"].mean().items():
+            print(f"  pooling: {pooling}: mean AUC {auc:.3f} over {s['scope'].nunique()} "
+                  f"scope(s)")
     for task in done.values():
         for name, path in task["written"].items():
             print(f"  {name + ':':22s}{os.path.abspath(path)}")
@@ -205,8 +241,13 @@ def main(fv, argv: list[str]) -> int:
     with usage_errors():
         cfg = evaluate_config(fv)
     start = time.monotonic()
+    if fv.pooling == "attention" and not fv.patch_embeddings:
+        return _usage("--pooling=attention needs --patch_embeddings (bin/embed's "
+                      "patch_embeddings.csv)")
     try:
         done = run_tasks(cfg)
+        if fv.pooling == "attention":
+            done["pooling"] = _run_pooling(fv, cfg)
     except (ValueError, KeyError, OSError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
