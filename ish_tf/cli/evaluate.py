@@ -102,6 +102,9 @@ def define_evaluate(fv) -> None:
     d.string("extreme_gene", "", "Gene whose extreme patches are shown.")
     d.integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
               "figure; -1 = the dimension varying most over that gene's patches.")
+    d.string("attribution_model", "", "Training run RUN (model.keras) of the embeddings: "
+             "the extreme-patches figure gains integrated-gradients and Grad-CAM maps per "
+             "patch (ish_tf.attribution); empty = none.")
     # Attention-MIL pooling (ish_tf.evaluate.attention_mil), scored against the mean.
     d.enum("pooling", "mean", ["mean", "attention"], "How --patch_embeddings are pooled per "
            "image, gene in a donor or gene for a bag-level target: mean (the paper; the "
@@ -179,7 +182,8 @@ def evaluate_config(fv):
         report=fv.report, map_method=fv.map_method,
         patch_embeddings=fv.patch_embeddings, records_dir=fv.records_dir,
         extreme_gene=fv.extreme_gene, extreme_dim=fv.extreme_dim,
-        average_duplicate_genes=fv.average_duplicate_genes).validate()
+        average_duplicate_genes=fv.average_duplicate_genes,
+        attribution_model=fv.attribution_model).validate()
 
 
 def define_flags(fv) -> None:
