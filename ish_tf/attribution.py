@@ -8,8 +8,11 @@ For a patch x and an embedding dimension k, which pixels make emb(x)[k] what it 
   (relative to |f(x) - f(x')|). f is the embedding *before* L2 normalisation: through
   the normalised output the gradient of 1/|e| explodes near the black image, and the
   check fails badly (attributions summing to 7.7e8 for an output change of 0.34 were
-  seen). The baseline is black by default; `white` (a blank slide, natural for ISH) and
-  `blur` (the patch's colours without structure) are offered, each with its check.
+  seen). The baseline is white by default: a blank slide, what an ISH patch shows where
+  nothing is stained, and the path along which completeness held best on synthetic
+  patches (median relative error 0.1% with 64 steps, against 4% from black, whose 90th
+  percentile reached 49%; bench/RESULTS.md); `black` and `blur` (the patch's colours
+  without structure) are offered, each with its check.
 * Grad-CAM (Selvaraju et al. 2017) on the last convolutional block: ReLU(Σ_c w_c A_c),
   w_c the spatial mean of ∂f/∂A_c, upsampled bilinearly to the patch.
 
@@ -160,7 +163,7 @@ def randomised_copy(model):
 
 
 # --------------------------------------------------------------------------- baselines
-def make_baseline(images: np.ndarray, kind: str = "black") -> np.ndarray:
+def make_baseline(images: np.ndarray, kind: str = "white") -> np.ndarray:
     """Baseline images x' for integrated gradients (float32, same shape).
 
     blur: a Gaussian blur (sigma = 1/8 of the side): the patch's colours, no structure;
@@ -181,7 +184,7 @@ def make_baseline(images: np.ndarray, kind: str = "black") -> np.ndarray:
 
 # --------------------------------------------------------------------------- methods
 def integrated_gradients(amodel, images: np.ndarray, dim: int, baseline: str | np.ndarray =
-                         "black", steps: int = 64, batch: int = 65) -> tuple[np.ndarray, dict]:
+                         "white", steps: int = 64, batch: int = 65) -> tuple[np.ndarray, dict]:
     """Integrated gradients of embedding dimension `dim` (trapezoidal rule).
 
     Args:
@@ -261,8 +264,16 @@ def heat(attributions: np.ndarray) -> np.ndarray:
     return m / np.where(peak > 0, peak, 1.0)[:, None, None]
 
 
+def positive_heat(attributions: np.ndarray) -> np.ndarray:
+    """(B, H, W) maps in [0, 1] of the evidence *for* a dimension: the positive part of
+    the channel-summed IG attributions (Grad-CAM's ReLU keeps the same), per-map max."""
+    m = np.clip(np.asarray(attributions).sum(-1), 0.0, None)
+    peak = m.reshape(len(m), -1).max(1)
+    return m / np.where(peak > 0, peak, 1.0)[:, None, None]
+
+
 def maps(amodel, images: np.ndarray, dim: int, method: str = "integrated_gradients",
-         baseline: str = "black", steps: int = 64) -> tuple[np.ndarray, dict | None]:
+         baseline: str = "white", steps: int = 64) -> tuple[np.ndarray, dict | None]:
     """(B, H, W) heat maps in [0, 1] of one method, and IG's completeness check."""
     if method == "integrated_gradients":
         attr, check = integrated_gradients(amodel, images, dim, baseline, steps)
@@ -336,7 +347,7 @@ def extreme_patch_maps(records_dir: str, patch_table, gene: str, dim: int, model
 
     Picks the same patches as `ish_tf.evaluate.figures.plot_extreme_patches` (the k
     highest and k lowest values of `dim` among the gene's patches), reads them from the
-    records, and shows each under integrated gradients (pre-normalisation, black
+    records, and shows each under integrated gradients (pre-normalisation, white
     baseline) and Grad-CAM of the model in `model_path` (RUN or a .keras file).
 
     Returns:
@@ -376,11 +387,11 @@ def extreme_patch_maps(records_dir: str, patch_table, gene: str, dim: int, model
     images = np.stack([fit_image(tf.constant(np.asarray(Image.open(io.BytesIO(found[w]))
                                                         .convert("RGB")), tf.float32),
                                  size[0], size[1], 3).numpy() for _, w in picked])
-    ig, check = maps(amodel, images, dim, "integrated_gradients", "black", steps)
+    ig, check = maps(amodel, images, dim, "integrated_gradients", "white", steps)
     cam, _ = maps(amodel, images, dim, "grad_cam")
     random_model, _ = attribution_model(randomised_copy(model))
     rho_ig = rank_correlation(ig, maps(random_model, images, dim, "integrated_gradients",
-                                       "black", steps)[0])
+                                       "white", steps)[0])
     rho_cam = rank_correlation(cam, maps(random_model, images, dim, "grad_cam")[0])
     titles = [f"{'high' if i < k_top else 'low'} {patch_table.values[r, dim]:.3g}\n{w[0]}/{w[1]}"
               for i, (r, w) in enumerate(picked)]
@@ -388,7 +399,8 @@ def extreme_patch_maps(records_dir: str, patch_table, gene: str, dim: int, model
               f"{gene}: dimension {dim}")
     return (f"Attribution maps of dimension {dim} for the same patches of {gene} (highest "
             f"values first, then lowest): integrated gradients on the "
-            f"{'pre-normalisation ' if removed else ''}embedding with a black baseline "
+            f"{'pre-normalisation ' if removed else ''}embedding with a white (blank slide) "
+            f"baseline "
             f"({steps} steps; median completeness error "
             f"{np.median(check['completeness_error']):.3g}) and Grad-CAM on the last "
             f"convolutional block. Randomisation check: mean Spearman rank correlation with "

@@ -39,8 +39,8 @@ def define_attribute(fv) -> None:
     d.list("dims", ["0"], "Embedding dimensions to attribute.")
     d.list("method", ["integrated_gradients", "grad_cam"], "Methods: integrated_gradients, "
            "grad_cam.")
-    d.enum("baseline", "black", ["black", "white", "blur"], "Integrated-gradients baseline "
-           "(black, a blank white slide, or a blurred copy of the patch).")
+    d.enum("baseline", "white", ["white", "black", "blur"], "Integrated-gradients baseline: "
+           "white (a blank slide), black, or a blurred copy of the patch.")
     d.integer("steps", 64, "Integrated-gradients path intervals.", lower_bound=2)
     d.bool("randomisation_check", True, "Also compare each map with the map of a randomly "
            "re-initialised copy of the model (rank correlation).")
