@@ -86,6 +86,11 @@ def test_make_bags_caps_and_pads():
     real = bags.rows[bags.mask]
     assert len(np.unique(real)) == len(real)
     np.testing.assert_array_equal(bags.x[bags.mask], table.values[real])
+    # The other levels: a section's patches (one image per gene x donor here) and a gene's.
+    assert len(am.make_bags(table, "image")) == 8
+    genes = am.make_bags(table, "gene", max_patches=50, seed=0)
+    assert list(genes.keys["gene_symbol"]) == ["G0", "G1"]
+    assert (genes.keys["n_patches"] == 50).all() and "donor_id" not in genes.keys.columns
     with pytest.raises(EmbeddingTableError, match="patch-level"):
         am.make_bags(aggregate(table, ("image_id",)), "image")
 
