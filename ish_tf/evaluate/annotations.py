@@ -552,8 +552,8 @@ def degenerate_reasons(n_dims: int, n_train: int, *, penalty: str = "none",
     if penalty == "none" and used + 1 >= n_train:
         what = f"{used} PCA components" if pca_components > 0 else f"{n_dims} dimensions"
         reasons.append(
-            f"{what} >= {n_train} training genes per fold - 1: unpenalised logistic "
-            f"regression separates them perfectly (not well posed); use --penalty=l2 or "
+            f"{what} (+ intercept) for {n_train} training genes per fold: unpenalised "
+            f"logistic regression separates them perfectly (not well posed); use --penalty=l2 or "
             f"--pca_components=k with k < {max(n_train - 1, 1)}")
     if constant_folds:
         reasons.append(f"constant predictions in {constant_folds} of {n_splits} folds")
