@@ -37,6 +37,20 @@ def _image_table(genes_by_split: dict[str, list[str]], donors=("D1", "D2", "D3")
     return EmbeddingTable(pd.DataFrame(rows), np.asarray(values, np.float32), "img.csv")
 
 
+def _undefined_columns(html: str, embeddings=()) -> dict[str, list[str]]:
+    """Table title -> columns the report shows without defining them."""
+    tables = re.findall(r"<h3>(.*?)</h3>\s*<table[^>]*class=\"dataframe data\"[^>]*>\s*"
+                        r"<thead>(.*?)</thead>", html, flags=re.S)
+    assert tables
+    out = {}
+    for title, head in tables:
+        cols = re.findall(r"<th>(.*?)</th>", head)
+        missing = [c for c in glossary.undefined(cols, embeddings) if f"<dt>{c}</dt>" not in html]
+        if missing:
+            out[title] = missing
+    return out
+
+
 def _write(table: EmbeddingTable, path) -> str:
     table.to_frame().to_csv(path, index=False)
     return str(path)
@@ -103,6 +117,8 @@ def test_one_gene_split_is_flagged_in_table_output_and_report(tmp_path, capsys):
     assert "split test: 1 gene, 6 rows: too small" in printed.err
     report = (out / "report.html").read_text()
     assert "Degenerate or doubtful set-ups" in report and "chance 1.000 &gt;= 0.5" in report
+    assert _undefined_columns(report) == {}
+    assert "<h2>Embeddings</h2>" in report and "--splits" in report
 
 
 def test_evaluate_reid_flags_chance_at_least_half_and_single_query():
@@ -215,15 +231,22 @@ def test_report_defines_every_column_and_only_what_it_contains(tmp_path, capsys)
     assert "donor_matrix" not in html  # no donor matrix was scored: none is explained
     assert "Benjamini-Hochberg" in html and "<h2>Embeddings</h2>" in html
     # Every column of every table drawn in the report has a definition under it.
-    tables = re.findall(r"<h3>(.*?)</h3>\s*<table[^>]*class=\"dataframe data\"[^>]*>\s*"
-                        r"<thead>(.*?)</thead>", html, flags=re.S)
-    assert len(tables) >= 4
-    names = {"one", "two"}
-    for title, head in tables:
-        cols = re.findall(r"<th>(.*?)</th>", head)
-        assert glossary.undefined(cols, names) == [], title
+    assert _undefined_columns(html, {"one", "two"}) == {}
+    assert html.count('class="dataframe data"') >= 5
     for col in ("n_significant_bh", "mean_auc", "best", "flag"):
         assert f"<dt>{col}</dt>" in html
     # Ordinal levels in their natural order in the per-group table.
     wide = pd.read_csv(out / "annotations_wide.csv")
     assert list(wide["annotation"]) == ["low", "medium", "high"]
+
+
+def test_glossary_covers_the_diagnosis_and_reid_columns():
+    from ish_tf.evaluate import diagnosis
+
+    per_gene = ["embedding", "gene_symbol", "n_donors", "n_positive", "flag"] + [
+        f"{m}_{s}" for s in diagnosis.FEATURE_SETS for m in ("auc", "f1")]
+    summary = ["embedding", "features", "n_genes", "mean_auc", "median_auc", "mean_f1",
+               "embedding_wins"]
+    assert glossary.undefined(per_gene + summary) == []
+    assert glossary.undefined(["embedding", "level", "splits", *reid.COLUMNS]) == []
+    assert glossary.undefined(["mystery"]) == ["mystery"]

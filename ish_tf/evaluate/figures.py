@@ -54,7 +54,8 @@ def _project(values: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, st
             method = "pca"
     if method == "umap":
         if importlib.util.find_spec("umap") is None:
-            raise FigureError("method='umap' needs the optional package umap-learn")
+            raise FigureError("method='umap' needs the optional package umap-learn: "
+                              "pip install 'ish_tf[umap]'")
         import umap
 
         coords = umap.UMAP(n_components=2, random_state=seed,
