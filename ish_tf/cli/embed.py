@@ -53,7 +53,9 @@ def define_embed(fv) -> None:
              "bytes).")
     d.string("output_key", "", "Output of the signature to store; empty = the export's first "
              "output (embedding for triplet).")
-    d.list("levels", ["patch", "image", "donor", "gene"], "Tables to write.")
+    d.list("levels", ["patch", "image", "donor", "gene"], "Tables to write: patch, image, "
+           "donor (one row per gene and donor, gene_donor_embeddings.*; also called "
+           "gene_donor), gene.")
     d.bool("skip_corrupt", False, "Embed the readable records of a shard with an unreadable "
            "(corrupt) record or fewer records than index.json lists, and count the records "
            "lost (skipped.csv, embed_summary.json, a warning); default: such a shard is an "
