@@ -118,7 +118,8 @@ def main(fv, argv: list[str]) -> int:
           f"{result.patches_embedded} patches embedded at {result.patches_per_sec:.1f}/s"
           f"{f', {result.shards_reused} shard(s) reused' if result.shards_reused else ''})")
     for level, path in result.tables.items():
-        print(f"  {level:<6} {result.rows[level]:>8} rows  {path}")
+        label = "gene_donor" if level == "donor" else level  # one row per gene and donor
+        print(f"  {label:<10} {result.rows[level]:>8} rows  {path}")
     if result.manifest:
         print(f"  metadata: {len(result.manifest_columns)} manifest column(s) from "
               f"{result.manifest}")
