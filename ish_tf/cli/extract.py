@@ -61,6 +61,10 @@ def define_extract(fv) -> None:
     define_mask_background(d)
     d.integer("mask_work_size", 512, "Longest side of the resolution masks are computed at.",
               lower_bound=16)
+    d.bool("fast_decode", False, "Decode JPEG sections at 1/2, 1/4 or 1/8 scale when "
+           "--source_size / --patch_size is an integer >= 2, and mask, sample and crop there "
+           "(same windows for the same mask; about 4x faster; patches within ~35-50 dB PSNR "
+           "of the full-resolution Lanczos ones). Other formats keep the full decode.")
     d.bool("save_overlays", False, "Also write OUT/overlays/{image_id}.png (mask over image) "
            "for visual checks.")
 
@@ -98,7 +102,8 @@ def extract_config(fv):
         max_tries=fv.max_tries, image_format=fv.format, jpeg_quality=fv.jpeg_quality,
         num_shards=fv.num_shards, compression=None if fv.compression == "none" else "GZIP",
         split_by=fv.split_by, split_fractions=fractions, workers=fv.workers, seed=fv.seed,
-        genes=tuple(genes), mask=mask, save_overlays=fv.save_overlays)
+        genes=tuple(genes), mask=mask, save_overlays=fv.save_overlays,
+        fast_decode=fv.fast_decode)
 
 
 # --------------------------------------------------------------------------- whole images
