@@ -17,6 +17,8 @@ every manifest column and dimensions dim_000...; --table_format=parquet or h5ad 
 metadata in obs, embedding in obsm["X_<family>"]) instead of csv; skipped.csv,
 embed_summary.json and flags.cfg.
 An interrupted run resumes shard by shard when rerun with the same flags.
+--runner=beam embeds the shards in an Apache Beam pipeline (`ish_tf.embed_beam`; one
+shard per worker, --beam_options passes the runner's options) and writes the same tables.
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ def embed_config(fv):
 
 
 def define_flags(fv) -> None:
+    from ish_tf.cli.extract import define_runner
+
     define_common(fv)
     define_embed(fv)
+    define_runner(definer(fv, NAME), "embedding")
 
 
 def main(fv, argv: list[str]) -> int:
@@ -100,7 +105,12 @@ def main(fv, argv: list[str]) -> int:
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         config.write_flagfile(os.path.join(cfg.out_dir, "flags.cfg"), fv)
-        result = embed_records(cfg)
+        if fv.runner == "beam":
+            from ish_tf.embed_beam import embed_records_beam
+
+            result = embed_records_beam(cfg, fv.beam_options)
+        else:
+            result = embed_records(cfg)
     except KeyboardInterrupt:
         print(f"embed: interrupted; rerun the same command to resume ({cfg.out_dir}/.parts "
               "keeps the finished shards)", file=sys.stderr)
