@@ -101,6 +101,84 @@ def psnr_of(manifest: str, windows: dict[int, list[tuple[int, int]]], size: int,
     return np.asarray(values)
 
 
+def stage_costs(manifest: str, size: int, out_size: int, n: int, repeats: int = 3) -> None:
+    """Prints the per-core cost of each extraction step on the manifest's first images.
+
+    Median over `repeats` of each step, per image and per patch (n patches per image):
+    decode (full / at 1/d), mask (on each), sampling, crop (Lanczos from the full image /
+    from the reduced one), JPEG encode, and writing the records (TFRecordWriter).
+    """
+    import pandas as pd
+    import tensorflow as tf
+    from PIL import Image
+
+    from ish_tf.data import fast_decode as F
+    from ish_tf.data import patch_sampling as S
+    from ish_tf.data import records
+    from ish_tf.data.manifest import image_path
+    from ish_tf.data.segment import MaskConfig, compute_mask
+
+    def timed(fn, k: int = repeats) -> tuple[float, object]:
+        times, out = [], None
+        for _ in range(k):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)) * 1000, out
+
+    df = pd.read_csv(manifest)
+    d = F.decode_scale(size, out_size)
+    rows: dict[str, list[float]] = {}
+    def one(path: str) -> None:
+        ms, rgb = timed(lambda: S.read_rgb(path))
+        rows.setdefault("decode full", []).append(ms)
+        ms, opened = timed(lambda: F.open_scaled(path, d))
+        rows.setdefault(f"decode 1/{d}", []).append(ms)
+        small = np.asarray(opened[0])
+        ms, mask = timed(lambda: compute_mask(rgb, MaskConfig()), 1)
+        rows.setdefault("mask full", []).append(ms)
+        ms, small_mask = timed(lambda: compute_mask(small, MaskConfig()), 1)
+        rows.setdefault(f"mask 1/{d}", []).append(ms)
+        ms, corners = timed(lambda: S.sample_patches(
+            mask, n=n, size=size, min_fraction=0.9, max_tries=500, rng=S.image_rng(0, 1)))
+        rows.setdefault("sample full", []).append(ms)
+        ms, _ = timed(lambda: F.sample_patches_scaled(
+            small_mask, d, rgb.shape[0], rgb.shape[1], n=n, size=size, min_fraction=0.9,
+            max_tries=500, rng=S.image_rng(0, 1)))
+        rows.setdefault(f"sample 1/{d}", []).append(ms)
+        if not corners:
+            return
+        full, reduced = Image.fromarray(rgb), opened[0]
+        k = len(corners)
+        ms, crops = timed(lambda: [S.crop_and_resize(full, x, y, size, out_size)
+                                   for x, y in corners])
+        rows.setdefault("crop+resize full (all patches)", []).append(ms * n / k)
+        ms, _ = timed(lambda: [F.crop_scaled(reduced, d, x, y, size, out_size)
+                               for x, y in corners])
+        rows.setdefault(f"crop 1/{d} (all patches)", []).append(ms * n / k)
+        ms, encoded = timed(lambda: [S.encode_patch(c, "jpeg", 90) for c in crops])
+        rows.setdefault("JPEG encode (all patches)", []).append(ms * n / k)
+        examples = [records.make_example(
+            image_encoded=e, patch_index=i, x=0, y=0, source_size=size, image_format="jpeg",
+            image_height=out_size, image_width=out_size, image_id=1, gene_symbol="G",
+            gene_index=0, entrez_id=1, donor_id="D", donor_index=0, region="", study="")
+            for i, e in enumerate(encoded)]
+
+        def write(examples=examples):
+            with tempfile.TemporaryDirectory() as t:
+                with tf.io.TFRecordWriter(os.path.join(t, "x.tfrecord")) as w:
+                    for ex in examples:
+                        w.write(ex)
+        ms, _ = timed(write)
+        rows.setdefault("example + TFRecord write (all patches)", []).append(ms * n / k)
+    for row in list(df.itertuples())[:2]:
+        one(image_path(manifest, str(row.path)))
+    print(f"per-core cost of each step, ms per image (median of {repeats}; {n} patches per "
+          f"image; mean over {len(next(iter(rows.values())))} image(s)):")
+    for name, values in rows.items():
+        print(f"  {name:<40} {np.mean(values):8.1f} ms   {np.mean(values) / n:6.2f} ms/patch")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=8)
@@ -114,6 +192,7 @@ def main() -> int:
     ap.add_argument("--psnr_windows", type=int, default=20)
     ap.add_argument("--data_dir", default="", help="reuse a dataset directory (manifest.csv)")
     ap.add_argument("--allen", action="store_true", help="the real Allen section, --images times")
+    ap.add_argument("--costs", action="store_true", help="also time each step on 2 images")
     args = ap.parse_args()
 
     import tensorflow as tf  # noqa: F401  (import cost kept out of the first timing)
@@ -134,6 +213,8 @@ def main() -> int:
             print(f"rendered {2 * n_genes} synthetic {args.width}x{args.height} sections in "
                   f"{time.perf_counter() - t:.1f} s")
         manifest = os.path.join(data, "manifest.csv")
+        if args.costs:
+            stage_costs(manifest, args.source_size, args.patch_size, args.n)
         rates: dict[tuple[str, int], float] = {}
         outs: dict[str, str] = {}
         for workers in [int(w) for w in args.workers.split(",")]:
