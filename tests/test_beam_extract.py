@@ -106,3 +106,24 @@ def test_lost_record_stops_the_run_naming_the_shard_and_a_rerun_equals_local(
     # A rerun keeps every shard.
     again = B.run_extract_beam(_cfg(synth, out))
     assert again["shards_written"] == 0 and again["shards_resumed"] == summary["shards_written"]
+
+
+def test_cli_runner_beam_writes_the_local_shards(synth, local, tmp_path, capsys):
+    from absl import app
+
+    from ish_tf import cli
+    from ish_tf.cli import extract
+
+    out = tmp_path / "cli"
+    argv = [f"--manifest={synth / 'manifest.csv'}", f"--out={out}", "--patches_per_image=3",
+            "--source_size=96", "--patch_size=24", "--min_fraction=0.8", "--max_tries=100",
+            "--num_shards=2", "--seed=4", "--fast_decode", "--runner=beam"]
+    assert extract.main(cli.parse("extract", argv), []) == 0
+    n = len(shards.load_index(str(local))["shards"])
+    assert f"wrote {n} shard(s)" in capsys.readouterr().out
+    got, want = _files(out), _files(local)
+    for name in want:
+        if name.endswith((".tfrecord", ".npy", ".csv")):
+            assert got[name] == want[name], name
+    with pytest.raises(app.UsageError, match="--whole_images runs locally"):
+        extract.main(cli.parse("extract", [*argv, "--whole_images"]), [])
