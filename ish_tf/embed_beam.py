@@ -77,10 +77,12 @@ def embed_records_beam(config: E.EmbedConfig, beam_options: str | Sequence[str] 
     Raises:
       EmbedError: as `embed_records`; a shard's error (a corrupt or short shard) names it.
     """
-    import apache_beam as beam
+    from ish_tf.data.beam_extract import _import_beam, pipeline_options
 
-    from ish_tf.data.beam_extract import pipeline_options
-
+    try:
+        beam = _import_beam()
+    except ValueError as e:
+        raise E.EmbedError(str(e)) from None
     config.validate()
     shards = E._selected_shards(config.records_dir, config.splits)
     served = E.ServedModel(config.saved_model, config.signature, config.output,

@@ -276,8 +276,18 @@ def run_extract_beam(cfg: P.ExtractConfig, beam_options: str | Sequence[str] = (
         return _run(cfg, beam_options)
 
 
+def _import_beam():
+    """apache_beam, or a clear error naming the extra to install."""
+    try:
+        import apache_beam as beam
+    except ImportError as e:
+        raise P.ExtractError(f"--runner=beam needs Apache Beam ({e}): pip install -e .[beam] "
+                             "(apache-beam[tfrecord])") from None
+    return beam
+
+
 def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
-    import apache_beam as beam
+    beam = _import_beam()
 
     from ish_tf.data import shards
 
