@@ -4,8 +4,9 @@ The plan is the local runner's (`patches.plan_extraction`: splits, whole genes p
 shard names); the pipeline is::
 
     planned images -> Reshuffle -> extract (decode, mask, sample, crop, encode; one
-    image per element, on any worker) -> key by shard -> GroupByKey -> write the shard
-    (images in plan order, so the bytes equal the local runner's)
+    image per element, on any worker; its records staged in a file of their own) -> key
+    by shard -> GroupByKey (small summaries, no patch bytes) -> write the shard (images
+    in plan order, copied from their staged files, so the bytes equal the local runner's)
 
 Each shard is written by one `ShardWriter` into a staging directory under a unique name,
 read back and counted, and moved into place only if the records read back equal the
@@ -120,9 +121,17 @@ def pipeline_options(beam_options: str | Sequence[str] = (), workers: int = 1):
 
 
 # --------------------------------------------------------------------------- pipeline steps
-def extract_task(task: ImageTask, cfg: P.ExtractConfig, info: Any, mask_dir: str,
+def extract_task(task: ImageTask, cfg: P.ExtractConfig, info: Any, out: str, mask_dir: str,
                  overlay_dir: str | None) -> tuple[str, dict]:
-    """Extracts one image; returns (shard key, its records and report row)."""
+    """Extracts one image into a staged file of its records; returns (shard key, where the
+    records are, how many, the report row).
+
+    Only this small summary goes through the GroupByKey: the patch bytes stay in
+    `OUT/.beam_staging/images/` until the shard's writer copies them in plan order, so
+    neither the runner's shuffle nor a writer holds a shard's patches.
+    """
+    import tensorflow as tf
+
     from ish_tf.data import records
 
     res: ImageResult = P._extract_task((task.path, task.image_id, cfg, mask_dir, overlay_dir))
@@ -143,9 +152,18 @@ def extract_task(task: ImageTask, cfg: P.ExtractConfig, info: Any, mask_dir: str
     note = P.size_mismatch(task, res)
     if note:
         row["reason"] = f"{row['reason']}; {note}" if row["reason"] else note
+    path = None
+    if examples:
+        staging = os.path.join(out, STAGING, "images")
+        os.makedirs(staging, exist_ok=True)
+        # Unique per attempt: a retried or speculative attempt never overwrites another's.
+        path = os.path.join(staging, f"{task.image_id}.{uuid.uuid4().hex}.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for ex in examples:
+                w.write(ex)
     return shard_key(task.split, task.shard), {
         "position": task.position, "image_id": task.image_id, "gene": gene,
-        "examples": examples, "row": row, "readable": res.status != UNREADABLE}
+        "records": path, "n": len(examples), "row": row, "readable": res.status != UNREADABLE}
 
 
 def _write_record(writer: Any, serialized: bytes, gene: str, image_id: int) -> None:
@@ -197,13 +215,24 @@ def write_shard(item: tuple[str, Any], out: str, compression: str | None,
             f"shard count mismatch: {name}: the pipeline delivered {len(got_ids)} of the "
             f"{len(planned[key])} planned images (missing image_id {missing[:5]}, "
             f"{extra} repeated); the shard was not written")
-    expected = sum(len(r["examples"]) for r in results)
+    import tensorflow as tf
+
+    expected = sum(r["n"] for r in results)
     staging = os.path.join(out, STAGING, key, uuid.uuid4().hex)  # unique per attempt
     try:
         with shards.ShardWriter(staging, split, index, num_shards[key], compression) as w:
             for r in results:
-                for ex in r["examples"]:
+                if not r["n"]:
+                    continue
+                n = 0
+                for ex in tf.compat.v1.io.tf_record_iterator(r["records"]):
                     _write_record(w, ex, r["gene"], r["image_id"])
+                    n += 1
+                if n != r["n"]:
+                    raise ShardCountError(
+                        f"shard count mismatch: {name}: image {r['image_id']} produced "
+                        f"{r['n']} patches, its staged file {r['records']} holds {n}; the "
+                        "shard was not written (rerun to redo it)")
         staged = os.path.join(staging, name)
         held = count_records(staged, compression)
         if not expected == w.info.num_records == held:
@@ -225,6 +254,10 @@ def write_shard(item: tuple[str, Any], out: str, compression: str | None,
     from ish_tf.io_utils import atomic_write_text
 
     atomic_write_text(os.path.join(out, RESULTS, f"{key}.json"), json.dumps(result))
+    for r in results:  # the shard is in place: its images' staged records are done with
+        if r["records"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(r["records"])
     return result
 
 
@@ -329,7 +362,8 @@ def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
                 _ = (pipeline
                      | "PlannedImages" >> beam.Create(tasks, reshuffle=False)
                      | "Reshuffle" >> beam.Reshuffle()
-                     | "Extract" >> beam.Map(extract_task, cfg, info, mask_dir, overlay_dir)
+                     | "Extract" >> beam.Map(extract_task, cfg, info, out, mask_dir,
+                                             overlay_dir)
                      | "ByShard" >> beam.GroupByKey()
                      | "WriteShard" >> beam.Map(write_shard, out, compression, planned,
                                                 num_shards))
