@@ -3,7 +3,7 @@
 Run by hand (not a test):
   .venv/bin/python bench/bench_extract.py [--images=8 --height=2048 --width=2560]
       [--source_size=1024 --patch_size=256 --n=50 --workers=1,2] [--data_dir=DIR]
-      [--allen] [--modes=full,fast] [--psnr_windows=20]
+      [--allen] [--modes=full,fast,beam] [--psnr_windows=20] [--costs]
 
 Renders synthetic sections (`ish_tf.data.synthetic`, Allen-like sizes by default), reuses
 a dataset directory holding manifest.csv (`--data_dir`), or (`--allen`) builds a manifest
@@ -12,7 +12,9 @@ image ids (one real section read N times: decode, mask and sampling are real, th
 variety is not). Then runs the whole extract stage (decode, classical mask, sampling,
 crop + resize, JPEG encode, TFRecord shards, index) into a fresh directory per worker
 count and mode, in this one process, and prints images/s, patches/s, patches/s per
-worker and the ratio of the fast path over the full-resolution one in the same run.
+worker and the ratio of the fast path over the full-resolution one in the same run;
+mode `beam` runs the fast path as `bin/extract --runner=beam` (Beam's FnApiRunner, start-up
+included) against the local fast runner.
 Masks are recomputed in every run (fresh output directories, no mask cache).
 
 Fidelity: for up to `--psnr_windows` windows per image chosen by the fast run, the
@@ -224,15 +226,22 @@ def main() -> int:
                 cfg = P.ExtractConfig(manifest=manifest, out_dir=out,
                                       patches_per_image=args.n, source_size=args.source_size,
                                       patch_size=args.patch_size, workers=workers, num_shards=2,
-                                      fast_decode=mode == "fast")
+                                      fast_decode=mode in ("fast", "beam"))
                 t = time.perf_counter()
-                summary = P.run_extract(cfg, progress_enabled=False)
+                if mode == "beam":  # the fast path on Beam's FnApiRunner, start-up included
+                    from ish_tf.data.beam_extract import run_extract_beam
+
+                    summary = run_extract_beam(cfg)
+                else:
+                    summary = P.run_extract(cfg, progress_enabled=False)
                 dt = time.perf_counter() - t
                 images = sum(s["images"] for s in summary["splits"].values())
                 n_patches = sum(s["patches"] for s in summary["splits"].values())
                 rates[mode, workers] = n_patches / dt
                 base = rates.get(("full", workers))
                 ratio = f", {n_patches / dt / base:.2f}x of full" if base and mode != "full" else ""
+                if mode == "beam" and ("fast", workers) in rates:
+                    ratio += f", {n_patches / dt / rates['fast', workers]:.2f}x of fast local"
                 print(f"{mode:<4} workers={workers}: {images} images, {n_patches} patches in "
                       f"{dt:.2f} s -> {images / dt:.2f} images/s, {n_patches / dt:.1f} patches/s, "
                       f"{n_patches / dt / workers:.1f} per worker{ratio} "
