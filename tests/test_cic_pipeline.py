@@ -201,3 +201,52 @@ def test_quickstart_recipe_commands_parse(tmp_path, kwargs):
         cli.parse(command, argv)
     assert cli.invoke("quickstart", ["--family=cdae", "--expression=x.h5ad",
                                      "--label_column=y"]) == 2
+
+
+def test_interpret_units_and_enrichment(pipeline, tmp_path, capsys):
+    """bin/cic interpret: decoder(encoder(x)) is the model's reconstruction (classifier
+    layers left out); top genes per unit; GMT enrichment with Bonferroni."""
+    import keras
+
+    from ish_tf.families.cic.interpret import split_model
+
+    run = pipeline / "runs" / "cic"
+    model = keras.models.load_model(run / "model.keras", compile=False)
+    encoder, decoder = split_model(model)
+    x = np.random.default_rng(0).normal(size=(5, 40)).astype(np.float32)
+    np.testing.assert_allclose(decoder(encoder(x)), model(x)[1], atol=1e-5)
+
+    out = tmp_path / "interpret"
+    assert cli.invoke("cic", ["interpret", f"--run_dir={run}", f"--profiles={pipeline / 'profiles'}",
+                              f"--gmt={pipeline / 'data' / 'programs.gmt'}", "--top_genes=10",
+                              f"--out={out}"]) == 0
+    genes = pd.read_csv(out / "unit_genes.csv")
+    assert sorted(set(genes["unit"])) == [0, 1, 2, 3] and (genes.groupby("unit").size() == 10).all()
+    assert len(os.listdir(out / "units")) == 4
+    first = genes[genes["unit"] == 0]["change"].abs().to_numpy()
+    assert np.all(np.diff(first) <= 1e-12)  # ranked by the size of the change
+    enrichment = pd.read_csv(out / "enrichment.csv")
+    tested = enrichment.groupby("unit").size()
+    for u, part in enrichment.groupby("unit"):
+        np.testing.assert_allclose(part["p_bonferroni"], np.minimum(1, part["p"] * tested[u]))
+    assert "units with a set at Bonferroni p < 0.05" in capsys.readouterr().out
+    (tmp_path / "bad.gmt").write_text("only_a_name\tdescription\n")
+    assert cli.invoke("cic", ["interpret", f"--run_dir={run}", f"--profiles={pipeline / 'profiles'}",
+                              f"--gmt={tmp_path / 'bad.gmt'}", f"--out={out}"]) == 1
+    assert "bad.gmt:1: a GMT line needs" in capsys.readouterr().err
+
+
+def test_hypergeometric_enrichment_by_hand():
+    """Universe of 10 genes, a set of 4, a top list of 3 all in the set:
+    P(X >= 3) = C(4,3) C(6,0) / C(10,3) = 4 / 120 = 0.0333; a set of 1 is not tested
+    (min_size 2), so Bonferroni multiplies by the 2 sets tested."""
+    from ish_tf.families.cic.interpret import hypergeometric_enrichment
+
+    universe = [f"g{i}" for i in range(10)]
+    sets = {"a": ["g0", "g1", "g2", "g3", "not_in_universe"], "b": ["g5", "g6"], "tiny": ["g9"]}
+    e = hypergeometric_enrichment(["g0", "g1", "g2"], sets, universe, min_size=2)
+    a = e.set_index("gene_set").loc["a"]
+    assert (a["overlap"], a["set_size"], a["top_n"], a["universe"]) == (3, 4, 3, 10)
+    assert a["p"] == pytest.approx(4 / 120) and a["p_bonferroni"] == pytest.approx(8 / 120)
+    assert e.set_index("gene_set").loc["b", "p"] == pytest.approx(1.0)
+    assert "tiny" not in set(e["gene_set"])
