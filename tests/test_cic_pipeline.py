@@ -119,13 +119,26 @@ def test_reconstruction_metrics_by_hand():
 
 
 def test_evaluate_expression_against_baselines(pipeline, tmp_path, capsys):
-    out = tmp_path / "eval"
+    """bin/evaluate --task=expression with every part: baselines, the classifier's softmax,
+    noise, and the unseen-type test (--split_by=label ingest + a model trained on it)."""
+    from ish_tf.evaluate.expression import ExpressionEvalConfig, evaluate_expression
+
+    unseen, data = tmp_path / "unseen", pipeline / "data"
+    assert cli.invoke("ingest", [f"--expression={data / 'counts.csv'}", f"--obs={data / 'obs.csv'}",
+                                 "--label_column=cell_type", "--n_genes=40", "--split_by=label",
+                                 "--holdout_labels=type2", f"--out={unseen}"]) == 0
+    assert cli.invoke("train", ["--model=cic", f"--records_dir={unseen / 'records'}",
+                                f"--run_dir={tmp_path / 'run'}", "--cic_hidden=16",
+                                "--cic_code_size=4", "--steps=5", "--decay_start=5",
+                                "--noimage_summaries", "--strategy=default"]) == 0
+    assert cli.invoke("export", [f"--model_dir={tmp_path / 'run'}",
+                                 f"--export_dir={tmp_path / 'export'}"]) == 0
+    out, model = tmp_path / "eval", str(pipeline / "export" / "cic")
     assert cli.invoke("evaluate", [
-        "--task=expression", f"--profiles={pipeline / 'profiles'}",
-        f"--saved_model={pipeline / 'export' / 'cic'}",
-        f"--classifier_model={pipeline / 'export' / 'cic'}",
-        "--expression_baselines=pca,nmf,kpca_rbf", "--noise_levels=0.5",
-        f"--out={out}"]) == 0
+        "--task=expression", f"--profiles={pipeline / 'profiles'}", f"--saved_model={model}",
+        f"--classifier_model={model}", "--expression_baselines=pca,nmf,kpca_rbf",
+        "--noise_levels=0.5", f"--unseen_profiles={unseen}",
+        f"--unseen_model={tmp_path / 'export'}", f"--out={out}"]) == 0
     s = json.loads((out / "expression_summary.json").read_text())
     assert s["n_test"] == 24 and s["code_size"] == 4 and s["n_genes"] == 40
     assert set(s["reconstruction"]) == {"cic", "training_mean", "pca", "nmf", "kpca_rbf"}
@@ -134,56 +147,30 @@ def test_evaluate_expression_against_baselines(pipeline, tmp_path, capsys):
     for key in ("cic_codes_lr", "pca_lr", "svm_genes", "classifier_ae"):
         assert 0.0 <= s["classification"][key]["accuracy"] <= 1.0
     assert s["classification_baselines"]["chance"]["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
-    # The synthetic cell types are easy: all genes, PCA and the codes beat chance clearly.
+    # The synthetic cell types are easy: an SVM on all genes is far above chance.
     assert s["classification"]["svm_genes"]["accuracy"] > 0.8
     noise = pd.read_csv(out / "noise.csv")
     assert set(noise["noise_sd"]) == {0.0, 0.5} and set(noise["codes"]) == {"cic", "pca"}
     assert (noise.loc[noise["noise_sd"] == 0, "relative_code_change"] == 0).all()
-    assert (out / "figures" / "codes_map.png").stat().st_size > 1000
-    assert "Cell-type classification" in (out / "report.md").read_text()
-    assert "reconstruction pca" in capsys.readouterr().out
-    # Codes read from the embed table instead of the model: a missing profile is an error.
-    pd.DataFrame({"sample_id": ["x"], "code_0": [1.0]}).to_csv(tmp_path / "c.csv", index=False)
-    assert cli.invoke("evaluate", [
-        "--task=expression", f"--profiles={pipeline / 'profiles'}",
-        f"--saved_model={pipeline / 'export' / 'cic'}", f"--embedding={tmp_path / 'c.csv'}",
-        "--expression_baselines=pca", "--noreport", f"--out={tmp_path / 'e2'}"]) == 1
-    assert "profiles have no codes" in capsys.readouterr().err
-
-
-def test_unseen_cell_types(pipeline, tmp_path):
-    """--split_by=label ingest + a model trained on it: the held-out type is reconstructed
-    and placed; an ingest whose test split shares labels with train is refused."""
-    from ish_tf.evaluate.expression import ExpressionEvalConfig, evaluate_expression
-
-    unseen = tmp_path / "unseen"
-    data = pipeline / "data"
-    assert cli.invoke("ingest", [f"--expression={data / 'counts.csv'}", f"--obs={data / 'obs.csv'}",
-                                 "--label_column=cell_type", "--n_genes=40", "--split_by=label",
-                                 "--holdout_labels=type2", f"--out={unseen}"]) == 0
-    assert cli.invoke("train", ["--model=cic", f"--records_dir={unseen / 'records'}",
-                                f"--run_dir={tmp_path / 'run'}", "--cic_hidden=16",
-                                "--cic_code_size=4", "--steps=10", "--decay_start=10",
-                                "--noimage_summaries", "--strategy=default"]) == 0
-    assert cli.invoke("export", [f"--model_dir={tmp_path / 'run'}",
-                                 f"--export_dir={tmp_path / 'export'}"]) == 0
-    cfg = ExpressionEvalConfig(profiles_dir=str(pipeline / "profiles"),
-                               saved_model=str(pipeline / "export" / "cic"),
-                               out_dir=str(tmp_path / "eval"), unseen_profiles=str(unseen),
-                               unseen_model=str(tmp_path / "export"), baselines=("pca",),
-                               noise_levels=(1.0,), report=False)
-    s = evaluate_expression(cfg)
     table = pd.DataFrame(s["unseen"])
     placed = table[table["profiles"] == "unseen placement"]
     assert set(placed["codes"]) == {"cic", "pca"} and (placed["n"] == 40).all()
-    assert "type2" in table.loc[table["profiles"].str.startswith("unseen ("), "labels"].iloc[0]
+    assert table.loc[table["profiles"].str.startswith("unseen ("), "labels"].iloc[0] == "type2"
+    assert (out / "figures" / "codes_map.png").stat().st_size > 1000
+    assert "Unseen cell types" in (out / "report.md").read_text()
+    assert "reconstruction pca" in capsys.readouterr().out
+
+    # A model of other genes, an unseen set sharing labels, codes missing: refused.
+    cfg = ExpressionEvalConfig(profiles_dir=str(pipeline / "profiles"), saved_model=model,
+                               out_dir=str(tmp_path / "e2"), baselines=("pca",), report=False)
     with pytest.raises(ValueError, match="was trained on the genes of"):
         evaluate_expression(dataclasses.replace(cfg, saved_model=str(tmp_path / "export")))
+    pd.DataFrame({"sample_id": ["x"], "code_0": [1.0]}).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(ValueError, match="profiles have no codes"):
+        evaluate_expression(dataclasses.replace(cfg, embedding=str(tmp_path / "c.csv")))
     with pytest.raises(ValueError, match="--split_by=label"):
-        evaluate_expression(ExpressionEvalConfig(
-            profiles_dir=str(pipeline / "profiles"), saved_model=str(pipeline / "export" / "cic"),
-            out_dir=str(tmp_path / "e3"), unseen_profiles=str(pipeline / "profiles"),
-            unseen_model=str(tmp_path / "export"), baselines=("pca",), report=False))
+        evaluate_expression(dataclasses.replace(cfg, unseen_profiles=str(pipeline / "profiles"),
+                                                unseen_model=model))
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"expression": "cells.h5ad", "label_column": "kind",
@@ -250,3 +237,40 @@ def test_hypergeometric_enrichment_by_hand():
     assert a["p"] == pytest.approx(4 / 120) and a["p_bonferroni"] == pytest.approx(8 / 120)
     assert e.set_index("gene_set").loc["b", "p"] == pytest.approx(1.0)
     assert "tiny" not in set(e["gene_set"])
+
+
+def test_pbmc68k_codes_in_obsm_and_evaluated(tmp_path):
+    """The real file (700 blood cells, 10 types; skipped without ../shared/data): ingest
+    .raw, a tiny classifier-autoencoder, then the .h5ad itself through bin/embed keeps all
+    its obs columns with the codes in obsm["X_cic"], and the evaluation's baselines see
+    real structure (an SVM on the genes far above the majority class)."""
+    import anndata
+    from conftest import shared_data_path
+
+    path = shared_data_path("expression", "pbmc68k_reduced.h5ad")
+    data = tmp_path / "pbmc"
+    assert cli.invoke("ingest", [f"--expression={path}", "--use_raw", "--label_column=bulk_labels",
+                                 "--n_genes=200", f"--out={data}"]) == 0
+    assert cli.invoke("train", ["--model=cic_classifier", f"--records_dir={data / 'records'}",
+                                f"--run_dir={tmp_path / 'run'}", "--cic_hidden=32",
+                                "--cic_code_size=8", "--steps=20", "--decay_start=15",
+                                "--learning_rate=3e-3", "--noimage_summaries",
+                                "--strategy=default"]) == 0
+    assert cli.invoke("export", [f"--model_dir={tmp_path / 'run'}",
+                                 f"--export_dir={tmp_path / 'export'}"]) == 0
+    assert cli.invoke("embed", [f"--saved_model={tmp_path / 'export'}", f"--expression={path}",
+                                "--use_raw", f"--out={tmp_path / 'codes'}"]) == 0
+    source = anndata.read_h5ad(path)
+    codes = anndata.read_h5ad(tmp_path / "codes" / "codes.h5ad")
+    assert codes.obsm["X_cic"].shape == (700, 8) and codes.n_vars == 200
+    assert list(codes.obs.columns) == list(map(str, source.obs.columns))
+    assert list(codes.obs_names) == list(source.obs_names)
+    assert cli.invoke("evaluate", ["--task=expression", f"--profiles={data}",
+                                   f"--saved_model={tmp_path / 'export'}",
+                                   f"--embedding={tmp_path / 'codes' / 'codes.csv'}",
+                                   "--expression_baselines=pca", "--noise_levels=1.0",
+                                   "--noreport", f"--out={tmp_path / 'eval'}"]) == 0
+    s = json.loads((tmp_path / "eval" / "expression_summary.json").read_text())
+    assert s["n_test"] == 142 and len(s["labels"]) == 10
+    assert s["classification"]["svm_genes"]["accuracy"] > s["classification_baselines"][
+        "majority"]["accuracy"] + 0.2

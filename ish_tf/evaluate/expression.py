@@ -301,6 +301,8 @@ def evaluate_expression(cfg: ExpressionEvalConfig,
     from ish_tf.embed_expression import VectorModel
 
     cfg.validate()
+    if cfg.unseen_profiles:
+        _check_unseen_split(cfg.unseen_profiles)
     os.makedirs(cfg.out_dir, exist_ok=True)
     _, prep, splits = read_ingested(cfg.profiles_dir)
     for need in ("train", "test"):
@@ -351,7 +353,8 @@ def evaluate_expression(cfg: ExpressionEvalConfig,
     cls_rows = classification_table(feats, train.labels, test.labels)
     classifier_note = ""
     if cfg.classifier_model:
-        clf = VectorModel(cfg.classifier_model)
+        clf = (model if os.path.abspath(cfg.classifier_model) == os.path.abspath(
+            cfg.saved_model) else VectorModel(cfg.classifier_model))
         _check_genes(clf, prep, cfg.profiles_dir)
         names = clf.class_names
         if "probabilities" not in clf.outputs or not names:
@@ -408,6 +411,24 @@ def _noise_table(cfg, model, train, test, baselines, code_train) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+def _check_unseen_split(profiles_dir: str) -> None:
+    """The unseen-type ingest must hold whole labels out: test labels never in train."""
+    from ish_tf.data.expression import PROFILES_NAME
+
+    path = os.path.join(profiles_dir, PROFILES_NAME)
+    if not os.path.exists(path):
+        raise ValueError(f"{profiles_dir}: no {PROFILES_NAME} (give a bin/ingest --expression "
+                         "directory)")
+    profiles = pd.read_csv(path, dtype={"label": str})
+    test = set(profiles.loc[profiles["split"] == "test", "label"])
+    train = set(profiles.loc[profiles["split"] == "train", "label"])
+    if not test or not train:
+        raise ValueError(f"{profiles_dir}: needs train and test (held-out labels) splits")
+    if test & train:
+        raise ValueError(f"{profiles_dir}: the test split shares labels {sorted(test & train)[:5]} "
+                         "with train: ingest it with --split_by=label")
+
+
 def _unseen_table(cfg, log) -> pd.DataFrame:
     """Reconstruction and placement of whole labels the model never saw."""
     from sklearn.decomposition import PCA
@@ -417,14 +438,8 @@ def _unseen_table(cfg, log) -> pd.DataFrame:
     from ish_tf.embed_expression import VectorModel
 
     _, prep, splits = read_ingested(cfg.unseen_profiles)
-    if "test" not in splits or "train" not in splits:
-        raise ValueError(f"{cfg.unseen_profiles}: needs train and test (held-out labels) splits")
     train, unseen = splits["train"], splits["test"]
     seen = splits.get("validation", train)
-    overlap = sorted(set(unseen.labels) & set(train.labels))
-    if overlap:
-        raise ValueError(f"{cfg.unseen_profiles}: the test split shares labels {overlap[:5]} "
-                         "with train: ingest it with --split_by=label")
     model = VectorModel(cfg.unseen_model)
     _check_genes(model, prep, cfg.unseen_profiles)
     pca = PCA(n_components=min(model(train.values[:1])["code"].shape[1],

@@ -3,7 +3,8 @@
 synthetic profiles (or `expression=PATH` with `label_column`) -> ingest (stratified; and
 whole cell types held out for the unseen-type test) -> cic and cic_classifier training
 through the shared trainer -> SavedModels -> codes of every profile through the served
-model (.h5ad + table) -> evaluation on the held-out profiles against PCA, NMF and
+model (.h5ad + table) -> per-unit interpretation (on synthetic data: enrichment of the
+known gene programs) -> evaluation on the held-out profiles against PCA, NMF and
 KernelPCA, and cell-type classification against PCA features and an SVM on all genes,
 written to WORKDIR/summary.json with the training-mean, majority-class and chance figures.
 """
@@ -66,7 +67,11 @@ def recipe(workdir: str, root: str = ".", seed: int = 0, expression: str = "",
                           f"--run_dir={j('runs', name)}", f"--seed={seed}", *extra]))
         commands.append((f"export {name}", "export",
                          [f"--model_dir={j('runs', name)}", f"--export_dir={j('export', name)}"]))
+    gmt = [] if expression else [f"--gmt={os.path.join(j('data'), 'programs.gmt')}"]
     commands += [
+        ("interpretation of the code units", "cic",
+         ["interpret", f"--run_dir={j('runs', 'cic')}", f"--profiles={profiles}",
+          f"--out={j('interpret')}", *gmt]),
         ("codes through the SavedModel", "embed",
          [f"--saved_model={j('export', 'cic')}", *embed_source, f"--out={j('embeddings')}"]),
         ("evaluation", "evaluate",
@@ -114,6 +119,7 @@ def run_quickstart(workdir: str, root: str = ".", seed: int = 0,
         "classification_baselines": {k: v["accuracy"] for k, v in
                                      ev["classification_baselines"].items() if v},
         "unseen": ev["unseen"],
+        "interpretation": _interpretation(workdir),
         "noise": ev["noise"],
         "seconds": times,
         "paths": {"evaluation": os.path.join(workdir, "evaluation"),
@@ -122,9 +128,31 @@ def run_quickstart(workdir: str, root: str = ".", seed: int = 0,
                   "codes_h5ad": os.path.join(workdir, "embeddings", "codes.h5ad")},
     }
     summary["path"] = write_summary(workdir, summary)
+    i = summary["interpretation"]
+    if "sets_found" in i:
+        log(f"code units enriched (Bonferroni p < 0.05) for a known program: "
+            f"{i['units_with_a_significant_set']} of {i['units']}; programs found "
+            f"{len(i['sets_found'])} of {i['gene_sets']}: {', '.join(i['sets_found'])}")
     c, b = summary["classification"], summary["classification_baselines"]
     log("reconstruction MSE (test): " + ", ".join(
         f"{k} {v['mse']:.3f}" for k, v in summary["reconstruction"].items()))
     log("cell-type accuracy (test): " + ", ".join(f"{k} {v:.3f}" for k, v in c.items())
         + " | " + ", ".join(f"{k} {v:.3f}" for k, v in b.items()))
     return summary
+
+
+def _interpretation(workdir: str) -> dict:
+    """The interpretation's headline: enrichment of the known programs (synthetic), and
+    the top 5 genes of the first 3 units."""
+    import pandas as pd
+
+    with open(os.path.join(workdir, "interpret", "interpret_summary.json"),
+              encoding="utf-8") as f:
+        s = json.load(f)
+    genes = pd.read_csv(os.path.join(workdir, "interpret", "unit_genes.csv"))
+    out = {k: s[k] for k in ("units", "top_genes", "gene_sets", "units_with_a_significant_set",
+                             "sets_found") if k in s}
+    out["top5_of_first_units"] = {
+        int(u): [f"{g.gene} {g.change:+.2f}" for g in part.head(5).itertuples()]
+        for u, part in genes[genes["unit"] < 3].groupby("unit")}
+    return out
