@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -260,7 +261,9 @@ def test_pbmc68k_codes_in_obsm_and_evaluated(tmp_path):
                                  f"--export_dir={tmp_path / 'export'}"]) == 0
     assert cli.invoke("embed", [f"--saved_model={tmp_path / 'export'}", f"--expression={path}",
                                 "--use_raw", f"--out={tmp_path / 'codes'}"]) == 0
-    source = anndata.read_h5ad(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the file is in the older AnnData layout
+        source = anndata.read_h5ad(path)
     codes = anndata.read_h5ad(tmp_path / "codes" / "codes.h5ad")
     assert codes.obsm["X_cic"].shape == (700, 8) and codes.n_vars == 200
     assert list(codes.obs.columns) == list(map(str, source.obs.columns))

@@ -166,7 +166,9 @@ def fit_baselines(train: np.ndarray, width: int, names: Sequence[str], *, raw_me
                              "note": f"PCA, {width} components"}
             elif name == "nmf":
                 raw = train * raw_std + raw_mean
-                shift = np.minimum(raw.min(axis=0), 0.0)
+                # Undoing the standardisation leaves rounding noise (~1e-7) below zero.
+                low = raw.min(axis=0)
+                shift = np.where(low < -1e-4, low, 0.0)
                 note = "NMF on the values before standardisation"
                 if np.any(shift < 0):
                     note += " (shifted by each gene's training minimum: some were negative)"
