@@ -134,6 +134,7 @@ class ExpressionEmbedConfig:
         (preprocessing.json, genes.csv); "" = the directory above the records the model
         was trained on (read from the export's flags).
       obs_path, layer, use_raw, orientation: as for `bin/ingest --expression`.
+      obs_columns: annotation (non-gene) columns of a samples x genes table, kept as obs.
       table_format: csv or parquet.
       obsm_key: where the codes go in the .h5ad.
       output: the model output stored (code).
@@ -146,6 +147,7 @@ class ExpressionEmbedConfig:
     out_dir: str
     preprocessing: str = ""
     obs_path: str = ""
+    obs_columns: tuple[str, ...] = ()
     layer: str = ""
     use_raw: bool = False
     orientation: str = "auto"
@@ -261,7 +263,8 @@ def embed_expression(cfg: ExpressionEmbedConfig,
         raise ExpressionEmbedError(f"{prep_dir}: {len(prep.genes)} genes but {model.path} takes "
                                    f"{model.dim}: not the preprocessing of this model")
     table = read_expression(cfg.expression, layer=cfg.layer, use_raw=cfg.use_raw,
-                            orientation=cfg.orientation, obs_path=cfg.obs_path)
+                            orientation=cfg.orientation, obs_path=cfg.obs_path,
+                            obs_columns=cfg.obs_columns)
     values, missing = prep.transform(table.matrix, table.genes)
     known = set(prep.genes)
     dropped = sum(1 for g in table.genes if g not in known)

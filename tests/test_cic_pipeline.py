@@ -83,6 +83,15 @@ def test_embed_expression_aligns_genes_by_name(pipeline, tmp_path, capsys):
     adata = anndata.read_h5ad(tmp_path / "missing" / "codes.h5ad")
     assert np.all(adata.X[:, :5] == 0) and not np.allclose(adata.obsm["X_cic"], plain[code_cols])
 
+    # Annotation columns inside the table: named with --obs_columns, kept as obs.
+    counts.join(obs).to_csv(tmp_path / "annotated.csv")
+    assert cli.invoke("embed", [f"--saved_model={model}", "--obs_columns=cell_type,batch",
+                                f"--expression={tmp_path / 'annotated.csv'}",
+                                f"--out={tmp_path / 'annotated'}"]) == 0
+    annotated = pd.read_csv(tmp_path / "annotated" / "codes.csv")
+    assert list(annotated.columns) == list(plain.columns)
+    np.testing.assert_allclose(annotated[code_cols], plain[code_cols], atol=1e-5)
+
     # No gene in common: an error naming the file, not codes of nothing.
     pd.DataFrame({"other": [1, 2]}, index=["a", "b"]).to_csv(tmp_path / "alien.csv")
     assert cli.invoke("embed", [f"--saved_model={model}", f"--expression={tmp_path / 'alien.csv'}",

@@ -68,6 +68,8 @@ def define_embed(fv) -> None:
     d.string("preprocessing", "", "--expression: the bin/ingest --expression directory of the "
              "model's training data (preprocessing.json); empty = found from the export.")
     d.string("obs", "", "--expression: CSV/TSV of sample annotations (first column the names).")
+    d.list("obs_columns", [], "--expression: annotation columns of a samples x genes table "
+           "(e.g. the cell type), kept as obs instead of read as genes.")
     d.string("layer", "", "--expression: the .h5ad layer to read instead of X.")
     d.bool("use_raw", False, "--expression: read the .h5ad's .raw matrix.")
     d.enum("orientation", "auto", ["auto", "samples_x_genes", "genes_x_samples"],
@@ -185,7 +187,8 @@ def main_expression(fv) -> int:
         raise app.UsageError("--expression needs --saved_model and --out")
     cfg = ExpressionEmbedConfig(
         saved_model=fv.saved_model, expression=fv.expression, out_dir=fv.out,
-        preprocessing=fv.preprocessing, obs_path=fv.obs, layer=fv.layer, use_raw=fv.use_raw,
+        preprocessing=fv.preprocessing, obs_path=fv.obs,
+        obs_columns=tuple(config.parse_list(fv.obs_columns)), layer=fv.layer, use_raw=fv.use_raw,
         orientation=fv.orientation, table_format=fv.table_format, obsm_key=fv.obsm_key,
         output=fv.output_key or "code", batch_size=fv.embed_batch_size,
         allow_foreign_saved_model=fv.allow_foreign_saved_model)
