@@ -11,8 +11,11 @@ evaluated. Only SavedModels exported by bin/export (with assets.extra/ish_tf.jso
 loaded unless --allow_foreign_saved_model: a SavedModel is code. A shard with an
 unreadable record, or another record count than index.json lists, is an error naming it;
 --skip_corrupt embeds its readable records and counts the lost ones. Writes OUT/patch_embeddings.csv,
-image_embeddings.csv, donor_embeddings.csv, gene_embeddings.csv (means over patches;
---gene_from=images: over image means), skipped.csv, embed_summary.json and flags.cfg.
+image_embeddings.csv, gene_donor_embeddings.csv (one row per gene and donor),
+gene_embeddings.csv (means over patches; --gene_from=images: over image means), with
+every manifest column and dimensions dim_000...; --table_format=parquet or h5ad (AnnData:
+metadata in obs, embedding in obsm["X_<family>"]) instead of csv; skipped.csv,
+embed_summary.json and flags.cfg.
 An interrupted run resumes shard by shard when rerun with the same flags.
 
 Expression profiles (`ish_tf.embed_expression`):
@@ -47,14 +50,20 @@ def define_embed(fv) -> None:
               lower_bound=1)
     d.enum("gene_from", "patches", ["patches", "images"], "Donor and gene vectors: mean of all "
            "their patches (the paper) or mean of their image means.")
-    d.enum("table_format", "csv", ["csv", "parquet"], "Format of the embedding tables "
-           "(parquet needs pyarrow).")
+    d.enum("table_format", "csv", ["csv", "parquet", "h5ad"], "Format of the embedding "
+           "tables: csv, parquet (needs pyarrow: pip install ish_tf[parquet]) or h5ad (one "
+           "AnnData per level: metadata in obs, the embedding in obsm['X_<family>']; needs "
+           "anndata: pip install ish_tf[expression]).")
+    d.string("manifest", "", "Manifest whose columns (the lab's own included) join the "
+             "tables by image_id; empty = the one index.json names; none = record keys only.")
     d.string("signature", "", "Serving signature; empty = tf_example (fed the serialized "
              "records) when the export has it, else serving_default (fed the encoded patch "
              "bytes).")
     d.string("output_key", "", "Output of the signature to store; empty = the export's first "
              "output (embedding for triplet).")
-    d.list("levels", ["patch", "image", "donor", "gene"], "Tables to write.")
+    d.list("levels", ["patch", "image", "donor", "gene"], "Tables to write: patch, image, "
+           "donor (one row per gene and donor, gene_donor_embeddings.*; also called "
+           "gene_donor), gene.")
     d.bool("skip_corrupt", False, "Embed the readable records of a shard with an unreadable "
            "(corrupt) record or fewer records than index.json lists, and count the records "
            "lost (skipped.csv, embed_summary.json, a warning); default: such a shard is an "
@@ -95,7 +104,7 @@ def embed_config(fv):
         gene_from=fv.gene_from, table_format=fv.table_format, signature=fv.signature,
         output=fv.output_key or None, levels=tuple(config.parse_list(fv.levels)),
         skip_corrupt=fv.skip_corrupt,
-        allow_foreign_saved_model=fv.allow_foreign_saved_model).validate()
+        allow_foreign_saved_model=fv.allow_foreign_saved_model, manifest=fv.manifest).validate()
 
 
 def define_flags(fv) -> None:
@@ -133,7 +142,13 @@ def main(fv, argv: list[str]) -> int:
           f"{result.patches_embedded} patches embedded at {result.patches_per_sec:.1f}/s"
           f"{f', {result.shards_reused} shard(s) reused' if result.shards_reused else ''})")
     for level, path in result.tables.items():
-        print(f"  {level:<6} {result.rows[level]:>8} rows  {path}")
+        label = "gene_donor" if level == "donor" else level  # one row per gene and donor
+        print(f"  {label:<10} {result.rows[level]:>8} rows  {path}")
+    if result.manifest:
+        print(f"  metadata: {len(result.manifest_columns)} manifest column(s) from "
+              f"{result.manifest}")
+    if result.manifest_note:
+        print(f"embed: warning: {result.manifest_note}", file=sys.stderr)
     if result.skipped:
         print(f"  skipped {result.skipped} record(s): see {result.skipped_path}")
     for shard, n in result.lost_by_shard.items():

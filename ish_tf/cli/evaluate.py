@@ -46,6 +46,9 @@ def define_evaluate(fv) -> None:
              "non-key column is a dimension); named after its file.")
     d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
     d.string("out", "", "Output directory.")
+    d.list("splits", [], "Record splits to score, for every task: empty = the held-out "
+           "splits (every split but train) where a table has a split column (stated in the "
+           "output); all = every row; or a list, e.g. test or train,test.")
     d.bool("average_duplicate_genes", False, "Average the rows of a gene that a gene-level "
            "embedding table repeats (reported as a warning); default: such a table is an "
            "error naming the gene and its rows.")
@@ -70,6 +73,11 @@ def define_evaluate(fv) -> None:
               lower_bound=1)
     d.enum("solver", "newton-cg", ["newton-cg", "lbfgs", "newton-cholesky"],
            "scikit-learn solver of the unpenalised logistic regression.")
+    d.enum("penalty", "none", ["none", "l2"], "Logistic regression penalty: none (the "
+           "paper's) or l2 (C=1), well posed when a fold has fewer genes than dimensions "
+           "(such set-ups are flagged without it).")
+    d.integer("pca_components", 0, "Project each fold onto this many principal components "
+              "of its training genes first (k < genes per fold); 0 = none.", lower_bound=0)
     d.bool("standardize_features", True, "z-score embedding dimensions inside each "
            "fold (training part's mean/std): results do not depend on the scale.")
     d.enum("join_key", "auto", ["auto", "gene_symbol", "entrez_id"],
@@ -167,15 +175,18 @@ def evaluate_config(fv):
     scoring = ScoringConfig(
         n_splits=fv.folds, seed=fv.seed, standardize=fv.standardize_features,
         max_iter=fv.max_iter, solver=fv.solver, min_genes=fv.min_group_genes,
-        size_bounds={"go": (fv.go_min_genes, fv.go_max_genes)}, n_jobs=fv.n_jobs)
+        size_bounds={"go": (fv.go_min_genes, fv.go_max_genes)}, n_jobs=fv.n_jobs,
+        penalty=fv.penalty, pca_components=fv.pca_components)
     diagnosis = DiagnosisConfig(
         label_column=fv.diagnosis_label, positive=fv.diagnosis_positive,
         negative=fv.diagnosis_negative, min_donors=fv.min_donors,
         demographics=tuple(config.parse_list(fv.demographics)), n_splits=fv.folds,
         seed=fv.seed, standardize=fv.standardize_features, max_iter=fv.max_iter,
-        solver=fv.solver, n_jobs=fv.n_jobs)
+        solver=fv.solver, n_jobs=fv.n_jobs, penalty=fv.penalty,
+        pca_components=fv.pca_components)
     return EvaluateConfig(
         tasks=tuple(config.parse_list(fv.task)), embeddings=embeddings, out_dir=fv.out,
+        splits=tuple(config.parse_list(fv.splits)),
         zeng_table=fv.zeng_table, gaf=fv.gaf, obo=fv.obo,
         go_aspects=tuple(config.parse_list(fv.go_aspects)),
         go_exclude_evidence=tuple(config.parse_list(fv.go_exclude_evidence)),
@@ -196,14 +207,34 @@ def define_flags(fv) -> None:
     define_evaluate(fv)
 
 
+def _flagged(n: int, total: int) -> str:
+    return f"  [{n} of {total} flagged degenerate: see column 'flag']" if n else ""
+
+
 def _print_summary(done: dict, seconds: float) -> None:
-    print(f"evaluate: finished {', '.join(done)} in {seconds:.1f}s")
+    tasks = [t for t in done if t != "embeddings"]
+    print(f"evaluate: finished {', '.join(tasks)} in {seconds:.1f}s")
+    for name, choice in done.get("embeddings", {}).get("choices", {}).items():
+        print(f"  scored rows: {name}: {choice.describe()}")
+        for small in choice.small_splits():
+            print(f"evaluate: warning: embedding {name}: split {small}: too small to "
+                  "score on its own", file=sys.stderr)
     if "annotations" in done:
         s = done["annotations"]["summary"]
         overall = s[s["category"] == "all"]
+        if not len(overall):
+            print("  annotations: no group could be scored (too few matched genes); see "
+                  "annotations_skipped.csv")
         for _, row in overall.iterrows():
             print(f"  annotations: {row['embedding']}: mean AUC {row['mean_auc']:.3f} over "
-                  f"{int(row['n_groups'])} groups")
+                  f"{int(row['n_groups'])} groups, {int(row['n_significant_bh'])} significant "
+                  f"(Benjamini-Hochberg FDR 5%)"
+                  f"{_flagged(int(row['n_flagged']), int(row['n_groups']))}")
+        results = done["annotations"]["results"]
+        flags = results.loc[results["flag"].fillna("") != "", "flag"]
+        if len(flags):
+            print(f"evaluate: warning: {len(flags)} annotation group(s) degenerate, e.g. "
+                  f"{flags.iloc[0]}", file=sys.stderr)
     if "diagnosis" in done:
         s = done["diagnosis"]["summary"]
         for _, row in s[s["features"] == "embedding"].iterrows():
@@ -212,8 +243,13 @@ def _print_summary(done: dict, seconds: float) -> None:
     if "reid" in done:
         r = done["reid"]["reid"]
         for _, row in r[r["candidates"] == "other_donor"].iterrows():
+            flag = f"  [DEGENERATE: {row['flag']}]" if row.get("flag") else ""
             print(f"  reid: {row['embedding']}: rank-1 (other donors) {row['rank1']:.3f}, "
-                  f"chance {row['chance']:.3f}")
+                  f"chance {row['chance']:.3f}, fold over chance "
+                  f"{row['fold_over_chance']:.2f}, {int(row['n_queries'])} queries{flag}")
+            if flag:
+                print(f"evaluate: warning: reid {row['embedding']}: {row['flag']}",
+                      file=sys.stderr)
     for task in done.values():
         for name, path in task["written"].items():
             print(f"  {name + ':':22s}{os.path.abspath(path)}")
