@@ -135,7 +135,7 @@ class ExpressionEmbedConfig:
         was trained on (read from the export's flags).
       obs_path, layer, use_raw, orientation: as for `bin/ingest --expression`.
       obs_columns: annotation (non-gene) columns of a samples x genes table, kept as obs.
-      table_format: csv or parquet.
+      table_format: csv, parquet, or h5ad (codes.h5ad only).
       obsm_key: where the codes go in the .h5ad.
       output: the model output stored (code).
       batch_size: profiles per call.
@@ -281,11 +281,13 @@ def embed_expression(cfg: ExpressionEmbedConfig,
     frame = pd.concat([pd.DataFrame({"sample_id": table.samples}),
                        obs.reset_index(drop=True).drop(columns=["sample_id"], errors="ignore"),
                        pd.DataFrame(codes, columns=code_columns(codes.shape[1]))], axis=1)
-    table_path = write_table(frame, cfg.out_dir, cfg.table_format)
     obs.index = pd.Index(table.samples, name="sample_id")
     h5ad = write_h5ad(os.path.join(cfg.out_dir, H5AD_NAME), values, prep.genes, obs, codes,
                       cfg.obsm_key, {"saved_model": model.path, "preprocessing": prep_dir,
                                      "source": os.path.abspath(cfg.expression)})
+    # table_format h5ad: codes.h5ad is the table.
+    table_path = h5ad if cfg.table_format == "h5ad" else write_table(frame, cfg.out_dir,
+                                                                      cfg.table_format)
     summary = {"saved_model": model.path, "preprocessing": os.path.abspath(prep_dir),
                "expression": os.path.abspath(cfg.expression), "output": cfg.output,
                "n_profiles": len(values), "code_size": int(codes.shape[1]),

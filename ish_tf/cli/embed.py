@@ -169,7 +169,7 @@ def _records_h5ad(fv, result) -> int:
     """OUT/codes.h5ad when the records are the vectors of a bin/ingest --expression dir."""
     from ish_tf.data.expression import PROFILES_NAME
     from ish_tf.data.shards import records_input_spec
-    from ish_tf.embed_expression import ExpressionEmbedError, H5AD_NAME, write_records_h5ad
+    from ish_tf.embed_expression import H5AD_NAME, ExpressionEmbedError, write_records_h5ad
 
     ingest_dir = os.path.dirname(os.path.normpath(fv.records_dir))
     if (records_input_spec(fv.records_dir).kind != "vector" or "image" not in result.tables

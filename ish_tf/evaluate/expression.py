@@ -284,7 +284,7 @@ def _check_genes(model, prep, profiles_dir: str) -> None:
     genes = Preprocessing.load(trained_on).genes
     if list(genes) != list(prep.genes):
         raise ValueError(f"{model.path} was trained on the genes of {trained_on}, not those of "
-                         f"{profiles_dir} ({sum(a != b for a, b in zip(genes, prep.genes))} of "
+                         f"{profiles_dir} ({sum(a != b for a, b in zip(genes, prep.genes, strict=False))} of "
                          f"{len(genes)} differ)")
 
 
