@@ -227,6 +227,8 @@ def test_interpret_units_and_enrichment(pipeline, tmp_path, capsys):
     for u, part in enrichment.groupby("unit"):
         np.testing.assert_allclose(part["p_bonferroni"], np.minimum(1, part["p"] * tested[u]))
     assert "units with a set at Bonferroni p < 0.05" in capsys.readouterr().out
+    summary = json.loads((out / "interpret_summary.json").read_text())
+    assert summary["pca_baseline"]["units"] == 4 and (out / "pca_enrichment.csv").exists()
     (tmp_path / "bad.gmt").write_text("only_a_name\tdescription\n")
     assert cli.invoke("cic", ["interpret", f"--run_dir={run}", f"--profiles={pipeline / 'profiles'}",
                               f"--gmt={tmp_path / 'bad.gmt'}", f"--out={out}"]) == 1

@@ -72,6 +72,9 @@ def main(fv, argv: list[str]) -> int:
         print(f"  enrichment: {s['units_with_a_significant_set']} of {s['units']} units with a "
               f"set at Bonferroni p < {s['alpha_bonferroni']} ({s['gene_sets_tested']} sets "
               f"tested per unit); sets found: {', '.join(s['sets_found']) or 'none'}")
+        b = s["pca_baseline"]
+        print(f"  baseline:   PCA at the same width: {b['units_with_a_significant_set']} of "
+              f"{b['units']} components; sets found: {', '.join(b['sets_found']) or 'none'}")
         print(f"  table:      {s['enrichment']}")
     return 0
 

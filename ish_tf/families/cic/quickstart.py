@@ -132,7 +132,9 @@ def run_quickstart(workdir: str, root: str = ".", seed: int = 0,
     if "sets_found" in i:
         log(f"code units enriched (Bonferroni p < 0.05) for a known program: "
             f"{i['units_with_a_significant_set']} of {i['units']}; programs found "
-            f"{len(i['sets_found'])} of {i['gene_sets']}: {', '.join(i['sets_found'])}")
+            f"{len(i['sets_found'])} of {i['gene_sets']}: {', '.join(i['sets_found'])} (PCA at the "
+            f"same width: {i['pca_baseline']['units_with_a_significant_set']} components, "
+            f"{len(i['pca_baseline']['sets_found'])} programs)")
     c, b = summary["classification"], summary["classification_baselines"]
     log("reconstruction MSE (test): " + ", ".join(
         f"{k} {v['mse']:.3f}" for k, v in summary["reconstruction"].items()))
@@ -151,7 +153,7 @@ def _interpretation(workdir: str) -> dict:
         s = json.load(f)
     genes = pd.read_csv(os.path.join(workdir, "interpret", "unit_genes.csv"))
     out = {k: s[k] for k in ("units", "top_genes", "gene_sets", "units_with_a_significant_set",
-                             "sets_found") if k in s}
+                             "sets_found", "pca_baseline") if k in s}
     out["top5_of_first_units"] = {
         int(u): [f"{g.gene} {g.change:+.2f}" for g in part.head(5).itertuples()]
         for u, part in genes[genes["unit"] < 3].groupby("unit")}
