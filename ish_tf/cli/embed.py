@@ -19,6 +19,14 @@ embed_summary.json and flags.cfg.
 An interrupted run resumes shard by shard when rerun with the same flags.
 --runner=beam embeds the shards in an Apache Beam pipeline (`ish_tf.embed_beam`; one
 shard per worker, --beam_options passes the runner's options) and writes the same tables.
+
+Expression profiles (`ish_tf.embed_expression`):
+  bin/embed --saved_model=export/cic --expression=new_cells.h5ad --out=work/cic_codes
+aligns the new matrix's genes by name to the model's (genes.csv of the bin/ingest
+--expression directory, --preprocessing or found from the export), replays the stored
+preprocessing and writes OUT/codes.csv (or .parquet) and OUT/codes.h5ad (codes in
+obsm["X_cic"], every obs column kept). Vector records of an ingest directory embed as
+above and also give OUT/codes.h5ad (obs from the directory's profiles.csv).
 """
 
 from __future__ import annotations
@@ -65,6 +73,20 @@ def define_embed(fv) -> None:
     d.bool("allow_foreign_saved_model", False, "Load a SavedModel without ish_tf's export "
            "metadata (assets.extra/ish_tf.json). A SavedModel is code that runs when "
            "called: only load one from a trusted source.")
+    d.string("expression", "", "An expression matrix (.h5ad, .csv/.tsv(.gz)) to encode with "
+             "a vector model instead of --records_dir: genes aligned by name to the model's, "
+             "missing ones filled with the training mean.")
+    d.string("preprocessing", "", "--expression: the bin/ingest --expression directory of the "
+             "model's training data (preprocessing.json); empty = found from the export.")
+    d.string("obs", "", "--expression: CSV/TSV of sample annotations (first column the names).")
+    d.list("obs_columns", [], "--expression: annotation columns of a samples x genes table "
+           "(e.g. the cell type), kept as obs instead of read as genes.")
+    d.string("layer", "", "--expression: the .h5ad layer to read instead of X.")
+    d.bool("use_raw", False, "--expression: read the .h5ad's .raw matrix.")
+    d.enum("orientation", "auto", ["auto", "samples_x_genes", "genes_x_samples"],
+           "--expression: axes of a delimited table.")
+    d.string("obsm_key", "X_cic", "Key of the codes in the .h5ad's obsm (expression input "
+             "or vector records of an ingest directory).")
     d.string("projector_dir", "", "Also write a TensorBoard embedding-projector view of the "
              "gene-level embeddings (labelled by gene) here; open it with tensorboard --logdir "
              "DIR. Empty = none.")
@@ -100,6 +122,8 @@ def main(fv, argv: list[str]) -> int:
     from ish_tf.data.records import RecordsError
     from ish_tf.embed import EmbedError, embed_records
 
+    if fv.expression:
+        return main_expression(fv)
     with usage_errors():
         cfg = embed_config(fv)
     try:
@@ -148,6 +172,65 @@ def main(fv, argv: list[str]) -> int:
                                        read_embedding_table(result.tables["gene"]),
                                        ("gene_symbol", "split", "entrez_id"))
         print(f"  projector: {n} genes -> tensorboard --logdir {fv.projector_dir}")
+    return _records_h5ad(fv, result)
+
+
+def _records_h5ad(fv, result) -> int:
+    """OUT/codes.h5ad when the records are the vectors of a bin/ingest --expression dir."""
+    from ish_tf.data.expression import PROFILES_NAME
+    from ish_tf.data.shards import records_input_spec
+    from ish_tf.embed_expression import H5AD_NAME, ExpressionEmbedError, write_records_h5ad
+
+    ingest_dir = os.path.dirname(os.path.normpath(fv.records_dir))
+    if (records_input_spec(fv.records_dir).kind != "vector" or "image" not in result.tables
+            or not os.path.exists(os.path.join(ingest_dir, PROFILES_NAME))):
+        return 0
+    try:
+        path = write_records_h5ad(result.tables["image"], ingest_dir,
+                                  os.path.join(result.out_dir, H5AD_NAME), fv.obsm_key)
+    except (ExpressionEmbedError, OSError) as e:
+        print(f"embed: error: {e}", file=sys.stderr)
+        return 1
+    print(f"  h5ad   {result.rows['image']:>8} rows  {path} (obsm[{fv.obsm_key!r}])")
+    return 0
+
+
+def main_expression(fv) -> int:
+    """`bin/embed --expression`: codes of a new matrix; 0 ok, 1 bad input."""
+    from absl import app
+
+    from ish_tf.data.expression import ExpressionError
+    from ish_tf.embed_expression import (
+        ExpressionEmbedConfig,
+        ExpressionEmbedError,
+        embed_expression,
+    )
+
+    if fv.records_dir:
+        raise app.UsageError("give --expression or --records_dir, not both")
+    if not fv.saved_model or not fv.out:
+        raise app.UsageError("--expression needs --saved_model and --out")
+    cfg = ExpressionEmbedConfig(
+        saved_model=fv.saved_model, expression=fv.expression, out_dir=fv.out,
+        preprocessing=fv.preprocessing, obs_path=fv.obs,
+        obs_columns=tuple(config.parse_list(fv.obs_columns)), layer=fv.layer, use_raw=fv.use_raw,
+        orientation=fv.orientation, table_format=fv.table_format, obsm_key=fv.obsm_key,
+        output=fv.output_key or "code", batch_size=fv.embed_batch_size,
+        allow_foreign_saved_model=fv.allow_foreign_saved_model)
+    try:
+        os.makedirs(fv.out, exist_ok=True)
+        config.write_flagfile(os.path.join(fv.out, "flags.cfg"), fv)
+        result = embed_expression(
+            cfg, warn=lambda s: print(f"embed: warning: {s}", file=sys.stderr))
+    except (ExpressionEmbedError, ExpressionError, OSError) as e:
+        print(f"embed: error: {e}", file=sys.stderr)
+        return 1
+    print(f"embed: {result.n_profiles} profiles -> codes of {result.code_size} "
+          f"({result.genes_matched}/{result.genes_model} model genes matched, "
+          f"{len(result.genes_missing)} missing (training mean), {result.genes_dropped} "
+          "extra dropped)")
+    print(f"  table  {result.table}")
+    print(f"  h5ad   {result.h5ad} (obsm[{cfg.obsm_key!r}])")
     return 0
 
 

@@ -15,6 +15,13 @@ Writes, under --out, for the tasks that ran:
   annotations_skipped.csv, gene_matches.csv;
   diagnosis.csv (per gene), diagnosis_top.csv, diagnosis_summary.csv, diagnosis_skipped.csv;
   reid.csv; figures/*.png and report.html (--report); evaluate_flags.cfg (replayable).
+
+Expression profiles (`ish_tf.evaluate.expression`), a task of its own:
+  bin/evaluate --task=expression --profiles=data/pbmc --saved_model=export/cic \
+      --classifier_model=export/cic_classifier --embedding=embed/codes.csv --out=eval/cic
+writes expression_summary.json, reconstruction.csv, own_rank.csv, classification.csv,
+noise.csv (unseen.csv with --unseen_profiles/--unseen_model), figures/codes_map.png and
+report.md/report.html.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ USES_TENSORFLOW = False
 def define_evaluate(fv) -> None:
     """Flags of `bin/evaluate` (annotation/GO prediction, donor control, diagnosis, reid)."""
     d = definer(fv, NAME)
-    d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid.")
+    d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid; or "
+           "expression (alone: cell identity codes against PCA/NMF/KernelPCA).")
     d.string("embedding", "", "One embedding table (CSV/Parquet; every numeric "
              "non-key column is a dimension); named after its file.")
     d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
@@ -106,6 +114,22 @@ def define_evaluate(fv) -> None:
     d.string("records_dir", "", "TFRecord shards + index.json "
              "(from bin/extract) holding the patches of --patch_embeddings.")
     d.string("extreme_gene", "", "Gene whose extreme patches are shown.")
+    d.string("profiles", "", "--task=expression: the bin/ingest --expression directory "
+             "(records with the held-out test profiles, profiles.csv with labels).")
+    d.string("saved_model", "", "--task=expression: the exported cic model (code + "
+             "reconstruction).")
+    d.string("classifier_model", "", "--task=expression: an exported cic_classifier "
+             "trained on the same records (its softmax is scored too).")
+    d.string("unseen_profiles", "", "--task=expression: an ingest with whole labels held "
+             "out (bin/ingest --split_by=label) for the unseen-cell-type test.")
+    d.string("unseen_model", "", "--task=expression: the cic model trained on "
+             "--unseen_profiles.")
+    d.list("noise_levels", ["0.25", "0.5", "1.0"], "--task=expression: standard deviations "
+           "of the Gaussian noise added to test profiles (standardised units).")
+    d.list("expression_baselines", ["pca", "nmf", "kpca_poly", "kpca_cosine", "kpca_rbf"],
+           "--task=expression: reconstruction baselines at the code width.")
+    d.integer("kernel_max_train", 2000, "--task=expression: at most this many training "
+              "profiles fit KernelPCA.", lower_bound=10)
     d.integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
               "figure; -1 = the dimension varying most over that gene's patches.")
 
@@ -238,6 +262,8 @@ def main(fv, argv: list[str]) -> int:
     from ish_tf.evaluate.run import run as run_tasks
     from ish_tf.evaluate.run import write_figures_and_report
 
+    if "expression" in config.parse_list(fv.task):
+        return main_expression(fv)
     with usage_errors():
         cfg = evaluate_config(fv)
     start = time.monotonic()
@@ -260,6 +286,53 @@ def main(fv, argv: list[str]) -> int:
     if report_path:
         print(f"  {'report:':22s}{os.path.abspath(report_path)}")
     return status
+
+
+def main_expression(fv) -> int:
+    """`bin/evaluate --task=expression`: 0 ok, 1 bad input."""
+    from ish_tf.cli import quiet_tensorflow_info
+
+    with usage_errors():
+        if config.parse_list(fv.task) != ["expression"]:
+            raise ValueError("--task=expression runs alone")
+        cfg = expression_config(fv)
+    quiet_tensorflow_info()
+    from ish_tf.evaluate.expression import evaluate_expression
+
+    start = time.monotonic()
+    try:
+        summary = evaluate_expression(cfg, log=lambda s: print(s, flush=True))
+    except (ValueError, KeyError, OSError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
+    config.write_flagfile(os.path.join(cfg.out_dir, "evaluate_flags.cfg"), fv)
+    print(f"evaluate: expression in {time.monotonic() - start:.1f}s ({summary['n_test']} test "
+          f"profiles, codes of {summary['code_size']})")
+    for name, r in summary["reconstruction"].items():
+        print(f"  reconstruction {name:14s} MSE {r['mse']:.4f}  Pearson {r['pearson']:.3f}  "
+              f"Spearman {r['spearman']:.3f}  own-profile rank-1 {r['own_rank1']:.3f}")
+    chance = summary["classification_baselines"]
+    for name, r in {**summary["classification"], **chance}.items():
+        if r:
+            print(f"  classification {name:14s} accuracy {r['accuracy']:.3f} "
+                  f"({r['errors']} errors in {r['n_test']})")
+    for name, path in summary["written"].items():
+        print(f"  {name + ':':22s}{os.path.abspath(path)}")
+    return 0
+
+
+def expression_config(fv):
+    """`ish_tf.evaluate.expression.ExpressionEvalConfig` from the flags."""
+    from ish_tf.evaluate.expression import ExpressionEvalConfig
+
+    return ExpressionEvalConfig(
+        profiles_dir=fv.profiles, saved_model=fv.saved_model, out_dir=fv.out,
+        embedding=fv.embedding, classifier_model=fv.classifier_model,
+        unseen_profiles=fv.unseen_profiles, unseen_model=fv.unseen_model,
+        noise_levels=tuple(float(v) for v in config.parse_list(fv.noise_levels)),
+        kernel_max_train=fv.kernel_max_train,
+        baselines=tuple(config.parse_list(fv.expression_baselines)), report=fv.report,
+        seed=fv.seed).validate()
 
 
 if __name__ == "__main__":
