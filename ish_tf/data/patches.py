@@ -36,7 +36,6 @@ from ish_tf.data.patch_sampling import (
     UNREADABLE,
     ImageIOError,
     ImageResult,
-    extract_image_patches,
 )
 from ish_tf.data.segment import MaskConfig
 from ish_tf.io_utils import Progress, atomic_path, remove_stale_tmp
@@ -133,6 +132,9 @@ class ExtractConfig(RecordSetConfig):
       min_fraction: F, least tissue fraction of a window.
       max_tries: T, most candidate windows drawn per image.
       save_overlays: also write `OUT/overlays/{image_id}.png` (mask over image) for checks.
+      fast_decode: decode JPEG sources at 1/2, 1/4 or 1/8 scale when S / R is an integer
+        >= 2, and mask, sample and crop there (`ish_tf.data.fast_decode`; the same windows
+        for the same mask, patches within ~35-50 dB PSNR of the full-resolution ones).
     """
 
     patches_per_image: int = 50
@@ -141,6 +143,7 @@ class ExtractConfig(RecordSetConfig):
     min_fraction: float = 0.9
     max_tries: int = 500
     save_overlays: bool = False
+    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -162,6 +165,8 @@ class ExtractConfig(RecordSetConfig):
             "patch_size": self.patch_size, "min_fraction": self.min_fraction,
             "max_tries": self.max_tries, "segmenter": self.mask.segmenter,
             **self.sharing_key(),
+            # Only when on, so record sets written before the option resume unchanged.
+            **({"fast_decode": True} if self.fast_decode else {}),
         }
 
     def record_sizes(self) -> tuple[int, int]:
@@ -265,9 +270,11 @@ def plan_extraction(df: pd.DataFrame,
 
 def _extract_task(args: tuple) -> ImageResult:
     """Worker entry point (top level so it pickles)."""
+    from ish_tf.data.fast_decode import extract_patches
+
     image_path, image_id, cfg, mask_dir, overlay_dir = args
     try:
-        return extract_image_patches(image_path, image_id, cfg, mask_dir, overlay_dir)
+        return extract_patches(image_path, image_id, cfg, mask_dir, overlay_dir)
     except ImageIOError as e:  # the input's storage, not the image: stop the run
         raise ExtractError(str(e)) from None
     except Exception as e:  # never lose the whole shard to one image

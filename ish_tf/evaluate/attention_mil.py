@@ -397,11 +397,12 @@ def precision_at_k(attention: pd.DataFrame, truth: pd.Series, k: int) -> tuple[f
 def run_pooling(patch_embeddings: str, out_dir: str, *, level: str = "donor",
                 target: str = "diagnosis", positive: str = "schizophrenia",
                 negative: str = "control", manifest: str = "",
-                config: MILConfig | None = None) -> dict:
+                config: MILConfig | None = None, splits: tuple[str, ...] | None = None) -> dict:
     """`bin/evaluate --pooling=attention`: writes OUT/pooling.csv and attention_weights.csv.
 
     The target is a key column of the patch table, or else the manifest's per-donor
-    column `target` (as the diagnosis task reads it).
+    column `target` (as the diagnosis task reads it). `splits` selects the rows scored as
+    `bin/evaluate --splits` does for every task (`ish_tf.evaluate.splits`; None = all).
 
     Returns:
       {"scores": DataFrame, "written": {name: path}}.
@@ -417,6 +418,10 @@ def run_pooling(patch_embeddings: str, out_dir: str, *, level: str = "donor",
 
     config = config or MILConfig()
     table = read_embedding_table(patch_embeddings)
+    if splits is not None:
+        from ish_tf.evaluate.splits import select_splits
+
+        table, _ = select_splits(table, tuple(splits), "patch_embeddings")
     labels = None
     if target not in table.keys.columns:
         if not manifest:
