@@ -31,11 +31,17 @@ from ish_tf.data.pipeline import list_shards
 from ish_tf.data.records import RecordsError
 
 PLATE_KEY = "plate"
+WELL_KEY = "well"
+STATS_NAME = "channel_stats.csv"  # ish_tf.data.plate_norm's table, written at extraction
+
+
+def _schema_has(key: str) -> bool:
+    return key in records.FEATURE_KEYS or key in getattr(records, "OPTIONAL_KEYS", ())
 
 
 def has_plate_feature() -> bool:
     """Whether the record schema carries a plate (the RxRx1 records do)."""
-    return PLATE_KEY in records.FEATURE_KEYS
+    return _schema_has(PLATE_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +58,7 @@ class PlateStats:
 def _meta_keys(spec: InputSpec) -> list[str]:
     keys = [*records.image_keys(spec), "image_id", records.IDENTITY_INDEX_KEY,
             records.GROUP_KEY]
-    if has_plate_feature():
-        keys.append(PLATE_KEY)
+    keys += [k for k in (PLATE_KEY, WELL_KEY) if _schema_has(k)]
     return keys
 
 
@@ -118,6 +123,40 @@ def compute_plate_stats(records_dir: str, level: str = "plate",
         raise RecordsError(f"{records_dir}: {keys[k]} has constant pixels in channel {c}; "
                            "cannot standardise it")
     return PlateStats(keys, mean.astype(np.float32), std.astype(np.float32), level)
+
+
+def stats_from_table(table, level: str) -> PlateStats:
+    """`PlateStats` from a channel stats table (experiment, plate, channel, mean, std,
+    n_pixels: `ish_tf.data.plate_norm`); "experiment" pools its plates by pixel count."""
+    import pandas as pd
+
+    t = pd.DataFrame(table).copy()
+    t["key"] = (t["experiment"].astype(str) if level == "experiment"
+                else t["experiment"].astype(str) + "/" + t["plate"].astype(int).astype(str))
+    w = t["n_pixels"].astype(float) if "n_pixels" in t else pd.Series(1.0, index=t.index)
+    t = t.assign(w=w, wm=w * t["mean"], wsq=w * (t["std"] ** 2 + t["mean"] ** 2))
+    g = t.groupby(["key", "channel"])[["w", "wm", "wsq"]].sum().reset_index()
+    g["mean"] = g["wm"] / g["w"]
+    g["std"] = np.sqrt(np.maximum(g["wsq"] / g["w"] - g["mean"] ** 2, 0.0))
+    keys = tuple(sorted(g["key"].unique()))
+    mean = g.pivot(index="key", columns="channel", values="mean").loc[list(keys)].to_numpy()
+    std = g.pivot(index="key", columns="channel", values="std").loc[list(keys)].to_numpy()
+    if (std < 1e-6).any():
+        k, c = np.argwhere(std < 1e-6)[0]
+        raise RecordsError(f"channel stats: {keys[k]} has std 0 in channel {c + 1}")
+    return PlateStats(keys, mean.astype(np.float32), std.astype(np.float32), level)
+
+
+def load_plate_stats(records_dir: str, level: str) -> PlateStats:
+    """The record set's channel stats table when it has one, else computed from its sites."""
+    import os
+
+    path = os.path.join(records_dir, STATS_NAME)
+    if os.path.exists(path):
+        import pandas as pd
+
+        return stats_from_table(pd.read_csv(path), level)
+    return compute_plate_stats(records_dir, level)
 
 
 def _lookup(keys: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
@@ -234,7 +273,8 @@ def evaluation_sites(records_dir: str, split: str, pipeline: SitePipeline,
         image = pipeline.normalise(records.decode_image(feats, spec=spec), feats, None)
         meta = {"image_id": feats["image_id"],
                 "label": tf.cast(feats[records.IDENTITY_INDEX_KEY], tf.int32),
-                "experiment": feats[records.GROUP_KEY], "plate": _plate_string(feats)}
+                "experiment": feats[records.GROUP_KEY], "plate": _plate_string(feats),
+                "well": feats[WELL_KEY] if _schema_has(WELL_KEY) else tf.constant("")}
         return image, meta
 
     ds = _raw_reader(records_dir, [split], spec)
@@ -252,6 +292,6 @@ def make_pipeline(records_dir: str, normalization: str, jitter: float, size: int
                            "families read multi-channel images")
     if normalization != "none" and stats is None:
         level = "plate" if normalization == "plate" else "experiment"
-        stats = compute_plate_stats(records_dir, level)
+        stats = load_plate_stats(records_dir, level)
     return SitePipeline(spec, normalization, stats if normalization != "none" else None,
                         jitter, size)
