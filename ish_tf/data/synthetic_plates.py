@@ -58,14 +58,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from ish_tf.data.rxrx1 import encode_png_gray8
 from ish_tf.io_utils import atomic_write_text
 
 #: RxRx1's cell types, in the order synthetic experiments use them.
@@ -382,24 +381,6 @@ def apply_noise(rng: np.random.Generator, signal: np.ndarray, plate_noise: dict,
 
 
 # --------------------------------------------------------------------------- writing
-def encode_png_gray8(image: np.ndarray, level: int = 1) -> bytes:
-    """A 2-D uint8 array as an 8-bit grayscale PNG (no filtering, zlib `level`).
-
-    A few times faster than PIL's encoder for small images, which is what makes writing
-    thousands of channel images take seconds.
-    """
-    image = np.ascontiguousarray(image, np.uint8)
-    h, w = image.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), image], axis=1)  # filter byte 0
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b""))
-
-
 def _write_png(path: str, image: np.ndarray) -> None:
     # Written in place: the CSVs (written last, removed first) say whether a set is complete.
     with open(path, "wb") as f:
