@@ -338,11 +338,12 @@ def render_cells(rng: np.random.Generator, size: int, cell_type: int, effect: np
         owner = np.repeat(np.arange(n), counts)
         ang = (rng.uniform(0, 2 * np.pi, owner.size) if angle_centre is None else
                angle_centre[owner] + rng.uniform(-spread, spread, owner.size))
-        rad = rng.uniform(radius_lo, radius_hi, owner.size) * r[owner]
+        hi = np.maximum(np.broadcast_to(radius_hi, (n,))[owner], radius_lo + 0.2)
+        rad = (radius_lo + (hi - radius_lo) * rng.uniform(0, 1, owner.size)) * r[owner]
         return owner, cy[owner] + rad * np.sin(ang), cx[owner] + rad * np.cos(ang)
 
     mito = rng.poisson(6 * np.exp(e["mito_count"]) * k / ratio, n)
-    o, ys, xs = spots(mito, 1.1, 0.95 * k.mean() + 0.2)
+    o, ys, xs = spots(mito, 1.1, 0.95 * k + 0.2)
     signal[4] += _splat(shape, ys, xs, 0.9 * cell_gain[o, 4], spot_sigma)
     nucleoli = rng.integers(1, 4, n)
     o, ys, xs = spots(nucleoli, 0.0, 0.5)
