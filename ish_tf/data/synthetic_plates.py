@@ -58,14 +58,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from ish_tf.data.rxrx1 import encode_png_gray8
 from ish_tf.io_utils import atomic_write_text
 
 #: RxRx1's cell types, in the order synthetic experiments use them.
@@ -339,11 +338,12 @@ def render_cells(rng: np.random.Generator, size: int, cell_type: int, effect: np
         owner = np.repeat(np.arange(n), counts)
         ang = (rng.uniform(0, 2 * np.pi, owner.size) if angle_centre is None else
                angle_centre[owner] + rng.uniform(-spread, spread, owner.size))
-        rad = rng.uniform(radius_lo, radius_hi, owner.size) * r[owner]
+        hi = np.maximum(np.broadcast_to(radius_hi, (n,))[owner], radius_lo + 0.2)
+        rad = (radius_lo + (hi - radius_lo) * rng.uniform(0, 1, owner.size)) * r[owner]
         return owner, cy[owner] + rad * np.sin(ang), cx[owner] + rad * np.cos(ang)
 
     mito = rng.poisson(6 * np.exp(e["mito_count"]) * k / ratio, n)
-    o, ys, xs = spots(mito, 1.1, 0.95 * k.mean() + 0.2)
+    o, ys, xs = spots(mito, 1.1, 0.95 * k + 0.2)
     signal[4] += _splat(shape, ys, xs, 0.9 * cell_gain[o, 4], spot_sigma)
     nucleoli = rng.integers(1, 4, n)
     o, ys, xs = spots(nucleoli, 0.0, 0.5)
@@ -382,24 +382,6 @@ def apply_noise(rng: np.random.Generator, signal: np.ndarray, plate_noise: dict,
 
 
 # --------------------------------------------------------------------------- writing
-def encode_png_gray8(image: np.ndarray, level: int = 1) -> bytes:
-    """A 2-D uint8 array as an 8-bit grayscale PNG (no filtering, zlib `level`).
-
-    A few times faster than PIL's encoder for small images, which is what makes writing
-    thousands of channel images take seconds.
-    """
-    image = np.ascontiguousarray(image, np.uint8)
-    h, w = image.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), image], axis=1)  # filter byte 0
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b""))
-
-
 def _write_png(path: str, image: np.ndarray) -> None:
     # Written in place: the CSVs (written last, removed first) say whether a set is complete.
     with open(path, "wb") as f:
