@@ -215,3 +215,40 @@ def evaluate_predictions(table: pd.DataFrame, probs: np.ndarray, embs: np.ndarra
         result["rank1_other_experiment"] = float(row["rank1_answerable"])
         result["rank1_chance"] = float(row["chance_answerable"])
     return result
+
+
+def plate_labels(records_dir: str, split: str) -> pd.DataFrame:
+    """(experiment, plate, well, label) of every site of a split, without decoding images."""
+    import tensorflow as tf
+
+    from ish_tf.data import records, shards
+    from ish_tf.data.pipeline import list_shards
+    from ish_tf.families.fluorescence.data import PLATE_KEY, WELL_KEY, _schema_has
+
+    keys = [records.IDENTITY_INDEX_KEY, records.GROUP_KEY]
+    keys += [k for k in (PLATE_KEY, WELL_KEY) if _schema_has(k)]
+    files = list_shards(records_dir, split)
+    ds = tf.data.TFRecordDataset(files, compression_type=shards.compression_of(files[0]) or "")
+    rows = []
+    for feats in ds.map(lambda r: records.parse_example(r, keys, "image")).as_numpy_iterator():
+        rows.append({"experiment": feats[records.GROUP_KEY].decode(),
+                     "plate": str(feats.get(PLATE_KEY, "")),
+                     "well": feats[WELL_KEY].decode() if WELL_KEY in feats else "",
+                     "label": int(feats[records.IDENTITY_INDEX_KEY])})
+    return pd.DataFrame(rows)
+
+
+def training_class_groups(records_dir: str, split: str = "train") -> list[np.ndarray]:
+    """`class_groups` of the labelled plates of a split."""
+    t = plate_labels(records_dir, split)
+    return class_groups(t["label"].to_numpy(), (t["experiment"] + "/" + t["plate"]).to_numpy())
+
+
+def evaluate_split(predict: Callable, records_dir: str, split: str, pipeline,
+                   groups: Sequence[np.ndarray] | None) -> dict:
+    """`evaluate_predictions` of the wells of a split (sites averaged per well)."""
+    sites, probs, embs = predict_sites(predict, records_dir, split, pipeline)
+    table, p, e = wells(sites, probs, embs)
+    result = evaluate_predictions(table, p, e, groups)
+    result["sites"] = len(sites)
+    return result
