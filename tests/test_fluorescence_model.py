@@ -110,3 +110,37 @@ def test_config_validation_names_the_flag():
     with pytest.raises(ValueError, match="xception needs --input_size >= 71"):
         build_fluorescence_model(ModelConfig("fluorescence", input_size=32, family=FluorescenceConfig(
             backbone="xception", n_classes=3)))
+
+
+def test_hypermodel_space_and_trial_configs(tmp_path):
+    import keras_tuner
+
+    from ish_tf.families.fluorescence.hypermodel import FluorescenceHyperModel
+    from ish_tf.train import TrainConfig
+    from ish_tf.tune import TuneConfig, TuneSpace
+    from ish_tf.tune.hypermodels import make_hypermodel
+
+    space = TuneSpace(flips=(True,), learning_rate=(1e-3, 3e-4), steps=(10,))
+    tune = TuneConfig(out_dir=str(tmp_path), space=space)
+    base = TrainConfig(run_dir=str(tmp_path / "run"), records_dir="recs", steps=10, decay_start=5)
+    names = {}
+    for model in ("fluorescence", "mean_teacher"):
+        hm = make_hypermodel(ModelConfig(model, input_size=16, family=FluorescenceConfig()),
+                             base, tune)
+        assert isinstance(hm, FluorescenceHyperModel)
+        assert hm.objective.name == "val_accuracy" and hm.objective.direction == "max"
+        hp = keras_tuner.HyperParameters()
+        hm.declare_hyperparameters(hp)
+        names[model] = {p.name for p in hp.space}
+    assert names["fluorescence"] == {"flips", "learning_rate", "steps", "head", "arcface_scale",
+                                     "arcface_margin"}
+    assert names["mean_teacher"] == names["fluorescence"] | {"consistency_weight",
+                                                             "pseudo_label_weight"}
+    values = {"learning_rate": 3e-4, "steps": 10, "head": "softmax", "arcface_scale": 16.0,
+              "arcface_margin": 0.2, "consistency_weight": 10.0, "pseudo_label_weight": 0.0}
+    mc, tc = hm.trial_configs(values, run_dir=str(tmp_path / "t"))
+    assert (mc.family.head, mc.family.arcface_scale, mc.family.arcface_margin,
+            mc.family.consistency_weight, mc.family.pseudo_label_weight) == (
+        "softmax", 16.0, 0.2, 10.0, 0.0)
+    assert tc.learning_rate == 3e-4
+    assert hm.flag_overrides(values)["fluorescence_consistency_weight"] == 10.0

@@ -35,11 +35,11 @@ def _setup(workdir):
     return model_config, fields
 
 
-def _train_config(run_dir, fields):
+def _train_config(run_dir, fields, image_summaries=False):
     from ish_tf.train import TrainConfig
 
     return TrainConfig(run_dir=str(run_dir), steps=3, decay_start=3, checkpoint_every=3,
-                       log_every=1, image_summaries=False, learning_rate=1e-2, adam_epsilon=1.0,
+                       log_every=1, image_summaries=image_summaries, learning_rate=1e-2, adam_epsilon=1.0,
                        seed=0, strategy="default", **fields)
 
 
@@ -64,7 +64,7 @@ def single_run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("mt")
     model_config, fields = _setup(workdir)
-    cfg = _train_config(workdir / "run", fields)
+    cfg = _train_config(workdir / "run", fields, image_summaries=True)
     task = make_task(copy.deepcopy(model_config), cfg)
     initial = None
 
@@ -138,6 +138,40 @@ def test_checkpoint_holds_both_models(single_run):
     names = [n for n, _ in tf.train.list_variables(single_run["result"].checkpoint)]
     assert any(n.startswith("teacher/") for n in names)
     assert any(n.startswith("model/") for n in names)
+
+
+def test_tensorboard_shows_channels_consistency_and_ema_decay(single_run):
+    from ish_tf.train.tensorboard import event_tags
+
+    tags = event_tags(os.path.join(single_run["cfg"].run_dir, "logs"))
+    for tag in ("consistency", "consistency_weight", "ema_decay", "pseudo_label", "channels",
+                "composite"):
+        assert any(t == tag or t.endswith("/" + tag) for t in tags), (tag, sorted(tags))
+
+
+def test_channel_composites():
+    import tensorflow as tf
+
+    from ish_tf.families.fluorescence.task import channel_composites
+
+    x = tf.zeros((5, 8, 8, 6)) + tf.one_hot(2, 6) * 3.0  # channel 3 bright (z = 3)
+    out = channel_composites(x)
+    assert out["channels"].shape == (4, 8, 48, 1) and out["composite"].shape == (4, 8, 8, 3)
+    strip = out["channels"].numpy()[0, 0, :, 0]
+    np.testing.assert_allclose(strip[16:24], 1.0)
+    np.testing.assert_allclose(strip[:16], 0.5)
+    assert float(tf.reduce_max(out["composite"])) <= 1.0
+
+
+def test_hypermodel_scores_a_trained_model(single_run):
+    from ish_tf.tune import TuneConfig
+    from ish_tf.tune.hypermodels import make_hypermodel
+
+    cfg, mc = single_run["cfg"], single_run["task"].model_config
+    hm = make_hypermodel(mc, cfg, TuneConfig(out_dir=cfg.run_dir, validation_split="test"))
+    score = hm.score(single_run["task"].model, mc, cfg)
+    assert score["val_wells"] == 12 and 0.0 <= score["val_accuracy"] <= 1.0
+    assert score["val_chance"] == 1 / 6  # 4 training + 2 test identities
 
 
 def test_mirrored_matches_single_device(tmp_path):

@@ -5,6 +5,7 @@
   bin/quickstart --steps=600             # any stage flag can be overridden
   bin/quickstart --family=cdae           # the CDAE recipe -> work/quickstart/cdae/summary.json
   bin/quickstart --family=ish_cnn        # the ISH CNN recipe -> work/quickstart/ish_cnn/summary.json
+  bin/quickstart --family=mean_teacher   # the fluorescence (RxRx1) recipe -> work/quickstart/mean_teacher/summary.json
 
 configs/quickstart.cfg includes the stage flagfiles (synth, extract, triplet training)
 and sets the quickstart's sizes; paths are taken from --workdir. The other families run

@@ -341,6 +341,7 @@ register_family(FamilySpec(
     builder="ish_tf.families.fluorescence.model:build_fluorescence_model",
     task="ish_tf.families.fluorescence.task:FluorescenceTask", inputs=InputSpec.image(6),
     outputs=("embedding", "probabilities", "logits"), pixels_signature="classify_images",
+    hypermodel="ish_tf.families.fluorescence.hypermodel:FluorescenceHyperModel",
     tiny="ish_tf.families.fluorescence.testing:tiny",
     description="siRNA classes of multi-channel fluorescence sites, normalised per plate: "
                 "ArcFace or softmax head (DeepNoise, supervised)"))
@@ -350,5 +351,7 @@ register_family(FamilySpec(
     task="ish_tf.families.fluorescence.task:MeanTeacherTask", inputs=InputSpec.image(6),
     outputs=("embedding", "probabilities", "logits"), pixels_signature="classify_images",
     flag_prefix="fluorescence", tiny="ish_tf.families.fluorescence.testing:tiny_mean_teacher",
+    hypermodel="ish_tf.families.fluorescence.hypermodel:FluorescenceHyperModel",
+    quickstart="ish_tf.families.fluorescence.quickstart:run_quickstart",
     description="the fluorescence network as student and EMA teacher, with unlabelled wells "
                 "of held-out experiments (DeepNoise mean teacher)"))
