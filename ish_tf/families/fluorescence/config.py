@@ -69,8 +69,9 @@ class FluorescenceConfig:
                                       "moving statistics: ema (averaged like the weights) or "
                                       "student (copied from the student each step).",
                                       choices=TEACHER_BN)
-    init_from: str = setting("", "--model=mean_teacher: a RUN/model.keras (supervised "
-                             "--model=fluorescence run) to start student and teacher from.")
+    init_from: str = setting("", "A RUN/model.keras of the same network to start from "
+                             "(--model=mean_teacher: student and teacher; the recipe starts "
+                             "from the supervised --model=fluorescence run).")
     # Read from the records by the task.
     classes: tuple[str, ...] = setting((), "Class (siRNA) names in label order, read from "
                                        "the records.", flag=False)

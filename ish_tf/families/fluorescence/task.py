@@ -112,6 +112,22 @@ class FluorescenceTask(Task):
         self.pipeline = make_pipeline(records_dir, family.normalization, family.norm_jitter,
                                       self.model_config.input_size)
 
+    def build_model(self) -> keras.Model:
+        """The network, started from `init_from`'s weights when given (fine-tuning)."""
+        family = self.model_config.family
+        model = self.model_config.spec.build(self.model_config)
+        if family.init_from:
+            from ish_tf.export.saved_model import load_keras_file
+
+            if not os.path.exists(family.init_from):
+                raise ValueError(f"--fluorescence_init_from={family.init_from}: no such file")
+            start = load_keras_file(family.init_from)
+            if [w.shape for w in start.weights] != [w.shape for w in model.weights]:
+                raise ValueError(f"--fluorescence_init_from={family.init_from} is not this "
+                                 "architecture (another backbone, head or class count)")
+            model.set_weights(start.get_weights())
+        return model
+
     def _sites(self, split, batch_size, input_context, start_step, views, unlabelled):
         from ish_tf.families.fluorescence.data import training_sites
 
@@ -189,19 +205,8 @@ class MeanTeacherTask(FluorescenceTask):
         return family.batch_size + family.unlabelled_batch_size
 
     def build_model(self) -> keras.Model:
-        family = self.model_config.family
-        student = self.model_config.spec.build(self.model_config)
+        student = super().build_model()
         teacher = self.model_config.spec.build(self.model_config)
-        if family.init_from:
-            from ish_tf.export.saved_model import load_keras_file
-
-            if not os.path.exists(family.init_from):
-                raise ValueError(f"--fluorescence_init_from={family.init_from}: no such file")
-            start = load_keras_file(family.init_from)
-            if len(start.weights) != len(student.weights):
-                raise ValueError(f"--fluorescence_init_from={family.init_from} is not this "
-                                 "architecture (another backbone, head or class count)")
-            student.set_weights(start.get_weights())
         # The teacher starts as the student (Tarvainen & Valpola) and is never trained.
         teacher.set_weights(student.get_weights())
         teacher.trainable = False
