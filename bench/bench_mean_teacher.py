@@ -77,7 +77,7 @@ def main() -> int:
         mc = load_model_config(os.path.join(run(name), "model_config.json"))
         model = keras.saving.load_model(os.path.join(run(name), "model.keras"), compile=False)
         pipeline = make_pipeline(records, mc.family.normalization, 0.0, mc.input_size)
-        scores[name] = {split: evaluate_split(lambda x: model(x, training=False), records, split,
+        scores[name] = {split: evaluate_split(lambda x, m=model: m(x, training=False), records, split,
                                               pipeline, groups)
                         for split in ("test", "validation")}
 

@@ -119,8 +119,8 @@ def test_teacher_moved_and_is_what_model_keras_holds(single_run):
     exported = keras.saving.load_model(result.model_path, compile=False).get_weights()
     for a, b in zip(exported, teacher, strict=True):
         np.testing.assert_array_equal(a, b)
-    moved_from_start = max(np.abs(a - b).max() for a, b in zip(teacher, single_run["initial"]))
-    apart_from_student = max(np.abs(a - b).max() for a, b in zip(teacher, student))
+    moved_from_start = max(np.abs(a - b).max() for a, b in zip(teacher, single_run["initial"], strict=True))
+    apart_from_student = max(np.abs(a - b).max() for a, b in zip(teacher, student, strict=True))
     assert moved_from_start > 1e-3 and apart_from_student > 1e-4
     # Batch-norm moving statistics are averaged too (the documented choice): the
     # teacher's are neither their initial values nor the student's.

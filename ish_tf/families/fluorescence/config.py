@@ -120,7 +120,7 @@ class FluorescenceConfig:
         if not decays or len(decays) != len(steps):
             raise ValueError("--fluorescence_ema_decays and --fluorescence_ema_steps need one "
                              f"step per decay, got {decays} and {steps}")
-        if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
             raise ValueError(f"--fluorescence_ema_steps must start at 0 and increase, got "
                              f"{steps}")
         if any(not 0 <= d < 1 for d in decays):

@@ -267,7 +267,6 @@ def evaluation_sites(records_dir: str, split: str, pipeline: SitePipeline,
     """Every site of a split in file order, once: (images, {image_id, label, experiment,
     plate}) with label the identity index (-1 where the record has none)."""
     spec = pipeline.spec
-    keys = _meta_keys(spec)
 
     def parse(feats):
         image = pipeline.normalise(records.decode_image(feats, spec=spec), feats, None)
@@ -279,7 +278,6 @@ def evaluation_sites(records_dir: str, split: str, pipeline: SitePipeline,
 
     ds = _raw_reader(records_dir, [split], spec)
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    del keys
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
