@@ -311,6 +311,15 @@ def test_records_round_trip_splits_and_stats(ingested, extracted):
                                    atol=1e-5)
         assert (part["n_sites"] == len(x)).all()
 
+    # The shared readers take plate records as they are: the plain reader and P×K.
+    from ish_tf.data.pipeline import patch_dataset, pk_dataset
+
+    x, y = next(iter(patch_dataset(cfg.out_dir, "train", batch_size=4, training=True,
+                                   label_key="label")))
+    assert x.shape == (4, 16, 16, 6) and (y.numpy() >= 0).all()
+    x, y = next(iter(pk_dataset(cfg.out_dir, "train", P=2, K=2)))
+    assert x.shape == (4, 16, 16, 6) and y.numpy()[0] == y.numpy()[1]
+
     # Resuming keeps every shard; another plan in the same folder is refused.
     before = {f: os.path.getmtime(os.path.join(cfg.out_dir, f)) for f in os.listdir(cfg.out_dir)
               if f.endswith(".tfrecord")}
@@ -319,6 +328,19 @@ def test_records_round_trip_splits_and_stats(ingested, extracted):
     with pytest.raises(records.RecordsError, match="another plan"):
         plate_records.extract_plates(plate_records.PlateExtractConfig(
             manifest=cfg.manifest, out_dir=cfg.out_dir, site_size=8, num_shards=2))
+
+
+def test_experiment_splits_named_and_refused(ingested):
+    df = ingested.manifest
+    splits = plate_records.assign_experiment_splits(df, validation=["HUVEC-01"],
+                                                    test=["HEPG2-02"])
+    assert splits == {"HEPG2-01": "train", "HEPG2-02": "test", "HEPG2-03": "test",
+                      "HUVEC-01": "validation", "HUVEC-02": "train", "HUVEC-03": "test"}
+    with pytest.raises(records.RecordsError, match="names 'RPE-01', which the manifest lacks"):
+        plate_records.assign_experiment_splits(df, validation=["RPE-01"])
+    with pytest.raises(records.RecordsError, match="no experiment left for training"):
+        plate_records.assign_experiment_splits(df, test=["HEPG2-01", "HUVEC-01"],
+                                               validation=["HEPG2-02", "HUVEC-02"])
 
 
 def test_normaliser_eager_in_tf_data_jitter_and_unknown_plate(extracted):
