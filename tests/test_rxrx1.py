@@ -95,9 +95,9 @@ def test_synth_noise_defeats_raw_intensities_but_not_plate_normalisation(tmp_pat
                      f"{w.well}_s{s}_w{c}.png") for c in range(1, 7)]).astype(float))
             meta.append((w.experiment, w.plate, w.sirna))
     x = np.stack(images)
-    exp, plate, y = (np.array(v) for v in zip(*meta))
+    exp, plate, y = (np.array(v) for v in zip(*meta, strict=True))
     normed = x.copy()
-    for key in set(zip(exp, plate)):
+    for key in set(zip(exp, plate, strict=True)):
         m = (exp == key[0]) & (plate == key[1])
         normed[m] = (x[m] - x[m].mean((0, 1, 2))) / x[m].std((0, 1, 2))
     acc = {}
@@ -158,7 +158,7 @@ def test_ingest_skips_missing_unreadable_and_unlisted_images(plates, tmp_path):
             os.remove(os.path.join(folder, name))
     result = ingest_rxrx1(Rxrx1IngestConfig(images=root, out=str(tmp_path / "out")))
     skipped = pd.read_csv(result.skipped_path)
-    reasons = dict(zip(skipped["kind"] + ":" + skipped["well"].astype(str), skipped["reason"]))
+    reasons = dict(zip(skipped["kind"] + ":" + skipped["well"].astype(str), skipped["reason"], strict=True))
     assert reasons["missing:B02"] == "missing channel(s) w3"
     assert "unreadable channel w5" in reasons["unreadable:B03"]
     assert "not a PNG" in reasons["unreadable:B03"]
@@ -350,7 +350,7 @@ def test_normaliser_eager_in_tf_data_jitter_and_unknown_plate(extracted):
     ds = plate_norm.plate_dataset(cfg.out_dir, "validation", batch_size=100, training=False)
     batch = next(iter(ds))
     x, exp, plate = batch["image"].numpy(), batch["experiment"].numpy(), batch["plate"].numpy()
-    for key in set(zip(exp, plate)):
+    for key in set(zip(exp, plate, strict=True)):
         m = (exp == key[0]) & (plate == key[1])
         np.testing.assert_allclose(x[m].mean((0, 1, 2)), 0, atol=1e-4)
         np.testing.assert_allclose(x[m].std((0, 1, 2)), 1, atol=1e-4)
