@@ -80,11 +80,9 @@ def test_synth_is_deterministic_and_writes_the_challenge_layout(plates, tmp_path
 
 
 def test_synth_noise_defeats_raw_intensities_but_not_plate_normalisation(tmp_path):
-    # The generator's promise, measured with a simple classifier of per-channel
-    # statistics on one held-out experiment (fixed seed: the figures are deterministic).
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+    # The generator's promise, measured with a nearest-class-centroid classifier of
+    # per-channel statistics, each of the three experiments held out in turn (fixed
+    # seed: the figures are deterministic).
     cfg = PlateSynthConfig(cell_types=1, experiments=3, test_experiments=0, plates=2,
                            class_groups=2, classes_per_group=8, positive_controls=1,
                            site_size=32, seed=3)
@@ -97,21 +95,26 @@ def test_synth_noise_defeats_raw_intensities_but_not_plate_normalisation(tmp_pat
                      f"{w.well}_s{s}_w{c}.png") for c in range(1, 7)]).astype(float))
             meta.append((w.experiment, w.plate, w.sirna))
     x = np.stack(images)
-    exp, plate, y = (np.array(v) for v in zip(*meta))
+    exp, plate, y = (np.array(v) for v in zip(*meta, strict=True))
     normed = x.copy()
-    for key in set(zip(exp, plate)):
+    for key in set(zip(exp, plate, strict=True)):
         m = (exp == key[0]) & (plate == key[1])
         normed[m] = (x[m] - x[m].mean((0, 1, 2))) / x[m].std((0, 1, 2))
-    test = exp == "HEPG2-03"
     acc = {}
     for name, data in (("raw", x), ("normalised", normed)):
-        f = well_features(list(data))
-        scaler = StandardScaler().fit(f[~test])
-        clf = LogisticRegression(max_iter=3000).fit(scaler.transform(f[~test]), y[~test])
-        acc[name] = float((clf.predict(scaler.transform(f[test])) == y[test]).mean())
+        features = well_features(list(data))
+        folds = []
+        for held in sorted(set(exp)):
+            test = exp == held
+            f = (features - features[~test].mean(0)) / (features[~test].std(0) + 1e-9)
+            classes = np.unique(y[~test])
+            centroids = np.stack([f[~test][y[~test] == c].mean(0) for c in classes])
+            pred = classes[np.argmin(((f[test][:, None] - centroids[None]) ** 2).sum(-1), 1)]
+            folds.append(float((pred == y[test]).mean()))
+        acc[name] = float(np.mean(folds))
     chance = 1 / cfg.n_classes  # 0.056
-    assert acc["normalised"] >= 8 * chance, acc        # measured 0.775
-    assert acc["raw"] <= acc["normalised"] / 3, acc    # measured 0.10
+    assert acc["normalised"] >= 8 * chance, acc        # measured 0.567
+    assert acc["raw"] <= acc["normalised"] / 2, acc    # measured 0.183
 
 
 # --------------------------------------------------------------------------- ingest
@@ -155,7 +158,7 @@ def test_ingest_skips_missing_unreadable_and_unlisted_images(plates, tmp_path):
             os.remove(os.path.join(folder, name))
     result = ingest_rxrx1(Rxrx1IngestConfig(images=root, out=str(tmp_path / "out")))
     skipped = pd.read_csv(result.skipped_path)
-    reasons = dict(zip(skipped["kind"] + ":" + skipped["well"].astype(str), skipped["reason"]))
+    reasons = dict(zip(skipped["kind"] + ":" + skipped["well"].astype(str), skipped["reason"], strict=True))
     assert reasons["missing:B02"] == "missing channel(s) w3"
     assert "unreadable channel w5" in reasons["unreadable:B03"]
     assert "not a PNG" in reasons["unreadable:B03"]
@@ -276,23 +279,27 @@ def test_records_round_trip_splits_and_stats(ingested, extracted):
     paths = rxrx1.channel_paths(ingested.manifest, ingested.manifest_path)
     keys = list(records.FEATURE_KEYS + records.OPTIONAL_KEYS)
     stored = {}
-    for split in shards.SPLITS:
-        for f in (s["file"] for s in index["shards"] if s["split"] == split):
-            for raw in tf.data.TFRecordDataset(os.path.join(cfg.out_dir, f)):
-                p = {k: v.numpy() for k, v in records.parse_example(raw, keys).items()}
-                image = records.decode_image(p, spec=info.spec()).numpy()
-                row = manifest.loc[p["image_id"]]
-                labelled = not pd.isna(row["sirna"])
-                assert p["label"] == (int(row["sirna"]) if labelled else -1)
-                assert p["gene_symbol"].decode() == (f"{int(row['sirna']):04d}" if labelled else "")
-                assert (p["gene_index"] >= 0) == labelled
-                assert p["donor_id"].decode() == row["experiment"] and p["plate"] == row["plate"]
-                assert p["well"].decode() == row["well"] and p["site"] == row["site"]
-                assert p["cell_type"].decode() == row["cell_type"]
-                assert p["well_type"].decode() == row["well_type"] and p["source_size"] == 32
-                expected = plate_records.downsample(rxrx1.load_site(paths[p["image_id"]]), 16)
-                np.testing.assert_array_equal(image, expected)
-                stored[int(p["image_id"])] = (row["experiment"], int(row["plate"]), image)
+    for f in (s["file"] for s in index["shards"]):
+        serialized = [r.numpy() for r in tf.data.TFRecordDataset(os.path.join(cfg.out_dir, f))]
+        first = records.parse_example(serialized[0], keys)
+        batch = {k: v.numpy() for k, v in tf.io.parse_example(
+            serialized, records.feature_spec(keys)).items() if k != "vector"}
+        images = np.frombuffer(b"".join(batch["image/encoded"]), np.uint8).reshape(-1, 16, 16, 6)
+        np.testing.assert_array_equal(records.decode_image(first, spec=info.spec()), images[0])
+        for i, image_id in enumerate(batch["image_id"]):
+            p = {k: v[i] for k, v in batch.items()}
+            row = manifest.loc[image_id]
+            labelled = not pd.isna(row["sirna"])
+            assert p["label"] == (int(row["sirna"]) if labelled else -1)
+            assert p["gene_symbol"].decode() == (f"{int(row['sirna']):04d}" if labelled else "")
+            assert (p["gene_index"] >= 0) == labelled
+            assert p["donor_id"].decode() == row["experiment"] and p["plate"] == row["plate"]
+            assert p["well"].decode() == row["well"] and p["site"] == row["site"]
+            assert p["cell_type"].decode() == row["cell_type"]
+            assert p["well_type"].decode() == row["well_type"] and p["source_size"] == 32
+            expected = plate_records.downsample(rxrx1.load_site(paths[image_id]), 16)
+            np.testing.assert_array_equal(images[i], expected)
+            stored[int(image_id)] = (row["experiment"], int(row["plate"]), images[i])
     assert len(stored) == len(manifest)
 
     stats = plate_norm.read_channel_stats(cfg.out_dir)
@@ -304,6 +311,15 @@ def test_records_round_trip_splits_and_stats(ingested, extracted):
                                    atol=1e-5)
         assert (part["n_sites"] == len(x)).all()
 
+    # The shared readers take plate records as they are: the plain reader and P×K.
+    from ish_tf.data.pipeline import patch_dataset, pk_dataset
+
+    x, y = next(iter(patch_dataset(cfg.out_dir, "train", batch_size=4, training=True,
+                                   label_key="label")))
+    assert x.shape == (4, 16, 16, 6) and (y.numpy() >= 0).all()
+    x, y = next(iter(pk_dataset(cfg.out_dir, "train", P=2, K=2)))
+    assert x.shape == (4, 16, 16, 6) and y.numpy()[0] == y.numpy()[1]
+
     # Resuming keeps every shard; another plan in the same folder is refused.
     before = {f: os.path.getmtime(os.path.join(cfg.out_dir, f)) for f in os.listdir(cfg.out_dir)
               if f.endswith(".tfrecord")}
@@ -314,6 +330,19 @@ def test_records_round_trip_splits_and_stats(ingested, extracted):
             manifest=cfg.manifest, out_dir=cfg.out_dir, site_size=8, num_shards=2))
 
 
+def test_experiment_splits_named_and_refused(ingested):
+    df = ingested.manifest
+    splits = plate_records.assign_experiment_splits(df, validation=["HUVEC-01"],
+                                                    test=["HEPG2-02"])
+    assert splits == {"HEPG2-01": "train", "HEPG2-02": "test", "HEPG2-03": "test",
+                      "HUVEC-01": "validation", "HUVEC-02": "train", "HUVEC-03": "test"}
+    with pytest.raises(records.RecordsError, match="names 'RPE-01', which the manifest lacks"):
+        plate_records.assign_experiment_splits(df, validation=["RPE-01"])
+    with pytest.raises(records.RecordsError, match="no experiment left for training"):
+        plate_records.assign_experiment_splits(df, test=["HEPG2-01", "HUVEC-01"],
+                                               validation=["HEPG2-02", "HUVEC-02"])
+
+
 def test_normaliser_eager_in_tf_data_jitter_and_unknown_plate(extracted):
     import tensorflow as tf
 
@@ -321,7 +350,7 @@ def test_normaliser_eager_in_tf_data_jitter_and_unknown_plate(extracted):
     ds = plate_norm.plate_dataset(cfg.out_dir, "validation", batch_size=100, training=False)
     batch = next(iter(ds))
     x, exp, plate = batch["image"].numpy(), batch["experiment"].numpy(), batch["plate"].numpy()
-    for key in set(zip(exp, plate)):
+    for key in set(zip(exp, plate, strict=True)):
         m = (exp == key[0]) & (plate == key[1])
         np.testing.assert_allclose(x[m].mean((0, 1, 2)), 0, atol=1e-4)
         np.testing.assert_allclose(x[m].std((0, 1, 2)), 1, atol=1e-4)

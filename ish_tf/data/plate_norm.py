@@ -8,6 +8,10 @@ Interface (stable; the mean-teacher family builds on it)::
     x = norm(image, experiment, plate, training=False, seed=None)   # float32, same shape
     ds = plate_dataset(RECORDS_DIR, "train", batch_size=32, training=True, seed=0)
 
+Two differently jittered views of the same sites (a student's and a teacher's): read
+with `plate_dataset(..., normalise=False)` and call the normaliser twice with different
+seeds.
+
 `image` is (H, W, C) or a batch (B, H, W, C) of stored pixel values; `experiment` a
 tf.string scalar or (B,), `plate` an integer scalar or (B,). The result is
 (image - mean) / std with the mean and std of the site's own (experiment, plate,
@@ -229,10 +233,12 @@ def plate_dataset(records_dir: str, split: str, *, batch_size: int, training: bo
     import tensorflow as tf
 
     from ish_tf.data import records, shards
+    from ish_tf.data.input_checks import check_shard_counts
     from ish_tf.data.pipeline import list_shards
 
     spec = shards.DatasetInfo.from_dict(shards.load_index(records_dir)["dataset"]).spec()
     files = list_shards(records_dir, split)
+    check_shard_counts(records_dir, split, files)
     compression = shards.compression_of(files[0]) or ""
     norm = normaliser(records_dir if stats is None else stats, jitter) if normalise else None
     keys = ["image/encoded", *[k for k in SITE_KEYS]]

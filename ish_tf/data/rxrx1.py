@@ -397,7 +397,7 @@ def read_challenge_tables(root: str, labels: pd.DataFrame | None = None) -> pd.D
         raise Rxrx1Error(f"well {wells[dup]['id_code'].iloc[0]!r} is listed twice: "
                          f"{' and '.join(first)}")
     wells["folder"] = [os.path.join(root, d, e, f"Plate{p}") for d, e, p in
-                       zip(wells["dataset"], wells["experiment"], wells["plate"])]
+                       zip(wells["dataset"], wells["experiment"], wells["plate"], strict=True)]
     wells["site"] = pd.array([pd.NA] * len(wells), "Int64")
     return _apply_labels(wells, labels)
 
@@ -414,7 +414,7 @@ def read_released_table(root: str, labels: pd.DataFrame | None = None) -> pd.Dat
                         "well": df["well"], "site": _ints(df, "site", path),
                         "well_type": df["well_type"]})
     out["id_code"] = [f"{e}_{p}_{w}" for e, p, w in zip(out["experiment"], out["plate"],
-                                                        out["well"])]
+                                                        out["well"], strict=True)]
     if "dataset" in df.columns:
         bad = ~df["dataset"].isin(DATASETS)
         if bad.any():
@@ -434,7 +434,7 @@ def read_released_table(root: str, labels: pd.DataFrame | None = None) -> pd.Dat
         first = out[dup].iloc[:2]["_source"].tolist()
         raise Rxrx1Error(f"site {key[dup].iloc[0]!r} is listed twice: {' and '.join(first)}")
     out["folder"] = [os.path.join(root, "images", e, f"Plate{p}") for e, p in
-                     zip(out["experiment"], out["plate"])]
+                     zip(out["experiment"], out["plate"], strict=True)]
     return _apply_labels(out, labels)
 
 
@@ -449,7 +449,7 @@ def _apply_labels(wells: pd.DataFrame, labels: pd.DataFrame | None) -> pd.DataFr
     an error."""
     if labels is None:
         return wells
-    known = dict(zip(labels["id_code"], labels["sirna"]))
+    known = dict(zip(labels["id_code"], labels["sirna"], strict=True))
     given = wells["id_code"].map(known)
     clash = wells["sirna"].notna() & given.notna() & (wells["sirna"] != given)
     if clash.any():
@@ -555,7 +555,7 @@ def _resolve_sites(table: pd.DataFrame, workers: int) -> tuple[list[dict], list[
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checks = list(pool.map(lambda t: _check_site(t[2]), todo))
     rows = []
-    for (row, site, files), (size, why) in zip(todo, checks):
+    for (row, site, files), (size, why) in zip(todo, checks, strict=True):
         if size is None:
             skipped.append(_skip(row["_source"], "missing" if why.startswith("missing")
                                  else "unreadable", why, row, site))
@@ -569,7 +569,7 @@ def _resolve_sites(table: pd.DataFrame, workers: int) -> tuple[list[dict], list[
             "width": size[1], **{CHANNEL_COLUMNS[c - 1]: files[c]
                                  for c in range(1, N_CHANNELS + 1)}})
     for folder, (found, other) in listings.items():
-        for (well, site), files in sorted(found.items()):
+        for well, site in sorted(found):
             if (folder, well, site) not in claimed:
                 skipped.append(_skip(os.path.join(folder, f"{well}_s{site}_w*.png"),
                                      "no_metadata", "images without a metadata row", None,
@@ -640,7 +640,7 @@ def ingest_rxrx1(cfg: Rxrx1IngestConfig) -> Rxrx1IngestResult:
     if layout == "tfrecords":
         rows, skipped = _unpack_tfrecords(cfg.images, cfg.out)
         if labels is not None:
-            known = dict(zip(labels["id_code"], labels["sirna"]))
+            known = dict(zip(labels["id_code"], labels["sirna"], strict=True))
             for row in rows:
                 if row["sirna"] is None and row["id_code"] in known:
                     row["sirna"] = int(known[row["id_code"]])

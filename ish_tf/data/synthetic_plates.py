@@ -281,7 +281,7 @@ def render_cells(rng: np.random.Generator, size: int, cell_type: int, effect: np
     """
     scale = size / 64.0
     r_nuc, ratio, elong, density, membrane = _CELL_TYPE_BASE[CELL_TYPES[cell_type]]
-    e = dict(zip(_EFFECT_NAMES, effect))
+    e = dict(zip(_EFFECT_NAMES, effect, strict=True))
     n = max(1, int(rng.poisson(density * np.exp(e["density"]))))
     cy, cx = rng.uniform(0, size, n), rng.uniform(0, size, n)
     theta = rng.uniform(0, np.pi, n)
