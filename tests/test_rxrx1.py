@@ -412,3 +412,26 @@ def test_commands_synth_ingest_extract(tmp_path, capsys):
     assert "train          18 sites" in out and "validation     18 sites" in out
     assert os.path.exists(os.path.join(rec, plate_norm.STATS_NAME))
     assert invoke("ingest", ["--layout=rxrx1", f"--images={rec}", f"--out={man}2"]) == 1
+
+
+def test_relative_images_path_resolves_from_the_manifest(plates, tmp_path, monkeypatch):
+    """Regression: a relative --images wrote paths bin/extract resolved against the
+    manifest's folder ("No such file .../manifest/plates/train/...")."""
+    from ish_tf.cli import invoke
+
+    os.symlink(plates[0], tmp_path / "plates")
+    monkeypatch.chdir(tmp_path)
+    assert invoke("ingest", ["--layout=rxrx1", "--images=plates", "--out=man"]) == 0
+    df = rxrx1.read_manifest(os.path.join("man", rxrx1.MANIFEST_NAME))
+    first = df[rxrx1.CHANNEL_COLUMNS[0]].iloc[0]
+    assert os.path.isabs(first) and first.startswith(str(tmp_path / "plates"))
+    paths = rxrx1.channel_paths(df, str(tmp_path / "man" / rxrx1.MANIFEST_NAME))
+    assert all(os.path.exists(p) for p in paths.ravel())
+    # images below the output folder stay relative, so the folder can move as a whole
+    shutil.copytree(plates[0], tmp_path / "inside" / "plates")
+    assert invoke("ingest", ["--layout=rxrx1", "--images=inside/plates", "--out=inside"]) == 0
+    df = rxrx1.read_manifest(os.path.join("inside", rxrx1.MANIFEST_NAME))
+    assert df[rxrx1.CHANNEL_COLUMNS[0]].iloc[0].startswith("plates" + os.sep)
+    shutil.move(str(tmp_path / "inside"), str(tmp_path / "moved"))
+    paths = rxrx1.channel_paths(df, str(tmp_path / "moved" / rxrx1.MANIFEST_NAME))
+    assert all(os.path.exists(p) for p in paths.ravel())

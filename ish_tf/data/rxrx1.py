@@ -621,8 +621,12 @@ def _unpack_tfrecords(root: str, out: str) -> tuple[list[dict], list[dict]]:
 
 
 def _relative(path: str, base: str) -> str:
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
-    return path if rel.startswith("..") else rel
+    """`path` relative to the manifest's folder `base` when it lies below it (images that
+    travel with the manifest), else absolute: a manifest path is always resolved against
+    the manifest's folder (`channel_paths`), never the working directory."""
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full, os.path.abspath(base))
+    return full if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
 def ingest_rxrx1(cfg: Rxrx1IngestConfig) -> Rxrx1IngestResult:
