@@ -921,6 +921,11 @@ def embed_images(saved_model: str, images: Sequence, *, ids: Sequence | None = N
         return np.asarray(item, dtype=np.float32)
 
     pixels_fn = None
+    if served.metadata.get("input_transform"):
+        raise EmbedError(f"{served.path}: this export normalises its raw input with "
+                         f"per-plate statistics ({served.metadata['input_transform']['kind']}), "
+                         "which arrays alone do not identify: embed its records with "
+                         "bin/embed, or call serving_default with experiment and plate")
     if served.feeds != "image_bytes":
         name = (served.metadata.get("signature_names") or {}).get("decoded")
         if not name or name not in served._loaded.signatures:

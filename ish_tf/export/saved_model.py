@@ -376,7 +376,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
                        metadata: Mapping[str, Any] | None = None,
                        class_names: Sequence[str] | None = None,
                        flagfile: str | None = None, version: int | None = None,
-                       keep: int = 5, overwrite: bool = False, search_index=None) -> str:
+                       keep: int = 5, overwrite: bool = False, search_index=None,
+                       input_transform=None) -> str:
     """Exports a Keras model as a new integer version of a TF Serving model.
 
     The signatures follow the input kind (see the module docstring): JPEG/PNG bytes,
@@ -406,6 +407,14 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
       overwrite: replace `version` if it exists (else an existing version raises).
       search_index: an `ish_tf.export.search.SearchIndex`: adds the `search` and
         `search_embedding` signatures (exact top-k over its vectors; see that module).
+      input_transform: raw input -> model input, in the graph (a family's
+        `export_transform`, e.g. `ish_tf.families.fluorescence.export.SiteNormalisation`):
+        an object with `record_keys` (record features it reads), `extra_inputs()`
+        (TensorSpecs `serving_default` takes after the pixels), `apply(images, *extra)`,
+        `from_records(images, parsed features)` and `describe()` (stored in the sidecar
+        as "input_transform"). `tf_example` and a raw-pixel `serving_default` then apply
+        it; the decoded-input signature keeps taking the model's own input. Raw-pixel
+        image exports only.
 
     Returns:
       The version directory, `export_base/<version>`.
@@ -446,13 +455,29 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
         return _name_outputs(model(inputs, training=False), names, output_map)
 
     def serve_examples(examples):
-        return _name_outputs(model(decode_records(examples, spec), training=False), names,
-                             output_map)
+        inputs = decode_records(examples, spec)
+        if input_transform is not None:
+            from ish_tf.data import records
+
+            feats = tf.io.parse_example(
+                examples, records.feature_spec(list(input_transform.record_keys), spec.kind))
+            inputs = input_transform.from_records(inputs, feats)
+        return _name_outputs(model(inputs, training=False), names, output_map)
+
+    def serve_raw(inputs, *extra):
+        return _name_outputs(model(input_transform.apply(inputs, *extra), training=False),
+                             names, output_map)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     # The first endpoint is also TF Serving's default; name it so explicitly.
-    if takes_image_bytes(spec):
+    if input_transform is not None and (spec.kind != "image" or takes_image_bytes(spec)):
+        raise ExportError(f"an input transform needs a raw-pixel image export, not "
+                          f"{spec.describe()}")
+    if input_transform is not None:
+        archive.add_endpoint(SERVING_DEFAULT, serve_raw,
+                             input_signature=[decoded_input, *input_transform.extra_inputs()])
+    elif takes_image_bytes(spec):
         archive.add_endpoint(SERVING_DEFAULT, serve_bytes,
                              input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
     else:
@@ -461,6 +486,9 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
     archive.add_endpoint(TF_EXAMPLE, serve_examples,
                          input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     search_meta = None
+    if search_index is not None and input_transform is not None:
+        raise ExportError("a search index on an export with an input transform is not "
+                          "supported: the search signatures would skip the transform")
     if search_index is not None:
         from ish_tf.export import search
 
@@ -482,6 +510,15 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
         flags_text = _read_text(flagfile)
         sidecar = _sidecar(model, family, pixels_signature, names, spec, class_names,
                            flags_text, metadata)
+        if input_transform is not None:
+            sidecar["input_transform"] = input_transform.describe()
+            sidecar["signatures"][SERVING_DEFAULT]["inputs"] = {
+                PIXELS_INPUT: sidecar["signatures"][SERVING_DEFAULT]["inputs"][PIXELS_INPUT],
+                **{t.name: f"{t.dtype.name} (B,)" for t in input_transform.extra_inputs()}}
+            sidecar["signatures"][pixels_signature]["inputs"] = {
+                PIXELS_INPUT: "float32 (B, H, W, C): the model's input (already transformed: "
+                              f"{input_transform.describe().get('decoded_signature_takes', '')})"}
+            sidecar["preprocessing"] += f"; then {input_transform.describe()['kind']}"
         if search_meta is not None:
             sidecar["signatures"].update(search_meta.pop("signatures"))
             sidecar["search"] = search_meta
@@ -751,6 +788,15 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
     if family in family_names():
         get_family(family).import_builder()
     model = load_keras_file(model_path, run_dir)
+    transform = None
+    if family in family_names() and get_family(family).export_transform:
+        from ish_tf.families import resolve_ref
+
+        try:
+            transform = resolve_ref(get_family(family).export_transform)(
+                run_dir, extra.get("model_config"))
+        except ValueError as e:
+            raise ExportError(str(e)) from e
     index = None
     if search_index:
         from ish_tf.export import search
@@ -758,7 +804,7 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
         index = search.load_index_for_export(search_index, search_metric,
                                              extra.get("model_config"))
     return export_saved_model(model, export_base, family=family, metadata=extra,
-                              search_index=index,
+                              search_index=index, input_transform=transform,
                               class_names=class_names, input_spec=input_spec,
                               flagfile=os.path.join(run_dir, FLAGFILE_NAME),
                               version=version, keep=keep, overwrite=overwrite)

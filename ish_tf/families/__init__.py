@@ -53,6 +53,9 @@ class FamilySpec:
         writing the smallest inputs its task trains on (`ish_tf.families.testing`):
         the shared harness test runs every family through it.
       description: one line for --helpfull and the README.
+      export_transform: "module:function" `(run_dir, model_config dict) -> transform or
+        None`: an input transform the export puts in front of the model for raw inputs
+        (`ish_tf.export.saved_model.export_saved_model`), or "".
     """
 
     name: str
@@ -67,6 +70,7 @@ class FamilySpec:
     quickstart: str = ""
     tiny: str = ""
     description: str = ""
+    export_transform: str = ""
 
     @property
     def prefix(self) -> str:
@@ -344,6 +348,7 @@ register_family(FamilySpec(
     outputs=("embedding", "probabilities", "logits"), pixels_signature="classify_images",
     hypermodel="ish_tf.families.fluorescence.hypermodel:FluorescenceHyperModel",
     tiny="ish_tf.families.fluorescence.testing:tiny",
+    export_transform="ish_tf.families.fluorescence.export:export_transform",
     description="siRNA classes of multi-channel fluorescence sites, normalised per plate: "
                 "ArcFace or softmax head (DeepNoise, supervised)"))
 register_family(FamilySpec(
@@ -352,6 +357,7 @@ register_family(FamilySpec(
     task="ish_tf.families.fluorescence.task:MeanTeacherTask", inputs=InputSpec.image(6),
     outputs=("embedding", "probabilities", "logits"), pixels_signature="classify_images",
     flag_prefix="fluorescence", tiny="ish_tf.families.fluorescence.testing:tiny_mean_teacher",
+    export_transform="ish_tf.families.fluorescence.export:export_transform",
     hypermodel="ish_tf.families.fluorescence.hypermodel:FluorescenceHyperModel",
     quickstart="ish_tf.families.fluorescence.quickstart:run_quickstart",
     description="the fluorescence network as student and EMA teacher, with unlabelled wells "

@@ -77,6 +77,24 @@ def _decoded_inputs(records_dir: str, split: str, spec) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+def _transformed(spec, run_dir: str, records_dir: str, split: str, inputs: np.ndarray):
+    """The family's export transform applied to decoded inputs, with the records' features."""
+    import tensorflow as tf
+
+    from ish_tf.data import records, shards
+    from ish_tf.data.pipeline import list_shards
+    from ish_tf.families import resolve_ref
+
+    with open(os.path.join(run_dir, "model_config.json"), encoding="utf-8") as f:
+        transform = resolve_ref(spec.export_transform)(run_dir, json.load(f))
+    serialized = [r.numpy() for f in list_shards(records_dir, split)
+                  for r in tf.data.TFRecordDataset(f, compression_type=shards.compression_of(f)
+                                                   or "")]
+    feats = tf.io.parse_example(tf.constant(serialized),
+                                records.feature_spec(list(transform.record_keys)))
+    return np.asarray(transform.from_records(tf.constant(inputs), feats))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", family_names())
 def test_family_harness(name, tmp_path):
@@ -131,6 +149,9 @@ def test_family_harness(name, tmp_path):
     model = keras.saving.load_model(result.model_path, compile=False)
     inputs = _decoded_inputs(records_dir, "test", input_spec)
     assert len(inputs) == info["n"]
+    if spec.export_transform:  # raw input -> model input in the graph (fluorescence: per plate)
+        assert meta["input_transform"]
+        inputs = _transformed(spec, run_a, records_dir, "test", inputs)
     want = model(inputs, training=False)
     want = want if isinstance(want, (list, tuple)) else [want]
     for output_name, value in zip(spec.outputs, want, strict=True):
