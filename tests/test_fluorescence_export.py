@@ -6,6 +6,7 @@ takes raw pixels with experiment and plate; an unknown plate is an error naming 
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -25,7 +26,8 @@ def chain(tmp_path_factory):
     assert invoke("synth", ["--modality=fluorescence", f"--out={root}", "--small_run",
                             "--synth_test_experiments=1", "--synth_experiments=2",
                             "--synth_sites=1"]) == 0
-    assert invoke("ingest", ["--layout=rxrx1", f"--images={root}", f"--out={man}"]) == 0
+    assert invoke("ingest", ["--layout=rxrx1", f"--images={root}", f"--out={man}",
+                             f"--rxrx1_labels={root}/truth.csv"]) == 0
     assert invoke("extract", [f"--manifest={man}/manifest.csv", f"--out={rec}",
                               "--site_size=16", "--num_shards=1"]) == 0
     assert invoke("train", ["--model=mean_teacher", f"--records_dir={rec}", f"--run_dir={run}",
@@ -36,7 +38,7 @@ def chain(tmp_path_factory):
     assert invoke("export", [f"--model_dir={run}", f"--export_dir={exp}"]) == 0
     assert invoke("embed", [f"--saved_model={exp}", f"--records_dir={rec}", f"--out={emb}",
                             "--splits=test"]) == 0
-    return {"rec": rec, "run": run, "export": exp, "emb": emb}
+    return {"rec": rec, "run": run, "export": exp, "emb": emb, "dir": d}
 
 
 def _sites(rec, split):
@@ -63,7 +65,10 @@ def _sites(rec, split):
     return out
 
 
-def test_embed_equals_the_keras_model_on_plate_normalised_sites(chain):
+@pytest.fixture(scope="module")
+def keras_view(chain):
+    """The test split's sites, normalised with their plate's statistics, through the
+    trained Keras model: (sites, normalised x, Keras outputs, Keras on raw pixels)."""
     import ish_tf.families.fluorescence.model  # noqa: F401  (registers the layers)
     from ish_tf.data import plate_norm
     from ish_tf.export.saved_model import load_keras_file
@@ -73,7 +78,13 @@ def test_embed_equals_the_keras_model_on_plate_normalised_sites(chain):
     norm = plate_norm.normaliser(stats, jitter=0.0)
     x = np.asarray(norm(sites["x"], np.array(sites["e"]), np.array(sites["p"]), training=False))
     model = load_keras_file(os.path.join(chain["run"], "model.keras"))
-    want = np.asarray(model(x, training=False)[0])
+    outputs = [np.asarray(t) for t in model(x, training=False)]
+    return sites, x, outputs, np.asarray(model(sites["x"], training=False)[0])
+
+
+def test_embed_equals_the_keras_model_on_plate_normalised_sites(chain, keras_view):
+    sites, _, outputs, raw = keras_view
+    want = outputs[0]
     table = pd.read_csv(os.path.join(chain["emb"], "patch_embeddings.csv"))
     dims = [c for c in table.columns if c.startswith("dim_")]
     by_id = dict(zip(table["image_id"].astype(int), table[dims].to_numpy(np.float32),
@@ -81,7 +92,6 @@ def test_embed_equals_the_keras_model_on_plate_normalised_sites(chain):
     emb = np.stack([by_id[i] for i in sites["id"]])
     np.testing.assert_allclose(emb, want, atol=TOL)
     # Raw pixels through the model would give another embedding: the check can fail.
-    raw = np.asarray(model(sites["x"], training=False)[0])
     assert np.abs(raw - want).max() > 10 * TOL
 
 
@@ -114,3 +124,33 @@ def test_embed_images_refuses_arrays_without_plates(chain):
 
     with pytest.raises(EmbedError, match="per-plate statistics"):
         embed_images(chain["export"], [np.zeros((16, 16, 6), np.float32)])
+
+
+def test_evaluate_plates_scores_the_export_as_the_keras_model(chain, keras_view, capsys):
+    from ish_tf.cli import invoke
+    from ish_tf.families.fluorescence import evaluation
+
+    out = str(chain["dir"] / "eval")
+    assert invoke("evaluate", ["--task=plates", f"--saved_model={chain['export']}",
+                               f"--records_dir={chain['rec']}", f"--out={out}"]) == 0
+    text = capsys.readouterr().out
+    with open(os.path.join(out, "plates.json"), encoding="utf-8") as f:
+        result = json.load(f)
+    assert sorted(result["splits"]) == ["test", "validation"]  # every split but train
+    m = result["splits"]["test"]
+    assert "plate-assigned" in text and "rank-1 across experiments" in text
+    # The truth of the held-out experiment: every well labelled; chance 1 / classes.
+    labels = evaluation.plate_labels(chain["rec"], "test")
+    n_wells = len(labels.drop_duplicates(["experiment", "plate", "well"]))
+    assert m["wells"] == n_wells and m["chance"] == pytest.approx(1 / m["classes"])
+    assert 0 < m["rank1_chance"] < 1 and 0 <= m["plate_assignment_accuracy"] <= 1
+    # The same accuracy from the Keras model on the plate-normalised sites, per well.
+    sites, probs = keras_view[0], keras_view[2][1]
+    frame = pd.DataFrame({"experiment": sites["e"], "plate": [str(p) for p in sites["p"]],
+                          "well": labels["well"],
+                          "label": labels["label"]})
+    wells, p, _ = evaluation.wells(frame, probs, np.zeros((len(probs), 1), np.float32))
+    assert m["accuracy"] == pytest.approx(evaluation.accuracy(p.argmax(1), wells["label"]))
+    assert invoke("evaluate", ["--task=plates", f"--saved_model={chain['export']}",
+                               f"--records_dir={chain['rec']}", f"--out={out}",
+                               "--splits=nope"]) == 1

@@ -24,6 +24,14 @@ Expression profiles (`ish_tf.evaluate.expression`), a task of its own:
 writes expression_summary.json, reconstruction.csv, own_rank.csv, classification.csv,
 noise.csv (unseen.csv with --unseen_profiles/--unseen_model), figures/codes_map.png and
 report.md/report.html.
+
+Fluorescence plates (`ish_tf.families.fluorescence.evaluation`), a task of its own:
+  bin/evaluate --task=plates --saved_model=export/mean_teacher --records_dir=data/plate_records \
+      --out=eval/plates
+scores an exported fluorescence/mean_teacher model on the held-out splits (--splits;
+default every split but train): well accuracy (chance beside it), plate-aware assignment
+accuracy (reported apart) and siRNA rank-1 across experiments (with its chance); writes
+plates.csv and plates.json.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ def define_evaluate(fv) -> None:
     """Flags of `bin/evaluate` (annotation/GO prediction, donor control, diagnosis, reid)."""
     d = definer(fv, NAME)
     d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid; or "
-           "expression (alone: cell identity codes against PCA/NMF/KernelPCA).")
+           "expression (alone: cell identity codes against PCA/NMF/KernelPCA); or plates "
+           "(alone: a fluorescence export on held-out experiments).")
     d.string("embedding", "", "One embedding table (CSV/Parquet; every numeric "
              "non-key column is a dimension); named after its file.")
     d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
@@ -304,6 +313,8 @@ def main(fv, argv: list[str]) -> int:
 
     if "expression" in config.parse_list(fv.task):
         return main_expression(fv)
+    if "plates" in config.parse_list(fv.task):
+        return main_plates(fv)
     with usage_errors():
         cfg = evaluate_config(fv)
     start = time.monotonic()
@@ -362,6 +373,40 @@ def main_expression(fv) -> int:
             print(f"  classification {name:14s} accuracy {r['accuracy']:.3f} "
                   f"({r['errors']} errors in {r['n_test']})")
     for name, path in summary["written"].items():
+        print(f"  {name + ':':22s}{os.path.abspath(path)}")
+    return 0
+
+
+def main_plates(fv) -> int:
+    """`bin/evaluate --task=plates`: 0 ok, 1 bad input."""
+    from ish_tf.cli import quiet_tensorflow_info
+
+    with usage_errors():
+        if config.parse_list(fv.task) != ["plates"]:
+            raise ValueError("--task=plates runs alone")
+        if not (fv.saved_model and fv.records_dir and fv.out):
+            raise ValueError("--task=plates needs --saved_model (a fluorescence export), "
+                             "--records_dir (its plate records) and --out")
+    quiet_tensorflow_info()
+    from ish_tf.export.saved_model import ExportError
+    from ish_tf.families.fluorescence.evaluation import evaluate_export
+
+    start = time.monotonic()
+    splits = [s for s in config.parse_list(fv.splits) if s != "all"]
+    try:
+        result = evaluate_export(fv.saved_model, fv.records_dir, splits, fv.out)
+    except (ValueError, KeyError, OSError, ExportError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
+    config.write_flagfile(os.path.join(fv.out, "evaluate_flags.cfg"), fv)
+    print(f"evaluate: plates in {time.monotonic() - start:.1f}s ({result['family']} export)")
+    for split, m in result["splits"].items():
+        rank1 = (f"  rank-1 across experiments {m['rank1_other_experiment']:.3f} (chance "
+                 f"{m['rank1_chance']:.3f})" if "rank1_other_experiment" in m else "")
+        print(f"  {split:10s} {m['wells']} wells  accuracy {m['accuracy']:.3f} (chance "
+              f"{m['chance']:.3f})  plate-assigned {m['plate_assignment_accuracy']:.3f} "
+              f"(chance {m['plate_assignment_chance']:.3f}){rank1}")
+    for name, path in result["written"].items():
         print(f"  {name + ':':22s}{os.path.abspath(path)}")
     return 0
 

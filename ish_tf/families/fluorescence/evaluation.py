@@ -252,3 +252,62 @@ def evaluate_split(predict: Callable, records_dir: str, split: str, pipeline,
     result = evaluate_predictions(table, p, e, groups)
     result["sites"] = len(sites)
     return result
+
+
+def evaluate_export(saved_model: str, records_dir: str, splits: Sequence[str] = (),
+                    out_dir: str = "") -> dict:
+    """`evaluate_split` of an exported fluorescence/mean_teacher model on each held-out
+    split (`bin/evaluate --task=plates`), as the quickstart scores it.
+
+    Sites are normalised with the export's training normalisation (from its sidecar) and
+    the records' statistics; class groups for the plate-aware assignment come from the
+    records' train split.
+
+    Args:
+      saved_model: an export base or version directory (bin/export).
+      records_dir: the records (bin/extract of an RxRx1 manifest).
+      splits: splits to score; empty = every split but train.
+      out_dir: where plates.json (and plates.csv, one row per split) go; "" = nowhere.
+
+    Returns:
+      {"saved_model", "records_dir", "splits": {split: metrics}, "written": {...}}.
+
+    Raises:
+      ValueError: not a fluorescence export, or no such split.
+    """
+    import json
+    import os
+
+    from ish_tf.data import shards
+    from ish_tf.export.saved_model import read_metadata, resolve_saved_model
+    from ish_tf.families.fluorescence.data import make_pipeline
+    from ish_tf.io_utils import atomic_write_text
+
+    path = resolve_saved_model(saved_model)
+    meta = read_metadata(path)
+    if meta.get("family") not in ("fluorescence", "mean_teacher"):
+        raise ValueError(f"{path}: a {meta.get('family')!r} export; --task=plates scores "
+                         "fluorescence or mean_teacher exports")
+    config = ((meta.get("extra") or {}).get("model_config") or {}).get("config") or {}
+    normalization = (config.get("family") or {}).get("normalization", "plate")
+    present = sorted({s["split"] for s in shards.load_index(records_dir)["shards"]})
+    splits = list(splits) or [s for s in present if s != "train"]
+    missing = [s for s in splits if s not in present]
+    if missing or not splits:
+        raise ValueError(f"{records_dir}: no split {missing or splits} (it has {present})")
+    pipeline = make_pipeline(records_dir, normalization, 0.0, meta.get("input_size"))
+    groups = training_class_groups(records_dir) if "train" in present else None
+    predict = exported_predictor(path)
+    result = {"saved_model": os.path.abspath(path), "records_dir": os.path.abspath(records_dir),
+              "family": meta["family"], "normalization": normalization,
+              "splits": {s: evaluate_split(predict, records_dir, s, pipeline, groups)
+                         for s in splits}, "written": {}}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        rows = pd.DataFrame([{"split": s, **m} for s, m in result["splits"].items()])
+        result["written"] = {"plates.csv": os.path.join(out_dir, "plates.csv"),
+                             "plates.json": os.path.join(out_dir, "plates.json")}
+        atomic_write_text(result["written"]["plates.csv"], rows.to_csv(index=False))
+        atomic_write_text(result["written"]["plates.json"],
+                          json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return result
