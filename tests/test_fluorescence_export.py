@@ -29,11 +29,11 @@ def chain(tmp_path_factory):
     assert invoke("ingest", ["--layout=rxrx1", f"--images={root}", f"--out={man}",
                              f"--rxrx1_labels={root}/truth.csv"]) == 0
     assert invoke("extract", [f"--manifest={man}/manifest.csv", f"--out={rec}",
-                              "--site_size=16", "--num_shards=1"]) == 0
+                              "--site_size=8", "--num_shards=1"]) == 0
     assert invoke("train", ["--model=mean_teacher", f"--records_dir={rec}", f"--run_dir={run}",
-                            "--input_size=16", "--fluorescence_widths=8,8",
-                            "--fluorescence_batch_size=4",
-                            "--fluorescence_unlabelled_batch_size=4", "--steps=2",
+                            "--input_size=8", "--fluorescence_widths=4",
+                            "--fluorescence_batch_size=2",
+                            "--fluorescence_unlabelled_batch_size=2", "--steps=2",
                             "--strategy=default", "--noimage_summaries"]) == 0
     assert invoke("export", [f"--model_dir={run}", f"--export_dir={exp}"]) == 0
     assert invoke("embed", [f"--saved_model={exp}", f"--records_dir={rec}", f"--out={emb}",
@@ -42,7 +42,7 @@ def chain(tmp_path_factory):
 
 
 def _sites(rec, split):
-    """(ids, raw images (n, 16, 16, 6) float32, experiments, plates) of a split's records."""
+    """(ids, raw images (n, 8, 8, 6) float32, experiments, plates) of a split's records."""
     import tensorflow as tf
 
     from ish_tf.data import records, shards
@@ -123,7 +123,7 @@ def test_embed_images_refuses_arrays_without_plates(chain):
     from ish_tf.embed import EmbedError, embed_images
 
     with pytest.raises(EmbedError, match="per-plate statistics"):
-        embed_images(chain["export"], [np.zeros((16, 16, 6), np.float32)])
+        embed_images(chain["export"], [np.zeros((8, 8, 6), np.float32)])
 
 
 def test_evaluate_plates_scores_the_export_as_the_keras_model(chain, keras_view, capsys):

@@ -77,11 +77,13 @@ def single_run(tmp_path_factory):
 
 
 def test_batches_hold_labelled_then_unlabelled_sites_in_two_views(single_run):
+    from ish_tf.families.fluorescence.testing import SIZE
+
     task = single_run["task"]
     family = task.model_config.family
     batch = next(iter(task.make_dataset(None, 0)))
     b, u = family.batch_size, family.unlabelled_batch_size
-    assert batch["student"].shape == (b + u, 16, 16, 6) == batch["teacher"].shape
+    assert batch["student"].shape == (b + u, SIZE, SIZE, 6) == batch["teacher"].shape
     labels = batch["label"].numpy()
     assert (labels[:b] >= 0).all() and (labels[b:] == -1).all()
     # The views differ (augmentation and jitter) but show the same sites: one of the 8
