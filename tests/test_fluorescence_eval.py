@@ -129,3 +129,27 @@ def test_plate_stats_from_records_and_from_a_table_agree(tmp_path):
     np.testing.assert_allclose(pooled.std, stats.std, rtol=1e-4)
     assert stats_from_table(pd.DataFrame(rows), "plate").keys[:2] == (
         f"{stats.keys[0]}/1", f"{stats.keys[0]}/2")
+
+
+def test_site_pipeline_normalises_with_plate_norm(tmp_path):
+    """One standardisation (`plate_norm.standardise`): the family's pipeline and
+    `plate_norm.normaliser` give the same site for the same plate and jitter seed."""
+    import tensorflow as tf
+
+    from ish_tf.data import plate_norm
+    from ish_tf.families.fluorescence.data import make_pipeline
+    from ish_tf.families.fluorescence.testing import _records
+
+    rec = _records(str(tmp_path), 0)
+    pipeline = make_pipeline(rec, "plate", 0.1, None)
+    norm = plate_norm.normaliser(rec, jitter=0.1)
+    experiment, plate = pipeline.stats.keys[0].rsplit("/", 1)
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (8, 8, 6)), tf.float32)
+    feats = {"donor_id": tf.constant(experiment), "plate": tf.constant(int(plate), tf.int64)}
+    seed = tf.constant([3, 4], tf.int64)
+    for s in (None, seed):
+        got = pipeline.normalise(x, feats, s).numpy()
+        want = norm(x, experiment, int(plate), training=s is not None, seed=s).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(pipeline.normalise(x, feats, seed).numpy()
+                  - pipeline.normalise(x, feats, None).numpy()).max() > 1e-3  # jittered

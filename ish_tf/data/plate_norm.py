@@ -147,6 +147,38 @@ def stats_arrays(table: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray
 
 
 # --------------------------------------------------------------------------- normalising
+def standardise(image, mean, std, jitter: float = 0.0, seed=None):
+    """(image - mean) / std per channel, mean and std jittered in training: the one
+    implementation of the per-plate standardisation (`normaliser` and the fluorescence
+    families' `SitePipeline` both call it).
+
+    Args:
+      image: (H, W, C) or (B, H, W, C) pixels (cast to float32).
+      mean, std: (C,) or (B, C) float32 statistics of the image's plate.
+      jitter: j > 0 scales mean and std by factors drawn uniformly from [1 - j, 1 + j]
+        per (site and) channel, as one draw of shape (2, *mean.shape): row 0 for the
+        mean, row 1 for the std.
+      seed: shape-[2] integer tensor for the stateless draw; None: TF's global generator.
+
+    Returns:
+      float32, the image's shape.
+    """
+    import tensorflow as tf
+
+    image = tf.cast(image, tf.float32)
+    if jitter > 0:
+        shape = tf.concat([[2], tf.shape(mean)], 0)
+        if seed is None:
+            f = tf.random.uniform(shape, 1 - jitter, 1 + jitter)
+        else:
+            f = tf.random.stateless_uniform(shape, tf.cast(seed, tf.int64), 1 - jitter,
+                                            1 + jitter)
+        mean, std = mean * f[0], std * f[1]
+    if mean.shape.rank == 2:
+        mean, std = mean[:, None, None, :], std[:, None, None, :]
+    return (image - mean) / std
+
+
 def normaliser(stats: pd.DataFrame | str, jitter: float = 0.1,
                eps: float = 1e-3) -> Callable[..., object]:
     """A function normalising sites by their plate's channel stats (module docstring).
@@ -187,20 +219,7 @@ def normaliser(stats: pd.DataFrame | str, jitter: float = 0.1,
             tf.boolean_mask(tf.reshape(key, [-1]), tf.reshape(index < 0, [-1]))], summarize=8)
         index = tf.maximum(index, 0)
         mean, std = tf.gather(mean_t, index), tf.gather(std_t, index)  # (C,) or (B, C)
-        if training and jitter > 0:
-            shape = tf.shape(mean)
-            if seed is None:
-                f_mean = tf.random.uniform(shape, 1 - jitter, 1 + jitter)
-                f_std = tf.random.uniform(shape, 1 - jitter, 1 + jitter)
-            else:
-                seed = tf.cast(seed, tf.int64)
-                f_mean = tf.random.stateless_uniform(shape, seed, 1 - jitter, 1 + jitter)
-                f_std = tf.random.stateless_uniform(shape, seed + [0, 1], 1 - jitter,
-                                                    1 + jitter)
-            mean, std = mean * f_mean, std * f_std
-        if mean.shape.rank == 2:
-            mean, std = mean[:, None, None, :], std[:, None, None, :]
-        return (image - mean) / std
+        return standardise(image, mean, std, jitter if training else 0.0, seed)
 
     return normalise
 

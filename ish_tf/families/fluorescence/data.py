@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ish_tf.data import records, shards
+from ish_tf.data import plate_norm, records, shards
 from ish_tf.data.inputs import InputSpec
 from ish_tf.data.pipeline import list_shards
 from ish_tf.data.records import RecordsError
@@ -194,11 +194,8 @@ class SitePipeline:
             i = _lookup(tf.constant(self.stats.keys), norm_key(feats, self.stats.level))
             mean = tf.gather(tf.constant(self.stats.mean), i)
             std = tf.gather(tf.constant(self.stats.std), i)
-            if seed is not None and self.jitter > 0:
-                j = tf.random.stateless_uniform([2, self.spec.channels], seed,
-                                                1 - self.jitter, 1 + self.jitter)
-                mean, std = mean * j[0], std * j[1]
-            x = (x - mean) / std
+            x = plate_norm.standardise(x, mean, std, self.jitter if seed is not None else 0.0,
+                                       seed)
         if self.size and (self.spec.height != self.size or self.spec.width != self.size):
             x = tf.image.resize(x, (self.size, self.size), antialias=True)
         return x
