@@ -77,7 +77,7 @@ def embed_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_embed(fv)
 
 

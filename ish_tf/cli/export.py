@@ -54,7 +54,7 @@ def export_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_export(fv)
 
 

@@ -132,7 +132,7 @@ def whole_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_extract(fv)
     define_whole(fv)
 

@@ -615,6 +615,13 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
                 "it to finish, or write to another --out") from None
         try:
             yield
+            # The run is over and holds OUT: its lock files go (the index's, then, just
+            # before the lock is released, its own), so a finished OUT has none left.
+            from ish_tf.data import shards
+
+            shards.remove_index_lock(out)
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)
         except OSError as e:
             raise _write_error(e, out) from e
         except Exception as e:

@@ -498,7 +498,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                     tf.summary.scalar("loss/validation" if k == "loss" else f"validation/{k}", v)
             writer.flush()
         text = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        logging.info("step %d validation: %s", at_step, text)
+        logging.info("step %d validation: %s", at_step, text, extra={"detail": True})
         bar.set_postfix(f"loss {last_loss:.4f} | validation {text}")
 
     last_loss, last_rate = float("nan"), 0.0
@@ -555,9 +555,11 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                         tf.summary.scalar("train/images_per_sec", last_rate)
                     writer.flush()
                 bar.set_postfix(f"loss {last_loss:.4f}")
+                # Per-step detail: in RUN/train.log and with --verbosity; the console has
+                # the progress bar.
                 logging.info("step %d/%d loss %.4f lr %.3g %s %.1f img/s", current, config.steps,
                              last_loss, lr, " ".join(f"{k} {v:.3f}" for k, v in values.items()),
-                             last_rate)
+                             last_rate, extra={"detail": True})
             if chief and config.validate_every and (current % config.validate_every == 0
                                                     or current == end_step):
                 validate(current)
