@@ -38,6 +38,10 @@ def define_export(fv) -> None:
               "exporting; 0 = all. Numeric folders that are not ish_tf SavedModels are never "
               "counted or deleted.", lower_bound=0)
     d.bool("overwrite", False, "Replace --version if it already exists.")
+    d.enum("serving_resize", "near", ["near", "any"], "JPEG/PNG images sent to "
+           "serving_default: near = resized to the model's input size when within 2x of it, "
+           "others rejected with an error naming both sizes; any = resize every image (a "
+           "whole section is squashed to one input).")
 
 
 def export_config(fv):
@@ -50,7 +54,7 @@ def export_config(fv):
 
     return ExportConfig(model_dir=fv.model_dir, export_dir=fv.export_dir, family=fv.family,
                         version=fv.version or None, keep=fv.keep,
-                        overwrite=fv.overwrite).validate()
+                        overwrite=fv.overwrite, serving_resize=fv.serving_resize).validate()
 
 
 def define_flags(fv) -> None:
@@ -72,7 +76,8 @@ def main(fv, argv: list[str]) -> int:
         cfg = export_config(fv)
     try:
         path = export_run(cfg.model_dir, cfg.export_dir, family=cfg.family or None,
-                          version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite)
+                          version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite,
+                          serving_resize=cfg.serving_resize)
         meta = read_metadata(path)
         kept = exported_versions(cfg.export_dir)
     except (ExportError, OSError) as e:

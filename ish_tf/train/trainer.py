@@ -482,10 +482,21 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         # The one place this line is printed (bin/quickstart does not repeat it).
         print(f"train: watch it with  tensorboard --logdir {paths['logs']}", flush=True)
 
+    validation_failed = False
+
     def validate(at_step: int) -> None:
         """Scores the validation split (`task.validation_metrics`) into TensorBoard
         (`validation/...`, the loss as `loss/validation`) and RUN/validation.csv."""
-        scores = task.validation_metrics(model)
+        nonlocal validation_failed
+        if validation_failed:
+            return
+        try:
+            scores = task.validation_metrics(model)
+        except Exception as e:  # noqa: BLE001 - an aid: say why, then train on without it
+            validation_failed = True
+            logging.warning("validation at step %d failed (%s: %s); training goes on "
+                            "without it", at_step, type(e).__name__, _first_line(e))
+            return
         if not scores:
             return
         validation_rows.append({"step": at_step, **scores})
