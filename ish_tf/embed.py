@@ -691,7 +691,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     reused = embedded = 0
     seconds = 0.0
     total = sum(int(s.get("num_records", 0)) for s in shards)
-    with Progress(total or None, desc="embed", enabled=progress) as bar:
+    with Progress(total or None, desc="embed", enabled=progress, unit="records") as bar:
         for s in shards:
             path = os.path.join(config.records_dir, s["file"])
             part = _part_path(config.out_dir, s["file"])

@@ -207,3 +207,13 @@ def test_evaluate_without_task_lists_the_tasks_and_their_needs(capsys):
     for task, need in (("annotations", "--annotations"), ("diagnosis", "--manifest"),
                        ("reid", "--embedding")):
         assert f"  {task}" in listed and need in listed
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_examples_keep_their_line_breaks(command):
+    """A `\\` at a line's end in a docstring joins the lines (the examples then collapse
+    into one): the help has at least as many lines as the docstring's source."""
+    module = cli.command_module(command)
+    with open(module.__file__, encoding="utf-8") as f:
+        source_doc = f.read().split('"""')[1]
+    assert module.__doc__.count("\n") >= source_doc.count("\n"), command

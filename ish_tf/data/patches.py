@@ -407,7 +407,8 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
             hooks.after_shard(info)
 
     try:
-        with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled) as bar:
+        with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled,
+                      unit="images") as bar:
             for plan in pending:
                 rows = list(plan.rows.itertuples(index=False))
                 tasks = [stage.task(mf.image_path(manifest, str(r.path)), r) for r in rows]

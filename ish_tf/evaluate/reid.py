@@ -242,7 +242,7 @@ def evaluate_reid(values, genes, donors, *, metric: str = "euclidean", block_siz
     need_same = "same_donor" in sets or (compute_map and "all" in sets)
 
     dist_fn = _Scores(x, metric)
-    with Progress(n, desc="reid") as bar:
+    with Progress(n, desc="reid", unit="queries") as bar:
         for start in range(0, n, block_size):
             stop = min(start + block_size, n)
             q = np.arange(start, stop)
