@@ -128,16 +128,19 @@ class PlainFormatter(pylogging.Formatter):
     """`name: message`, `name: warning: message` above INFO: no absl prefix
     (`I1202 11:51:02.1 ... trainer.py:326]`), which only a log file or --verbosity shows."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, clear_line: bool = False):
         super().__init__()
         self.name = name
+        # On a terminal a progress bar may be drawn on the current line: clear it first
+        # (the bar is redrawn below at its next update).
+        self.prefix = "\r\033[K" if clear_line else ""
 
     def format(self, record: pylogging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         level = "" if record.levelno <= pylogging.INFO else f"{record.levelname.lower()}: "
-        return f"{self.name}: {level}{message}"
+        return f"{self.prefix}{self.name}: {level}{message}"
 
 
 class _NoDetail(pylogging.Filter):
@@ -160,7 +163,11 @@ def plain_logging(name: str, fv) -> bool:
     if any(flag in fv and fv[flag].present for flag in _ABSL_LOG_FLAGS):
         return False
     handler = logging.get_absl_handler()
-    handler.setFormatter(PlainFormatter(name))
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    handler.setFormatter(PlainFormatter(name, clear_line=tty))
     handler.addFilter(_NoDetail())
     return True
 

@@ -476,7 +476,8 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     rows = _read_metrics(paths["metrics"], start_step)
     validation_rows = _read_metrics(paths["validation"], start_step)
     logging.info("run %s: %s steps %d..%d, global batch %d on %d replica(s), policy %s",
-                 config.run_dir, task.name, start_step, end_step,
+                 config.run_dir, task.name or getattr(task.model_config, "model", "model"),
+                 start_step, end_step,
                  task.global_batch_size, replicas, policy)
     if chief and end_step > start_step:
         # The one place this line is printed (bin/quickstart does not repeat it).
