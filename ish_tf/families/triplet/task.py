@@ -118,7 +118,8 @@ class TripletTask(Task):
             row = evaluate_reid(image_values, frame["gene"].to_numpy()[first],
                                 frame["donor"].to_numpy()[first], metric=self.metric
                                 if self.metric in ("euclidean", "sqeuclidean", "cosine")
-                                else "euclidean", candidate_sets=("other_donor",)).iloc[0]
+                                else "euclidean", candidate_sets=("other_donor",),
+                                progress=False).iloc[0]
         except ReidError:
             return {}
         if not row["n_answerable"]:
