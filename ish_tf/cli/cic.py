@@ -41,7 +41,7 @@ def define_cic_tools(fv) -> None:
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_cic_tools(fv)
 
 

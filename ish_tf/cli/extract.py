@@ -205,7 +205,7 @@ def main_plates(fv) -> int:
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_extract(fv)
     define_runner(definer(fv, NAME), "extraction")
     define_whole(fv)

@@ -92,7 +92,7 @@ def ingest_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_ingest(fv)
 
 

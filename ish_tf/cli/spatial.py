@@ -119,7 +119,7 @@ def spatial_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_spatial(fv)
 
 

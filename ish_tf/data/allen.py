@@ -563,7 +563,7 @@ def _download_all(config: FetchConfig, todo: list[dict], images_dir: str, manife
     downloaded, since_flush, last_flush = 0, 0, time.monotonic()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers,
                                                  thread_name_prefix="allen-fetch")
-    bar = Progress(len(todo), desc="fetch images", enabled=config.progress)
+    bar = Progress(len(todo), desc="fetch", enabled=config.progress, unit="images")
     futures: dict[concurrent.futures.Future, dict] = {}
     consumed: set[concurrent.futures.Future] = set()
     try:

@@ -414,7 +414,8 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
             hooks.after_shard(info)
 
     try:
-        with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled) as bar:
+        with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled,
+                      unit="images") as bar:
             for plan in pending:
                 rows = list(plan.rows.itertuples(index=False))
                 tasks = [stage.task(mf.image_path(manifest, str(r.path)), r) for r in rows]
@@ -622,6 +623,13 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
                 "it to finish, or write to another --out") from None
         try:
             yield
+            # The run is over and holds OUT: its lock files go (the index's, then, just
+            # before the lock is released, its own), so a finished OUT has none left.
+            from ish_tf.data import shards
+
+            shards.remove_index_lock(out)
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)
         except OSError as e:
             raise _write_error(e, out) from e
         except Exception as e:
