@@ -26,10 +26,33 @@ NAME = "extract"
 
 
 def define_mask_background(d: FlagDefiner) -> None:
-    """--mask_background (bin/extract, bin/spatial and bin/predict each define it)."""
+    """--mask_background and the classical segmenter's settings (--mask_method,
+    --mask_threshold_mode, --mask_sensitivity, --mask_min_object_fraction); bin/extract,
+    bin/spatial and bin/predict each define them."""
     d.enum("mask_background", "bright", ["bright", "dark"], "Slide background for the "
            "classical segmenter: bright (brightfield ISH on a white slide) or dark "
            "(fluorescence sections on black).")
+    d.enum("mask_method", "deficit", ["deficit", "od"], "Classical mask score: deficit "
+           "(grey levels below the local slide colour) or od (optical density against the "
+           "local slide colour: robust to exposure, gamma and stain saturation/hue).")
+    d.enum("mask_threshold_mode", "auto", ["auto", "otsu", "triangle", "fixed"],
+           "Classical mask threshold: auto (noise of the slide and share of the stain), "
+           "otsu, triangle, or fixed (--mask_threshold).")
+    d.float("mask_threshold", -1.0, "--mask_threshold_mode=fixed: the threshold (deficit: "
+            "grey levels; od: optical density); -1 = unset.")
+    d.float("mask_sensitivity", 1.0, "> 1 keeps fainter tissue (threshold moved towards "
+            "the slide), < 1 less.", lower_bound=0.01)
+    d.float("mask_min_object_fraction", 5e-4, "Tissue pieces smaller than this fraction "
+            "of the image are dropped (dust, debris).", lower_bound=0.0, upper_bound=0.5)
+
+
+def mask_settings(fv) -> dict:
+    """The classical segmenter's settings from the --mask_* flags, as MaskConfig keywords."""
+    return dict(background=fv.mask_background, method=fv.mask_method,
+                threshold_mode=fv.mask_threshold_mode,
+                threshold=fv.mask_threshold if fv.mask_threshold >= 0 else None,
+                sensitivity=fv.mask_sensitivity,
+                min_object_fraction=fv.mask_min_object_fraction)
 
 
 def define_extract(fv) -> None:
@@ -91,7 +114,7 @@ def extract_config(fv):
     else:
         genes = config.parse_list(genes_flag)
     mask = MaskConfig(segmenter=fv.segmenter, unet_path=fv.unet_path or None,
-                      background=fv.mask_background, work_size=fv.mask_work_size)
+                      work_size=fv.mask_work_size, **mask_settings(fv))
     return ExtractConfig(
         manifest=fv.manifest, out_dir=fv.out, patches_per_image=fv.patches_per_image,
         source_size=fv.source_size, patch_size=fv.patch_size, min_fraction=fv.min_fraction,

@@ -109,8 +109,13 @@ class RecordSetConfig(abc.ABC):
 
     def _mask_key(self) -> dict:
         key = dataclasses.asdict(self.mask)
-        if key["background"] == "bright":
-            del key["background"]  # record sets written before the option resume unchanged
+        # Record sets written before these options resume unchanged at their defaults.
+        for name, default in (("background", "bright"), ("method", "deficit"),
+                              ("threshold_mode", "auto"), ("sensitivity", 1.0)):
+            if key[name] == default:
+                del key[name]
+        if key["rel_threshold"] is None and self.mask.method == "deficit":
+            key["rel_threshold"] = 0.1  # the deficit score's own, as it was written
         return key
 
     @abc.abstractmethod
