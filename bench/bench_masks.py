@@ -84,7 +84,7 @@ def main() -> None:
                 true_txt = f"{min(vs_true):.3f}" if vs_true else "-"
                 print(f"| {name} | {pname} | {m} | {vs_base:.3f} | {true_txt} | "
                       f"{np.mean([x.mean() for x in masks]):.3f} |", flush=True)
-    print(f"# worst IoU vs unperturbed over all sets: "
+    print("# worst IoU vs unperturbed over all sets: "
           + ", ".join(f"{m} {worst[m]:.3f}" for m in METHODS)
           + f" ({time.time() - t0:.0f} s)")
 

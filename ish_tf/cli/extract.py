@@ -66,6 +66,12 @@ def define_extract(fv) -> None:
     d.integer("patches_per_image", 50, "N: most patches per image.", lower_bound=1)
     d.integer("source_size", 1024, "S: side of a patch window in original-image pixels.",
               lower_bound=1)
+    d.float("source_um", 0.0, "Windows of this many micrometres instead of --source_size "
+            "pixels, from each image's um_per_pixel manifest column (0 = off).",
+            lower_bound=0.0)
+    d.integer("max_pixels", 400_000_000, "Most pixels decoded per image (after any reduced-"
+              "level read, bin/ingest --downsample); raise it for huge images if the memory "
+              "is there.", lower_bound=1)
     d.integer("patch_size", 256, "R: side of the stored (resized) patch.", lower_bound=1)
     d.float("min_fraction", 0.9, "F: least tissue fraction of a window.", lower_bound=0.0,
             upper_bound=1.0)
@@ -79,6 +85,12 @@ def define_extract(fv) -> None:
     d.enum("split_by", "gene", ["gene", "donor"], "Hold out unseen genes or unseen donors in "
            "validation/test.")
     d.string("split_fractions", "0.8,0.1,0.1", "train,validation,test fractions.")
+    d.enum("split_assign", "plan", ["plan", "balanced"], "plan: split genes (donors) by "
+           "count before extraction; balanced: count each image's patches first (masks are "
+           "cached for the extraction) and split so each split gets close to its share of "
+           "patches; written to OUT/splits.csv and reused on resume.")
+    d.bool("allow_empty_splits", False, "A requested split left without patches is a "
+           "warning instead of an error.")
     d.enum("segmenter", "classical", ["classical", "unet"], "Foreground mask method.")
     d.string("unet_path", "", "Trained U-Net .keras file for --segmenter=unet.")
     define_mask_background(d)
@@ -121,7 +133,9 @@ def extract_config(fv):
         max_tries=fv.max_tries, image_format=fv.format, jpeg_quality=fv.jpeg_quality,
         num_shards=fv.num_shards, compression=None if fv.compression == "none" else "GZIP",
         split_by=fv.split_by, split_fractions=fractions, workers=fv.workers, seed=fv.seed,
-        genes=tuple(genes), mask=mask, save_overlays=fv.save_overlays)
+        genes=tuple(genes), mask=mask, save_overlays=fv.save_overlays,
+        split_assign=fv.split_assign, allow_empty_splits=fv.allow_empty_splits,
+        source_um=fv.source_um, max_pixels=fv.max_pixels)
 
 
 # --------------------------------------------------------------------------- whole images

@@ -736,8 +736,10 @@ def load_mask(path: str) -> np.ndarray:
     Raises:
       SegmentError: the file cannot be read as an image.
     """
-    try:
-        with Image.open(path) as im:
+    from ish_tf.data.image_io import pillow_unlimited
+
+    try:  # masks are as large as the images read (no bomb check: we wrote them)
+        with pillow_unlimited(), Image.open(path) as im:
             return np.asarray(im.convert("L")) > 0
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SegmentError(f"{path}: cannot read mask: {e}") from e
