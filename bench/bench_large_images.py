@@ -49,6 +49,10 @@ def build(work: str) -> None:
             tw.write(np.asarray(canvas.reduce(n)), tile=(512, 512), subfiletype=1)
     with open(os.path.join(work, "table.csv"), "w") as f:
         f.write("path,gene_symbol,donor_id\nbig.jpg,Prox1,d1\nbig.ome.tif,Prox1b,d2\n")
+    # The reference: the real section as it is (2980x1888), what any extraction costs.
+    src.save(os.path.join(work, "images", "allen.jpg"), quality=95)
+    with open(os.path.join(work, "reference.csv"), "w") as f:
+        f.write("path,gene_symbol,donor_id\nallen.jpg,Prox1,d1\n")
 
 
 def child_peak(cmd: list[str], env: dict) -> tuple[float, float, str, int]:
@@ -82,18 +86,21 @@ def main() -> None:
     extract_flags = ["--source_size=128", "--patch_size=64", "--patches_per_image=20",
                      "--num_shards=1", "--split_fractions=1,0,0", "--workers=1"]
     cases = [
-        ("downsample 8 (reduced reads)", ["--downsample=8"], []),
-        ("full resolution (baseline)", [], ["--source_size=1024", "--max_pixels=250000000"]),
+        ("reference: the 2980x1888 Allen JPEG", "reference.csv", [], []),
+        ("16000x12000 JPEG + pyramidal TIFF, --downsample=8", "table.csv", ["--downsample=8"],
+         []),
+        ("the same at full resolution (baseline)", "table.csv", [],
+         ["--source_size=1024", "--max_pixels=250000000"]),
     ]
     print("| run | stage | peak RSS MiB | seconds | warnings | exit |")
     print("|---|---|---|---|---|---|")
-    for name, ingest_extra, extract_extra in cases:
-        tag = "ds" if ingest_extra else "full"
+    for k, (name, table, ingest_extra, extract_extra) in enumerate(cases):
+        tag = f"case{k}"
         m = os.path.join(work, f"manifest_{tag}")
         r = os.path.join(work, f"records_{tag}")
         for stage, cmd in (
                 ("ingest", [os.path.join(ROOT, "bin", "ingest"),
-                            f"--table={os.path.join(work, 'table.csv')}",
+                            f"--table={os.path.join(work, table)}",
                             f"--images={os.path.join(work, 'images')}", f"--out={m}",
                             *ingest_extra]),
                 ("extract", [os.path.join(ROOT, "bin", "extract"),

@@ -69,6 +69,10 @@ def test_plan_refuses_an_empty_split_and_balanced_fills_it(blank_genes, tmp_path
     summary = P.run_extract(_cfg(blank_genes, out, split_assign="balanced"))
     per = {s: v["patches"] for s, v in summary["splits"].items()}
     assert all(per.get(s, 0) > 0 for s in splits.SPLITS), per
+    # Mask QC names the blank slides (no tissue among sections) and writes the sheet.
+    blank = pd.read_csv(out / P.REPORT_NAME).query("status == 'no_tissue'")["image_id"]
+    assert len(blank) == 4 and all(f"image {i} " in summary["mask_qc"][0] for i in blank)
+    assert (out / "mask_qc.html").exists()
     assigned = pd.read_csv(out / splits.SPLITS_NAME)
     info = shards.load_dataset_info(str(out))
     assert {g.gene_symbol: g.split for g in info.genes} == dict(zip(assigned["item"],

@@ -91,6 +91,8 @@ def define_extract(fv) -> None:
            "patches; written to OUT/splits.csv and reused on resume.")
     d.bool("allow_empty_splits", False, "A requested split left without patches is a "
            "warning instead of an error.")
+    d.integer("mask_qc_images", 5, "Sections at each end of the tissue-fraction range shown "
+              "(with the outliers) in OUT/mask_qc.html; 0 = no contact sheet.", lower_bound=0)
     d.enum("segmenter", "classical", ["classical", "unet"], "Foreground mask method.")
     d.string("unet_path", "", "Trained U-Net .keras file for --segmenter=unet.")
     define_mask_background(d)
@@ -135,7 +137,7 @@ def extract_config(fv):
         split_by=fv.split_by, split_fractions=fractions, workers=fv.workers, seed=fv.seed,
         genes=tuple(genes), mask=mask, save_overlays=fv.save_overlays,
         split_assign=fv.split_assign, allow_empty_splits=fv.allow_empty_splits,
-        source_um=fv.source_um, max_pixels=fv.max_pixels)
+        source_um=fv.source_um, max_pixels=fv.max_pixels, mask_qc=fv.mask_qc_images)
 
 
 # --------------------------------------------------------------------------- whole images

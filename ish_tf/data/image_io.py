@@ -191,6 +191,15 @@ def reduced_size(width: int, height: int, downsample: int) -> tuple[int, int]:
     return max(1, math.ceil(width / downsample)), max(1, math.ceil(height / downsample))
 
 
+def preview_factor(longest: int, target: int) -> int:
+    """The smallest power of two that brings `longest` pixels to at most `target`: a
+    reduction every reader does cheaply (JPEG DCT scaling, pyramid levels, tile sums)."""
+    factor = 1
+    while longest / factor > target:
+        factor *= 2
+    return factor
+
+
 def _check_pixels(path: str, width: int, height: int, max_pixels: int, what: str) -> None:
     if width * height > max_pixels:
         raise ImageReadError(

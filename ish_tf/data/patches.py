@@ -149,6 +149,9 @@ class ExtractConfig(RecordSetConfig):
         to its share of patches; `ish_tf.data.splits`).
       allow_empty_splits: a requested split left without patches is a warning, not an
         error.
+      mask_qc: sections at each end of the tissue-fraction range in OUT/mask_qc.html,
+        with the outliers (`ish_tf.data.mask_qc`); 0 = no contact sheet (outlying images
+        are still named).
     """
 
     patches_per_image: int = 50
@@ -162,6 +165,7 @@ class ExtractConfig(RecordSetConfig):
     read_downsample: int = 1
     split_assign: str = "plan"
     allow_empty_splits: bool = False
+    mask_qc: int = 5
 
     def __post_init__(self) -> None:
         from ish_tf.data.splits import SPLIT_ASSIGN
@@ -633,7 +637,8 @@ def check_background(df: pd.DataFrame, cfg: RecordSetConfig, n: int = 5) -> str 
         # A small reduced read (JPEG: DCT scaling; pyramids: a low level) is enough.
         longest = max(int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0))
         try:
-            small = image_io.read_image(path, max(8, longest // 1024), cfg.max_pixels
+            small = image_io.read_image(path, max(8, image_io.preview_factor(longest, 1024)),
+                                        cfg.max_pixels
                                         if isinstance(cfg, ExtractConfig) else
                                         image_io.DEFAULT_MAX_PIXELS)
             kind = guess_background(small)
@@ -797,8 +802,24 @@ def _run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None,
         compression=cfg.compression, progress_enabled=progress_enabled)
     report_path = os.path.join(out, REPORT_NAME)
     summary = _summary(out, report, plans, removed, written, resumed, report_path)
+    summary["mask_qc"] = _mask_qc(report, df, cfg)
     summary["split_shares"] = _check_split_shares(summary, cfg)
     return summary
+
+
+def _mask_qc(report: dict[int, dict], df: pd.DataFrame, cfg: ExtractConfig) -> list[str]:
+    """Names images of outlying tissue fraction (logged) and writes the contact sheet."""
+    from ish_tf.data import mask_qc
+
+    rows = pd.DataFrame([report[k] for k in sorted(report)], columns=list(REPORT_COLUMNS))
+    outliers = mask_qc.find_outliers(rows)
+    sheet = mask_qc.write_contact_sheet(cfg.out_dir, rows, df, cfg.manifest, cfg.mask_qc,
+                                        outliers=outliers)
+    lines = mask_qc.qc_lines(outliers, sheet)
+    for line in lines:
+        if line.startswith("warning: "):
+            logging.warning("%s", line[len("warning: "):])
+    return lines
 
 
 def _balanced_assignment(df: pd.DataFrame, cfg: ExtractConfig, mask_dir: str,
@@ -929,6 +950,7 @@ def format_summary(summary: dict) -> str:
                      + f" (reasons in {summary['report']})")
     warnings = [w for w in summary.get("split_shares", []) if w.startswith("warning: ")]
     lines.extend(f"  {w}" for w in warnings)
+    lines.extend(f"  {w}" for w in summary.get("mask_qc", []))
     mismatched = summary.get("size_mismatch") or []
     if mismatched:
         shown = ", ".join(str(i) for i in mismatched[:5]) + (", ..." if len(mismatched) > 5 else "")
