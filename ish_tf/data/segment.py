@@ -70,8 +70,8 @@ class MaskConfig:
         learns its background from its training masks).
       work_size: longest side, in pixels, of the working resolution.
       method: the classical score, "od" (optical density relative to the local slide
-        colour, summed over the channels: invariant to exposure and gamma, little moved
-        by saturation and hue) or "deficit" (grey levels below the local slide in the
+        colour in the most absorbing channel: invariant to exposure and gamma, little
+        moved by saturation and hue; a saturated slide is handled apart) or "deficit" (grey levels below the local slide in the
         darkest channel, the older score).
       threshold_mode: "auto", "otsu", "triangle" or "fixed" (see `THRESHOLD_MODES`).
       sensitivity: > 1 lowers the automatic threshold towards the slide (fainter tissue
@@ -366,6 +366,12 @@ def guess_background(rgb: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------- classical
+# A saturated slide (its brightness mode reaching 254-255: an exposure that clips) has no
+# noise and shows no shading, while pale tissue is partly clipped to white with it: the
+# optical-density segmenter then takes the slide as the pixels within 1 grey level of
+# the peak and lowers the automatic threshold's floor and its share of the stain by this
+# factor (bench/bench_masks.py: brightness x1.25 on the Allen section).
+SATURATED_SCALE = 1 / 8
 _SCORE_OFFSET = 32  # keeps slightly-brighter-than-background pixels (negative deficits) in uint8
 
 
@@ -454,11 +460,12 @@ def slide_background(rgb: np.ndarray, background: np.ndarray, grid: int = 8,
 def tissue_score(rgb: np.ndarray, bg: np.ndarray, method: str = "od") -> np.ndarray:
     """How much a pixel absorbs relative to the local slide colour.
 
-    "od": optical density against the slide, `sum_c log10((bg_c + 1) / (I_c + 1))`. A
-    change of exposure multiplies slide and tissue alike and cancels in the ratio; a
-    gamma scales every density by the same factor, which the noise-relative threshold
-    absorbs; summing the channels keeps the total absorbance, which a change of
-    saturation or hue moves between channels but little in total.
+    "od": optical density against the slide in the most absorbing channel,
+    `max_c log10((bg_c + 1) / (I_c + 1))`. A change of exposure multiplies slide and
+    tissue alike and cancels in the ratio; a gamma scales every density by the same
+    factor, which the noise-relative threshold absorbs; the most absorbing channel keeps
+    any stain's hue (as the deficit score does), while a grey shading of the slide moves
+    every channel by the same small density and stays below the floor.
     "deficit": `max_c (bg_c - I_c)` grey levels, offset by `_SCORE_OFFSET` into uint8
     (the older score, whose threshold is in grey levels).
 
@@ -474,7 +481,7 @@ def tissue_score(rgb: np.ndarray, bg: np.ndarray, method: str = "od") -> np.ndar
     if method == "deficit":
         deficit = (bg - f).max(axis=2)
         return np.clip(deficit + _SCORE_OFFSET, 0, 255).astype(np.uint8)
-    return np.log10((bg + 1.0) / (f + 1.0)).sum(axis=2).astype(np.float32)
+    return np.log10((bg + 1.0) / (f + 1.0)).max(axis=2).astype(np.float32)
 
 
 def triangle_threshold(values: np.ndarray, bins: int = 256,
@@ -532,7 +539,8 @@ def _otsu_float(values: np.ndarray, bins: int = 256, absorbed: bool = False) -> 
     return lo + (otsu_threshold(q) + 1) * (hi - lo) / (bins - 1)
 
 
-def choose_threshold(score: np.ndarray, slide: np.ndarray, cfg: MaskConfig) -> float:
+def choose_threshold(score: np.ndarray, slide: np.ndarray, cfg: MaskConfig,
+                     floor_scale: float = 1.0) -> float:
     """The classical segmenter's threshold on `tissue_score` (tissue: score > t).
 
     "auto": `slide + max(floor, 4 sigma, rel_threshold * (stained - slide)) / sensitivity`
@@ -547,6 +555,9 @@ def choose_threshold(score: np.ndarray, slide: np.ndarray, cfg: MaskConfig) -> f
       score: (h, w) from `tissue_score`.
       slide: bool (h, w), pixels believed to be bare slide.
       cfg: mask settings.
+      floor_scale: multiplies the "auto" floor (`min_contrast`) and `rel_threshold`; the
+        optical-density segmenter lowers them where the slide is saturated (no noise, no
+        visible shading, and pale tissue partly clipped to white).
     """
     od = cfg.method == "od"
     offset = 0.0 if od else float(_SCORE_OFFSET)
@@ -568,12 +579,13 @@ def choose_threshold(score: np.ndarray, slide: np.ndarray, cfg: MaskConfig) -> f
             t = triangle_threshold(score, peak_value=level)
         return level + (t - level) / cfg.sensitivity
     floor = (math.log10(255.0 / (255.0 - min(cfg.min_contrast, 254.0)))
-             if od else cfg.min_contrast)
+             if od else cfg.min_contrast) * floor_scale
     sigma = 1.4826 * float(np.median(np.abs(ref - level)))
     contrast = max(floor, 4 * sigma)
     otsu = _otsu_float(score) if od else otsu_threshold(score)
     stained = score > max(otsu, level + floor)
     rel = cfg.rel_threshold if cfg.rel_threshold is not None else (0.05 if od else 0.1)
+    rel *= floor_scale
     if stained.any():
         stain = float(np.median(score[stained]))
         if od:
@@ -629,16 +641,17 @@ def classical_mask(rgb: np.ndarray, *, cfg: MaskConfig | None = None,
             ImageFilter.GaussianBlur(cfg.smooth)))
     brightness = (small_rgb.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
     peak, lo, hi = slide_level(brightness)
-    if cfg.method == "od":
-        # The slide's mode is symmetric about its peak but tissue widens its dark side
-        # (and a clipped slide has no bright side): its width is read on the bright side.
-        lo = max(lo, peak - 3 * max(hi - peak, 2))
+    floor_scale = 1.0
+    if cfg.method == "od" and hi >= 254:
+        # A saturated slide: clipped pale tissue merges into its mode (see SATURATED_SCALE).
+        floor_scale = SATURATED_SCALE
+        lo = max(lo, peak - 1)
     slide = (brightness >= lo) & (brightness <= hi)
     margin = 2 * max(1, round(0.01 * max(h, w))) + 1  # keeps the pale rim out of the slide
     for _ in range(2):
         bg = slide_background(small_rgb, slide)
         score = tissue_score(small_rgb, bg, cfg.method)
-        t = choose_threshold(score, slide, cfg)
+        t = choose_threshold(score, slide, cfg, floor_scale)
         small = score > t
         slide = ~binary_dilate(small, margin)
     small = binary_close(small, cfg.close_size)
