@@ -8,15 +8,23 @@ images, vectors. SavedModels exported before `tf_example` existed are fed each
 record's ENCODED image bytes (`image/encoded`) through `serving_default` instead.
 Vector records have no image position: their patch_index, x and y are 0.
 
-Outputs in OUT (CSV; Parquet with `table_format="parquet"` when pyarrow is installed)::
+Outputs in OUT (`table_format`: csv; parquet, needs pyarrow; h5ad, needs anndata: one
+AnnData per level, metadata in `obs`, the embedding in `obsm["X_<family>"]`)::
 
-    OUT/patch_embeddings.csv   image_id, patch_index, x, y, gene_symbol, entrez_id,
-                               donor_id, region, study, split, 0..D-1
-    OUT/image_embeddings.csv   mean over each image's patches (+ n_patches)
-    OUT/donor_embeddings.csv   mean per (gene_symbol, donor_id) (+ n_patches, n_images)
-    OUT/gene_embeddings.csv    mean per gene_symbol (+ n_patches, n_images)
-    OUT/skipped.csv            records that could not be parsed or decoded, and why
-    OUT/embed_summary.json     model, signature, counts, throughput
+    OUT/patch_embeddings.csv       image_id, patch_index, x, y, gene_symbol, entrez_id,
+                                   donor_id, region, study, split, every other manifest
+                                   column (the lab's own included), dim_000..dim_<D-1>
+    OUT/image_embeddings.csv       mean over each image's patches (+ n_patches)
+    OUT/gene_donor_embeddings.csv  mean per (gene_symbol, donor_id) (+ n_patches,
+                                   n_images); written as donor_embeddings.csv before
+    OUT/gene_embeddings.csv        mean per gene_symbol (+ n_patches, n_images)
+    OUT/skipped.csv                records that could not be parsed or decoded, and why
+    OUT/embed_summary.json         model, signature, counts, throughput, manifest
+
+The manifest is the one index.json names (`bin/extract` records it), or `manifest`;
+its columns join the records by image_id, and each coarser table keeps the columns that
+are constant within its rows (a donor's age at the (gene, donor) level, a gene's own
+columns at the gene level). Unknown values are empty, never -1.
 
 Gene (and donor) vectors are the mean over ALL their patches, as in Abed-Esfahani
 et al. 2022 (`gene_from="patches"`), so images with more patches weigh more;
@@ -31,7 +39,6 @@ the tables are written.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -44,10 +51,15 @@ import pandas as pd
 
 from ish_tf.data import records
 from ish_tf.data.embeddings import (
+    LEVEL_ALIASES,
+    LEVEL_FILES,
     LEVEL_KEYS,
     LEVELS,
+    TABLE_FORMATS,
     EmbeddingTable,
+    EmbeddingTableError,
     aggregate,
+    require_format,
     write_embedding_table,
 )
 from ish_tf.data.records import RecordsError
@@ -60,7 +72,6 @@ PATCH_KEYS: tuple[str, ...] = ("image_id", "patch_index", "x", "y", "gene_symbol
 _RECORD_KEYS = tuple(k for k in PATCH_KEYS if k != "split")
 _STRING_KEYS = ("gene_symbol", "donor_id", "region", "study")
 GENE_FROM = ("patches", "images")
-TABLE_FORMATS = ("csv", "parquet")
 PARTS_DIR = ".parts"
 SKIPPED_NAME = "skipped.csv"
 SUMMARY_NAME = "embed_summary.json"
@@ -87,20 +98,23 @@ class EmbedConfig:
       batch_size: patches per call of the serving signature.
       gene_from: "patches" (mean of all patches, the paper) or "images" (mean of image
         means); applies to the donor and gene levels.
-      table_format: "csv" or "parquet" (needs pyarrow).
+      table_format: "csv", "parquet" (needs pyarrow) or "h5ad" (needs anndata).
       signature: serving signature; "" (auto): `tf_example` fed with the serialized
         records when the export has it, else `serving_default` fed with the encoded
         image bytes (exports from before tf_example). A signature whose string input
         is `examples` (tf_example) gets records, any other gets image bytes.
       output: output of the signature to store; None = the export's first output
         (or the only one).
-      levels: tables to write, a subset of ("patch", "image", "donor", "gene").
+      levels: tables to write, a subset of ("patch", "image", "donor", "gene");
+        "gene_donor" is another name of "donor" (one row per gene and donor).
       skip_corrupt: a shard with an unreadable record, or fewer records than
         index.json lists, is embedded as far as it can be read and the records lost
         are counted (skipped.csv, the summary); False: such a shard is an error.
       allow_foreign_saved_model: load a SavedModel that has no ish_tf export metadata
         (assets.extra/ish_tf.json). A SavedModel is code: it runs whatever its graph
         says, so only load one from a trusted source.
+      manifest: the manifest whose columns join the records by image_id; "" = the one
+        index.json names (when it exists); "none" = record keys only.
     """
 
     saved_model: str
@@ -115,6 +129,7 @@ class EmbedConfig:
     levels: tuple[str, ...] = LEVELS
     skip_corrupt: bool = False
     allow_foreign_saved_model: bool = False
+    manifest: str = ""
 
     def validate(self) -> EmbedConfig:
         """Checks the settings.
@@ -139,14 +154,18 @@ class EmbedConfig:
         if self.table_format not in TABLE_FORMATS:
             raise EmbedError(f"--table_format must be one of {TABLE_FORMATS}, "
                              f"got {self.table_format!r}")
-        if self.table_format == "parquet" and not _parquet_available():
-            raise EmbedError("--table_format=parquet needs pyarrow (or fastparquet), which is "
-                             "not installed in this environment; use --table_format=csv")
-        bad = [lv for lv in self.levels if lv not in LEVELS]
+        try:
+            require_format(self.table_format)
+        except EmbeddingTableError as e:
+            raise EmbedError(f"--table_format={self.table_format}: {e}") from None
+        if self.manifest not in ("", "none") and not os.path.exists(self.manifest):
+            raise EmbedError(f"--manifest {self.manifest}: not found")
+        bad = [lv for lv in self.levels if LEVEL_ALIASES.get(lv, lv) not in LEVELS]
         if bad or not self.levels:
-            raise EmbedError(f"--levels must be a non-empty subset of {LEVELS}, got "
-                             f"{list(self.levels)}")
-        return self
+            raise EmbedError(f"--levels must be a non-empty subset of {LEVELS} (gene_donor = "
+                             f"donor), got {list(self.levels)}")
+        return dataclasses.replace(
+            self, levels=tuple(LEVEL_ALIASES.get(lv, lv) for lv in self.levels))
 
 
 @dataclasses.dataclass
@@ -167,6 +186,9 @@ class EmbedResult:
       patches_per_sec: patches_embedded / seconds.
       records_lost: records of corrupt shards that could not be read (skip_corrupt).
       lost_by_shard: shard file -> records lost in it (only shards that lost some).
+      manifest: the manifest joined to the tables ("" = none).
+      manifest_columns: the columns it added.
+      manifest_note: why no manifest was joined, or how many images it lacked ("" = ok).
     """
 
     out_dir: str
@@ -182,10 +204,9 @@ class EmbedResult:
     patches_per_sec: float
     records_lost: int = 0
     lost_by_shard: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def _parquet_available() -> bool:
-    return any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
+    manifest: str = ""
+    manifest_columns: list[str] = dataclasses.field(default_factory=list)
+    manifest_note: str = ""
 
 
 # --------------------------------------------------------------------------- served model
@@ -619,6 +640,57 @@ def aggregate_levels(patch: EmbeddingTable, gene_from: str = "patches",
     return {lv: result[lv] for lv in LEVELS if lv in levels}
 
 
+# --------------------------------------------------------------------------- metadata
+def _manifest_path(config: EmbedConfig) -> tuple[str, str]:
+    """(manifest to join, note): the --manifest, else the one index.json names."""
+    if config.manifest == "none":
+        return "", "no manifest joined (--manifest=none): record keys only"
+    if config.manifest:
+        return config.manifest, ""
+    named = (load_index(config.records_dir).get("dataset") or {}).get("extra", {}).get(
+        "manifest", "")
+    if not named:
+        return "", "index.json names no manifest: record keys only"
+    if not os.path.exists(named):
+        return "", (f"the manifest index.json names ({named}) is not there: record keys "
+                    "only (pass --manifest=PATH)")
+    return named, ""
+
+
+def with_manifest(keys: pd.DataFrame, manifest: pd.DataFrame | None,
+                  manifest_path: str = "") -> tuple[pd.DataFrame, list[str], int]:
+    """Record keys with unknown values made empty and the manifest's columns joined.
+
+    Args:
+      keys: the patch keys (`PATCH_KEYS`).
+      manifest: a validated manifest, or None.
+      manifest_path: its file; `path` values become absolute paths next to it.
+
+    Returns:
+      (keys, the manifest columns added, images of `keys` the manifest lacks).
+    """
+    keys = keys.copy()
+    # Unknown ids are empty, not a sentinel: -1 is what a record holds for "no entrez id".
+    entrez = pd.to_numeric(keys["entrez_id"], errors="coerce").astype("Int64")
+    keys["entrez_id"] = entrez.mask(entrez < 0)
+    for col in ("region", "study"):
+        keys[col] = keys[col].mask(keys[col].astype(str) == "")
+    if manifest is None or not len(keys):
+        return keys, [], 0
+    from ish_tf.data.manifest import image_path
+
+    extra = [c for c in manifest.columns if c not in keys.columns]
+    side = manifest[["image_id"] + extra].copy()
+    if "path" in side.columns and manifest_path:
+        side["path"] = [image_path(manifest_path, p) if isinstance(p, str) else p
+                        for p in side["path"]]
+    ids = pd.to_numeric(keys["image_id"]).astype("int64")
+    joined = keys.assign(image_id=ids).merge(side, on="image_id", how="left", sort=False,
+                                             validate="many_to_one")
+    missing = int((~ids.isin(manifest["image_id"])).groupby(ids).first().sum())
+    return joined.reset_index(drop=True), extra, missing
+
+
 # --------------------------------------------------------------------------- driver
 def _selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
     index = load_index(records_dir)
@@ -654,7 +726,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
       EmbedError: bad settings, no shards, an unusable signature, or nothing embedded.
       ish_tf.data.records.RecordsError: no or unreadable index.
     """
-    config.validate()
+    config = config.validate()
     shards = _selected_shards(config.records_dir, config.splits)
     served = ServedModel(config.saved_model, config.signature, config.output,
                          allow_foreign=config.allow_foreign_saved_model)
@@ -695,14 +767,30 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     if len(dims) != 1:
         raise EmbedError(f"{config.out_dir}/{PARTS_DIR}: parts of different widths {dims}; "
                          "delete the directory and rerun")
-    patch = EmbeddingTable(pd.concat(all_keys, ignore_index=True),
-                           np.concatenate(all_values), served.path)
+    manifest_path, manifest_note = _manifest_path(config)
+    manifest = None
+    if manifest_path:
+        from ish_tf.data.manifest import ManifestError, read_manifest
 
-    ext = "parquet" if config.table_format == "parquet" else "csv"
+        try:
+            manifest = read_manifest(manifest_path)
+        except ManifestError as e:
+            if config.manifest:
+                raise EmbedError(f"--manifest: {e}") from None
+            manifest_path, manifest_note = "", f"manifest not joined ({e}): record keys only"
+    keys, added, lacking = with_manifest(pd.concat(all_keys, ignore_index=True), manifest,
+                                         manifest_path)
+    if lacking:
+        manifest_note = (f"{lacking} embedded image(s) are not in {manifest_path}: their "
+                         "manifest columns are empty")
+    patch = EmbeddingTable(keys, np.concatenate(all_values), served.path)
+
+    ext = config.table_format
+    name = served.metadata.get("family") or served.output or "embedding"
     tables, rows = {}, {}
     for level, table in aggregate_levels(patch, config.gene_from, config.levels).items():
-        path = os.path.join(config.out_dir, f"{level}_embeddings.{ext}")
-        write_embedding_table(path, table)
+        path = os.path.join(config.out_dir, f"{LEVEL_FILES[level]}.{ext}")
+        write_embedding_table(path, table, name=name)
         tables[level], rows[level] = path, len(table)
     skipped_path = os.path.join(config.out_dir, SKIPPED_NAME)
     with atomic_path(skipped_path) as tmp:
@@ -720,7 +808,9 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
         skipped_path=skipped_path, shards_reused=reused,
         patches_embedded=embedded, seconds=seconds,
         patches_per_sec=embedded / seconds if seconds > 0 else 0.0,
-        records_lost=sum(lost_by_shard.values()), lost_by_shard=lost_by_shard)
+        records_lost=sum(lost_by_shard.values()), lost_by_shard=lost_by_shard,
+        manifest=os.path.abspath(manifest_path) if manifest_path else "",
+        manifest_columns=added, manifest_note=manifest_note)
     summary: dict[str, Any] = dataclasses.asdict(result)
     summary.update({"signature": served.signature, "feeds": served.feeds,
                     "output": served.output,
@@ -739,3 +829,146 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     if os.path.isdir(parts_dir) and not os.listdir(parts_dir):
         os.rmdir(parts_dir)
     return result
+
+
+# --------------------------------------------------------------------------- images
+def _as_png_bytes(image: np.ndarray, what: str) -> bytes:
+    """Encodes an (H, W) or (H, W, C) array of stored pixel values (0..255) as PNG."""
+    import tensorflow as tf
+
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise EmbedError(f"{what}: expected an (H, W) or (H, W, 1|3|4) image array, got "
+                         f"shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if not np.isfinite(arr).all():
+            raise EmbedError(f"{what}: holds NaN or infinite pixel values")
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return tf.io.encode_png(arr).numpy()
+
+
+def embed_images(saved_model: str, images: Sequence, *, ids: Sequence | None = None,
+                 batch_size: int = 64, output: str | None = None, as_anndata: bool = False,
+                 allow_foreign_saved_model: bool = False):
+    """Embeds image files or arrays through an exported SavedModel (no records needed).
+
+    Image exports (1 or 3 channels) take encoded images through `serving_default`, which
+    decodes and resizes them to the model's input in the graph, exactly as served: a file
+    is sent as its bytes (JPEG or PNG), an array (H, W[, C]) of stored pixel values
+    0..255 is PNG-encoded first. Exports of raw pixels (other channel counts) take
+    arrays of exactly the model's input shape through the decoded-input signature.
+
+    Args:
+      saved_model: an export base EXPORT/<name> (newest version) or a version directory
+        written by bin/export.
+      images: file paths (str or os.PathLike), encoded bytes, or numpy arrays.
+      ids: one label per image for the `image` column / obs index (default: the path,
+        or the position for arrays and bytes).
+      batch_size: images per call of the signature.
+      output: output of the signature (default: the export's first, e.g. embedding).
+      as_anndata: return an AnnData (obs: image; obsm["X_<family>"]) instead.
+      allow_foreign_saved_model: load a SavedModel without ish_tf's export metadata
+        (a SavedModel is code: only from a trusted source).
+
+    Returns:
+      A DataFrame with column `image` then dim_000 ... dim_<D-1>, one row per image in
+      order; or an AnnData when `as_anndata`.
+
+    Raises:
+      EmbedError: an unreadable file or image, a bad array, or an unusable SavedModel
+        (the message names the image).
+    """
+    import tensorflow as tf
+
+    from ish_tf.data.embeddings import dim_names
+
+    images = list(images)
+    if not images:
+        raise EmbedError("embed_images: no images given")
+    if ids is not None and len(ids) != len(images):
+        raise EmbedError(f"embed_images: {len(ids)} ids for {len(images)} images")
+    if batch_size < 1:
+        raise EmbedError(f"batch size must be >= 1, got {batch_size}")
+    served = ServedModel(saved_model, "serving_default", output,
+                         allow_foreign=allow_foreign_saved_model)
+    labels = []
+    for i, item in enumerate(images):
+        if ids is not None:
+            labels.append(ids[i])
+        elif isinstance(item, (str, os.PathLike)):
+            labels.append(os.fspath(item))
+        else:
+            labels.append(i)
+
+    def what(i: int) -> str:
+        return f"image {i} ({labels[i]})"
+
+    def load(i: int, item):
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                with open(item, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise EmbedError(f"{what(i)}: cannot read ({e.strerror or e})") from None
+            return data if served.feeds == "image_bytes" else _decode_file(data, what(i))
+        if isinstance(item, (bytes, bytearray)):
+            return bytes(item) if served.feeds == "image_bytes" else _decode_file(
+                bytes(item), what(i))
+        if served.feeds == "image_bytes":
+            return _as_png_bytes(item, what(i))
+        return np.asarray(item, dtype=np.float32)
+
+    pixels_fn = None
+    if served.feeds != "image_bytes":
+        name = (served.metadata.get("signature_names") or {}).get("decoded")
+        if not name or name not in served._loaded.signatures:
+            raise EmbedError(f"{served.path}: this export takes neither encoded images nor "
+                             "pixels (a vector model?): embed its records with bin/embed")
+        pixels_fn = served._loaded.signatures[name]
+        pixels_key = next(iter(pixels_fn.structured_input_signature[1]))
+
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = [load(i, images[i]) for i in range(start, min(start + batch_size,
+                                                               len(images)))]
+        try:
+            if pixels_fn is None:
+                chunks.append(served(batch))
+            else:
+                out = pixels_fn(**{pixels_key: tf.convert_to_tensor(np.stack(batch))})
+                values = out[served.output].numpy().astype(np.float32)
+                chunks.append(values.reshape(len(batch), -1))
+        except (tf.errors.InvalidArgumentError, ValueError) as e:
+            # Find the image that fails, to name it.
+            for j, one in enumerate(batch):
+                try:
+                    if pixels_fn is None:
+                        served([one])
+                    else:
+                        pixels_fn(**{pixels_key: tf.convert_to_tensor(one[None])})
+                except (tf.errors.InvalidArgumentError, ValueError) as e1:
+                    msg = getattr(e1, "message", str(e1)).strip().splitlines()[0]
+                    raise EmbedError(f"{what(start + j)}: the model cannot take it "
+                                     f"({msg})") from None
+            raise EmbedError(f"images {start}..{start + len(batch) - 1}: {e}") from None
+    values = np.concatenate(chunks).astype(np.float32, copy=False)
+    frame = pd.concat([pd.DataFrame({"image": labels}),
+                       pd.DataFrame(values, columns=dim_names(values.shape[1]))], axis=1)
+    if not as_anndata:
+        return frame
+    name = served.metadata.get("family") or served.output or "embedding"
+    return EmbeddingTable(frame[["image"]].astype({"image": str}), values,
+                          served.path).to_anndata(name)
+
+
+def _decode_file(data: bytes, what: str) -> np.ndarray:
+    """Pixels of a JPEG/PNG file for exports that take pixels."""
+    import tensorflow as tf
+
+    try:
+        return tf.cast(tf.io.decode_image(data, expand_animations=False),
+                       tf.float32).numpy()
+    except tf.errors.InvalidArgumentError as e:
+        raise EmbedError(f"{what}: not a JPEG/PNG image ({e.message.splitlines()[0]})") from None

@@ -19,7 +19,7 @@ from ish_tf.data.embeddings import read_embedding_table  # noqa: E402
 from ish_tf.export import saved_model as sm  # noqa: E402
 
 S = 16
-DIMS = [str(i) for i in range(6)]
+DIMS = [f"dim_{i:03d}" for i in range(6)]
 
 
 def _model() -> keras.Model:
@@ -103,6 +103,7 @@ def test_patch_table_keys_rows_and_values(exported, dataset, result):
     res, out = result
     table = read_embedding_table(os.path.join(out, "patch_embeddings.csv"))
     frame = pd.read_csv(os.path.join(out, "patch_embeddings.csv"))
+    # No manifest in these records' index: the record keys, then dim_000 ... dim_005.
     assert list(frame.columns) == list(embed.PATCH_KEYS) + DIMS
     n = sum(sum(images.values()) for *_, images in LAYOUT)
     assert len(table) == n == res.rows["patch"] == res.patches_embedded
@@ -128,7 +129,9 @@ def test_image_donor_gene_means_over_patches(result):
     _, out = result
     patch = pd.read_csv(os.path.join(out, "patch_embeddings.csv"))
     image = pd.read_csv(os.path.join(out, "image_embeddings.csv"))
-    donor = pd.read_csv(os.path.join(out, "donor_embeddings.csv"))
+    # One row per (gene, donor): named for what it is (donor_embeddings.csv before).
+    donor = pd.read_csv(os.path.join(out, "gene_donor_embeddings.csv"))
+    assert not os.path.exists(os.path.join(out, "donor_embeddings.csv"))
     gene = pd.read_csv(os.path.join(out, "gene_embeddings.csv"))
 
     assert len(image) == 7 and len(donor) == 4 and len(gene) == 3
@@ -220,9 +223,15 @@ def test_interrupted_run_resumes_by_shard(exported, dataset, tmp_path, monkeypat
 
 def test_errors_name_the_problem(exported, dataset, tmp_path, monkeypatch):
     base = dict(saved_model=exported[1], records_dir=dataset[0], out_dir=str(tmp_path))
-    monkeypatch.setattr(embed, "_parquet_available", lambda: False)
-    with pytest.raises(embed.EmbedError, match="pyarrow"):
+    from ish_tf.data import embeddings as E
+
+    monkeypatch.setattr(E, "_installed", lambda module: False)
+    # A missing optional package names the extra that installs it.
+    with pytest.raises(embed.EmbedError, match=r"pyarrow.*pip install 'ish_tf\[parquet\]'"):
         embed.EmbedConfig(**base, table_format="parquet").validate()
+    with pytest.raises(embed.EmbedError, match=r"anndata.*pip install 'ish_tf\[expression\]'"):
+        embed.EmbedConfig(**base, table_format="h5ad").validate()
+    monkeypatch.undo()
     with pytest.raises(embed.EmbedError, match="validation"):
         embed.embed_records(embed.EmbedConfig(**base, splits=("validation",)))
     with pytest.raises(embed.EmbedError, match="no signature 'nope'"):
@@ -261,3 +270,123 @@ def test_cli_embed(exported, dataset, tmp_path, capsys):
     assert cli.invoke("embed", [f"--saved_model={exported[1]}", f"--records_dir={tmp_path}/none",
                                 f"--out={out}"]) == 1
     assert "index.json" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- tables for downstream use
+def _lab_manifest(path, leave_out: tuple[int, ...] = ()) -> str:
+    """A lab's manifest of the LAYOUT images with columns of its own: a donor's age, a
+    per-image stain batch, a gene-level probe set (minus the images `leave_out`)."""
+    from ish_tf.data.manifest import write_manifest
+
+    rows = []
+    for gene, _, donor, _, images in LAYOUT:
+        for image_id in images:
+            if image_id in leave_out:
+                continue
+            rows.append({"image_id": image_id, "experiment_id": 9, "study": "lab",
+                         "gene_symbol": gene, "donor_id": donor, "width": S, "height": S,
+                         "path": f"img/{image_id}.png",
+                         "donor_age": {"D1": 41.0, "D2": 52.0}[donor],
+                         "stain_batch": f"B{image_id % 2}", "probe_set": f"P-{gene}",
+                         "entrez_id": None if gene == "Vip" else 1000})
+    write_manifest(pd.DataFrame(rows), str(path))
+    return str(path)
+
+
+def test_lab_manifest_columns_join_every_level(exported, dataset, tmp_path):
+    manifest = _lab_manifest(tmp_path / "manifest.csv")
+    res = embed.embed_records(embed.EmbedConfig(
+        saved_model=exported[1], records_dir=dataset[0], out_dir=str(tmp_path / "out"),
+        manifest=manifest, levels=("patch", "image", "gene_donor", "gene")))
+    assert {"stain_batch", "probe_set", "donor_age", "path"} <= set(res.manifest_columns)
+    assert res.manifest_note == ""
+    patch = pd.read_csv(res.tables["patch"])
+    dims = [c for c in patch.columns if c.startswith("dim_")]
+    assert dims == DIMS and patch.columns[-1] == "dim_005"
+    assert list(patch.columns[:10]) == list(embed.PATCH_KEYS)
+    assert set(patch.loc[patch.image_id == 105, "stain_batch"]) == {"B1"}
+    assert os.path.isabs(patch["path"].iloc[0])
+    image = read_embedding_table(res.tables["image"])
+    # Numeric metadata (donor_age, experiment_id) is metadata, not dimensions.
+    assert image.dim == 6 and {"donor_age", "experiment_id"} <= set(image.keys.columns)
+    assert os.path.basename(res.tables["donor"]) == "gene_donor_embeddings.csv"
+    gd = pd.read_csv(res.tables["donor"]).set_index(["gene_symbol", "donor_id"])
+    # Each level keeps the columns constant within its rows: a donor's age per (gene,
+    # donor), a gene's probe set per gene; a per-image stain batch only per image.
+    assert gd.loc[("Gad1", "D2"), "donor_age"] == 52.0 and "stain_batch" not in gd.columns
+    gene = pd.read_csv(res.tables["gene"]).set_index("gene_symbol")
+    assert gene.loc["Sst", "probe_set"] == "P-Sst" and "donor_age" not in gene.columns
+    assert gene.loc["Sst", "entrez_id"] == 1001  # the records' id
+
+
+def test_unknown_entrez_id_is_empty_not_minus_one():
+    keys = pd.DataFrame({"image_id": [1, 2], "patch_index": 0, "x": 0, "y": 0,
+                         "gene_symbol": ["A", "B"], "entrez_id": [-1, 7], "donor_id": "D",
+                         "region": ["", "V1"], "study": "s", "split": "test"})
+    out, added, lacking = embed.with_manifest(keys, None)
+    assert out["entrez_id"].isna().tolist() == [True, False] and out["entrez_id"][1] == 7
+    assert out["region"].isna().tolist() == [True, False]
+    assert added == [] and lacking == 0
+    # An image the manifest lacks keeps its row, with empty manifest columns, and is counted.
+    manifest = pd.DataFrame({"image_id": [2, 3], "stain_batch": ["B1", "B2"]})
+    out, added, lacking = embed.with_manifest(keys, manifest)
+    assert added == ["stain_batch"] and lacking == 1
+    assert out["stain_batch"].isna().tolist() == [True, False]
+
+
+def test_h5ad_tables_open_in_anndata_with_metadata_in_obs(exported, dataset, tmp_path,
+                                                         capsys):
+    anndata = pytest.importorskip("anndata")
+    from ish_tf import cli
+
+    manifest = _lab_manifest(tmp_path / "manifest.csv")
+    out = tmp_path / "out"
+    assert cli.invoke("embed", [f"--saved_model={exported[1]}", f"--records_dir={dataset[0]}",
+                                f"--out={out}", "--table_format=h5ad",
+                                f"--manifest={manifest}"]) == 0
+    printed = capsys.readouterr()
+    assert "manifest column(s) from" in printed.out
+    assert sorted(p for p in os.listdir(out) if p.endswith(".h5ad")) == [
+        "gene_donor_embeddings.h5ad", "gene_embeddings.h5ad", "image_embeddings.h5ad",
+        "patch_embeddings.h5ad"]
+    adata = anndata.read_h5ad(out / "image_embeddings.h5ad")
+    assert adata.n_obs == 7 and adata.obsm["X_triplet"].shape == (7, 6)
+    assert {"gene_symbol", "donor_id", "split", "stain_batch", "donor_age",
+            "n_patches"} <= set(adata.obs.columns)
+    assert adata.obs.loc["105", "stain_batch"] == "B1"
+    gd = anndata.read_h5ad(out / "gene_donor_embeddings.h5ad")
+    assert "Gad1/D1" in gd.obs_names
+    # bin/evaluate reads it like a CSV table, metadata and all.
+    table = read_embedding_table(str(out / "image_embeddings.h5ad"))
+    assert table.dim == 6 and "stain_batch" in table.keys.columns
+    csv = embed.embed_records(embed.EmbedConfig(
+        saved_model=exported[1], records_dir=dataset[0], out_dir=str(tmp_path / "csv"),
+        manifest=manifest, levels=("image",)))
+    np.testing.assert_allclose(table.values, read_embedding_table(csv.tables["image"]).values,
+                               atol=1e-6)
+
+
+def test_embed_images_from_files_and_arrays(exported, dataset, tmp_path):
+    anndata = pytest.importorskip("anndata")
+    model, path = exported
+    arrays = [_patch(1), _patch(2), _patch(3)[:, :, 0]]
+    files = []
+    for i, a in enumerate(arrays[:2]):
+        f = tmp_path / f"p{i}.png"
+        f.write_bytes(tf.io.encode_png(a).numpy())
+        files.append(str(f))
+    from_files = embed.embed_images(path, files, batch_size=1)
+    assert list(from_files.columns) == ["image"] + DIMS and from_files["image"].tolist() == files
+    expected = model(np.stack(arrays[:2]).astype(np.float32), training=False).numpy()
+    np.testing.assert_allclose(from_files[DIMS].to_numpy(), expected, atol=1e-4)
+    from_arrays = embed.embed_images(path, arrays, ids=["a", "b", "grey"])
+    np.testing.assert_allclose(from_arrays[DIMS].to_numpy()[:2], expected, atol=1e-4)
+    assert from_arrays["image"].tolist() == ["a", "b", "grey"]
+    adata = embed.embed_images(path, files, as_anndata=True)
+    assert isinstance(adata, anndata.AnnData) and adata.obsm["X_triplet"].shape == (2, 6)
+    with pytest.raises(embed.EmbedError, match=r"image 1 \(.*nope.png\): cannot read"):
+        embed.embed_images(path, [files[0], str(tmp_path / "nope.png")])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(embed.EmbedError, match=r"image 1 \(.*bad.png\): the model cannot"):
+        embed.embed_images(path, [files[0], str(bad)])

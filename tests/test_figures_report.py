@@ -74,7 +74,9 @@ def test_auc_bars(tmp_path):
     path = str(tmp_path / "auc.png")
     caption = figures.plot_auc_bars(results, path)
     _png_ok(path)
-    assert "pattern, level" in caption and "triplet, random" in caption
+    # Panels and caption use the categories' human labels, not the raw column names.
+    assert "Expression pattern, Expression level in V1 (- to +++++)" in caption
+    assert "triplet, random" in caption
     with pytest.raises(figures.FigureError, match="'auc'"):
         figures.plot_auc_bars(results.drop(columns="auc"), path)
 

@@ -41,6 +41,14 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     assert os.path.exists(summary["paths"]["report"])
     report = open(summary["paths"]["report"], encoding="utf-8").read()
     assert "About this run" in report and "Gene re-identification" in report
+    # The report describes the embeddings it scored, and which rows; no donor matrix is
+    # scored, so none is explained.
+    assert "<h2>Embeddings</h2>" in report and "--splits=all" in report
+    assert "donor_matrix" not in report
+    import pandas as pd
+
+    reid = pd.read_csv(summary["paths"]["reid"])
+    assert set(reid["splits"]) == {"test"} and "fold_over_chance" in reid.columns
     for name in ("trained", "untrained"):
         assert os.path.exists(os.path.join(cfg.workdir, "embeddings", name, "gene_embeddings.csv"))
 

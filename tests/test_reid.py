@@ -73,7 +73,7 @@ def test_hand_made_case_matches_hand_computation():
     assert o["rank1_answerable"] == pytest.approx(1 / 4)
     assert o["chance"] == pytest.approx(1 / 3)
     assert o["chance_answerable"] == pytest.approx(5 / 12)
-    assert o["fold_over_random"] == pytest.approx(3 / 5)
+    assert o["fold_over_chance"] == pytest.approx(3 / 5)
     assert o["map"] == pytest.approx(0.625)
     assert (o["n_queries"], o["n_answerable"]) == (5, 4)
 
@@ -82,12 +82,12 @@ def test_hand_made_case_matches_hand_computation():
     assert a["chance"] == pytest.approx(1 / 5)
     assert a["chance_answerable"] == pytest.approx(1 / 4)
     assert a["map"] == pytest.approx(11 / 24)
-    assert a["fold_over_random"] == 0
+    assert a["fold_over_chance"] == 0
 
     s = _row(df, "same_donor")
     assert s["rank1"] == 0 and s["chance"] == 0 and s["n_answerable"] == 0
     assert np.isnan(s["rank1_answerable"]) and np.isnan(s["chance_answerable"])
-    assert np.isnan(s["map"]) and np.isnan(s["fold_over_random"])
+    assert np.isnan(s["map"]) and np.isnan(s["fold_over_chance"])
 
 
 def test_ties_are_broken_by_lower_candidate_index():
@@ -197,7 +197,7 @@ def test_one_hot_gene_embedding_is_perfect():
         assert (df["n_answerable"] == 60).all()
         np.testing.assert_allclose(df["rank1"], 1.0)
         np.testing.assert_allclose(df["map"], 1.0)
-        np.testing.assert_allclose(df["fold_over_random"], 1.0 / df["chance_answerable"])
+        np.testing.assert_allclose(df["fold_over_chance"], 1.0 / df["chance_answerable"])
 
 
 def test_random_embeddings_are_near_chance():
@@ -211,7 +211,7 @@ def test_random_embeddings_are_near_chance():
         row = _row(df, s)
         # chance ~ 1/20; the binomial s.e. of rank-1 over 1,200 queries is ~0.006.
         assert abs(row["rank1_answerable"] - row["chance_answerable"]) < 0.03, s
-        assert 0.5 < row["fold_over_random"] < 1.6, s
+        assert 0.5 < row["fold_over_chance"] < 1.6, s
 
 
 def test_chance_is_exact_for_a_small_design():

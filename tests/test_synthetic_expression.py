@@ -70,3 +70,19 @@ def test_written_tables_round_trip(tmp_path):
     assert list(table.columns) == genes
     np.testing.assert_array_equal(table.to_numpy(), counts)
     pd.testing.assert_frame_equal(pd.read_csv(paths["obs"], index_col=0), obs)
+
+
+def test_program_gene_sets_are_the_raised_genes(tmp_path):
+    """programs.gmt lists each type's program; those genes are higher in that type."""
+    from ish_tf.data.synthetic_expression import program_gene_sets
+
+    paths = write_synthetic_profiles(str(tmp_path / "expr"), _SMALL)
+    sets = program_gene_sets(_SMALL)
+    lines = [ln.split("\t") for ln in open(paths["programs"]).read().splitlines()]
+    assert {ln[0]: ln[2:] for ln in lines} == sets
+    assert len(sets) == _SMALL.n_types + 1
+    counts, obs, genes = synthetic_profiles(_SMALL)
+    x = _log1p_normalised(counts)
+    cols = [genes.index(g) for g in sets["type0_program"]]
+    in_type = obs["cell_type"].to_numpy() == "type0"
+    assert x[in_type][:, cols].mean() > x[~in_type][:, cols].mean() + 0.3

@@ -15,6 +15,13 @@ Writes, under --out, for the tasks that ran:
   annotations_skipped.csv, gene_matches.csv;
   diagnosis.csv (per gene), diagnosis_top.csv, diagnosis_summary.csv, diagnosis_skipped.csv;
   reid.csv; figures/*.png and report.html (--report); evaluate_flags.cfg (replayable).
+
+Expression profiles (`ish_tf.evaluate.expression`), a task of its own:
+  bin/evaluate --task=expression --profiles=data/pbmc --saved_model=export/cic \
+      --classifier_model=export/cic_classifier --embedding=embed/codes.csv --out=eval/cic
+writes expression_summary.json, reconstruction.csv, own_rank.csv, classification.csv,
+noise.csv (unseen.csv with --unseen_profiles/--unseen_model), figures/codes_map.png and
+report.md/report.html.
 """
 
 from __future__ import annotations
@@ -33,11 +40,15 @@ USES_TENSORFLOW = False
 def define_evaluate(fv) -> None:
     """Flags of `bin/evaluate` (annotation/GO prediction, donor control, diagnosis, reid)."""
     d = definer(fv, NAME)
-    d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid.")
+    d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid; or "
+           "expression (alone: cell identity codes against PCA/NMF/KernelPCA).")
     d.string("embedding", "", "One embedding table (CSV/Parquet; every numeric "
              "non-key column is a dimension); named after its file.")
     d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
     d.string("out", "", "Output directory.")
+    d.list("splits", [], "Record splits to score, for every task: empty = the held-out "
+           "splits (every split but train) where a table has a split column (stated in the "
+           "output); all = every row; or a list, e.g. test or train,test.")
     d.bool("average_duplicate_genes", False, "Average the rows of a gene that a gene-level "
            "embedding table repeats (reported as a warning); default: such a table is an "
            "error naming the gene and its rows.")
@@ -62,6 +73,11 @@ def define_evaluate(fv) -> None:
               lower_bound=1)
     d.enum("solver", "newton-cg", ["newton-cg", "lbfgs", "newton-cholesky"],
            "scikit-learn solver of the unpenalised logistic regression.")
+    d.enum("penalty", "none", ["none", "l2"], "Logistic regression penalty: none (the "
+           "paper's) or l2 (C=1), well posed when a fold has fewer genes than dimensions "
+           "(such set-ups are flagged without it).")
+    d.integer("pca_components", 0, "Project each fold onto this many principal components "
+              "of its training genes first (k < genes per fold); 0 = none.", lower_bound=0)
     d.bool("standardize_features", True, "z-score embedding dimensions inside each "
            "fold (training part's mean/std): results do not depend on the scale.")
     d.enum("join_key", "auto", ["auto", "gene_symbol", "entrez_id"],
@@ -98,6 +114,22 @@ def define_evaluate(fv) -> None:
     d.string("records_dir", "", "TFRecord shards + index.json "
              "(from bin/extract) holding the patches of --patch_embeddings.")
     d.string("extreme_gene", "", "Gene whose extreme patches are shown.")
+    d.string("profiles", "", "--task=expression: the bin/ingest --expression directory "
+             "(records with the held-out test profiles, profiles.csv with labels).")
+    d.string("saved_model", "", "--task=expression: the exported cic model (code + "
+             "reconstruction).")
+    d.string("classifier_model", "", "--task=expression: an exported cic_classifier "
+             "trained on the same records (its softmax is scored too).")
+    d.string("unseen_profiles", "", "--task=expression: an ingest with whole labels held "
+             "out (bin/ingest --split_by=label) for the unseen-cell-type test.")
+    d.string("unseen_model", "", "--task=expression: the cic model trained on "
+             "--unseen_profiles.")
+    d.list("noise_levels", ["0.25", "0.5", "1.0"], "--task=expression: standard deviations "
+           "of the Gaussian noise added to test profiles (standardised units).")
+    d.list("expression_baselines", ["pca", "nmf", "kpca_poly", "kpca_cosine", "kpca_rbf"],
+           "--task=expression: reconstruction baselines at the code width.")
+    d.integer("kernel_max_train", 2000, "--task=expression: at most this many training "
+              "profiles fit KernelPCA.", lower_bound=10)
     d.integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
               "figure; -1 = the dimension varying most over that gene's patches.")
 
@@ -143,15 +175,18 @@ def evaluate_config(fv):
     scoring = ScoringConfig(
         n_splits=fv.folds, seed=fv.seed, standardize=fv.standardize_features,
         max_iter=fv.max_iter, solver=fv.solver, min_genes=fv.min_group_genes,
-        size_bounds={"go": (fv.go_min_genes, fv.go_max_genes)}, n_jobs=fv.n_jobs)
+        size_bounds={"go": (fv.go_min_genes, fv.go_max_genes)}, n_jobs=fv.n_jobs,
+        penalty=fv.penalty, pca_components=fv.pca_components)
     diagnosis = DiagnosisConfig(
         label_column=fv.diagnosis_label, positive=fv.diagnosis_positive,
         negative=fv.diagnosis_negative, min_donors=fv.min_donors,
         demographics=tuple(config.parse_list(fv.demographics)), n_splits=fv.folds,
         seed=fv.seed, standardize=fv.standardize_features, max_iter=fv.max_iter,
-        solver=fv.solver, n_jobs=fv.n_jobs)
+        solver=fv.solver, n_jobs=fv.n_jobs, penalty=fv.penalty,
+        pca_components=fv.pca_components)
     return EvaluateConfig(
         tasks=tuple(config.parse_list(fv.task)), embeddings=embeddings, out_dir=fv.out,
+        splits=tuple(config.parse_list(fv.splits)),
         zeng_table=fv.zeng_table, gaf=fv.gaf, obo=fv.obo,
         go_aspects=tuple(config.parse_list(fv.go_aspects)),
         go_exclude_evidence=tuple(config.parse_list(fv.go_exclude_evidence)),
@@ -172,14 +207,34 @@ def define_flags(fv) -> None:
     define_evaluate(fv)
 
 
+def _flagged(n: int, total: int) -> str:
+    return f"  [{n} of {total} flagged degenerate: see column 'flag']" if n else ""
+
+
 def _print_summary(done: dict, seconds: float) -> None:
-    print(f"evaluate: finished {', '.join(done)} in {seconds:.1f}s")
+    tasks = [t for t in done if t != "embeddings"]
+    print(f"evaluate: finished {', '.join(tasks)} in {seconds:.1f}s")
+    for name, choice in done.get("embeddings", {}).get("choices", {}).items():
+        print(f"  scored rows: {name}: {choice.describe()}")
+        for small in choice.small_splits():
+            print(f"evaluate: warning: embedding {name}: split {small}: too small to "
+                  "score on its own", file=sys.stderr)
     if "annotations" in done:
         s = done["annotations"]["summary"]
         overall = s[s["category"] == "all"]
+        if not len(overall):
+            print("  annotations: no group could be scored (too few matched genes); see "
+                  "annotations_skipped.csv")
         for _, row in overall.iterrows():
             print(f"  annotations: {row['embedding']}: mean AUC {row['mean_auc']:.3f} over "
-                  f"{int(row['n_groups'])} groups")
+                  f"{int(row['n_groups'])} groups, {int(row['n_significant_bh'])} significant "
+                  f"(Benjamini-Hochberg FDR 5%)"
+                  f"{_flagged(int(row['n_flagged']), int(row['n_groups']))}")
+        results = done["annotations"]["results"]
+        flags = results.loc[results["flag"].fillna("") != "", "flag"]
+        if len(flags):
+            print(f"evaluate: warning: {len(flags)} annotation group(s) degenerate, e.g. "
+                  f"{flags.iloc[0]}", file=sys.stderr)
     if "diagnosis" in done:
         s = done["diagnosis"]["summary"]
         for _, row in s[s["features"] == "embedding"].iterrows():
@@ -188,8 +243,13 @@ def _print_summary(done: dict, seconds: float) -> None:
     if "reid" in done:
         r = done["reid"]["reid"]
         for _, row in r[r["candidates"] == "other_donor"].iterrows():
+            flag = f"  [DEGENERATE: {row['flag']}]" if row.get("flag") else ""
             print(f"  reid: {row['embedding']}: rank-1 (other donors) {row['rank1']:.3f}, "
-                  f"chance {row['chance']:.3f}")
+                  f"chance {row['chance']:.3f}, fold over chance "
+                  f"{row['fold_over_chance']:.2f}, {int(row['n_queries'])} queries{flag}")
+            if flag:
+                print(f"evaluate: warning: reid {row['embedding']}: {row['flag']}",
+                      file=sys.stderr)
     for task in done.values():
         for name, path in task["written"].items():
             print(f"  {name + ':':22s}{os.path.abspath(path)}")
@@ -202,6 +262,8 @@ def main(fv, argv: list[str]) -> int:
     from ish_tf.evaluate.run import run as run_tasks
     from ish_tf.evaluate.run import write_figures_and_report
 
+    if "expression" in config.parse_list(fv.task):
+        return main_expression(fv)
     with usage_errors():
         cfg = evaluate_config(fv)
     start = time.monotonic()
@@ -224,6 +286,53 @@ def main(fv, argv: list[str]) -> int:
     if report_path:
         print(f"  {'report:':22s}{os.path.abspath(report_path)}")
     return status
+
+
+def main_expression(fv) -> int:
+    """`bin/evaluate --task=expression`: 0 ok, 1 bad input."""
+    from ish_tf.cli import quiet_tensorflow_info
+
+    with usage_errors():
+        if config.parse_list(fv.task) != ["expression"]:
+            raise ValueError("--task=expression runs alone")
+        cfg = expression_config(fv)
+    quiet_tensorflow_info()
+    from ish_tf.evaluate.expression import evaluate_expression
+
+    start = time.monotonic()
+    try:
+        summary = evaluate_expression(cfg, log=lambda s: print(s, flush=True))
+    except (ValueError, KeyError, OSError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
+    config.write_flagfile(os.path.join(cfg.out_dir, "evaluate_flags.cfg"), fv)
+    print(f"evaluate: expression in {time.monotonic() - start:.1f}s ({summary['n_test']} test "
+          f"profiles, codes of {summary['code_size']})")
+    for name, r in summary["reconstruction"].items():
+        print(f"  reconstruction {name:14s} MSE {r['mse']:.4f}  Pearson {r['pearson']:.3f}  "
+              f"Spearman {r['spearman']:.3f}  own-profile rank-1 {r['own_rank1']:.3f}")
+    chance = summary["classification_baselines"]
+    for name, r in {**summary["classification"], **chance}.items():
+        if r:
+            print(f"  classification {name:14s} accuracy {r['accuracy']:.3f} "
+                  f"({r['errors']} errors in {r['n_test']})")
+    for name, path in summary["written"].items():
+        print(f"  {name + ':':22s}{os.path.abspath(path)}")
+    return 0
+
+
+def expression_config(fv):
+    """`ish_tf.evaluate.expression.ExpressionEvalConfig` from the flags."""
+    from ish_tf.evaluate.expression import ExpressionEvalConfig
+
+    return ExpressionEvalConfig(
+        profiles_dir=fv.profiles, saved_model=fv.saved_model, out_dir=fv.out,
+        embedding=fv.embedding, classifier_model=fv.classifier_model,
+        unseen_profiles=fv.unseen_profiles, unseen_model=fv.unseen_model,
+        noise_levels=tuple(float(v) for v in config.parse_list(fv.noise_levels)),
+        kernel_max_train=fv.kernel_max_train,
+        baselines=tuple(config.parse_list(fv.expression_baselines)), report=fv.report,
+        seed=fv.seed).validate()
 
 
 if __name__ == "__main__":

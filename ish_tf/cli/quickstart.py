@@ -5,6 +5,8 @@
   bin/quickstart --steps=600             # any stage flag can be overridden
   bin/quickstart --family=cdae           # the CDAE recipe -> work/quickstart/cdae/summary.json
   bin/quickstart --family=ish_cnn        # the ISH CNN recipe -> work/quickstart/ish_cnn/summary.json
+  bin/quickstart --family=cic            # cell identity codes -> work/quickstart/cic/summary.json
+  bin/quickstart --family=cic --expression=cells.h5ad --label_column=cell_type [--use_raw]
 
 configs/quickstart.cfg includes the stage flagfiles (synth, extract, triplet training)
 and sets the quickstart's sizes; paths are taken from --workdir. The other families run
@@ -36,6 +38,10 @@ def define_quickstart(fv) -> None:
     d.enum("family", "triplet", [n for n in family_names() if get_family(n).quickstart],
            "Family whose quickstart runs: triplet (the default, gene re-identification) or "
            "another family's README recipe, written to --workdir/<family>.")
+    d.string("expression", "", "--family=cic: an expression matrix (.h5ad, CSV) to run on "
+             "instead of synthetic profiles.")
+    d.string("label_column", "", "--family=cic --expression: the column of cell-type labels.")
+    d.bool("use_raw", False, "--family=cic --expression: read the .h5ad's .raw matrix.")
     d.integer("embed_batch_size_qs", 128, "Patches per call of the served model when the "
               "quickstart embeds.")
 
@@ -120,12 +126,23 @@ def _family_quickstart(fv) -> int:
     from ish_tf.families.recipes import RecipeError
 
     workdir = os.path.join(fv.workdir, fv.family)
+    kwargs = {}
+    if fv.expression or fv.label_column or fv.use_raw:
+        if fv.family != "cic":
+            print("quickstart: error: --expression/--label_column/--use_raw are for "
+                  "--family=cic", file=sys.stderr)
+            return 2
+        if fv.expression and not fv.label_column:
+            print("quickstart: error: --expression needs --label_column", file=sys.stderr)
+            return 2
+        kwargs = {"expression": fv.expression, "label_column": fv.label_column,
+                  "use_raw": fv.use_raw}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     logging.set_verbosity(logging.WARNING)
     print(f"ish_tf quickstart ({fv.family}): writing to {os.path.abspath(workdir)}")
     try:
         summary = resolve_ref(get_family(fv.family).quickstart)(
-            workdir, root=root, seed=fv.seed, log=lambda s: print(s, flush=True))
+            workdir, root=root, seed=fv.seed, log=lambda s: print(s, flush=True), **kwargs)
     except KeyboardInterrupt:
         print("quickstart: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -112,6 +112,7 @@ def main_expression(fv) -> int:
           f"cell types in {cfg.n_batches} batches, seed {cfg.seed}")
     print(f"  counts: {os.path.abspath(paths['counts'])}")
     print(f"  obs:    {os.path.abspath(paths['obs'])}")
+    print(f"  gene programs (GMT): {os.path.abspath(paths['programs'])}")
     print(f"  next:   bin/ingest --expression={paths['counts']} --obs={paths['obs']} "
           "--label_column=cell_type --group_column=batch --out=DIR")
     return 0

@@ -1,16 +1,30 @@
 """Embedding tables: the file format between `bin/embed` and `bin/evaluate`.
 
-A table is CSV (or Parquet, when pyarrow is installed) with key columns followed by
-one column per embedding dimension. The writer names dimensions "0", "1", ...;
-the reader takes *every numeric column that is not a key* as the embedding, so
-tables made by other tools (e.g. the published Cortex Study embeddings with
-columns gene_symbol, entrez_id, 0..127) are read the same way.
+A table is one row per patch, image, (gene, donor) or gene: metadata columns (the
+record keys and every manifest column, the user's own included), then one column per
+embedding dimension, named `dim_000`, `dim_001`, ... (wider when D > 1000). Unknown
+values are empty (NaN), never a sentinel such as entrez_id = -1.
+
+Formats, by file name:
+
+* `.csv` (default) and `.parquet` (needs pyarrow: `pip install ish_tf[parquet]`): the
+  wide table as above.
+* `.h5ad` (needs anndata: `pip install ish_tf[expression]`): an AnnData whose `obs`
+  holds the metadata (one row per table row) and `obsm["X_<name>"]` the (N, D)
+  embedding; `uns["ish_tf"]["embedding_key"]` names that key. `X` is empty (0 columns).
+
+The reader takes the `dim_*` columns as the embedding when a table has them (every
+other column is metadata, numeric or not). Tables without them, made by other tools
+(e.g. the published Cortex Study embeddings with columns gene_symbol, entrez_id,
+0..127), are read as before: *every numeric column that is not a key* is a dimension.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -26,7 +40,23 @@ KEY_COLUMNS: tuple[str, ...] = (
 # Index columns written by pandas/R that carry no information.
 _INDEX_LIKE = ("Unnamed: 0", "index", "")
 
+#: Prefix of the dimension columns the writer names dim_000, dim_001, ...
+DIM_PREFIX = "dim_"
+_DIM_COLUMN = re.compile(r"^dim_\d+$")
+TABLE_FORMATS: tuple[str, ...] = ("csv", "parquet", "h5ad")
+#: The extra of setup.py that installs each optional format's dependency.
+FORMAT_EXTRAS: dict[str, tuple[str, str]] = {"parquet": ("pyarrow", "parquet"),
+                                             "h5ad": ("anndata", "expression")}
+
 LEVELS = ("patch", "image", "donor", "gene")
+#: File name (without extension) of each level's table. The "donor" level is one row
+#: per (gene, donor) pair, hence its name; tables written before were
+#: donor_embeddings.* (`OLD_LEVEL_FILES`), which `level_table_path` still finds.
+LEVEL_FILES: dict[str, str] = {"patch": "patch_embeddings", "image": "image_embeddings",
+                               "donor": "gene_donor_embeddings", "gene": "gene_embeddings"}
+OLD_LEVEL_FILES: dict[str, str] = {"donor": "donor_embeddings"}
+#: Names accepted for the levels (--levels=gene_donor means the "donor" level).
+LEVEL_ALIASES: dict[str, str] = {"gene_donor": "donor"}
 LEVEL_KEYS: dict[str, tuple[str, ...]] = {
     "patch": ("image_id", "patch_index"),
     "image": ("image_id",),
@@ -37,6 +67,58 @@ LEVEL_KEYS: dict[str, tuple[str, ...]] = {
 
 class EmbeddingTableError(ValueError):
     """An embedding table that cannot be read; the message names the file and column."""
+
+
+def dim_names(d: int) -> list[str]:
+    """Dimension column names: dim_000 ... (zero-padded to at least 3 digits)."""
+    width = max(3, len(str(max(d - 1, 0))))
+    return [f"{DIM_PREFIX}{i:0{width}d}" for i in range(d)]
+
+
+def format_of(path: str) -> str:
+    """"csv", "parquet" or "h5ad" from a file name (anything else reads as CSV)."""
+    low = path.lower()
+    if low.endswith(".parquet"):
+        return "parquet"
+    if low.endswith(".h5ad"):
+        return "h5ad"
+    return "csv"
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (tests replace this to play a bare install)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def require_format(fmt: str, path: str = "") -> None:
+    """Raises EmbeddingTableError naming the extra to install when `fmt` needs a missing
+    package (parquet: pyarrow, h5ad: anndata)."""
+    if fmt not in FORMAT_EXTRAS:
+        return
+    module, extra = FORMAT_EXTRAS[fmt]
+    alternatives = ("pyarrow", "fastparquet") if fmt == "parquet" else (module,)
+    if not any(_installed(m) for m in alternatives):
+        where = f"{path}: " if path else ""
+        raise EmbeddingTableError(
+            f"{where}{fmt} tables need {module}, which is not installed: "
+            f"pip install 'ish_tf[{extra}]' (or pip install {module}), or use csv")
+
+
+def level_table_path(out_dir: str, level: str, fmt: str | None = None) -> str:
+    """The table of `level` in a bin/embed output directory.
+
+    Finds `<level file>.<csv|parquet|h5ad>` (the format `fmt` only, when given),
+    falling back to the old name (donor_embeddings.*) of tables written before the
+    (gene, donor) level was named for what it is. Returns the new-name CSV path when
+    nothing exists.
+    """
+    level = LEVEL_ALIASES.get(level, level)
+    formats = (fmt,) if fmt else TABLE_FORMATS
+    for stem in (LEVEL_FILES[level], OLD_LEVEL_FILES.get(level)):
+        for f in formats:
+            if stem and os.path.exists(os.path.join(out_dir, f"{stem}.{f}")):
+                return os.path.join(out_dir, f"{stem}.{f}")
+    return os.path.join(out_dir, f"{LEVEL_FILES[level]}.{fmt or 'csv'}")
 
 
 @dataclasses.dataclass
@@ -55,14 +137,87 @@ class EmbeddingTable:
         return int(self.values.shape[0])
 
     def to_frame(self) -> pd.DataFrame:
-        emb = pd.DataFrame(self.values, columns=[str(i) for i in range(self.dim)])
+        """Metadata columns then the dimensions dim_000 ... (see the module docstring)."""
+        emb = pd.DataFrame(self.values, columns=dim_names(self.dim))
         return pd.concat([self.keys.reset_index(drop=True), emb], axis=1)
+
+    def to_anndata(self, name: str = "embedding"):
+        """An AnnData: metadata in `obs`, the embedding in `obsm["X_<name>"]` (module docstring).
+
+        Raises:
+          EmbeddingTableError: anndata is not installed (names the extra).
+        """
+        require_format("h5ad")
+        import anndata
+
+        obs = _obs_frame(self.keys)
+        key = f"X_{name}"
+        return anndata.AnnData(obs=obs, obsm={key: np.asarray(self.values, np.float32)},
+                               uns={"ish_tf": {"embedding_key": key,
+                                               "source": str(self.source)}})
+
+
+def _obs_names(keys: pd.DataFrame) -> list[str]:
+    """Readable unique row names: image_id[/patch_index], gene[/donor], else the row number."""
+    for cols in (("image_id", "patch_index"), ("image_id",), ("gene_symbol", "donor_id"),
+                 ("gene_symbol",)):
+        if all(c in keys.columns for c in cols):
+            names = keys[list(cols)].astype(str).agg("/".join, axis=1)
+            if names.is_unique:
+                return names.tolist()
+    return [str(i) for i in range(len(keys))]
+
+
+def _obs_frame(keys: pd.DataFrame) -> pd.DataFrame:
+    """Metadata as AnnData obs: text columns categorical (missing stays missing), numbers
+    as they are, a unique string index."""
+    obs = keys.reset_index(drop=True).copy()
+    for c in obs.columns:
+        col = obs[c]
+        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+            text = col.astype("string")
+            obs[c] = text.astype("category")
+    obs.columns = [str(c) for c in obs.columns]
+    obs.index = pd.Index(_obs_names(keys), dtype=str)
+    return obs
+
+
+def _read_h5ad(path: str) -> pd.DataFrame:
+    require_format("h5ad", path)
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise EmbeddingTableError(f"{path}: cannot be read as .h5ad ({e})") from e
+    keys = [k for k in adata.obsm.keys() if str(k).startswith("X_")]
+    wanted = (adata.uns.get("ish_tf") or {}).get("embedding_key")
+    if wanted in adata.obsm:
+        key = wanted
+    elif len(keys) == 1:
+        key = keys[0]
+    else:
+        raise EmbeddingTableError(
+            f"{path}: expected one embedding in obsm['X_<name>'], found "
+            f"{sorted(map(str, adata.obsm.keys())) or 'none'}")
+    obs = adata.obs.reset_index(drop=True)
+    for c in obs.columns:
+        if isinstance(obs[c].dtype, pd.CategoricalDtype):
+            obs[c] = obs[c].astype(object).where(obs[c].notna(), np.nan)
+    values = np.asarray(adata.obsm[key], dtype=np.float32)
+    emb = pd.DataFrame(values.reshape(len(values), -1),
+                       columns=dim_names(int(np.prod(values.shape[1:]))))
+    return pd.concat([obs, emb], axis=1)
 
 
 def _read_any(path: str) -> pd.DataFrame:
     if not os.path.exists(path):
         raise EmbeddingTableError(f"{path}: embedding table not found")
-    if path.endswith(".parquet"):
+    fmt = format_of(path)
+    if fmt == "h5ad":
+        return _read_h5ad(path)
+    if fmt == "parquet":
+        require_format("parquet", path)
         return pd.read_parquet(path)
     try:
         return pd.read_csv(path)
@@ -88,6 +243,12 @@ def from_frame(df: pd.DataFrame, source: str = "<table>",
         raise EmbeddingTableError(
             f"{source}: missing key column(s) {', '.join(repr(m) for m in missing)}; "
             f"columns are {', '.join(map(str, df.columns[:8]))}{'...' if df.shape[1] > 8 else ''}")
+    dims = [c for c in df.columns if _DIM_COLUMN.match(str(c))]
+    if dims:
+        # Written by this package: the dim_* columns are the embedding, every other column
+        # is metadata (manifest columns such as donor_age are numeric but no dimension).
+        key_cols = [c for c in df.columns if c not in dims]
+        return _split(df, key_cols, dims, source)
     key_cols = [c for c in df.columns if str(c) in KEY_COLUMNS]
     value_cols = []
     for c in df.columns:
@@ -106,7 +267,18 @@ def from_frame(df: pd.DataFrame, source: str = "<table>",
                                       f"holds {df[c].iloc[i]!r}")
     if not value_cols:
         raise EmbeddingTableError(f"{source}: no numeric embedding columns besides the keys")
-    values = df[value_cols].to_numpy(dtype=np.float32)
+    return _split(df, key_cols, value_cols, source)
+
+
+def _split(df: pd.DataFrame, key_cols: list, value_cols: list, source: str) -> EmbeddingTable:
+    try:
+        values = df[value_cols].to_numpy(dtype=np.float32)
+    except (TypeError, ValueError):
+        bad = next(c for c in value_cols if not pd.api.types.is_numeric_dtype(df[c]))
+        numbers = pd.to_numeric(df[bad], errors="coerce")
+        i = int(np.flatnonzero((numbers.isna() & df[bad].notna()).to_numpy())[0])
+        raise EmbeddingTableError(f"{source}: column '{bad}' is numeric but {_where(df, i)} "
+                                  f"holds {df[bad].iloc[i]!r}") from None
     if not np.isfinite(values).all():
         i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(values)))
         raise EmbeddingTableError(f"{source}: column '{value_cols[j]}' at {_where(df, i)} is "
@@ -121,18 +293,35 @@ def _where(df: pd.DataFrame, i: int) -> str:
 
 
 def read_embedding_table(path: str, require: tuple[str, ...] = ()) -> EmbeddingTable:
-    """Reads a CSV or Parquet embedding table (see module docstring)."""
+    """Reads a CSV, Parquet or .h5ad embedding table (see module docstring).
+
+    Raises:
+      EmbeddingTableError: missing or unreadable file, a missing optional package
+        (naming the extra to install), missing required keys, bad values.
+    """
     return from_frame(_read_any(path), source=path, require=require)
 
 
-def write_embedding_table(path: str, table: EmbeddingTable) -> None:
-    """Writes keys then dimensions "0".."D-1" atomically; Parquet if the name ends in .parquet."""
-    frame = table.to_frame()
+def write_embedding_table(path: str, table: EmbeddingTable, name: str = "embedding") -> None:
+    """Writes a table atomically in the format its name says (module docstring).
+
+    Args:
+      path: `.csv`, `.parquet` or `.h5ad` file.
+      table: the table.
+      name: the embedding's name in an .h5ad (`obsm["X_<name>"]`).
+
+    Raises:
+      EmbeddingTableError: the format's package is missing (names the extra).
+    """
+    fmt = format_of(path)
+    require_format(fmt, path)
     with atomic_path(path) as tmp:
-        if path.endswith(".parquet"):
-            frame.to_parquet(tmp, index=False)
+        if fmt == "h5ad":
+            table.to_anndata(name).write_h5ad(tmp)
+        elif fmt == "parquet":
+            table.to_frame().to_parquet(tmp, index=False)
         else:
-            frame.to_csv(tmp, index=False, float_format="%.7g")
+            table.to_frame().to_csv(tmp, index=False, float_format="%.7g")
 
 
 def aggregate(table: EmbeddingTable, by: tuple[str, ...]) -> EmbeddingTable:

@@ -619,3 +619,74 @@ def _vector_spec(dim: int):
     from ish_tf.data.inputs import InputSpec
 
     return InputSpec.vector(dim)
+
+
+# --------------------------------------------------------------------------- reading back
+@dataclasses.dataclass
+class IngestedSplit:
+    """The preprocessed profiles of one split, read back from the records.
+
+    Attributes:
+      values: float32 (N, G) standardised profiles, in the records' order.
+      image_id: N record ids (rows of profiles.csv).
+      labels: N labels (profiles.csv `label`).
+      sample_id: N sample names.
+    """
+
+    values: np.ndarray
+    image_id: np.ndarray
+    labels: np.ndarray
+    sample_id: np.ndarray
+
+
+def read_ingested(out_dir: str, splits: Sequence[str] = ("train", "validation", "test")
+                  ) -> tuple[pd.DataFrame, Preprocessing, dict[str, IngestedSplit]]:
+    """Reads what `ingest_expression` wrote: profiles.csv, the preprocessing and the
+    vectors of each split (from the records, exactly as the models saw them).
+
+    Splits without shards are left out of the returned dict.
+
+    Raises:
+      ExpressionError: a missing file, or records whose ids are not in profiles.csv.
+    """
+    import tensorflow as tf
+
+    from ish_tf.data import records, shards
+    from ish_tf.data.pipeline import list_shards
+    from ish_tf.data.records import RecordsError
+
+    for name in (PROFILES_NAME, PREPROCESSING_NAME):
+        if not os.path.exists(os.path.join(out_dir, name)):
+            raise ExpressionError(f"{out_dir}: no {name}: give the directory written by "
+                                  "bin/ingest --expression")
+    profiles = pd.read_csv(os.path.join(out_dir, PROFILES_NAME), dtype={"label": str,
+                                                                        "sample_id": str})
+    prep = Preprocessing.load(out_dir)
+    records_dir = os.path.join(out_dir, RECORDS_SUBDIR)
+    dim = shards.records_input_spec(records_dir).dim or len(prep.genes)
+    by_id = profiles.set_index("image_id")
+    out: dict[str, IngestedSplit] = {}
+    for split in splits:
+        try:
+            files = list_shards(records_dir, split)
+        except RecordsError:
+            continue
+        ds = tf.data.TFRecordDataset(files, compression_type=shards.compression_of(files[0]) or "")
+        def parse(serialized):
+            feats = records.parse_example(serialized, ["vector", "image_id"], "vector")
+            return records.decode_vector(feats, dim), feats["image_id"]
+
+        vecs, ids = [], []
+        for vec, image_id in ds.map(parse).batch(512):
+            vecs.append(vec.numpy())
+            ids.append(image_id.numpy().reshape(-1))
+        values = np.concatenate(vecs).astype(np.float32)
+        image_id = np.concatenate(ids).astype(np.int64)
+        missing = [i for i in image_id if i not in by_id.index]
+        if missing:
+            raise ExpressionError(f"{records_dir}: record ids {missing[:5]} of split {split!r} "
+                                  f"have no row in {PROFILES_NAME}")
+        rows = by_id.loc[image_id]
+        out[split] = IngestedSplit(values, image_id, rows["label"].astype(str).to_numpy(),
+                                   rows["sample_id"].astype(str).to_numpy())
+    return profiles, prep, out

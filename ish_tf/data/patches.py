@@ -36,7 +36,6 @@ from ish_tf.data.patch_sampling import (
     UNREADABLE,
     ImageIOError,
     ImageResult,
-    extract_image_patches,
 )
 from ish_tf.data.segment import MaskConfig
 from ish_tf.io_utils import Progress, atomic_path, remove_stale_tmp
@@ -152,6 +151,9 @@ class ExtractConfig(RecordSetConfig):
       mask_qc: sections at each end of the tissue-fraction range in OUT/mask_qc.html,
         with the outliers (`ish_tf.data.mask_qc`); 0 = no contact sheet (outlying images
         are still named).
+      fast_decode: decode JPEG sources at 1/2, 1/4 or 1/8 scale when S / R is an integer
+        >= 2, and mask, sample and crop there (`ish_tf.data.fast_decode`; the same windows
+        for the same mask, patches within ~35-50 dB PSNR of the full-resolution ones).
     """
 
     patches_per_image: int = 50
@@ -166,6 +168,7 @@ class ExtractConfig(RecordSetConfig):
     split_assign: str = "plan"
     allow_empty_splits: bool = False
     mask_qc: int = 5
+    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         from ish_tf.data.splits import SPLIT_ASSIGN
@@ -193,6 +196,8 @@ class ExtractConfig(RecordSetConfig):
             "patch_size": self.patch_size, "min_fraction": self.min_fraction,
             "max_tries": self.max_tries, "segmenter": self.mask.segmenter,
             **self.sharing_key(),
+            # Only when on, so record sets written before the option resume unchanged.
+            **({"fast_decode": True} if self.fast_decode else {}),
         }
         if self.split_assign != "plan":  # older record sets resume unchanged
             key["split_assign"] = self.split_assign
@@ -358,9 +363,11 @@ def plan_extraction(df: pd.DataFrame, cfg: RecordSetConfig,
 
 def _extract_task(args: tuple) -> ImageResult:
     """Worker entry point (top level so it pickles)."""
+    from ish_tf.data.fast_decode import extract_patches
+
     image_path, image_id, cfg, mask_dir, overlay_dir = args
     try:
-        return extract_image_patches(image_path, image_id, cfg, mask_dir, overlay_dir)
+        return extract_patches(image_path, image_id, cfg, mask_dir, overlay_dir)
     except ImageIOError as e:  # the input's storage, not the image: stop the run
         raise ExtractError(str(e)) from None
     except Exception as e:  # never lose the whole shard to one image
@@ -802,9 +809,28 @@ def _run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None,
         compression=cfg.compression, progress_enabled=progress_enabled)
     report_path = os.path.join(out, REPORT_NAME)
     summary = _summary(out, report, plans, removed, written, resumed, report_path)
+    return check_outcome(summary, report, df, cfg)
+
+
+def check_outcome(summary: dict, report: dict[int, dict], df: pd.DataFrame,
+                  cfg: ExtractConfig) -> dict:
+    """After either runner: mask QC (outliers named, contact sheet) and the splits' shares
+    (an empty requested split an error, or allowed a warning); adds both to `summary`.
+
+    Raises:
+      ExtractError: a requested split holds no patches (unless `cfg.allow_empty_splits`).
+    """
     summary["mask_qc"] = _mask_qc(report, df, cfg)
     summary["split_shares"] = _check_split_shares(summary, cfg)
     return summary
+
+
+def plan_assignment(df: pd.DataFrame, cfg: ExtractConfig, mask_dir: str,
+                    progress_enabled: bool | None = None) -> dict[str, str] | None:
+    """The split assignment `plan_extraction` takes: None for "plan", else balanced."""
+    if cfg.split_assign != "balanced":
+        return None
+    return _balanced_assignment(df, cfg, mask_dir, progress_enabled)
 
 
 def _mask_qc(report: dict[int, dict], df: pd.DataFrame, cfg: ExtractConfig) -> list[str]:

@@ -24,6 +24,7 @@ import pandas as pd
 
 COUNTS_NAME = "counts.csv"
 OBS_NAME = "obs.csv"
+PROGRAMS_NAME = "programs.gmt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +87,30 @@ def synthetic_profiles(cfg: ExpressionSynthConfig = ExpressionSynthConfig()
     Raises:
       ValueError: a bad config value.
     """
+    counts, obs, genes, _ = _draw(cfg)
+    return counts, obs, genes
+
+
+def program_gene_sets(cfg: ExpressionSynthConfig = ExpressionSynthConfig()
+                      ) -> dict[str, list[str]]:
+    """The genes of each program `synthetic_profiles` draws with `cfg`: "housekeeping" and
+    "type0_program", ... (the known structure that interpretation should find)."""
+    return _draw(cfg)[3]
+
+
+def _draw(cfg: ExpressionSynthConfig):
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     n, g = cfg.n_cells, cfg.n_genes
     base = rng.normal(np.log(cfg.mean_count), 0.7, size=g)
     housekeeping = np.zeros(g)
-    housekeeping[rng.choice(g, cfg.genes_per_program, replace=False)] = rng.uniform(1.5, 3.0)
+    hk_genes = rng.choice(g, cfg.genes_per_program, replace=False)
+    housekeeping[hk_genes] = rng.uniform(1.5, 3.0)
     programs = np.zeros((cfg.n_types, g))
+    modules = {"housekeeping": sorted(int(i) for i in hk_genes)}
     for t in range(cfg.n_types):
         module = rng.choice(g, cfg.genes_per_program, replace=False)
+        modules[f"type{t}_program"] = sorted(int(i) for i in module)
         programs[t, module] = rng.gamma(4.0, cfg.program_strength / 4.0, size=module.size)
     batch_shift = rng.normal(0.0, cfg.batch_strength, size=(cfg.n_batches, g))
     types = np.arange(n) % cfg.n_types
@@ -111,23 +127,29 @@ def synthetic_profiles(cfg: ExpressionSynthConfig = ExpressionSynthConfig()
     obs = pd.DataFrame({"cell_type": [f"type{t}" for t in types],
                         "batch": [f"batch{b}" for b in batches]},
                        index=pd.Index([f"cell{i:05d}" for i in range(n)], name="sample_id"))
-    return counts, obs, [f"gene{j:04d}" for j in range(g)]
+    names = [f"gene{j:04d}" for j in range(g)]
+    return counts, obs, names, {k: [names[i] for i in v] for k, v in modules.items()}
 
 
 def write_synthetic_profiles(out_dir: str, cfg: ExpressionSynthConfig = ExpressionSynthConfig()
                              ) -> dict[str, str]:
     """Writes `synthetic_profiles` as OUT/counts.csv (samples x genes, first column
-    sample_id) and OUT/obs.csv (sample_id, cell_type, batch).
+    sample_id), OUT/obs.csv (sample_id, cell_type, batch) and OUT/programs.gmt (the genes
+    of each program, a gene-set file for `bin/cic interpret --gmt`).
 
     Returns:
-      {"counts": path, "obs": path}.
+      {"counts": path, "obs": path, "programs": path}.
     """
     from ish_tf.io_utils import atomic_write_text
 
-    counts, obs, genes = synthetic_profiles(cfg)
+    counts, obs, genes, modules = _draw(cfg)
     os.makedirs(out_dir, exist_ok=True)
     table = pd.DataFrame(counts, index=obs.index, columns=genes)
-    paths = {"counts": os.path.join(out_dir, COUNTS_NAME), "obs": os.path.join(out_dir, OBS_NAME)}
+    paths = {"counts": os.path.join(out_dir, COUNTS_NAME), "obs": os.path.join(out_dir, OBS_NAME),
+             "programs": os.path.join(out_dir, PROGRAMS_NAME)}
     atomic_write_text(paths["counts"], table.to_csv())
     atomic_write_text(paths["obs"], obs.to_csv())
+    atomic_write_text(paths["programs"], "".join(
+        f"{name}\tsynthetic program\t" + "\t".join(members) + "\n"
+        for name, members in modules.items()))
     return paths

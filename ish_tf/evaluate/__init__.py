@@ -31,7 +31,10 @@ class EvaluateConfig:
 
     Attributes:
       tasks: subset of TASKS to run.
-      embeddings: embedding name -> table path (CSV or Parquet), in order.
+      embeddings: embedding name -> table path (CSV, Parquet or .h5ad), in order.
+      splits: the record splits to score (`ish_tf.evaluate.splits`): () = the held-out
+        splits (every split but train) where a table has a split column, ("all",) =
+        every row, else the splits named.
       out_dir: where CSVs, figures/ and report.html go.
       zeng_table: Zeng et al. 2012 Table S2 .xlsx, or "".
       gaf, obo: GO annotation file and ontology (for is_a propagation), or "".
@@ -63,6 +66,7 @@ class EvaluateConfig:
     tasks: tuple[str, ...] = ("annotations",)
     embeddings: dict[str, str] = dataclasses.field(default_factory=dict)
     out_dir: str = "runs/evaluate"
+    splits: tuple[str, ...] = ()
     zeng_table: str = ""
     gaf: str = ""
     obo: str = ""
@@ -112,4 +116,9 @@ class EvaluateConfig:
             raise ValueError("--obo needs --gaf")
         if self.extreme_gene and not (self.patch_embeddings and self.records_dir):
             raise ValueError("--extreme_gene needs --patch_embeddings and --records_dir")
+        if "all" in self.splits and len(self.splits) > 1:
+            raise ValueError(f"--splits=all cannot be combined with other splits, got "
+                             f"{','.join(self.splits)}")
+        if hasattr(self.scoring, "validate"):
+            self.scoring.validate()
         return self

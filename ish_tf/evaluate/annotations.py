@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 
 import numpy as np
@@ -28,9 +29,74 @@ from ish_tf.data.embeddings import EmbeddingTable
 
 GENE_KEYS: tuple[str, ...] = ("gene_symbol", "entrez_id")
 RESULT_COLUMNS: tuple[str, ...] = (
-    "annotation", "category", "n_genes", "auc", "auc_pr", "f1", "max_p",
-    "embedding", "n_total", "converged", "key",
+    "annotation", "category", "n_genes", "auc", "auc_pr", "f1", "max_p", "max_p_bh",
+    "embedding", "n_total", "converged", "key", "flag",
 )
+PENALTIES: tuple[str, ...] = ("none", "l2")
+#: Human labels of the categories this package builds (figure panels, report tables).
+CATEGORY_LABELS: dict[str, str] = {
+    "pattern": "Expression pattern",
+    "level_description": "Expression level (high / medium / low)",
+    "level": "Expression level in V1 (- to +++++)",
+    "layer_marker": "Layer marker",
+    "celltype_marker": "Cell-type marker",
+    "cell_type": "Cell type",
+    "group_name": "Gene group",
+    "go": "GO term",
+    "all": "All groups",
+}
+# Words of an ordinal scale, low to high (matched case-insensitively).
+_LEVEL_WORDS = ("none", "absent", "very low", "low", "medium", "moderate", "intermediate",
+                "high", "very high")
+_PLUS_SCALE = re.compile(r"^(-|\+{1,9})$")
+
+
+def category_label(category: str) -> str:
+    """A category's human label: "layer_marker" -> "Layer marker"; unknown names get their
+    underscores replaced and the first letter capitalised."""
+    if category in CATEGORY_LABELS:
+        return CATEGORY_LABELS[category]
+    text = str(category).replace("_", " ").strip()
+    return text[:1].upper() + text[1:]
+
+
+def _natural_key(text: str) -> tuple:
+    """Sort key comparing digit runs as numbers: "layer 2" < "layer 10"."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower())
+                 for t in re.split(r"(\d+)", str(text)) if t)
+
+
+def natural_order(values) -> list[str]:
+    """The distinct values of one category in their natural order.
+
+    Ordinal scales sort low to high: "-" < "+" < "++" < ... (Zeng et al.'s levels), and
+    none < low < medium < high; anything else sorts alphabetically with numbers compared
+    as numbers ("layer 2" before "layer 10").
+    """
+    distinct = list(dict.fromkeys(str(v) for v in values))
+    if distinct and all(_PLUS_SCALE.match(v.strip()) for v in distinct):
+        return sorted(distinct, key=lambda v: 0 if v.strip() == "-" else len(v.strip()))
+    if distinct and all(v.strip().lower() in _LEVEL_WORDS for v in distinct):
+        return sorted(distinct, key=lambda v: _LEVEL_WORDS.index(v.strip().lower()))
+    return sorted(distinct, key=_natural_key)
+
+
+def benjamini_hochberg(p_values) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (step-up, monotone, capped at 1); NaN stays NaN.
+
+    A group is significant at false discovery rate q when its adjusted p-value is < q.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if ok.size == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = order.size
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adjusted = np.minimum.accumulate(scaled[::-1])[::-1]
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
 
 
 class AnnotationError(ValueError):
@@ -142,9 +208,13 @@ def from_long(long: pd.DataFrame, source: str,
     frame = pd.DataFrame({"category": cats[keep], "annotation": names[keep], "gene": long_codes[keep]})
     if "description" in long.columns:
         frame["description"] = long["description"].astype("string").to_numpy()[keep]
-    grouped = frame.groupby(["category", "annotation"], sort=True)
+    grouped = dict(list(frame.groupby(["category", "annotation"], sort=True)))
+    # Groups in their natural order inside each category (ordinal levels low to high).
+    order = [(cat, name) for cat in sorted({c for c, _ in grouped})
+             for name in natural_order([n for c, n in grouped if c == cat])]
     group_rows, members = [], []
-    for (cat, name), part in grouped:
+    for cat, name in order:
+        part = grouped[(cat, name)]
         row = {"annotation": name, "category": cat}
         if "description" in part.columns:
             row["description"] = part["description"].iloc[0]
@@ -321,6 +391,12 @@ class ScoringConfig:
       min_genes: groups with fewer matched positives are skipped.
       size_bounds: category -> (min, max) matched positives, e.g. {"go": (40, 200)}.
       n_jobs: parallel worker processes over groups.
+      penalty: "none" (the paper's unpenalised logistic regression) or "l2" (ridge,
+        C = 1 on standardised features): well posed when a fold has fewer training genes
+        than dimensions.
+      pca_components: project the (standardised) features of each fold onto this many
+        principal components of its training genes first; 0 = no projection.
+      alpha: false discovery rate of the significance count (Benjamini-Hochberg).
     """
 
     n_splits: int = 5
@@ -332,18 +408,38 @@ class ScoringConfig:
     size_bounds: dict[str, tuple[int, int]] = dataclasses.field(
         default_factory=lambda: {"go": (40, 200)})
     n_jobs: int = 1
+    penalty: str = "none"
+    pca_components: int = 0
+    alpha: float = 0.05
+
+    def validate(self) -> ScoringConfig:
+        """Checks penalty and pca_components.
+
+        Raises:
+          ValueError: naming the setting.
+        """
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"--penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        if self.pca_components < 0:
+            raise ValueError(f"--pca_components must be >= 0, got {self.pca_components}")
+        return self
 
 
 def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *,
                   standardize: bool = True, max_iter: int = 500,
-                  solver: str = "newton-cg") -> tuple[np.ndarray, bool]:
-    """The scoring model of every annotation task: one unpenalised logistic regression.
+                  solver: str = "newton-cg", penalty: str = "none",
+                  pca_components: int = 0) -> tuple[np.ndarray, bool]:
+    """The scoring model of every annotation task: one logistic regression (unpenalised
+    by default, as in the paper).
 
     Args:
       x_train, y_train: (n, D) features and (n,) labels in {0, 1} to fit on.
       x_test: (m, D) features to score.
       standardize: z-score both with the training rows' mean and deviation.
       max_iter, solver: as `cross_validate_binary`.
+      penalty: "none" or "l2" (C = 1).
+      pca_components: k > 0 projects both onto the first k principal components of
+        the training rows (at most min(n, D)).
 
     Returns:
       (decision function values (m,), whether the solver converged).
@@ -358,7 +454,14 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
         std = x_train.std(axis=0)
         std[std == 0] = 1.0  # constant columns stay constant instead of dividing by 0
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    model = LogisticRegression(penalty=None, max_iter=max_iter, solver=solver)
+    if pca_components > 0:
+        from sklearn.decomposition import PCA
+
+        k = min(pca_components, x_train.shape[0], x_train.shape[1])
+        pca = PCA(n_components=k, svd_solver="full").fit(x_train)
+        x_train, x_test = pca.transform(x_train), pca.transform(x_test)
+    model = LogisticRegression(penalty=None if penalty == "none" else penalty,
+                               max_iter=max_iter, solver=solver)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(x_train, y_train)
@@ -368,8 +471,9 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
 
 def cross_validate_binary(x: np.ndarray, y: np.ndarray, *, n_splits: int = 5, seed: int = 0,
                           standardize: bool = True, max_iter: int = 500,
-                          solver: str = "newton-cg") -> dict[str, float]:
-    """Stratified k-fold logistic regression (no penalty) on one binary label.
+                          solver: str = "newton-cg", penalty: str = "none",
+                          pca_components: int = 0) -> dict:
+    """Stratified k-fold logistic regression (no penalty by default) on one binary label.
 
     Args:
       x: (n, D) features.
@@ -380,11 +484,13 @@ def cross_validate_binary(x: np.ndarray, y: np.ndarray, *, n_splits: int = 5, se
       solver: scikit-learn solver. "newton-cg" (default) converges in ~10-20
         iterations on these problems; "lbfgs" needs 20-500 and hit the 500 cap in
         ~11% of folds on the ResNet50 embedding. Both fit the same unpenalised model.
+      penalty, pca_components: see `fit_and_score`.
 
     Returns:
       auc, auc_pr, f1 (means over folds), max_p (largest one-sided Mann-Whitney U
-      p-value over folds: held-out scores of positives greater than negatives) and
-      converged (fraction of folds whose solver converged).
+      p-value over folds: held-out scores of positives greater than negatives),
+      converged (fraction of folds whose solver converged) and flag: "" for a
+      well-posed result, else why it is degenerate (`degenerate_reasons`).
 
     Raises:
       ValueError: a class has fewer members than folds.
@@ -399,19 +505,59 @@ def cross_validate_binary(x: np.ndarray, y: np.ndarray, *, n_splits: int = 5, se
         raise ValueError(f"{n_pos} positives and {n_neg} negatives: each needs >= {n_splits} folds")
     x = np.asarray(x, dtype=np.float64)
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    aucs, aps, f1s, ps, conv = [], [], [], [], 0
+    aucs, aps, f1s, ps, conv, constant, n_train = [], [], [], [], 0, 0, len(y)
     for train, test in folds.split(x, y):
         score, converged = fit_and_score(x[train], y[train], x[test], standardize=standardize,
-                                         max_iter=max_iter, solver=solver)
+                                         max_iter=max_iter, solver=solver, penalty=penalty,
+                                         pca_components=pca_components)
         conv += converged
+        n_train = min(n_train, len(train))
+        constant += bool(np.ptp(score) <= 1e-9 * max(1.0, float(np.abs(score).max())))
         y_test = y[test]
         aucs.append(roc_auc_score(y_test, score))
         aps.append(average_precision_score(y_test, score))
         f1s.append(f1_score(y_test, (score > 0).astype(np.int64), zero_division=0.0))
         pos, neg = score[y_test == 1], score[y_test == 0]
         ps.append(float(mannwhitneyu(pos, neg, alternative="greater").pvalue))
+    flag = "; ".join(degenerate_reasons(x.shape[1], n_train, penalty=penalty,
+                                        pca_components=pca_components,
+                                        constant_folds=constant, n_splits=n_splits))
     return {"auc": float(np.mean(aucs)), "auc_pr": float(np.mean(aps)), "f1": float(np.mean(f1s)),
-            "max_p": float(np.max(ps)), "converged": conv / n_splits}
+            "max_p": float(np.max(ps)), "converged": conv / n_splits, "flag": flag}
+
+
+def degenerate_reasons(n_dims: int, n_train: int, *, penalty: str = "none",
+                       pca_components: int = 0, constant_folds: int = 0,
+                       n_splits: int = 5) -> list[str]:
+    """Why a cross-validated logistic regression result is not to be read as a result.
+
+    * Unpenalised, with at least as many parameters (features + intercept) as training
+      genes in a fold, the training genes are separable: the maximum-likelihood fit
+      does not exist, the solver runs off to infinity and the held-out AUC means
+      nothing (14 genes x 64 dimensions gave AUC 0.500 for every group).
+    * Constant held-out scores in a fold: the model ranks nothing (AUC 0.5 by ties).
+
+    Args:
+      n_dims: D, the features given.
+      n_train: the fewest training genes of any fold.
+      penalty, pca_components: the model's settings (see `fit_and_score`).
+      constant_folds: folds whose held-out scores were all equal.
+      n_splits: folds.
+
+    Returns:
+      Reasons, empty when the set-up is well posed.
+    """
+    reasons = []
+    used = min(pca_components, n_dims, n_train) if pca_components > 0 else n_dims
+    if penalty == "none" and used + 1 >= n_train:
+        what = f"{used} PCA components" if pca_components > 0 else f"{n_dims} dimensions"
+        reasons.append(
+            f"{what} (+ intercept) for {n_train} training genes per fold: unpenalised "
+            f"logistic regression separates them perfectly (not well posed); use --penalty=l2 or "
+            f"--pca_components=k with k < {max(n_train - 1, 1)}")
+    if constant_folds:
+        reasons.append(f"constant predictions in {constant_folds} of {n_splits} folds")
+    return reasons
 
 
 def group_labels(aligned: Aligned, annotations: Annotations, config: ScoringConfig,
@@ -461,7 +607,8 @@ def _score_task(values: np.ndarray, rows: np.ndarray, labels: np.ndarray,
                 config: ScoringConfig) -> dict[str, float]:
     return cross_validate_binary(values[rows], labels, n_splits=config.n_splits, seed=config.seed,
                                  standardize=config.standardize, max_iter=config.max_iter,
-                                 solver=config.solver)
+                                 solver=config.solver, penalty=config.penalty,
+                                 pca_components=config.pca_components)
 
 
 def score_aligned(aligned: Aligned, annotations: Annotations, config: ScoringConfig,
@@ -493,6 +640,7 @@ def score_aligned(aligned: Aligned, annotations: Annotations, config: ScoringCon
         records.append(rec)
     columns = list(RESULT_COLUMNS) + (["description"] if "description" in annotations.groups else [])
     results = pd.DataFrame(records, columns=columns)
+    results["max_p_bh"] = benjamini_hochberg(results["max_p"]) if len(results) else []
     not_conv = int((results["converged"] < 1).sum()) if len(results) else 0
     if not_conv:
         logging.info("%s: the solver hit max_iter in some folds of %d of %d groups "
@@ -570,8 +718,11 @@ def evaluate_many(tables: dict[str, EmbeddingTable], annotations: list[Annotatio
             r, s = score_aligned(used, ann, config, name)
             results.append(r)
             skipped.append(s)
-    return (pd.concat(results, ignore_index=True), pd.concat(skipped, ignore_index=True),
-            pd.DataFrame(matches))
+    results = pd.concat(results, ignore_index=True)
+    # One family of tests per embedding: every group of every source it was scored on.
+    for _, rows in results.groupby("embedding", sort=False).groups.items():
+        results.loc[rows, "max_p_bh"] = benjamini_hochberg(results.loc[rows, "max_p"])
+    return results, pd.concat(skipped, ignore_index=True), pd.DataFrame(matches)
 
 
 def summarize(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
@@ -579,16 +730,27 @@ def summarize(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
 
     Returns:
       Columns embedding, category, n_groups, mean_auc, median_auc, mean_auc_pr,
-      mean_f1, n_significant (groups with max_p < alpha).
+      mean_f1, n_significant_bh (groups whose Benjamini-Hochberg adjusted max_p,
+      `max_p_bh`, is < alpha: false discovery rate alpha over all groups of the
+      embedding) and n_flagged (groups with a degenerate set-up, column `flag`).
     """
     if "embedding" not in results.columns:
         results = results.assign(embedding="embedding")
+    if "max_p_bh" not in results.columns or results["max_p_bh"].isna().all():
+        results = results.assign(max_p_bh=np.nan)
+        for _, rows in results.groupby("embedding", sort=False).groups.items():
+            results.loc[rows, "max_p_bh"] = benjamini_hochberg(results.loc[rows, "max_p"])
+    if "flag" not in results.columns:
+        results = results.assign(flag="")
     frames = [results, results.assign(category="all")]
     both = pd.concat(frames, ignore_index=True)
+    both["flagged"] = both["flag"].fillna("").astype(str) != ""
     out = both.groupby(["embedding", "category"], sort=False).agg(
         n_groups=("auc", "size"), mean_auc=("auc", "mean"), median_auc=("auc", "median"),
         mean_auc_pr=("auc_pr", "mean"), mean_f1=("f1", "mean"),
-        n_significant=("max_p", lambda p: int((p < alpha).sum()))).reset_index()
+        n_significant_bh=("max_p_bh", lambda p: int((p < alpha).sum())),
+        n_flagged=("flagged", "sum")).reset_index()
+    out["n_flagged"] = out["n_flagged"].astype(int)
     return out
 
 

@@ -74,7 +74,8 @@ def compare_pairs(results: pd.DataFrame, metric: str = "auc",
       by_category: add rows per category besides the overall row (category "all").
 
     Returns:
-      PAIR_COLUMNS, one row per (category, pair); wins count groups where one embedding
+      PAIR_COLUMNS, one row per (category, pair) with at least 2 groups scored by
+      both (rows with fewer are left out); wins count groups where one embedding
       scores strictly higher; mean_diff = mean(a - b).
     """
     wide = wide_table(results, metric)
@@ -86,6 +87,8 @@ def compare_pairs(results: pd.DataFrame, metric: str = "auc",
     for scope, part in scopes:
         for a, b in itertools.combinations(names, 2):
             both = part[[a, b]].dropna()
+            if len(both) < 2:
+                continue  # nothing to compare: an empty or one-group row says nothing
             x, y = both[a].to_numpy(float), both[b].to_numpy(float)
             stat, p = paired_test(x, y)
             d = x - y

@@ -48,6 +48,7 @@ class DiagnosisConfig:
       demographics: manifest columns used as covariates (numeric as is, others one-hot).
       n_splits, seed, standardize, max_iter, solver: as in annotation scoring.
       n_jobs: parallel worker processes over genes.
+      penalty, pca_components: as in annotation scoring (`ScoringConfig`).
     """
 
     label_column: str = "diagnosis"
@@ -61,6 +62,8 @@ class DiagnosisConfig:
     max_iter: int = 500
     solver: str = "newton-cg"
     n_jobs: int = 1
+    penalty: str = "none"
+    pca_components: int = 0
 
 
 def _per_donor(manifest: pd.DataFrame, column: str, source: str) -> pd.Series:
@@ -174,7 +177,9 @@ def donor_level_table(table: EmbeddingTable, manifest: pd.DataFrame | None = Non
 def _score_gene(gene_index: int, x: np.ndarray, y: np.ndarray, demo: np.ndarray,
                 config: DiagnosisConfig) -> dict[str, float]:
     kw = dict(n_splits=config.n_splits, seed=config.seed, standardize=config.standardize,
-              max_iter=config.max_iter, solver=config.solver)
+              max_iter=config.max_iter, solver=config.solver,
+              penalty=getattr(config, "penalty", "none"),
+              pca_components=getattr(config, "pca_components", 0))
     rng = np.random.default_rng([config.seed, gene_index])
     sets = {"embedding": x, "random": rng.standard_normal(x.shape)}
     if demo.shape[1]:
@@ -187,6 +192,8 @@ def _score_gene(gene_index: int, x: np.ndarray, y: np.ndarray, demo: np.ndarray,
             continue
         s = cross_validate_binary(sets[name], y, **kw)
         out[f"auc_{name}"], out[f"f1_{name}"] = s["auc"], s["f1"]
+        if name == "embedding":
+            out["flag"] = s["flag"]
     return out
 
 
@@ -245,7 +252,7 @@ def predict_diagnosis(donor_table: EmbeddingTable, labels: pd.Series,
         scores = [_score_gene(gi, donor_table.values[rows], y, demo, config)
                   for gi, _, rows, y, demo in tasks]
     columns = ["gene_symbol", "n_donors", "n_positive"] + [
-        f"{m}_{s}" for s in FEATURE_SETS for m in ("auc", "f1")]
+        f"{m}_{s}" for s in FEATURE_SETS for m in ("auc", "f1")] + ["flag"]
     per_gene = pd.DataFrame(
         [{"gene_symbol": t[1], "n_donors": len(t[2]), "n_positive": int(t[3].sum()), **s}
          for t, s in zip(tasks, scores, strict=True)], columns=columns)

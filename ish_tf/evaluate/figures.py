@@ -54,7 +54,8 @@ def _project(values: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, st
             method = "pca"
     if method == "umap":
         if importlib.util.find_spec("umap") is None:
-            raise FigureError("method='umap' needs the optional package umap-learn")
+            raise FigureError("method='umap' needs the optional package umap-learn: "
+                              "pip install 'ish_tf[umap]'")
         import umap
 
         coords = umap.UMAP(n_components=2, random_state=seed,
@@ -201,6 +202,8 @@ def plot_auc_bars(results: pd.DataFrame, path: str) -> str:
     Raises:
       FigureError: a missing column or no rows.
     """
+    from ish_tf.evaluate.annotations import category_label
+
     _require(results, ("annotation", "category", "auc", "embedding"), "AUC results")
     annotations = list(dict.fromkeys(results["annotation"].astype(str)))
     embeddings = list(dict.fromkeys(results["embedding"].astype(str)))
@@ -219,14 +222,14 @@ def plot_auc_bars(results: pd.DataFrame, path: str) -> str:
         ax.axhline(0.5, color="k", lw=0.8, ls="--", label="chance (0.5)")
         ax.set_xticklabels(cats, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title(a, fontsize=10)
+        ax.set_title(category_label(a), fontsize=10)
     axes[0].set_ylabel("AUC")
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=min(len(names), 5), fontsize=8,
                frameon=False, bbox_to_anchor=(0.5, 1.08))
     _save(fig, path)
     return (f"AUC per category for {len(annotations)} annotation(s) "
-            f"({', '.join(annotations)}) and {len(embeddings)} embedding(s) "
+            f"({', '.join(category_label(a) for a in annotations)}) and {len(embeddings)} embedding(s) "
             f"({', '.join(embeddings)}); dashed line: chance (AUC 0.5).")
 
 

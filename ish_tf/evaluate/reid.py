@@ -26,7 +26,10 @@ Definitions (q is a query image; g(i), d(i) are the gene and donor of image i):
   probability that a uniformly random candidate is a positive, i.e. the expected
   rank-1 of a random ranking. ``chance`` averages it over all queries,
   ``chance_answerable`` over the answerable ones. Computed from counts, not simulated.
-* ``fold_over_random`` = rank1_answerable / chance_answerable.
+* ``fold_over_chance`` = rank1_answerable / chance_answerable: how many times more
+  often than a random ranking the first candidate is a positive.
+* ``flag``: "" for a well-posed result, else why it says little: fewer than 2 genes or
+  2 queries, or chance >= 0.5 (the first candidate is a positive half the time by luck).
 * Average precision of an answerable query = (1/|P|) Σ_k k / rank_k, where rank_k
   is the rank (1-based, in C(q)) of the k-th positive; ``map`` is its mean over the
   answerable queries.
@@ -56,7 +59,9 @@ METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "cosine", "cityblock")
 #: Columns of the frame returned by `evaluate_reid`, in order.
 COLUMNS: tuple[str, ...] = (
     "candidates", "rank1", "rank1_answerable", "chance", "chance_answerable", "map",
-    "fold_over_random", "n_queries", "n_answerable")
+    "fold_over_chance", "n_queries", "n_answerable", "n_genes", "flag")
+#: At or above this chance level a rank-1 is flagged as degenerate.
+CHANCE_LIMIT = 0.5
 #: Levels `reid_table` can evaluate at (gene level has one row per gene: nothing to find).
 REID_LEVELS: tuple[str, ...] = ("patch", "image", "donor")
 # Above this many comparisons, `_count_before` loops over positives instead of broadcasting.
@@ -203,8 +208,9 @@ def evaluate_reid(values, genes, donors, *, metric: str = "euclidean", block_siz
 
     Returns:
       One row per candidate set with columns `COLUMNS`: candidates, rank1,
-      rank1_answerable, chance, chance_answerable, map, fold_over_random,
-      n_queries, n_answerable. Averages over an empty query set are NaN.
+      rank1_answerable, chance, chance_answerable, map, fold_over_chance,
+      n_queries, n_answerable, n_genes, flag (`degenerate_reasons`). Averages over
+      an empty query set are NaN.
 
     Raises:
       ReidError: bad shapes, non-finite values, missing labels, an unknown metric or
@@ -284,18 +290,39 @@ def evaluate_reid(values, genes, donors, *, metric: str = "euclidean", block_siz
         chance_q = np.where(n_cand[s] > 0, n_pos[s] / np.maximum(n_cand[s], 1), 0.0)
         rank1_ans = float(hits[s][answerable].mean()) if n_ans else np.nan
         chance_ans = float(chance_q[answerable].mean()) if n_ans else np.nan
+        chance = float(chance_q.mean())
         out.append({
             "candidates": s,
             "rank1": float(hits[s].mean()),
             "rank1_answerable": rank1_ans,
-            "chance": float(chance_q.mean()),
+            "chance": chance,
             "chance_answerable": chance_ans,
             "map": float(np.mean(ap[s][answerable])) if (compute_map and n_ans) else np.nan,
-            "fold_over_random": rank1_ans / chance_ans if n_ans and chance_ans > 0 else np.nan,
+            "fold_over_chance": rank1_ans / chance_ans if n_ans and chance_ans > 0 else np.nan,
             "n_queries": n,
             "n_answerable": n_ans,
+            "n_genes": n_genes,
+            "flag": "; ".join(degenerate_reasons(n_genes, n, chance)),
         })
     return pd.DataFrame(out, columns=list(COLUMNS))
+
+
+def degenerate_reasons(n_genes: int, n_queries: int, chance: float) -> list[str]:
+    """Why a re-identification result says little: [] when it is well posed.
+
+    Args:
+      n_genes: distinct genes among the rows scored.
+      n_queries: rows scored (every row is a query).
+      chance: the mean exact chance level of the candidate set.
+    """
+    reasons = []
+    if n_genes < 2:
+        reasons.append(f"{n_genes} gene: every candidate shows it")
+    if n_queries < 2:
+        reasons.append(f"{n_queries} query")
+    if np.isfinite(chance) and chance >= CHANCE_LIMIT:
+        reasons.append(f"chance {chance:.3f} >= {CHANCE_LIMIT}")
+    return reasons
 
 
 def _block_average_precision(dist: np.ndarray, q: np.ndarray, g: np.ndarray, d: np.ndarray,

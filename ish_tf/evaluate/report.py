@@ -41,6 +41,10 @@ figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .9em; color: #444; max-width: 60em; }
 p.meta, nav { color: #666; font-size: .9em; }
 pre { white-space: pre-wrap; }
+div.warning { border-left: 4px solid #c60; background: #fff4e5; padding: .3em .8em; margin: .8em 0; }
+dl.columns { font-size: .85em; color: #333; }
+dl.columns dt { font-weight: bold; float: left; clear: left; margin-right: .5em; }
+dl.columns dd { margin-left: 0; }
 """
 
 
@@ -54,6 +58,8 @@ class Section:
       tables: (name, DataFrame) pairs, drawn in order.
       figures: (caption, path to a PNG) pairs, embedded inline in order.
       settings: the task's settings (shown under "Inputs and settings").
+      warnings: degenerate set-ups and other cautions, drawn in a box above the tables.
+      glossary: column -> definition, listed under the tables ("Columns").
     """
 
     title: str
@@ -61,6 +67,8 @@ class Section:
     tables: list[tuple[str, pd.DataFrame]] = dataclasses.field(default_factory=list)
     figures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     settings: dict = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    glossary: dict = dataclasses.field(default_factory=dict)
 
 
 def _esc(value) -> str:
@@ -153,8 +161,16 @@ def render_report(sections: list[Section], title: str = "ish_tf report",
     for i, s in enumerate(sections, 1):
         parts.append(f'<section id="s{i}"><h2>{_esc(s.title)}</h2>')
         parts.append(_paragraphs(s.text))
+        if s.warnings:
+            items = "".join(f"<li>{_esc(w)}</li>" for w in s.warnings)
+            parts.append(f'<div class="warning"><strong>Degenerate or doubtful set-ups '
+                         f"(marked in the flag column; do not read them as results):</strong>"
+                         f"<ul>{items}</ul></div>")
         for name, df in s.tables:
             parts.append(_table_html(name, df))
+        if s.glossary:
+            rows = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in s.glossary.items())
+            parts.append(f'<h4>Columns</h4><dl class="columns">{rows}</dl>')
         for caption, path in s.figures:
             parts.append(_figure_html(caption, path, s.title))
         parts.append("</section>")

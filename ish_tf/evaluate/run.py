@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pandas as pd
 
 from ish_tf.evaluate import report as report_module
@@ -67,6 +68,84 @@ def load_tables(config) -> dict:
     return tables
 
 
+def apply_splits(config, tables: dict) -> tuple[dict, dict]:
+    """The rows of each table to score (`ish_tf.evaluate.splits.select_splits`).
+
+    Returns:
+      (name -> kept table, name -> SplitChoice).
+
+    Raises:
+      SplitSelectionError: a --splits choice a table cannot meet.
+    """
+    from ish_tf.evaluate.splits import select_splits
+
+    kept, choices = {}, {}
+    for name, table in tables.items():
+        kept[name], choices[name] = select_splits(table, tuple(getattr(config, "splits", ())),
+                                                  name)
+    return kept, choices
+
+
+def _embed_summary(path: str) -> dict:
+    """embed_summary.json beside a table written by bin/embed, or {}."""
+    import json
+
+    summary = os.path.join(os.path.dirname(os.path.abspath(path)), "embed_summary.json")
+    try:
+        with open(summary) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _level_of(table) -> str:
+    cols = set(map(str, table.keys.columns))
+    if "patch_index" in cols:
+        return "patch"
+    if "image_id" in cols:
+        return "image"
+    if "donor_id" in cols and "gene_symbol" in cols:
+        return "(gene, donor)"
+    if cols & {"gene_symbol", "entrez_id"}:
+        return "gene"
+    return "?"
+
+
+def describe_embeddings(config, tables: dict, choices: dict | None = None) -> pd.DataFrame:
+    """One row per embedding: its file, level, rows, width, genes, donors, splits, model."""
+    rows = []
+    for name, table in tables.items():
+        path = config.embeddings.get(name, "")
+        keys = table.keys
+        choice = (choices or {}).get(name)
+        summary = _embed_summary(path) if path else {}
+        model = summary.get("saved_model", "")
+        if model and summary.get("family"):
+            model = f"{summary['family']}: {model}"
+        rows.append({
+            "embedding": name, "file": path or "(built in memory)", "level": _level_of(table),
+            "rows": len(table),
+            "rows_in_file": choice.rows_total if choice is not None else len(table),
+            "dimensions": table.dim,
+            "genes": int(keys["gene_symbol"].nunique()) if "gene_symbol" in keys else np.nan,
+            "donors": int(keys["donor_id"].nunique()) if "donor_id" in keys else np.nan,
+            "splits": choice.describe() if choice is not None else "not selected (all rows)",
+            "model": model})
+    return pd.DataFrame(rows)
+
+
+def flag_warnings(df: pd.DataFrame, what: str, label_columns: tuple[str, ...]) -> list[str]:
+    """One line per flagged row of a results table: "<what> <labels>: <flag>"."""
+    if df is None or "flag" not in df.columns or not len(df):
+        return []
+    flagged = df[df["flag"].fillna("").astype(str) != ""]
+    out = []
+    for _, row in flagged.iterrows():
+        labels = " / ".join(str(row[c]) for c in label_columns if c in row.index)
+        out.append(f"{what} {labels}: {row['flag']}")
+    return out
+
+
 def load_annotations(config) -> list:
     """The annotation sources named by the config (Zeng, GO, generic tables)."""
     from ish_tf.evaluate import annotations, go, zeng
@@ -109,7 +188,7 @@ def run_annotations(config, tables: dict) -> dict:
     results, skipped, matches = annotations.evaluate_many(
         tables, sources, config.scoring, key=config.join_key, common_genes=config.common_genes)
     out = config.out_dir
-    summary = annotations.summarize(results)
+    summary = annotations.summarize(results, alpha=getattr(config.scoring, "alpha", 0.05))
     written = {
         "annotations": _write_csv(results, os.path.join(out, "annotations.csv")),
         "annotations_summary": _write_csv(summary, os.path.join(out, "annotations_summary.csv")),
@@ -164,11 +243,20 @@ def run_diagnosis(config, tables: dict) -> dict:
             "labels": labels}
 
 
-def run_reid(config, tables: dict) -> dict:
-    """Re-identification of every embedding; writes OUT/reid.csv."""
+def run_reid(config, tables: dict, choices: dict | None = None) -> dict:
+    """Re-identification of every embedding; writes OUT/reid.csv.
+
+    Args:
+      config: the EvaluateConfig.
+      tables: name -> table (already restricted to the splits to score).
+      choices: name -> SplitChoice; adds a `splits` column saying which were scored.
+    """
     from ish_tf.evaluate import reid
 
     df = reid.reid_table(tables, level=config.reid_level, metric=config.reid_metric)
+    if choices:
+        df.insert(2, "splits", [",".join(choices[n].splits) or "all"
+                                for n in df["embedding"]])
     return {"written": {"reid": _write_csv(df, os.path.join(config.out_dir, "reid.csv"))},
             "reid": df}
 
@@ -222,6 +310,20 @@ def write_figures_and_report(config, done: dict, intro: report_module.Section | 
                 "standardize_features": config.scoring.standardize,
                 "solver": config.scoring.solver, "max_iter": config.scoring.max_iter}
     sections = [intro] if intro is not None else []
+    from ish_tf.evaluate import donor, glossary
+
+    if "embeddings" in done and len(done["embeddings"]["table"]):
+        info = done["embeddings"]["table"]
+        small = [f"embedding {n}: split {x}" for n, c in done["embeddings"]["choices"].items()
+                 for x in c.small_splits()]
+        sections.append(report.Section(
+            "Embeddings",
+            text=("The tables scored, what one row of each is, and which of its rows were "
+                  "scored. By default only held-out splits are scored where a table has a "
+                  "split column (genes seen in training measure memory, not "
+                  "generalisation); --splits=all or --splits=a,b chooses otherwise."),
+            tables=[("Embedding tables", info)], warnings=small,
+            glossary=glossary.define(info.columns)))
     if "annotations" in done:
         ann = done["annotations"]
         figs = []
@@ -236,18 +338,39 @@ def write_figures_and_report(config, done: dict, intro: report_module.Section | 
         if len(ann["pairs"]):
             tables.append(("Paired comparisons across groups (Wilcoxon signed-rank)",
                            ann["pairs"]))
+        names = list(dict.fromkeys(ann["results"]["embedding"])) if len(ann["results"]) else []
+        scfg = config.scoring
+        model = ("unpenalised logistic regression (the paper's)"
+                 if getattr(scfg, "penalty", "none") == "none"
+                 else f"{scfg.penalty}-penalised logistic regression (C = 1)")
+        if getattr(scfg, "pca_components", 0):
+            model += f" on the first {scfg.pca_components} principal components of each fold"
+        text = (f"Stratified, shuffled {scfg.n_splits}-fold {model} per binary gene group; "
+                "AUC, AUC-PR and F1 are fold means, max_p the largest one-sided "
+                "Mann-Whitney U p-value over folds. Significance counts "
+                "(n_significant_bh) use the Benjamini-Hochberg correction over all groups "
+                f"of an embedding, at a false discovery rate of {getattr(scfg, 'alpha', 0.05):g}. "
+                "Rows with a flag are degenerate set-ups (e.g. more dimensions than "
+                "training genes in a fold without a penalty): their AUC is not a result.")
+        if donor.NAME in names:
+            text += (" 'donor_matrix' scores the assay design alone (which donors each gene "
+                     "was run in): an embedding beats donor bias only where it beats that row.")
+        if len(ann["results"]):
+            text += (f" The bar chart shows at most {MAX_BARS_PER_CATEGORY} groups per "
+                     "category (the largest); annotations.csv has all.")
+        else:
+            text += (" No group could be scored (too few matched genes): see "
+                     "annotations_skipped.csv.")
+        shown = [c for _, df in tables for c in df.columns]
         sections.append(report.Section(
-            "Annotation prediction",
-            text=("Stratified, shuffled k-fold logistic regression (no penalty) per binary "
-                  "gene group; AUC, AUC-PR and F1 are fold means, max_p the largest one-sided "
-                  "Mann-Whitney U p-value over folds. 'donor_matrix' scores the assay design "
-                  "alone (which donors each gene was run in): an embedding beats donor bias "
-                  "only where it beats that row. The bar chart shows at most "
-                  f"{MAX_BARS_PER_CATEGORY} groups per category (the largest); "
-                  "annotations.csv has all."),
-            tables=tables, figures=figs,
+            "Annotation prediction", text=text, tables=tables, figures=figs,
+            warnings=flag_warnings(ann["results"], "annotation",
+                                   ("embedding", "category", "annotation")),
+            glossary=glossary.define(list(dict.fromkeys(shown + ["flag"])), names),
             settings={**settings, "min_group_genes": config.scoring.min_genes,
                       "go_bounds": config.scoring.size_bounds.get("go"),
+                      "penalty": getattr(scfg, "penalty", "none"),
+                      "pca_components": getattr(scfg, "pca_components", 0),
                       "join_key": config.join_key, "common_genes": config.common_genes}))
     if "diagnosis" in done:
         d = done["diagnosis"]
@@ -259,6 +382,9 @@ def write_figures_and_report(config, done: dict, intro: report_module.Section | 
                   f"demographics alone, demographics + embedding, and a random embedding."),
             tables=[("Mean AUC over genes per feature set", d["summary"]),
                     (f"Top {config.top_genes} genes by embedding AUC", d["top"])],
+            warnings=flag_warnings(d["per_gene"], "diagnosis", ("embedding", "gene_symbol")),
+            glossary=glossary.define(list(dict.fromkeys(
+                list(d["summary"].columns) + list(d["top"].columns)))),
             settings={**settings, "min_donors": dcfg.min_donors,
                       "demographics": ",".join(dcfg.demographics)}))
     if "reid" in done:
@@ -267,8 +393,12 @@ def write_figures_and_report(config, done: dict, intro: report_module.Section | 
         sections.append(report.Section(
             "Gene re-identification",
             text="Rank-1 of the nearest neighbour among images of other donors (and all, "
-                 "same donor), with the exact chance level.",
+                 "same donor), with the exact chance level; fold over chance is rank-1 "
+                 "divided by chance (answerable queries). Rows with a flag (fewer than 2 "
+                 "genes or queries, chance >= 0.5) say little whatever their rank-1.",
             tables=[("Re-identification", r)],
+            warnings=flag_warnings(r, "re-identification", ("embedding", "candidates")),
+            glossary=glossary.define(r.columns),
             figures=[(figures.plot_reid_bars(r, path), path)],
             settings={"level": config.reid_level, "metric": config.reid_metric}))
     if config.extreme_gene:
@@ -286,18 +416,23 @@ def write_figures_and_report(config, done: dict, intro: report_module.Section | 
 def run(config) -> dict:
     """Runs the configured tasks; returns {task: {"written": {name: path}, ...frames}}.
 
+    The tables are first restricted to the splits to score (`apply_splits`); the
+    entry "embeddings" says which rows of each table were scored (its `table`, and
+    `choices`: name -> SplitChoice).
+
     Raises:
       ValueError: bad inputs (the message names the file, column or flag).
     """
     os.makedirs(config.out_dir, exist_ok=True)
-    tables = load_tables(config)
-    done = {}
+    tables, choices = apply_splits(config, load_tables(config))
+    done = {"embeddings": {"written": {}, "choices": choices,
+                           "table": describe_embeddings(config, tables, choices)}}
     if "annotations" in config.tasks:
         done["annotations"] = run_annotations(config, tables)
     if "diagnosis" in config.tasks:
         done["diagnosis"] = run_diagnosis(config, tables)
     if "reid" in config.tasks:
-        done["reid"] = run_reid(config, tables)
+        done["reid"] = run_reid(config, tables, choices)
     return done
 
 

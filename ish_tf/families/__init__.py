@@ -326,6 +326,7 @@ register_family(FamilySpec(
     builder="ish_tf.families.cic.model:build_cic", task="ish_tf.families.cic.task:CicTask",
     inputs=InputSpec.vector(), outputs=("code", "reconstruction"),
     pixels_signature="encode_vectors", tiny="ish_tf.families.cic.testing:tiny",
+    quickstart="ish_tf.families.cic.quickstart:run_quickstart",
     description="cell identity codes: dense autoencoder of expression profiles "
                 "(Abdolhosseini et al. 2019)"))
 register_family(FamilySpec(

@@ -219,6 +219,7 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
 
         image_tables = {name: _split_rows(t["image"], cfg.eval_split) for name, t in tables.items()}
         reid = reid_table(image_tables, level="image")
+        reid.insert(2, "splits", cfg.eval_split)  # as bin/evaluate --splits=<eval_split> says
         os.makedirs(paths["evaluation"], exist_ok=True)
         reid_path = os.path.join(paths["evaluation"], "reid.csv")
         from ish_tf.io_utils import atomic_path
@@ -277,13 +278,18 @@ def evaluate_and_report(cfg: QuickstartConfig, paths: dict[str, str], tables: di
     """
     from ish_tf.evaluate import EvaluateConfig
     from ish_tf.evaluate.annotations import ScoringConfig
-    from ish_tf.evaluate.run import run_annotations, write_figures_and_report
+    from ish_tf.evaluate.run import (
+        apply_splits,
+        describe_embeddings,
+        run_annotations,
+        write_figures_and_report,
+    )
 
     ecfg = EvaluateConfig(
         tasks=("annotations", "reid"), embeddings={
             name: os.path.join(paths["embeddings"], name, "gene_embeddings.csv")
             for name in ("trained", "untrained")},
-        out_dir=paths["evaluation"], annotation_tables=(paths["annotations"],),
+        out_dir=paths["evaluation"], splits=("all",), annotation_tables=(paths["annotations"],),
         annotation_columns=("level", "pattern", "group_name", "layer_marker", "cell_type"),
         scoring=ScoringConfig(seed=cfg.seed), reid_level="image",
         patch_embeddings=os.path.join(paths["embeddings"], "trained", "patch_embeddings.csv"),
@@ -291,8 +297,12 @@ def evaluate_and_report(cfg: QuickstartConfig, paths: dict[str, str], tables: di
                                                                cfg.eval_split))
     from ish_tf.evaluate.report import Section
 
-    gene_tables = {name: t["gene"] for name, t in tables.items()}
-    done = {"annotations": run_annotations(ecfg, gene_tables), "reid": {"reid": reid}}
+    # Annotations score every gene (--splits=all, said below and in the Embeddings table);
+    # re-identification was scored on the held-out split alone (`run_quickstart`).
+    gene_tables, choices = apply_splits(ecfg, {name: t["gene"] for name, t in tables.items()})
+    done = {"embeddings": {"written": {}, "choices": choices,
+                           "table": describe_embeddings(ecfg, gene_tables, choices)},
+            "annotations": run_annotations(ecfg, gene_tables), "reid": {"reid": reid}}
     intro = Section(
         "About this run",
         text=("bin/quickstart on a synthetic dataset: a small CNN trained with a triplet loss "
