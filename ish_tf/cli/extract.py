@@ -34,9 +34,10 @@ def define_mask_background(d: FlagDefiner) -> None:
     d.enum("mask_background", "bright", ["bright", "dark"], "Slide background for the "
            "classical segmenter: bright (brightfield ISH on a white slide) or dark "
            "(fluorescence sections on black).")
-    d.enum("mask_method", "deficit", ["deficit", "od"], "Classical mask score: deficit "
-           "(grey levels below the local slide colour) or od (optical density against the "
-           "local slide colour: robust to exposure, gamma and stain saturation/hue).")
+    d.enum("mask_method", "od", ["od", "deficit"], "Classical mask score: od (optical "
+           "density against the local slide colour: robust to exposure, gamma and stain "
+           "saturation/hue) or deficit (grey levels below the local slide colour, the score "
+           "of record sets extracted before issue 21).")
     d.enum("mask_threshold_mode", "auto", ["auto", "otsu", "triangle", "fixed"],
            "Classical mask threshold: auto (noise of the slide and share of the stain), "
            "otsu, triangle, or fixed (--mask_threshold).")

@@ -42,10 +42,10 @@ from ish_tf.io_utils import atomic_path
 
 SEGMENTERS: tuple[str, ...] = ("classical", "unet")
 BACKGROUNDS: tuple[str, ...] = ("bright", "dark")
-# Scores of the classical segmenter: "deficit" (grey levels below the slide in the darkest
-# channel; the default, which the quickstart's figures and older record sets used) or
-# "od" (optical density relative to the local slide; see bench/bench_masks.py for both
-# under exposure, stain and encoding changes).
+# Scores of the classical segmenter: "od" (optical density relative to the local slide;
+# the default) or "deficit" (grey levels below the slide in the darkest channel, what
+# record sets extracted before issue 21 used); bench/bench_masks.py measures both under
+# exposure, stain and encoding changes.
 MASK_METHODS: tuple[str, ...] = ("od", "deficit")
 # How the classical threshold is chosen: "auto" (a few noise levels above the slide, at
 # least a fraction of the way to the stain), Otsu's or the triangle method on the score
@@ -97,7 +97,7 @@ class MaskConfig:
     unet_path: str | None = None
     background: str = "bright"
     work_size: int = 512
-    method: str = "deficit"
+    method: str = "od"
     threshold_mode: str = "auto"
     sensitivity: float = 1.0
     threshold: float | None = None
