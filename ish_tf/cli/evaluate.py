@@ -14,7 +14,9 @@ Writes, under --out, for the tasks that ran:
   (a column per embedding), comparisons.csv (paired tests; 2+ embeddings),
   annotations_skipped.csv, gene_matches.csv;
   diagnosis.csv (per gene), diagnosis_top.csv, diagnosis_summary.csv, diagnosis_skipped.csv;
-  reid.csv; figures/*.png and report.html (--report); evaluate_flags.cfg (replayable).
+  reid.csv; figures/*.png and report.html (--report); evaluate_flags.cfg (replayable);
+  with --pooling=attention and --patch_embeddings: pooling.csv (mean vs attention-MIL
+  pooling on the same folds) and attention_weights.csv (one weight per patch).
 
 Expression profiles (`ish_tf.evaluate.expression`), a task of its own:
   bin/evaluate --task=expression --profiles=data/pbmc --saved_model=export/cic \
@@ -132,6 +134,22 @@ def define_evaluate(fv) -> None:
               "profiles fit KernelPCA.", lower_bound=10)
     d.integer("extreme_dim", -1, "Embedding dimension for the extreme-patches "
               "figure; -1 = the dimension varying most over that gene's patches.")
+    d.string("attribution_model", "", "Training run RUN (model.keras) of the embeddings: "
+             "the extreme-patches figure gains integrated-gradients and Grad-CAM maps per "
+             "patch (ish_tf.attribution); empty = none.")
+    # Attention-MIL pooling (ish_tf.evaluate.attention_mil), scored against the mean.
+    d.enum("pooling", "mean", ["mean", "attention"], "How --patch_embeddings are pooled per "
+           "image, gene in a donor or gene for a bag-level target: mean (the paper; the "
+           "tasks' tables) or attention: gated attention-MIL scored against the mean on the "
+           "same folds, writing pooling.csv and attention_weights.csv.")
+    d.enum("pooling_level", "donor", ["image", "donor", "gene"], "Bags of --pooling: a "
+           "section's patches, a gene's patches in one donor (one cross-validation per "
+           "gene, like --task=diagnosis) or all of a gene's patches.")
+    d.string("pooling_target", "", "Bag label of --pooling: a key column of "
+             "--patch_embeddings, else the manifest's per-donor column; empty = "
+             "--diagnosis_label (classes --diagnosis_positive/--diagnosis_negative).")
+    d.integer("pooling_epochs", 60, "Training passes of the attention model per fold.",
+              lower_bound=1)
 
 
 def parse_named_paths(value: str) -> dict[str, str]:
@@ -199,12 +217,29 @@ def evaluate_config(fv):
         report=fv.report, map_method=fv.map_method,
         patch_embeddings=fv.patch_embeddings, records_dir=fv.records_dir,
         extreme_gene=fv.extreme_gene, extreme_dim=fv.extreme_dim,
-        average_duplicate_genes=fv.average_duplicate_genes).validate()
+        average_duplicate_genes=fv.average_duplicate_genes,
+        attribution_model=fv.attribution_model).validate()
 
 
 def define_flags(fv) -> None:
     define_common(fv)
     define_evaluate(fv)
+
+
+def _usage(message: str) -> int:
+    print(f"{NAME}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_pooling(fv, cfg) -> dict:
+    """--pooling=attention: mean vs attention pooling on the same folds."""
+    from ish_tf.evaluate.attention_mil import MILConfig, run_pooling
+
+    mil = MILConfig(epochs=fv.pooling_epochs, seed=fv.seed, n_splits=fv.folds).validate()
+    return run_pooling(fv.patch_embeddings, cfg.out_dir, level=fv.pooling_level,
+                       target=fv.pooling_target or fv.diagnosis_label,
+                       positive=fv.diagnosis_positive, negative=fv.diagnosis_negative,
+                       manifest=fv.manifest, config=mil, splits=cfg.splits)
 
 
 def _flagged(n: int, total: int) -> str:
@@ -250,6 +285,11 @@ def _print_summary(done: dict, seconds: float) -> None:
             if flag:
                 print(f"evaluate: warning: reid {row['embedding']}: {row['flag']}",
                       file=sys.stderr)
+    if "pooling" in done:
+        s = done["pooling"]["scores"]
+        for pooling, auc in s.groupby("pooling", sort=False)["auc"].mean().items():
+            print(f"  pooling: {pooling}: mean AUC {auc:.3f} over {s['scope'].nunique()} "
+                  f"scope(s)")
     for task in done.values():
         for name, path in task["written"].items():
             print(f"  {name + ':':22s}{os.path.abspath(path)}")
@@ -267,8 +307,13 @@ def main(fv, argv: list[str]) -> int:
     with usage_errors():
         cfg = evaluate_config(fv)
     start = time.monotonic()
+    if fv.pooling == "attention" and not fv.patch_embeddings:
+        return _usage("--pooling=attention needs --patch_embeddings (bin/embed's "
+                      "patch_embeddings.csv)")
     try:
         done = run_tasks(cfg)
+        if fv.pooling == "attention":
+            done["pooling"] = _run_pooling(fv, cfg)
     except (ValueError, KeyError, OSError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,8 @@
 Examples:
   bin/export --model_dir=runs/triplet --export_dir=export/triplet
   bin/export --model_dir=runs/triplet --export_dir=export/triplet --version=7 --keep=3
+  bin/export --model_dir=runs/triplet --export_dir=export/triplet_search \
+      --search_index=work/embed/gene_embeddings.csv
 
 Writes EXPORT/<name>/<version>/ (saved_model.pb, variables/, assets.extra/ish_tf.json
 with family, input size, outputs, the run's flags and the record schema, and
@@ -13,6 +15,8 @@ e.g. `embedding` (B, D); the summary printed lists the signatures from the sidec
 Versions are integers (default newest + 1, so TF Serving picks the new one up);
 only the newest --keep of ish_tf's own SavedModels are kept: a numeric folder that is
 not one is never deleted (and is an error when it is the --version to write).
+--search_index adds the `search` and `search_embedding` signatures: the top-k genes of
+the stored table nearest to a query (ish_tf.export.search; bin/search queries them).
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ def define_export(fv) -> None:
               "exporting; 0 = all. Numeric folders that are not ish_tf SavedModels are never "
               "counted or deleted.", lower_bound=0)
     d.bool("overwrite", False, "Replace --version if it already exists.")
+    d.string("search_index", "", "Embedding table (e.g. bin/embed's gene_embeddings.csv) "
+             "stored in the export for the `search` signatures: the top-k genes of a query "
+             "image (see ish_tf.export.search); empty = no search.")
+    d.enum("search_metric", "", ["", "euclidean", "sqeuclidean", "cityblock", "cosine"],
+           "Distance of the search; empty = the model's training metric "
+           "(RUN/model_config.json), else euclidean.")
 
 
 def export_config(fv):
@@ -72,7 +82,9 @@ def main(fv, argv: list[str]) -> int:
         cfg = export_config(fv)
     try:
         path = export_run(cfg.model_dir, cfg.export_dir, family=cfg.family or None,
-                          version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite)
+                          version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite,
+                          search_index=fv.search_index or None,
+                          search_metric=fv.search_metric)
         meta = read_metadata(path)
         kept = exported_versions(cfg.export_dir)
     except (ExportError, OSError) as e:
@@ -88,6 +100,10 @@ def main(fv, argv: list[str]) -> int:
             continue
         inputs = "; ".join(f"{k} {v}" for k, v in signatures[sig].get("inputs", {}).items())
         print(f"  {sig}: {inputs} -> {', '.join(meta['outputs'])}")
+    if meta.get("search"):
+        from ish_tf.export.search import describe_search
+
+        print(describe_search(meta))
     print(f"  input kind: {meta.get('input_kind', 'image')}"
           f"{_describe_input(meta.get('input') or {})}")
     print(f"  versions kept in {cfg.export_dir}: {kept}")

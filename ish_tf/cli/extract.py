@@ -11,6 +11,10 @@ patch count, reason), OUT/masks/{image_id}.png (cached masks) and OUT/extract_fl
 (`ish_tf.data.beam_extract`; `--beam_options` passes the runner's options through) and
 writes the same shards, byte for byte. Rerunning the same command resumes: complete shards are kept,
 partial files of an interrupted run are removed and their shards redone.
+An RxRx1 manifest (`bin/ingest --layout=rxrx1`; told from its channel columns) gives one
+6-channel raw record per site instead, split by experiment, with OUT/channel_stats.csv
+(`ish_tf.data.plate_records`, `ish_tf.data.plate_norm`):
+  bin/extract --manifest=data/plates_manifest/manifest.csv --out=data/plate_records
 `--whole_images` writes one downsampled whole section per record instead (see
 `ish_tf.families.cdae.whole`), with the same shards, index, report and resume.
 """
@@ -189,11 +193,63 @@ def whole_config(fv):
                        **shared)
 
 
+# --------------------------------------------------------------------------- plates
+def define_plates(fv) -> None:
+    """Flags of fluorescence plate records (`bin/extract` on an RxRx1 manifest,
+    `ish_tf.data.plate_records`)."""
+    d = definer(fv, NAME)
+    d.integer("site_size", 0, "RxRx1 manifests: side of the stored 6-channel sites (box "
+              "downsampling); 0 = as on disk (RxRx1: 512).", lower_bound=0)
+    d.list("validation_experiments", [], "RxRx1 manifests: labelled experiments held out "
+           "for validation (default: the last --validation_per_cell_type of each cell type).")
+    d.list("test_experiments", [], "RxRx1 manifests: labelled experiments held out for test "
+           "(the test-dataset experiments always go to test).")
+    d.integer("validation_per_cell_type", 1, "RxRx1 manifests: labelled experiments per cell "
+              "type held out for validation when --validation_experiments is empty.",
+              lower_bound=0)
+
+
+def plates_config(fv):
+    """`ish_tf.data.plate_records.PlateExtractConfig` from the flags."""
+    from ish_tf.data.plate_records import PlateExtractConfig
+
+    return PlateExtractConfig(
+        manifest=fv.manifest, out_dir=fv.out, site_size=fv.site_size,
+        num_shards=fv.num_shards, compression=None if fv.compression == "none" else "GZIP",
+        validation_experiments=tuple(config.parse_list(fv.validation_experiments)),
+        test_experiments=tuple(config.parse_list(fv.test_experiments)),
+        validation_per_cell_type=fv.validation_per_cell_type, workers=fv.workers,
+        seed=fv.seed)
+
+
+def main_plates(fv) -> int:
+    """`bin/extract` on an RxRx1 manifest: 0 ok, 1 bad input, 130 Ctrl-C."""
+    from ish_tf.data import plate_records, rxrx1
+    from ish_tf.data.plate_norm import StatsError
+    from ish_tf.data.records import RecordsError
+
+    cfg = plates_config(fv)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    config.write_flagfile(os.path.join(cfg.out_dir, "extract_flags.cfg"), fv)
+    try:
+        summary = plate_records.extract_plates(cfg, progress=False)
+    except KeyboardInterrupt:
+        print("extract: interrupted; completed shards are kept, rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    except (rxrx1.Rxrx1Error, RecordsError, StatsError) as e:
+        print(f"extract: error: {e}", file=sys.stderr)
+        return 1
+    print(plate_records.format_summary(summary))
+    return 0
+
+
 def define_flags(fv) -> None:
     define_common(fv)
     define_extract(fv)
     define_runner(definer(fv, NAME), "extraction")
     define_whole(fv)
+    define_plates(fv)
 
 
 def main(fv, argv: list[str]) -> int:
@@ -202,6 +258,10 @@ def main(fv, argv: list[str]) -> int:
 
     if not fv.manifest or not fv.out:
         raise app.UsageError("--manifest and --out are required")
+    from ish_tf.data.rxrx1 import is_rxrx1_manifest
+
+    if is_rxrx1_manifest(fv.manifest):
+        return main_plates(fv)
     from ish_tf.data import patches
     from ish_tf.data.manifest import ManifestError
     from ish_tf.data.records import RecordsError

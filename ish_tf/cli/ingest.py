@@ -6,6 +6,11 @@ Example:
   bin/ingest --table=my_sections/sections.csv --out=data/mine --study_label=my_lab
   bin/extract --manifest=data/mine/manifest.csv --out=data/mine_records
   bin/ingest --expression=cells.h5ad --label_column=cell_type --out=data/cells
+  bin/ingest --layout=rxrx1 --images=data/rxrx1 --out=data/rxrx1_manifest
+
+RxRx1 plates (`--layout=rxrx1`, `ish_tf.data.rxrx1`): writes OUT/manifest.csv (one row per
+site: experiment, plate, well, site, cell_type, well_type, sirna, dataset, six channel
+paths), OUT/skipped.csv and OUT/ingest_flags.cfg; TFRecords are unpacked into OUT/images/.
 
 Images: reads each image's header for its size and writes OUT/manifest.csv (images stay
 where they are), OUT/skipped.csv (files or rows left out, with the reason) and
@@ -52,6 +57,13 @@ def define_ingest(fv) -> None:
     d.float("target_um", 0.0, "Instead of --downsample: per image, the largest reduction "
             "whose scale stays at or below this many um per pixel (0 = off).",
             lower_bound=0.0)
+    d.enum("layout", "sections", ["sections", "rxrx1"], "What --images holds: sections "
+           "(your section images, with --table or --name_pattern) or rxrx1 (fluorescence "
+           "plates in an RxRx1 layout: challenge, released or TFRecords; see "
+           "ish_tf.data.rxrx1).")
+    d.string("rxrx1_labels", "", "--layout=rxrx1: CSV (id_code, sirna) filling the labels of "
+             "unlabelled wells, e.g. a synthetic set's truth.csv, to score held-out "
+             "experiments.")
     d.string("expression", "", "An expression matrix to ingest instead of images: .h5ad, or "
              ".csv/.tsv/.txt (optionally .gz) with sample and gene names.")
     d.string("label_column", "", "--expression: obs (or table) column of the labels, the "
@@ -146,12 +158,48 @@ def main_expression(fv) -> int:
     return 0
 
 
+def main_rxrx1(fv) -> int:
+    """`bin/ingest --layout=rxrx1`: 0 ok, 1 bad input (the message names file, line, column)."""
+    from absl import app
+
+    from ish_tf.data import rxrx1
+
+    if not fv.out or not fv.images:
+        raise app.UsageError("--layout=rxrx1 needs --images (the RxRx1 folder) and --out")
+    if fv.table or fv.name_pattern or fv.expression:
+        raise app.UsageError("--layout=rxrx1 reads the layout's own tables; --table, "
+                             "--name_pattern and --expression do not apply")
+    cfg = rxrx1.Rxrx1IngestConfig(images=fv.images, out=fv.out, labels=fv.rxrx1_labels,
+                                  workers=fv.workers)
+    try:
+        result = rxrx1.ingest_rxrx1(cfg)
+    except rxrx1.Rxrx1Error as e:
+        print(f"ingest: error: {e}", file=sys.stderr)
+        return 1
+    config.write_flagfile(os.path.join(fv.out, "ingest_flags.cfg"), fv)
+    df = result.manifest
+    labelled = int(df["sirna"].notna().sum())
+    print(f"ingest: RxRx1 {result.layout} layout: {len(df)} sites of "
+          f"{df['id_code'].nunique()} wells in {df['experiment'].nunique()} experiments "
+          f"({', '.join(sorted(df['cell_type'].unique()))}), {labelled} labelled, "
+          f"{df['sirna'].nunique()} classes")
+    print(f"  manifest: {os.path.abspath(result.manifest_path)}")
+    if result.skipped_path:
+        kinds = result.skipped["kind"].value_counts()
+        print(f"  skipped:  {len(result.skipped)} ({', '.join(f'{k} {n}' for k, n in kinds.items())}):"
+              f" {os.path.abspath(result.skipped_path)}")
+    print(f"  next:     bin/extract --manifest={result.manifest_path} --out=RECORDS_DIR")
+    return 0
+
+
 def main(fv, argv: list[str]) -> int:
     """Runs the ingest stage; returns the exit status (0 ok, 1 nothing usable or bad table)."""
     from absl import app
 
     from ish_tf.data import ingest, manifest
 
+    if fv.layout == "rxrx1":
+        return main_rxrx1(fv)
     if fv.expression:
         return main_expression(fv)
 

@@ -7,6 +7,7 @@
   bin/quickstart --family=ish_cnn        # the ISH CNN recipe -> work/quickstart/ish_cnn/summary.json
   bin/quickstart --family=cic            # cell identity codes -> work/quickstart/cic/summary.json
   bin/quickstart --family=cic --expression=cells.h5ad --label_column=cell_type [--use_raw]
+  bin/quickstart --family=mean_teacher   # the fluorescence (RxRx1) recipe -> work/quickstart/mean_teacher/summary.json
 
 configs/quickstart.cfg includes the stage flagfiles (synth, extract, triplet training)
 and sets the quickstart's sizes; paths are taken from --workdir. The other families run

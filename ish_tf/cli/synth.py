@@ -4,11 +4,17 @@ Example:
   bin/synth --out=data/synth --n_genes=24 --n_donors=4 --seed=0
   bin/synth --flagfile=configs/synth_quickstart.cfg
   bin/synth --modality=expression --out=data/synth_cells --n_genes=500 --synth_cells=600
+  bin/synth --modality=fluorescence --out=data/plates --synth_plates=2 --seed=0
 
 --modality=expression writes synthetic expression profiles instead
 (`ish_tf.data.synthetic_expression`): OUT/counts.csv (samples x genes counts), OUT/obs.csv
 (sample_id, cell_type, batch); ingest them with
 `bin/ingest --expression=OUT/counts.csv --obs=OUT/obs.csv --label_column=cell_type`.
+
+--modality=fluorescence writes 6-channel fluorescence plates in the RxRx1 challenge
+layout (`ish_tf.data.synthetic_plates`): OUT/{train,test}/EXPERIMENT/PlateP/*.png,
+OUT/train.csv, test.csv, train_controls.csv, test_controls.csv and OUT/truth.csv; ingest
+them with `bin/ingest --layout=rxrx1 --images=OUT --out=DIR`.
 
 Writes OUT/images/{image_id}.jpg, OUT/masks/{image_id}.png, OUT/manifest.csv,
 OUT/annotations.csv, OUT/go.gaf, OUT/go.obo, OUT/specs.json and OUT/synth_flags.cfg
@@ -33,13 +39,17 @@ def define_synth(fv) -> None:
     """Flags of `bin/synth` (synthetic ISH sections -> images/, masks/, manifest.csv, ...)."""
     d = definer(fv, NAME)
     d.string("out", "", "Output directory of the dataset.")
-    d.enum("modality", "ish", ["ish", "expression"], "ish: sections (images, masks, "
-           "manifest); expression: count profiles of cell types (counts.csv, obs.csv).")
+    d.enum("modality", "ish", ["ish", "expression", "fluorescence"], "ish: sections (images, "
+           "masks, manifest); expression: count profiles of cell types (counts.csv, "
+           "obs.csv); fluorescence: 6-channel plates in the RxRx1 challenge layout.")
     d.integer("synth_cells", 600, "--modality=expression: profiles (of --n_genes genes, "
               "500 when not given).", lower_bound=1)
-    d.integer("synth_cell_types", 6, "--modality=expression: cell types.", lower_bound=1)
+    d.integer("synth_cell_types", 6, "--modality=expression: cell types; "
+              "--modality=fluorescence: cell types of RxRx1 (1..4, 4 when not given).",
+              lower_bound=1)
     d.integer("synth_batches", 2, "--modality=expression: batches (with batch effects).",
               lower_bound=1)
+    define_synth_plates(d)
     d.integer("n_genes", 24, "Number of synthetic genes.", lower_bound=1)
     d.integer("n_donors", 4, "Number of synthetic donors (half get a schizophrenia "
               "diagnosis).", lower_bound=2)
@@ -57,6 +67,83 @@ def define_synth(fv) -> None:
               upper_bound=100)
     d.integer("synth_workers", 0, "Worker processes rendering images; 0 = render in the main "
               "process.", lower_bound=0)
+
+
+def define_synth_plates(d) -> None:
+    """--modality=fluorescence flags (`ish_tf.data.synthetic_plates.PlateSynthConfig`)."""
+    d.integer("synth_experiments", 2, "--modality=fluorescence: labelled experiments "
+              "(dataset train) per cell type.", lower_bound=1)
+    d.integer("synth_test_experiments", 1, "--modality=fluorescence: unlabelled experiments "
+              "(dataset test; labels only in truth.csv) per cell type.", lower_bound=0)
+    d.integer("synth_plates", 2, "--modality=fluorescence: plates per experiment.",
+              lower_bound=1)
+    d.integer("synth_class_groups", 2, "--modality=fluorescence: groups of siRNA classes; "
+              "each plate holds one group.", lower_bound=1)
+    d.integer("synth_classes_per_group", 12, "--modality=fluorescence: siRNA classes per "
+              "group (wells per plate = this + controls).", lower_bound=1)
+    d.integer("synth_positive_controls", 2, "--modality=fluorescence: positive-control "
+              "classes on every plate (plus one negative control).", lower_bound=0)
+    d.integer("synth_sites", 2, "--modality=fluorescence: sites imaged per well.",
+              lower_bound=1)
+    d.integer("synth_site_size", 64, "--modality=fluorescence: side of a site image, pixels "
+              "(RxRx1: 512).", lower_bound=16)
+    d.float("synth_effect", 1.0, "--modality=fluorescence: strength of the siRNA effects.",
+            lower_bound=0.0)
+    d.float("synth_noise", 1.0, "--modality=fluorescence: strength of the technical noise "
+            "(experiment/plate gains and offsets, gradients, blur, edge wells).",
+            lower_bound=0.0)
+
+
+def plates_config(fv):
+    """`ish_tf.data.synthetic_plates.PlateSynthConfig` from the flags (and --seed,
+    --small_run: at most 2 cell types, 1 plate, 6 classes per group, 48 px).
+
+    Raises:
+      ValueError: an invalid setting (naming the field).
+    """
+    from ish_tf.data.synthetic_plates import PlateSynthConfig
+
+    cell_types = fv.synth_cell_types if fv["synth_cell_types"].present else 4
+    plates, per_group, size = fv.synth_plates, fv.synth_classes_per_group, fv.synth_site_size
+    if fv.small_run:
+        cell_types, plates = min(cell_types, 2), 1
+        per_group, size = min(per_group, 6), min(size, 48)
+    return PlateSynthConfig(
+        cell_types=cell_types, experiments=fv.synth_experiments,
+        test_experiments=fv.synth_test_experiments, plates=plates,
+        class_groups=fv.synth_class_groups, classes_per_group=per_group,
+        positive_controls=fv.synth_positive_controls, sites=fv.synth_sites, site_size=size,
+        effect=fv.synth_effect, noise=fv.synth_noise, seed=fv.seed).validate()
+
+
+def main_fluorescence(fv) -> int:
+    """`bin/synth --modality=fluorescence`: plates in the RxRx1 challenge layout; 0 ok."""
+    from ish_tf.data.synthetic_plates import generate_plates
+
+    with usage_errors():
+        if not fv.out:
+            raise ValueError("--out is required: the directory to write the plates to")
+        cfg = plates_config(fv)
+    start = time.monotonic()
+    try:
+        result = generate_plates(fv.out, cfg, progress=False)
+    except OSError as e:
+        print(f"synth: error: {e}", file=sys.stderr)
+        return 1
+    config.write_flagfile(os.path.join(fv.out, "synth_flags.cfg"), fv)
+    n_test = sum(d == "test" for d in result.experiments.values())
+    print(f"synth: {len(result.experiments)} experiments ({n_test} unlabelled) of "
+          f"{cfg.cell_types} cell type(s) x {cfg.plates} plate(s) x {cfg.wells_per_plate} wells "
+          f"x {cfg.sites} site(s), {cfg.site_size} px, {result.n_classes} classes "
+          f"({cfg.class_groups} group(s) of {cfg.classes_per_group} + "
+          f"{cfg.positive_controls + 1} controls), seed {cfg.seed}: {result.n_images} images "
+          f"in {time.monotonic() - start:.1f}s")
+    out = os.path.abspath(fv.out)
+    print(f"  layout: {out}/{{train,test}}/EXPERIMENT/PlateP/WELL_sS_wC.png + train.csv, "
+          "test.csv, *_controls.csv")
+    print(f"  truth:  {os.path.join(out, 'truth.csv')} (every well's siRNA, test wells too)")
+    print(f"  next:   bin/ingest --layout=rxrx1 --images={fv.out} --out=DIR")
+    return 0
 
 
 def synth_config(fv):
@@ -126,6 +213,8 @@ def main(fv, argv: list[str]) -> int:
 
     if fv.modality == "expression":
         return main_expression(fv)
+    if fv.modality == "fluorescence":
+        return main_fluorescence(fv)
     with usage_errors():
         cfg = synth_config(fv)
     logging.info("synth: %d genes x %d donors (%d per gene) x %d images, %dx%d px, seed %d -> %s",

@@ -13,6 +13,10 @@ stored in the set's `index.json`; see `ish_tf.data.shards`):
   `image/channels` and `image/dtype`;
 - ``vector``: the `vector` feature (D floats) and no image features at all.
 
+Optional features (`OPTIONAL_KEYS`: plate, well, site, cell_type, well_type) are written
+only when given, so records that do not set them keep their bytes; fluorescence plate
+sites set them.
+
 Every record carries an identity (the label of re-identification: a gene, later a
 perturbation or a cell type) and a group (a donor, later a plate or a batch). The
 stored keys keep their original names (`gene_symbol`/`gene_index`,
@@ -63,6 +67,21 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
 
 #: Every feature of a record, defined once.
 FEATURE_KEYS: tuple[str, ...] = tuple(_SCHEMA)
+
+# Optional features: written only when given, so records without them (ISH patches,
+# expression vectors) keep exactly their bytes. Fluorescence plate sites
+# (`ish_tf.data.plate_records`) set them; a reader asks for them by name
+# (`parse_example(keys=FEATURE_KEYS + OPTIONAL_KEYS)`) and gets the default where absent.
+_OPTIONAL_SCHEMA: dict[str, tuple[str, Any]] = {
+    "plate": ("int", -1),                 # plate number within the experiment (the group)
+    "well": ("bytes", ""),                # well on the plate, e.g. B02
+    "site": ("int", -1),                  # imaged site within the well
+    "cell_type": ("bytes", ""),
+    "well_type": ("bytes", ""),           # treatment | positive_control | negative_control
+}
+#: Features written only when set (plate metadata of fluorescence sites).
+OPTIONAL_KEYS: tuple[str, ...] = tuple(_OPTIONAL_SCHEMA)
+_ALL_SCHEMA: dict[str, tuple[str, Any]] = {**_SCHEMA, **_OPTIONAL_SCHEMA}
 
 #: Scalar features (everything except the encoded image and the variable-length vector).
 SCALAR_KEYS: tuple[str, ...] = tuple(
@@ -324,8 +343,9 @@ def make_example(*, input_spec: InputSpec | None = None, **fields: Any) -> bytes
     values: dict[str, Any] = {}
     for name, value in fields.items():
         key = _ALIASES.get(name, name)
-        if key not in _SCHEMA:
-            raise RecordsError(f"unknown feature '{name}'; known: {', '.join(FEATURE_KEYS)}")
+        if key not in _ALL_SCHEMA:
+            raise RecordsError(f"unknown feature '{name}'; known: "
+                               f"{', '.join(FEATURE_KEYS + OPTIONAL_KEYS)}")
         if key in values:
             raise RecordsError(f"feature '{key}' given twice (as '{name}' and an alias)")
         values[key] = value
@@ -357,10 +377,11 @@ def make_example(*, input_spec: InputSpec | None = None, **fields: Any) -> bytes
         written = [k for k in FEATURE_KEYS if raw or k not in RAW_IMAGE_KEYS]
     if input_spec is not None:
         _check_against_spec(values, input_spec, None if kind == "vector" else channels)
+    written += [k for k in OPTIONAL_KEYS if k in values]
 
     feature = {}
     for key in written:
-        kind_of, default = _SCHEMA[key]
+        kind_of, default = _ALL_SCHEMA[key]
         value = values.get(key, default)
         if kind_of == "bytes":
             feature[key] = feature_pb2.Feature(
@@ -381,7 +402,8 @@ def feature_spec(keys: Iterable[str] | None = None, kind: str = "image") -> dict
     """The `tf.io.parse_single_example` spec of the given keys (default: all).
 
     Args:
-      keys: features to parse.
+      keys: features to parse (default: `FEATURE_KEYS`; the `OPTIONAL_KEYS` only when
+        named).
       kind: the set's input kind: its `REQUIRED_KEYS` have no default (a record
         without them fails to parse); the others read as their default when absent.
 
@@ -395,9 +417,10 @@ def feature_spec(keys: Iterable[str] | None = None, kind: str = "image") -> dict
     required = REQUIRED_KEYS[kind]
     spec = {}
     for key in FEATURE_KEYS if keys is None else keys:
-        if key not in _SCHEMA:
-            raise RecordsError(f"unknown feature '{key}'; known: {', '.join(FEATURE_KEYS)}")
-        kind_of, default = _SCHEMA[key]
+        if key not in _ALL_SCHEMA:
+            raise RecordsError(f"unknown feature '{key}'; known: "
+                               f"{', '.join(FEATURE_KEYS + OPTIONAL_KEYS)}")
+        kind_of, default = _ALL_SCHEMA[key]
         default = None if key in required else default
         if kind_of == "bytes":
             spec[key] = tf.io.FixedLenFeature([], tf.string, default_value=default)

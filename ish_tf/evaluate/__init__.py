@@ -61,6 +61,8 @@ class EvaluateConfig:
       extreme_dim: its dimension; -1 = the one varying most over the gene's patches.
       average_duplicate_genes: average the rows of a gene repeated in a gene-level table
         (with a warning) instead of stopping with an error naming them.
+      attribution_model: a training run (or .keras) whose attribution maps are added to
+        the extreme-patches figure ("" = none; `ish_tf.attribution`).
     """
 
     tasks: tuple[str, ...] = ("annotations",)
@@ -91,6 +93,7 @@ class EvaluateConfig:
     extreme_gene: str = ""
     extreme_dim: int = -1
     average_duplicate_genes: bool = False
+    attribution_model: str = ""
 
     def validate(self) -> EvaluateConfig:
         """Checks that each task has its inputs.

@@ -457,10 +457,17 @@ def extreme_patches_section(config, fig_dir: str):
         table, config.extreme_gene)
     path = os.path.join(fig_dir, f"extreme_{config.extreme_gene}_dim{dim}.png")
     caption = figures.plot_extreme_patches(config.records_dir, table, config.extreme_gene, dim, path)
+    shown = [(caption, path)]
+    if getattr(config, "attribution_model", ""):  # a heat map per patch (ish_tf.attribution)
+        from ish_tf.attribution import extreme_patch_maps
+
+        maps_path = os.path.join(fig_dir, f"extreme_{config.extreme_gene}_dim{dim}_maps.png")
+        shown.append((extreme_patch_maps(config.records_dir, table, config.extreme_gene, dim,
+                                         config.attribution_model, maps_path), maps_path))
     return report_module.Section(
         "Patches that most and least activate a dimension",
         text=(f"Gene {config.extreme_gene}, embedding dimension {dim}"
               f"{' (the one varying most over its patches)' if config.extreme_dim < 0 else ''}; "
               "patches read back from the TFRecords."),
-        figures=[(caption, path)],
+        figures=shown,
         settings={"patch_embeddings": config.patch_embeddings, "records_dir": config.records_dir})

@@ -376,7 +376,7 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
                        metadata: Mapping[str, Any] | None = None,
                        class_names: Sequence[str] | None = None,
                        flagfile: str | None = None, version: int | None = None,
-                       keep: int = 5, overwrite: bool = False) -> str:
+                       keep: int = 5, overwrite: bool = False, search_index=None) -> str:
     """Exports a Keras model as a new integer version of a TF Serving model.
 
     The signatures follow the input kind (see the module docstring): JPEG/PNG bytes,
@@ -404,6 +404,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
       keep: keep only this many newest versions after exporting (0 = all); the new
         version itself is always kept.
       overwrite: replace `version` if it exists (else an existing version raises).
+      search_index: an `ish_tf.export.search.SearchIndex`: adds the `search` and
+        `search_embedding` signatures (exact top-k over its vectors; see that module).
 
     Returns:
       The version directory, `export_base/<version>`.
@@ -458,6 +460,12 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
     archive.add_endpoint(pixels_signature, serve_decoded, input_signature=[decoded_input])
     archive.add_endpoint(TF_EXAMPLE, serve_examples,
                          input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    search_meta = None
+    if search_index is not None:
+        from ish_tf.export import search
+
+        search_meta = search.add_search_endpoints_for(archive, search_index, model, spec, names,
+                                                      output_map)
 
     try:
         os.makedirs(export_base, exist_ok=True)
@@ -474,6 +482,9 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
         flags_text = _read_text(flagfile)
         sidecar = _sidecar(model, family, pixels_signature, names, spec, class_names,
                            flags_text, metadata)
+        if search_meta is not None:
+            sidecar["signatures"].update(search_meta.pop("signatures"))
+            sidecar["search"] = search_meta
         _write_sidecar(tmp, sidecar, flags_text)
         final = _commit(tmp, export_base, version, overwrite)
     except (OSError, tf.errors.OpError) as e:
@@ -689,7 +700,8 @@ class ExportConfig:
 def export_run(model_dir: str, export_base: str, *, family: str | None = None,
                version: int | None = None, keep: int = 5, overwrite: bool = False,
                class_names: Sequence[str] | None = None,
-               input_spec: InputSpec | None = None) -> str:
+               input_spec: InputSpec | None = None, search_index: str | None = None,
+               search_metric: str = "") -> str:
     """Exports a training run's `RUN/model.keras` (see `export_saved_model`).
 
     The family is read from `RUN/model_config.json` ("builder") unless given;
@@ -701,6 +713,9 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
       family: model family; default from model_config.json, else "triplet".
       version, keep, overwrite, class_names, input_spec: as in `export_saved_model`
         (the input kind and signatures follow the model input and the family's spec).
+      search_index: an embedding table (e.g. bin/embed's gene_embeddings.csv) to search:
+        adds the `search` signatures (`ish_tf.export.search`).
+      search_metric: its distance; "" = the training metric in model_config.json.
 
     Returns:
       The version directory.
@@ -736,7 +751,14 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
     if family in family_names():
         get_family(family).import_builder()
     model = load_keras_file(model_path, run_dir)
+    index = None
+    if search_index:
+        from ish_tf.export import search
+
+        index = search.load_index_for_export(search_index, search_metric,
+                                             extra.get("model_config"))
     return export_saved_model(model, export_base, family=family, metadata=extra,
+                              search_index=index,
                               class_names=class_names, input_spec=input_spec,
                               flagfile=os.path.join(run_dir, FLAGFILE_NAME),
                               version=version, keep=keep, overwrite=overwrite)

@@ -337,3 +337,22 @@ register_family(FamilySpec(
     flag_prefix="cic", tiny="ish_tf.families.cic.testing:tiny_classifier",
     description="the cell-identity-code autoencoder with a cell-type softmax on its code, "
                 "trained jointly"))
+register_family(FamilySpec(
+    name="fluorescence", config="ish_tf.families.fluorescence.config:FluorescenceConfig",
+    builder="ish_tf.families.fluorescence.model:build_fluorescence_model",
+    task="ish_tf.families.fluorescence.task:FluorescenceTask", inputs=InputSpec.image(6),
+    outputs=("embedding", "probabilities", "logits"), pixels_signature="classify_images",
+    hypermodel="ish_tf.families.fluorescence.hypermodel:FluorescenceHyperModel",
+    tiny="ish_tf.families.fluorescence.testing:tiny",
+    description="siRNA classes of multi-channel fluorescence sites, normalised per plate: "
+                "ArcFace or softmax head (DeepNoise, supervised)"))
+register_family(FamilySpec(
+    name="mean_teacher", config="ish_tf.families.fluorescence.config:FluorescenceConfig",
+    builder="ish_tf.families.fluorescence.model:build_fluorescence_model",
+    task="ish_tf.families.fluorescence.task:MeanTeacherTask", inputs=InputSpec.image(6),
+    outputs=("embedding", "probabilities", "logits"), pixels_signature="classify_images",
+    flag_prefix="fluorescence", tiny="ish_tf.families.fluorescence.testing:tiny_mean_teacher",
+    hypermodel="ish_tf.families.fluorescence.hypermodel:FluorescenceHyperModel",
+    quickstart="ish_tf.families.fluorescence.quickstart:run_quickstart",
+    description="the fluorescence network as student and EMA teacher, with unlabelled wells "
+                "of held-out experiments (DeepNoise mean teacher)"))
