@@ -3,7 +3,7 @@
 Examples:
   bin/export --model_dir=runs/triplet --export_dir=export/triplet
   bin/export --model_dir=runs/triplet --export_dir=export/triplet --version=7 --keep=3
-  bin/export --model_dir=runs/triplet --export_dir=export/triplet_search \
+  bin/export --model_dir=runs/triplet --export_dir=export/triplet_search \\
       --search_index=work/embed/gene_embeddings.csv
 
 Writes EXPORT/<name>/<version>/ (saved_model.pb, variables/, assets.extra/ish_tf.json
