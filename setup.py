@@ -43,7 +43,9 @@ setup(
         # write TFRecords (it needs crcmod), hence the [tfrecord] extra.
         "beam": ["apache-beam[tfrecord]>=2.68"],
         # Pyramidal/tiled TIFF and OME-TIFF sections (bin/ingest, bin/extract).
-        "wsi": ["tifffile>=2024.1"],
+        # imagecodecs: JPEG-compressed tiles (SVS, most scanner TIFFs); openslide-python is
+        # optional and used for other slide formats where it is installed.
+        "wsi": ["tifffile>=2024.1", "imagecodecs>=2024.1"],
     },
     license="Apache-2.0",
     classifiers=[

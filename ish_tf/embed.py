@@ -712,6 +712,32 @@ def _selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
     return shards
 
 
+def note_size_mismatch(records_dir: str, metadata: dict) -> str:
+    """Says (once, as a warning) that the records' images are resized to the model's
+    input, with both sizes, when the records set and the export disagree.
+
+    Returns:
+      The line said, or "" when the sizes agree or one is unknown.
+    """
+    from absl import logging
+
+    from ish_tf.data import shards as shard_index
+
+    try:
+        info = shard_index.load_dataset_info(records_dir)
+    except Exception:  # noqa: BLE001 - an unreadable index is reported by the reader
+        return ""
+    stored = getattr(info, "patch_size", 0) or 0
+    size = (metadata or {}).get("input_size") or 0
+    if not stored or not size or int(stored) == int(size):
+        return ""
+    line = (f"{records_dir}: records are {stored}x{stored} px and the model takes "
+            f"{size}x{size}: every image is resized to {size}x{size} (bilinear) before "
+            "embedding")
+    logging.warning("%s", line)
+    return line
+
+
 def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> EmbedResult:
     """Embeds the records of `config.records_dir` with the SavedModel and writes the tables.
 
@@ -730,13 +756,14 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     shards = _selected_shards(config.records_dir, config.splits)
     served = ServedModel(config.saved_model, config.signature, config.output,
                          allow_foreign=config.allow_foreign_saved_model)
+    note_size_mismatch(config.records_dir, served.metadata)
     os.makedirs(os.path.join(config.out_dir, PARTS_DIR), exist_ok=True)
 
     all_keys, all_values, skipped = [], [], []
     reused = embedded = 0
     seconds = 0.0
     total = sum(int(s.get("num_records", 0)) for s in shards)
-    with Progress(total or None, desc="embed", enabled=progress) as bar:
+    with Progress(total or None, desc="embed", enabled=progress, unit="records") as bar:
         for s in shards:
             path = os.path.join(config.records_dir, s["file"])
             part = _part_path(config.out_dir, s["file"])

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
-import time
-from collections.abc import Iterable, Iterator
-from typing import IO, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Iterator
+from typing import IO
 
 TMP_SUFFIX = ".tmp"
 
@@ -90,58 +86,6 @@ def remove_stale_tmp(directory: str) -> list[str]:
     return removed
 
 
-class Progress:
-    """A minimal progress bar on stderr, drawn only when stderr is a terminal (or forced).
-
-    Quiet by default in logs and CI; `ISH_TF_PROGRESS=1` forces it on, `=0` off.
-    """
-
-    def __init__(self, total: int | None, desc: str = "", enabled: bool | None = None,
-                 stream: IO = sys.stderr, min_interval: float = 0.2):
-        env = os.environ.get("ISH_TF_PROGRESS")
-        if enabled is None:
-            enabled = env == "1" or (env != "0" and stream.isatty())
-        self.total, self.desc, self.enabled, self.stream = total, desc, enabled, stream
-        self.n, self.start, self._last, self.min_interval = 0, time.monotonic(), 0.0, min_interval
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        now = time.monotonic()
-        if self.enabled and (now - self._last >= self.min_interval or self.n == self.total):
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = self.n / max(now - self.start, 1e-9)
-        if self.total:
-            frac = min(self.n / self.total, 1.0)
-            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            text = f"\r{self.desc} [{bar}] {self.n}/{self.total} {rate:.1f}/s eta {eta:.0f}s"
-        else:
-            text = f"\r{self.desc} {self.n} {rate:.1f}/s"
-        self.stream.write(text)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
-             enabled: bool | None = None) -> Iterator[T]:
-    """Wraps an iterable with a `Progress` bar."""
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
-    with Progress(total, desc, enabled) as bar:
-        for item in iterable:
-            yield item
-            bar.update()
+# The progress bar moved to ish_tf.progress (steady lines where stderr is not a terminal);
+# these names stay for the modules that import them from here.
+from ish_tf.progress import Progress, progress  # noqa: E402,F401

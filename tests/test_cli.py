@@ -145,3 +145,75 @@ def test_tune_accepts_every_train_flag():
     names = set(tune.train_flag_names())
     fv = cli.parse("tune", [])
     assert names <= set(fv) and "tuner" in fv and "tuner" not in names
+
+
+# --------------------------------------------------------------------------- --help
+COMMANDS = sorted(n for n in os.listdir(os.path.join(ROOT, "bin"))
+                  if not n.startswith("_") and n != "test")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_stage_help_lists_its_own_flags_with_defaults(command, capsys):
+    from absl import flags
+
+    assert cli.invoke(command, ["--help"]) == 0
+    text = capsys.readouterr().out
+    fv = flags.FlagValues()
+    cli.command_module(command).define_flags(fv)
+    own = {f.name: f for m, fs in fv.flags_by_module_dict().items() if m.startswith("ish_tf")
+           for f in fs}
+    assert own, command
+    for name, flag in own.items():
+        head = f"--[no]{name} (default: " if flag.boolean else f"--{name}="
+        assert f"\n  {head}" in text, (command, name)
+    assert "Common flags:\n  --seed=0" in text
+    assert "--verbosity" not in text.split("Common flags:")[1].split("Any flag")[0]  # absl's
+    assert ("--[no]small_run" in text) == (command in ("quickstart", "synth", "train", "tune"))
+
+
+def test_train_help_groups_family_flags(capsys):
+    assert cli.invoke("train", ["--help"]) == 0
+    text = capsys.readouterr().out
+    sections = [line for line in text.splitlines() if line and not line.startswith(" ")
+                and line.endswith(":")]
+    assert sections.index("Common flags:") < sections.index("bin/train flags:")
+    triplet = text.split("Family triplet (--model=triplet; its flags are prefixed triplet_):")[1]
+    assert "\n  --triplet_P=" in triplet.split("Family ")[0]
+    assert "\n  --validate_every=1000" in text
+
+
+def test_bin_help_is_the_stage_help():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.ingest", "--help"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bin/ingest flags:" in done.stdout and "--table=''" in done.stdout
+    assert "--small_run" not in done.stdout and "Try --helpfull" not in done.stdout
+
+
+def test_usage_error_line_comes_first(capsys):
+    assert cli.invoke("train", ["--steps=abc"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("train: error: ") and "--steps=abc" in err[0]
+    assert err[-1] == "Run bin/train --help for its flags." and len(err) == 2
+
+
+def test_evaluate_without_task_lists_the_tasks_and_their_needs(capsys):
+    assert cli.invoke("evaluate", ["--out=x"]) == 2
+    err = capsys.readouterr().err
+    first, *rest = err.splitlines()
+    assert first == "evaluate: error: --task is required: which evaluation to run"
+    listed = "\n".join(rest)
+    for task, need in (("annotations", "--annotations"), ("diagnosis", "--manifest"),
+                       ("reid", "--embedding")):
+        assert f"  {task}" in listed and need in listed
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_examples_keep_their_line_breaks(command):
+    """A `\\` at a line's end in a docstring joins the lines (the examples then collapse
+    into one): the help has at least as many lines as the docstring's source."""
+    module = cli.command_module(command)
+    with open(module.__file__, encoding="utf-8") as f:
+        source_doc = f.read().split('"""')[1]
+    assert module.__doc__.count("\n") >= source_doc.count("\n"), command

@@ -254,10 +254,13 @@ def test_parse_flagfile():
 def test_real_allen_jpeg_is_served_resized(tmp_path, model):
     jpg = shared_data_path("allen", "mouse_prox1_sagittal_ds2.jpg")
     data = open(jpg, "rb").read()
-    path = sm.export_saved_model(model, str(tmp_path / "exp"))
+    # A whole section to a 16-px patch model: only with the documented option.
+    path = sm.export_saved_model(model, str(tmp_path / "exp"), serving_resize="any")
     loaded = tf.saved_model.load(path)
     out = loaded.signatures["serving_default"](image_bytes=tf.constant([data]))["embedding"]
     np.testing.assert_allclose(out.numpy(), _reference(model, [data]), atol=1e-4)
+    assert "of any size" in sm.read_metadata(path)["signatures"]["serving_default"][
+        "inputs"]["image_bytes"]
     # The real section is 2980 x 1888: the in-graph resize must have happened.
     decoded = tf.io.decode_jpeg(data)
     assert tuple(decoded.shape) == (1888, 2980, 3)

@@ -155,7 +155,13 @@ def test_bad_images_are_recorded_and_the_rest_continue(synth, tmp_path):
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(data / "images" / f"{ids[3]}.jpg")
     os.remove(data / "images" / f"{ids[4]}.jpg")                               # missing
     write_manifest(df, str(data / "manifest.csv"))
-    summary = P.run_extract(_cfg(data / "manifest.csv", tmp_path / "out"))
+    # The bad images leave the validation split without patches: an error by default
+    # (issue 21), a warning when allowed; the rerun resumes the shards already written.
+    with pytest.raises(P.ExtractError, match="validation.*hold no patches.*balanced"):
+        P.run_extract(_cfg(data / "manifest.csv", tmp_path / "out"))
+    summary = P.run_extract(_cfg(data / "manifest.csv", tmp_path / "out",
+                                 allow_empty_splits=True))
+    assert "validation" in P.format_summary(summary).split("warning: ")[1]
     report = pd.read_csv(tmp_path / "out" / P.REPORT_NAME).set_index("image_id")
     expected = {ids[0]: S.UNREADABLE, ids[1]: S.UNREADABLE, ids[2]: S.NO_TISSUE,
                 ids[3]: S.TOO_SMALL, ids[4]: S.UNREADABLE}
@@ -222,7 +228,7 @@ def test_cli_main(synth, tmp_path, capsys):
     argv = [f"--manifest={synth / 'manifest.csv'}", f"--out={out}",
             "--patches_per_image=2", "--source_size=96", "--patch_size=32", "--num_shards=1",
             "--genes=" + ",".join(sorted(pd.read_csv(synth / "manifest.csv")["gene_symbol"])[:3]),
-            "--save_overlays"]
+            "--save_overlays", "--allow_empty_splits"]
     assert cli.invoke("extract", argv) == 0
     printed = capsys.readouterr().out
     assert "extract: wrote" in printed and str(out) in printed
@@ -342,12 +348,12 @@ def _flaky_reads(monkeypatch, image_id: int, failures: int) -> list[str]:
     calls: list[str] = []
     real = S.read_rgb
 
-    def read(path):
+    def read(path, *args):
         if os.path.basename(path) == f"{image_id}.jpg":
             calls.append(path)
             if len(calls) <= failures:
                 raise OSError(errno.EIO, "Input/output error", path)
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(S, "read_rgb", read)
     monkeypatch.setattr(S, "IO_RETRY_DELAY", 0.01)

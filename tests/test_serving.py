@@ -159,3 +159,24 @@ def test_predict_request_matches_the_serving_signature(exports):
     again = predict_pb2.PredictRequest.FromString(request.SerializeToString())
     assert list(again.inputs) == [sm.BYTES_INPUT]
     assert list(again.inputs[sm.BYTES_INPUT].string_val) == encoded
+
+
+def test_served_images_far_from_the_input_size_are_rejected(exports, tmp_path):
+    """serving_default resizes images near the model's input size (within 2x) and refuses
+    ones far from it (a whole section to a patch model), naming both sizes; the input
+    size is documented in the sidecar and the signature's description."""
+    _, version_dir = exports["triplet"]
+    meta = sm.read_metadata(version_dir)
+    assert meta["input_size"] == S and meta["serving_resize"] == "near"
+    described = meta["signatures"]["serving_default"]["inputs"]["image_bytes"]
+    assert f"of about {S}x{S} px" in described and "rejected" in described
+    fn = tf.saved_model.load(version_dir).signatures["serving_default"]
+    rng = np.random.default_rng(0)
+
+    def png(h, w):
+        return tf.io.encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).numpy()
+
+    assert fn(image_bytes=tf.constant([png(S, S), png(24, 12)]))["embedding"].shape[0] == 2
+    for h, w in ((4 * S, 4 * S), (S, S // 4)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"input {S}x{S}"):
+            fn(image_bytes=tf.constant([png(h, w)]))

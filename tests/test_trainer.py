@@ -146,8 +146,8 @@ def test_tensorboard_scalars_written(runs):
     for path in glob.glob(os.path.join(run_paths(cfg.run_dir)["logs"], "train", "events.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             tags.update(v.tag for v in event.summary.value)
-    assert {"loss", "lr", "active_fraction", "top1", "embedding_norm", "images_per_sec",
-            "input_patches"} <= tags
+    assert {"loss/train", "train/lr", "train/active_fraction", "train/top1",
+            "train/embedding_norm", "train/images_per_sec", "input_patches"} <= tags
 
 
 def test_loss_decreases_on_easy_problem(runs):

@@ -228,7 +228,7 @@ def test_hparams_written_for_trials(searched):
 
     tags = event_tags(os.path.join(searched[0], "runs"))
     assert "_hparams_/experiment" in tags and "_hparams_/session_start_info" in tags
-    assert tags.get("val_rank1") == 2 and "loss" in tags
+    assert tags.get("val_rank1") == 2 and "loss/train" in tags
 
 
 def test_search_resumes_and_extends(searched, records_dir, capsys):

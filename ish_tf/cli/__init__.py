@@ -119,6 +119,87 @@ def quiet_tensorflow_info() -> None:
     logging.get_absl_logger().addFilter(_QuietTensorFlowInfo())
 
 
+# --------------------------------------------------------------------------- log lines
+#: Flags of absl's own with which a user asks for absl's log format (prefixes, levels).
+_ABSL_LOG_FLAGS = ("verbosity", "logtostderr", "alsologtostderr", "stderrthreshold", "log_dir")
+
+
+class PlainFormatter(pylogging.Formatter):
+    """`name: message`, `name: warning: message` above INFO: no absl prefix
+    (`I1202 11:51:02.1 ... trainer.py:326]`), which only a log file or --verbosity shows."""
+
+    def __init__(self, name: str, clear_line: bool = False):
+        super().__init__()
+        self.name = name
+        # On a terminal a progress bar may be drawn on the current line: clear it first
+        # (the bar is redrawn below at its next update).
+        self.prefix = "\r\033[K" if clear_line else ""
+
+    def format(self, record: pylogging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        level = "" if record.levelno <= pylogging.INFO else f"{record.levelname.lower()}: "
+        return f"{self.prefix}{self.name}: {level}{message}"
+
+
+class _NoDetail(pylogging.Filter):
+    """Keeps lines logged with `extra={"detail": True}` (a training run's per-step lines,
+    which the progress bar replaces) out of the console; log files keep them."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not getattr(record, "detail", False)
+
+
+def plain_logging(name: str, fv) -> bool:
+    """Console log lines as plain text (`PlainFormatter`), without per-step detail, unless
+    the user asked for absl's format with --verbosity (or --logtostderr, --log_dir, ...).
+
+    Returns:
+      Whether the plain format was set.
+    """
+    from absl import logging
+
+    if any(flag in fv and fv[flag].present for flag in _ABSL_LOG_FLAGS):
+        return False
+    handler = logging.get_absl_handler()
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    handler.setFormatter(PlainFormatter(name, clear_line=tty))
+    handler.addFilter(_NoDetail())
+    return True
+
+
+@contextlib.contextmanager
+def log_file(path: str) -> Iterator[str]:
+    """Also writes every log line of the block, in absl's format with its prefixes and
+    the per-step detail, to `path` (appended; a resumed run continues it).
+
+    Yields:
+      The path (unchanged); a directory that cannot be written leaves the block
+      without a log file rather than failing the command.
+    """
+    from absl import logging
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handler = pylogging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        yield path
+        return
+    handler.setFormatter(logging.PythonFormatter())
+    handler.setLevel(pylogging.INFO)
+    logger = logging.get_absl_logger()
+    logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 # --------------------------------------------------------------------------- defining flags
 class FlagDefiner:
     """Short flag definitions on one FlagValues, listed under one module in --helpfull.
@@ -174,12 +255,88 @@ def definer(flag_values, command: str) -> FlagDefiner:
     return FlagDefiner(flag_values, f"ish_tf.cli.{command}")
 
 
-def define_common(fv) -> None:
-    """--seed and --small_run, which every command has."""
+def define_common(fv, small_run: bool = True) -> None:
+    """--seed, which every command has, and --small_run where it shrinks something.
+
+    Args:
+      fv: the command's FlagValues.
+      small_run: define --small_run (False for stages where it would mean nothing:
+        ingest, export, evaluate, ...).
+    """
     d = FlagDefiner(fv, "ish_tf.cli")
     d.integer("seed", 0, "Seed for every random choice of the stage.")
-    d.bool("small_run", False, "Shrink batch sizes, buffers and step counts for a local "
-           "smoke run.")
+    if small_run:
+        d.bool("small_run", False, "Shrink batch sizes, buffers and step counts for a local "
+               "smoke run.")
+
+
+# --------------------------------------------------------------------------- --help
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def _section_title(module_name: str, command: str) -> str:
+    if module_name == "ish_tf.cli":
+        return "Common flags"
+    if module_name.startswith("ish_tf.families."):
+        prefix = module_name.rpartition(".")[2]
+        return f"Family {prefix} (--model={prefix}; its flags are prefixed {prefix}_)"
+    if module_name == f"ish_tf.cli.{command}":
+        return f"bin/{command} flags"
+    return f"Flags shared with bin/{module_name.rpartition('.')[2]}"
+
+
+def _flag_line(flag) -> list[str]:
+    """`  --name=DEFAULT` (`--[no]name (default: true)` for a bool), its help below."""
+    import textwrap
+
+    if flag.boolean:
+        head = f"--[no]{flag.name} (default: {'true' if flag.default else 'false'})"
+    else:
+        value = flag.default_as_str or "''"
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
+        head = f"--{flag.name}={value}" if value else f"--{flag.name}=''"
+    return [f"  {head}"] + textwrap.wrap((flag.help or "").strip(), width=88,
+                                         initial_indent="      ", subsequent_indent="      ")
+
+
+def help_text(command: str, doc: str | None, fv) -> str:
+    """`bin/<command> --help`: the command's description and examples (its module
+    docstring), then its own flags with their defaults, grouped: common, the command's,
+    sections shared with other stages, one per model family. absl's own flags
+    (--verbosity, --flagfile, ...) are left to --helpfull."""
+    lines = [(doc or f"bin/{command}").strip(), ""]
+    sections = {m: fs for m, fs in fv.flags_by_module_dict().items() if m.startswith("ish_tf")}
+
+    def order(module_name: str) -> tuple:
+        return (module_name != "ish_tf.cli", module_name != f"ish_tf.cli.{command}",
+                module_name.startswith("ish_tf.families."), module_name)
+
+    seen: set[str] = set()
+    for module_name in sorted(sections, key=order):
+        flags = [f for f in sorted(sections[module_name], key=lambda f: f.name)
+                 if f.name not in seen]
+        if not flags:
+            continue
+        lines.append(_section_title(module_name, command) + ":")
+        for flag in flags:
+            seen.add(flag.name)
+            lines.extend(_flag_line(flag))
+        lines.append("")
+    lines += ["Any flag can also come from --flagfile=FILE (one --flag=value a line).",
+              "--helpfull lists absl's own flags too; --verbosity=0 shows the log lines with "
+              "absl's prefixes."]
+    return "\n".join(lines) + "\n"
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    # Only before a lone "--" (after it everything is positional).
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg in HELP_ARGS:
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -208,8 +365,12 @@ def _check_renamed(argv: Sequence[str], fv) -> None:
 
 
 def _usage_exit(name: str, message: str) -> int:
-    print(f"{name}: error: {message}", file=sys.stderr)
-    print(f"Pass --helpfull to list the flags of bin/{name}.", file=sys.stderr)
+    """The one line that matters first (`name: error: ...`), then where to read more."""
+    lines = str(message).strip().splitlines() or [""]
+    print(f"{name}: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line}", file=sys.stderr)
+    print(f"Run bin/{name} --help for its flags.", file=sys.stderr)
     return 2
 
 
@@ -257,6 +418,10 @@ def run(name: str, define_flags: Callable, main: Callable, *, accepts_args: bool
 
     fv = flags.FLAGS
     define_flags(fv)
+    if _wants_help(sys.argv[1:]):
+        main_module = sys.modules.get("__main__")
+        sys.stdout.write(help_text(name, getattr(main_module, "__doc__", None), fv))
+        sys.exit(0)
 
     def parse(argv: list[str]) -> list[str]:
         try:
@@ -268,8 +433,11 @@ def run(name: str, define_flags: Callable, main: Callable, *, accepts_args: bool
         except _Usage as e:
             sys.exit(_usage_exit(name, str(e)))
 
-    app.run(lambda argv: _execute(name, fv, argv, main, accepts_args=accepts_args,
-                                  tensorflow=tensorflow), flags_parser=parse)
+    def entry(argv: list[str]) -> int:
+        plain_logging(name, fv)
+        return _execute(name, fv, argv, main, accepts_args=accepts_args, tensorflow=tensorflow)
+
+    app.run(entry, flags_parser=parse)
 
 
 def command_module(module_or_name: ModuleType | str) -> ModuleType:
@@ -296,6 +464,9 @@ def invoke(module_or_name: ModuleType | str, argv: Sequence[str] = ()) -> int:
     name = getattr(module, "NAME", module.__name__.rpartition(".")[2])
     fv = flags.FlagValues()
     module.define_flags(fv)
+    if _wants_help(argv):
+        sys.stdout.write(help_text(name, module.__doc__, fv))
+        return 0
     full = [name, *argv]
     try:
         _check_renamed(full, fv)

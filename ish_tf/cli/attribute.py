@@ -48,7 +48,7 @@ def define_attribute(fv) -> None:
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_attribute(fv)
 
 

@@ -35,7 +35,7 @@ def define_cdae_tools(fv) -> None:
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_cdae_tools(fv)
 
 

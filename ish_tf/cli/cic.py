@@ -2,7 +2,7 @@
 
 Example:
   bin/cic interpret --run_dir=runs/cic --profiles=data/pbmc --out=runs/cic/interpret
-  bin/cic interpret --run_dir=runs/cic --profiles=data/profiles_records \
+  bin/cic interpret --run_dir=runs/cic --profiles=data/profiles_records \\
       --gmt=data/profiles/programs.gmt --out=runs/cic/interpret
 
 `interpret` sets each code unit of the mean training code to mean + 2 SD, decodes it and
@@ -41,7 +41,7 @@ def define_cic_tools(fv) -> None:
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_cic_tools(fv)
 
 

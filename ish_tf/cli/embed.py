@@ -112,7 +112,7 @@ def embed_config(fv):
 def define_flags(fv) -> None:
     from ish_tf.cli.extract import define_runner
 
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_embed(fv)
     define_runner(definer(fv, NAME), "embedding")
 

@@ -1,12 +1,15 @@
 """`bin/evaluate`: score embeddings on annotations, GO, diagnosis and re-identification.
 
-Examples:
-  bin/evaluate --task=annotations --zeng_table=zeng2012_table_s2.xlsx \
-      --embeddings=triplet=triplet.csv,resnet50=resnet50.csv,random=random.csv \
-      --donor_matrix=gene_donor_matrix.csv --out=runs/eval
-  bin/evaluate --task=annotations,reid --embedding=embed/images.csv \
-      --annotations=data/synth/annotations.csv --gaf=data/synth/go.gaf --manifest=... --out=...
-  bin/evaluate --flagfile=configs/evaluate_cortex.cfg
+Examples (after bin/quickstart, which writes work/quickstart/):
+  bin/evaluate --task=reid --out=work/eval_reid \\
+      --embedding=work/quickstart/embeddings/trained/image_embeddings.csv
+  bin/evaluate --task=annotations --out=work/eval_annotations \\
+      --embeddings=trained=work/quickstart/embeddings/trained/gene_embeddings.csv,untrained=work/quickstart/embeddings/untrained/gene_embeddings.csv \\
+      --annotations=work/quickstart/data/annotations.csv --annotation_columns=level,pattern
+  bin/evaluate --flagfile=configs/evaluate_cortex.cfg   # the published embeddings + Zeng table
+
+Tasks (--task, one or more; each says what it needs):
+{TASK_HELP}
 
 Writes, under --out, for the tasks that ran:
   annotations.csv (annotation, category, n_genes, auc, auc_pr, f1, max_p, embedding, ...),
@@ -46,13 +49,29 @@ from ish_tf.cli import define_common, definer, run, usage_errors
 NAME = "evaluate"
 USES_TENSORFLOW = False
 
+#: What each task scores and needs (shown by --help and when --task is missing).
+TASK_HELP = """\
+  annotations  predict annotation groups from gene-level embeddings (cross-validated AUC);
+               needs --embedding/--embeddings (gene level: gene_embeddings.csv) and one of
+               --zeng_table, --gaf or --annotations
+  diagnosis    predict a donor label (e.g. schizophrenia) per gene from donor-level
+               embeddings; needs --embedding/--embeddings and --manifest with the label
+               column (--diagnosis_label)
+  reid         re-identify genes across donors (rank-1, mAP, chance); needs
+               --embedding/--embeddings (image, patch or donor level: image_embeddings.csv)
+  expression   cell identity codes against PCA/NMF/KernelPCA and classifiers (run alone);
+               needs --profiles (a bin/ingest --expression directory), --saved_model and
+               --embedding (bin/embed's codes.csv)"""
+__doc__ = __doc__.replace("{TASK_HELP}", TASK_HELP)  # noqa: A001 - --help shows the list
+
 
 def define_evaluate(fv) -> None:
     """Flags of `bin/evaluate` (annotation/GO prediction, donor control, diagnosis, reid)."""
     d = definer(fv, NAME)
-    d.list("task", ["annotations"], "Tasks to run: annotations, diagnosis, reid; or "
+    d.list("task", [], "Tasks to run, one or more of: annotations, diagnosis, reid; or "
            "expression (alone: cell identity codes against PCA/NMF/KernelPCA); or plates "
-           "(alone: a fluorescence export on held-out experiments).")
+           "(alone: a fluorescence export on held-out experiments). See the list above for "
+           "what each needs.")
     d.string("embedding", "", "One embedding table (CSV/Parquet; every numeric "
              "non-key column is a dimension); named after its file.")
     d.string("embeddings", "", "Several tables side by side: name=path,name=path,...")
@@ -192,6 +211,8 @@ def evaluate_config(fv):
     from ish_tf.evaluate.annotations import ScoringConfig
     from ish_tf.evaluate.diagnosis import DiagnosisConfig
 
+    if not config.parse_list(fv.task):
+        raise ValueError("--task is required: which evaluation to run\n" + TASK_HELP)
     if not fv.out:
         raise ValueError("--out is required: the directory to write results to")
     embeddings = parse_named_paths(fv.embedding)
@@ -231,7 +252,7 @@ def evaluate_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_evaluate(fv)
 
 

@@ -3,7 +3,7 @@
 Examples:
   bin/export --model_dir=runs/triplet --export_dir=export/triplet
   bin/export --model_dir=runs/triplet --export_dir=export/triplet --version=7 --keep=3
-  bin/export --model_dir=runs/triplet --export_dir=export/triplet_search \
+  bin/export --model_dir=runs/triplet --export_dir=export/triplet_search \\
       --search_index=work/embed/gene_embeddings.csv
 
 Writes EXPORT/<name>/<version>/ (saved_model.pb, variables/, assets.extra/ish_tf.json
@@ -48,6 +48,10 @@ def define_export(fv) -> None:
     d.enum("search_metric", "", ["", "euclidean", "sqeuclidean", "cityblock", "cosine"],
            "Distance of the search; empty = the model's training metric "
            "(RUN/model_config.json), else euclidean.")
+    d.enum("serving_resize", "near", ["near", "any"], "JPEG/PNG images sent to "
+           "serving_default: near = resized to the model's input size when within 2x of it, "
+           "others rejected with an error naming both sizes; any = resize every image (a "
+           "whole section is squashed to one input).")
 
 
 def export_config(fv):
@@ -60,11 +64,11 @@ def export_config(fv):
 
     return ExportConfig(model_dir=fv.model_dir, export_dir=fv.export_dir, family=fv.family,
                         version=fv.version or None, keep=fv.keep,
-                        overwrite=fv.overwrite).validate()
+                        overwrite=fv.overwrite, serving_resize=fv.serving_resize).validate()
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_export(fv)
 
 
@@ -84,7 +88,8 @@ def main(fv, argv: list[str]) -> int:
         path = export_run(cfg.model_dir, cfg.export_dir, family=cfg.family or None,
                           version=cfg.version, keep=cfg.keep, overwrite=cfg.overwrite,
                           search_index=fv.search_index or None,
-                          search_metric=fv.search_metric)
+                          search_metric=fv.search_metric,
+                          serving_resize=cfg.serving_resize)
         meta = read_metadata(path)
         kept = exported_versions(cfg.export_dir)
     except (ExportError, OSError) as e:

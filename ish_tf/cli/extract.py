@@ -32,10 +32,34 @@ NAME = "extract"
 
 
 def define_mask_background(d: FlagDefiner) -> None:
-    """--mask_background (bin/extract, bin/spatial and bin/predict each define it)."""
+    """--mask_background and the classical segmenter's settings (--mask_method,
+    --mask_threshold_mode, --mask_sensitivity, --mask_min_object_fraction); bin/extract,
+    bin/spatial and bin/predict each define them."""
     d.enum("mask_background", "bright", ["bright", "dark"], "Slide background for the "
            "classical segmenter: bright (brightfield ISH on a white slide) or dark "
            "(fluorescence sections on black).")
+    d.enum("mask_method", "od", ["od", "deficit"], "Classical mask score: od (optical "
+           "density against the local slide colour: robust to exposure, gamma and stain "
+           "saturation/hue) or deficit (grey levels below the local slide colour, the score "
+           "of record sets extracted before issue 21).")
+    d.enum("mask_threshold_mode", "auto", ["auto", "otsu", "triangle", "fixed"],
+           "Classical mask threshold: auto (noise of the slide and share of the stain), "
+           "otsu, triangle, or fixed (--mask_threshold).")
+    d.float("mask_threshold", -1.0, "--mask_threshold_mode=fixed: the threshold (deficit: "
+            "grey levels; od: optical density); -1 = unset.")
+    d.float("mask_sensitivity", 1.0, "> 1 keeps fainter tissue (threshold moved towards "
+            "the slide), < 1 less.", lower_bound=0.01)
+    d.float("mask_min_object_fraction", 5e-4, "Tissue pieces smaller than this fraction "
+            "of the image are dropped (dust, debris).", lower_bound=0.0, upper_bound=0.5)
+
+
+def mask_settings(fv) -> dict:
+    """The classical segmenter's settings from the --mask_* flags, as MaskConfig keywords."""
+    return dict(background=fv.mask_background, method=fv.mask_method,
+                threshold_mode=fv.mask_threshold_mode,
+                threshold=fv.mask_threshold if fv.mask_threshold >= 0 else None,
+                sensitivity=fv.mask_sensitivity,
+                min_object_fraction=fv.mask_min_object_fraction)
 
 
 def define_runner(d: FlagDefiner, what: str) -> None:
@@ -60,6 +84,12 @@ def define_extract(fv) -> None:
     d.integer("patches_per_image", 50, "N: most patches per image.", lower_bound=1)
     d.integer("source_size", 1024, "S: side of a patch window in original-image pixels.",
               lower_bound=1)
+    d.float("source_um", 0.0, "Windows of this many micrometres instead of --source_size "
+            "pixels, from each image's um_per_pixel manifest column (0 = off).",
+            lower_bound=0.0)
+    d.integer("max_pixels", 400_000_000, "Most pixels decoded per image (after any reduced-"
+              "level read, bin/ingest --downsample); raise it for huge images if the memory "
+              "is there.", lower_bound=1)
     d.integer("patch_size", 256, "R: side of the stored (resized) patch.", lower_bound=1)
     d.float("min_fraction", 0.9, "F: least tissue fraction of a window.", lower_bound=0.0,
             upper_bound=1.0)
@@ -73,6 +103,14 @@ def define_extract(fv) -> None:
     d.enum("split_by", "gene", ["gene", "donor"], "Hold out unseen genes or unseen donors in "
            "validation/test.")
     d.string("split_fractions", "0.8,0.1,0.1", "train,validation,test fractions.")
+    d.enum("split_assign", "plan", ["plan", "balanced"], "plan: split genes (donors) by "
+           "count before extraction; balanced: count each image's patches first (masks are "
+           "cached for the extraction) and split so each split gets close to its share of "
+           "patches; written to OUT/splits.csv and reused on resume.")
+    d.bool("allow_empty_splits", False, "A requested split left without patches is a "
+           "warning instead of an error.")
+    d.integer("mask_qc_images", 5, "Sections at each end of the tissue-fraction range shown "
+              "(with the outliers) in OUT/mask_qc.html; 0 = no contact sheet.", lower_bound=0)
     d.enum("segmenter", "classical", ["classical", "unet"], "Foreground mask method.")
     d.string("unet_path", "", "Trained U-Net .keras file for --segmenter=unet.")
     define_mask_background(d)
@@ -112,7 +150,7 @@ def extract_config(fv):
     else:
         genes = config.parse_list(genes_flag)
     mask = MaskConfig(segmenter=fv.segmenter, unet_path=fv.unet_path or None,
-                      background=fv.mask_background, work_size=fv.mask_work_size)
+                      work_size=fv.mask_work_size, **mask_settings(fv))
     return ExtractConfig(
         manifest=fv.manifest, out_dir=fv.out, patches_per_image=fv.patches_per_image,
         source_size=fv.source_size, patch_size=fv.patch_size, min_fraction=fv.min_fraction,
@@ -120,6 +158,8 @@ def extract_config(fv):
         num_shards=fv.num_shards, compression=None if fv.compression == "none" else "GZIP",
         split_by=fv.split_by, split_fractions=fractions, workers=fv.workers, seed=fv.seed,
         genes=tuple(genes), mask=mask, save_overlays=fv.save_overlays,
+        split_assign=fv.split_assign, allow_empty_splits=fv.allow_empty_splits,
+        source_um=fv.source_um, max_pixels=fv.max_pixels, mask_qc=fv.mask_qc_images,
         fast_decode=fv.fast_decode)
 
 
@@ -205,7 +245,7 @@ def main_plates(fv) -> int:
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_extract(fv)
     define_runner(definer(fv, NAME), "extraction")
     define_whole(fv)

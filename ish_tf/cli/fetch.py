@@ -71,7 +71,7 @@ def fetch_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_fetch(fv)
 
 

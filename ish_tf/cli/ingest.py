@@ -48,6 +48,15 @@ def define_ingest(fv) -> None:
     d.string("default_donor", "unknown", "donor_id where neither the table nor the pattern "
              "gives one.")
     d.integer("workers", 4, "Threads reading image headers.", lower_bound=1)
+    d.float("um_per_pixel", 0.0, "Micrometres per pixel of every image (0 = from the "
+            "table's um_per_pixel column or the files' TIFF/OME metadata, where present).",
+            lower_bound=0.0)
+    d.integer("downsample", 1, "Record that bin/extract reads the images reduced this many "
+              "times per side (a pyramid level, reduced-scale JPEG decoding); files are not "
+              "rewritten.", lower_bound=1)
+    d.float("target_um", 0.0, "Instead of --downsample: per image, the largest reduction "
+            "whose scale stays at or below this many um per pixel (0 = off).",
+            lower_bound=0.0)
     d.enum("layout", "sections", ["sections", "rxrx1"], "What --images holds: sections "
            "(your section images, with --table or --name_pattern) or rxrx1 (fluorescence "
            "plates in an RxRx1 layout: challenge, released or TFRecords; see "
@@ -88,11 +97,13 @@ def ingest_config(fv):
 
     return IngestConfig(out=fv.out, images=fv.images, table=fv.table,
                         name_pattern=fv.name_pattern, study=fv.study_label,
-                        default_donor=fv.default_donor, workers=fv.workers)
+                        default_donor=fv.default_donor, workers=fv.workers,
+                        um_per_pixel=fv.um_per_pixel, downsample=fv.downsample,
+                        target_um=fv.target_um)
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_ingest(fv)
 
 

@@ -77,7 +77,7 @@ def segmentation_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_predict(fv)
 
 

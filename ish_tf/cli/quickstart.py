@@ -22,7 +22,7 @@ import os
 import sys
 
 from ish_tf import config
-from ish_tf.cli import define_common, definer, run, usage_errors
+from ish_tf.cli import define_common, definer, log_file, run, usage_errors
 from ish_tf.cli.extract import define_extract, extract_config
 from ish_tf.cli.synth import define_synth, synth_config
 from ish_tf.cli.train import define_model, define_train, model_config, train_config
@@ -74,22 +74,19 @@ def quickstart_config(fv):
 
 def main(fv, argv: list[str]) -> int:
     """Runs the whole pipeline; returns the exit status (0 ok, 130 Ctrl-C)."""
-    from absl import logging
-
     from ish_tf.families.triplet.quickstart import run_quickstart
 
     if fv.family != "triplet":
         return _family_quickstart(fv)
     with usage_errors():
         cfg = quickstart_config(fv)
-    logging.set_verbosity(logging.WARNING)
     try:
         os.makedirs(fv.workdir, exist_ok=True)
         config.write_flagfile(os.path.join(fv.workdir, "quickstart_flags.cfg"), fv)
         print(f"ish_tf quickstart: writing to {os.path.abspath(fv.workdir)}")
-        print(f"  watch training with: tensorboard --logdir "
-              f"{os.path.join(fv.workdir, 'run', 'logs')}")
-        summary = run_quickstart(cfg, log=lambda s: print(s, flush=True))
+        # bin/train's tensorboard line is printed once, by the trainer, when training starts.
+        with log_file(os.path.join(fv.workdir, "quickstart.log")):
+            summary = run_quickstart(cfg, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
         print("quickstart: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -121,8 +118,6 @@ def _describe(error: BaseException) -> str:
 
 def _family_quickstart(fv) -> int:
     """Runs another family's recipe below --workdir/<family>."""
-    from absl import logging
-
     from ish_tf.families import get_family, resolve_ref
     from ish_tf.families.recipes import RecipeError
 
@@ -139,7 +134,6 @@ def _family_quickstart(fv) -> int:
         kwargs = {"expression": fv.expression, "label_column": fv.label_column,
                   "use_raw": fv.use_raw}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    logging.set_verbosity(logging.WARNING)
     print(f"ish_tf quickstart ({fv.family}): writing to {os.path.abspath(workdir)}")
     try:
         summary = resolve_ref(get_family(fv.family).quickstart)(

@@ -38,7 +38,7 @@ def define_search(fv) -> None:
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_search(fv)
 
 

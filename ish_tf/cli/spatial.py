@@ -72,9 +72,10 @@ def define_spatial(fv) -> None:
 
 def mask_config(fv):
     """The classical segmenter's settings for sections without a mask file."""
+    from ish_tf.cli.extract import mask_settings
     from ish_tf.data.segment import MaskConfig
 
-    return MaskConfig(background=fv.mask_background)
+    return MaskConfig(**mask_settings(fv))
 
 
 def spatial_config(fv):
@@ -119,7 +120,7 @@ def spatial_config(fv):
 
 
 def define_flags(fv) -> None:
-    define_common(fv)
+    define_common(fv, small_run=False)
     define_spatial(fv)
 
 

@@ -6,12 +6,13 @@ Examples:
   bin/train --flagfile=runs/paper/flags.cfg          # replay / resume a run
 
 Writes RUN/flags.cfg (the resolved flags, first), RUN/checkpoints/, RUN/logs/train
-(TensorBoard), RUN/metrics.csv, and at the end RUN/model.keras + RUN/model_config.json.
+(TensorBoard), RUN/metrics.csv, RUN/validation.csv, RUN/train.log (every log line, with
+absl's prefixes), and at the end RUN/model.keras + RUN/model_config.json.
 Rerunning with the same --run_dir resumes from the latest checkpoint.
 
 Flags: --model and --input_size, each family's settings generated from its typed config
-(`--triplet_*`, `--cdae_*`, `--unet_*`, `--ish_cnn_*`; --helpfull groups them under
-ish_tf.families.<prefix>), and the runtime settings of `TrainConfig`. This module also
+(`--triplet_*`, `--cdae_*`, `--unet_*`, `--ish_cnn_*`; --help groups them by family),
+and the runtime settings of `TrainConfig`. This module also
 defines the sections bin/tune and bin/quickstart reuse (`define_model`, `define_train`).
 """
 
@@ -21,7 +22,7 @@ import os
 import sys
 
 from ish_tf import config
-from ish_tf.cli import define_common, definer, run, usage_errors
+from ish_tf.cli import define_common, definer, log_file, run, usage_errors
 
 NAME = "train"
 _MODULE = "ish_tf.cli.train"
@@ -147,8 +148,9 @@ def main(fv, argv: list[str]) -> int:
     from ish_tf.train.trainer import TrainingError, train
 
     try:
-        task = make_task(model_cfg, train_cfg)
-        result = train(task, train_cfg)
+        with log_file(os.path.join(train_cfg.run_dir, "train.log")):
+            task = make_task(model_cfg, train_cfg)
+            result = train(task, train_cfg)
     except KeyboardInterrupt:
         print(f"train: interrupted; rerun the same command to resume from {train_cfg.run_dir}",
               file=sys.stderr)

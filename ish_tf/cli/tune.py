@@ -2,7 +2,7 @@
 
 Examples:
   bin/tune --flagfile=configs/tune_triplet.cfg --records_dir=DIR --out=tune/triplet
-  bin/tune --flagfile=configs/tune_triplet.cfg --records_dir=DIR --out=tune/t \
+  bin/tune --flagfile=configs/tune_triplet.cfg --records_dir=DIR --out=tune/t \\
       --tuner=hyperband --steps_scale=0.01             # a quick, scaled-down search
   bin/train --flagfile=tune/triplet/best.cfg           # train the best trial
 

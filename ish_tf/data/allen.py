@@ -520,7 +520,7 @@ def fetch(config: FetchConfig, stop: threading.Event | None = None,
                 # run killed before its manifest flush) are decoded fully to be sure.
                 size = image_size(dest, full_decode=row["image_id"] not in old_ids)
                 if size is not None:
-                    done.append(_complete(row, size, dest, manifest_path))
+                    done.append(_complete(row, size, dest, manifest_path, config.downsample))
                     continue
                 log.warning("%s does not decode; downloading it again", dest)
                 os.remove(dest)
@@ -541,9 +541,25 @@ def fetch(config: FetchConfig, stop: threading.Event | None = None,
                        sum(1 for f in failures if f["stage"] == "list"))
 
 
-def _complete(row: dict, size: tuple[int, int], dest: str, manifest_path: str) -> dict:
-    return dict(row, width=int(size[0]), height=int(size[1]),
-                path=manifest_lib.relative_image_path(manifest_path, dest))
+def _complete(row: dict, size: tuple[int, int], dest: str, manifest_path: str,
+              downsample: int = 0) -> dict:
+    """The manifest row of a downloaded image: its size, path and µm per pixel.
+
+    The Allen API gives each section image's `resolution` (µm per pixel of the full scan)
+    and full width; the downloaded image is that scan reduced 2^downsample times, so its
+    scale is resolution x full width / downloaded width (resolution x 2^downsample where
+    the full width is unknown).
+    """
+    from ish_tf.data.allen_query import FULL_WIDTH_KEY
+
+    out = dict(row, width=int(size[0]), height=int(size[1]),
+               path=manifest_lib.relative_image_path(manifest_path, dest))
+    full_width = out.pop(FULL_WIDTH_KEY, None)
+    um = out.get("um_per_pixel")
+    if um is not None and not pd.isna(um):
+        factor = full_width / size[0] if full_width and size[0] else 2 ** int(downsample)
+        out["um_per_pixel"] = round(float(um) * factor, 6)
+    return out
 
 
 def _download_all(config: FetchConfig, todo: list[dict], images_dir: str, manifest_path: str,
@@ -558,12 +574,12 @@ def _download_all(config: FetchConfig, todo: list[dict], images_dir: str, manife
         url = image_url(config.api_url, row["image_id"], config.downsample)
         size = download_image(sessions.get(), url, dest, policy, config.timeout, stop,
                               config.resolved_download_deadline())
-        return _complete(row, size, dest, manifest_path)
+        return _complete(row, size, dest, manifest_path, config.downsample)
 
     downloaded, since_flush, last_flush = 0, 0, time.monotonic()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=config.workers,
                                                  thread_name_prefix="allen-fetch")
-    bar = Progress(len(todo), desc="fetch images", enabled=config.progress)
+    bar = Progress(len(todo), desc="fetch", enabled=config.progress, unit="images")
     futures: dict[concurrent.futures.Future, dict] = {}
     consumed: set[concurrent.futures.Future] = set()
     try:

@@ -343,6 +343,10 @@ def central_sections(images: list[dict], k: int) -> list[dict]:
     return [im for i, im in enumerate(images) if i in chosen]
 
 
+# Transient key of listed rows (never written): the full-resolution scan's width.
+FULL_WIDTH_KEY = "_full_width"
+
+
 def image_rows(data_set: dict, study: Study,
                sections_per_experiment: int = 0) -> tuple[list[dict], str | None]:
     """Manifest rows (without width/height/path) for one SectionDataSet.
@@ -409,6 +413,10 @@ def image_rows(data_set: dict, study: Study,
     for im in sorted(images, key=lambda im: im["id"]):
         row = dict(base, image_id=im["id"],
                    section_number=_int_or_none(im.get("section_number")))
+        # µm per pixel of the full-resolution scan and its width: bin/fetch turns them
+        # into the downloaded image's scale (`allen._complete`).
+        row["um_per_pixel"] = _float_or_none(im.get("resolution"))
+        row[FULL_WIDTH_KEY] = _int_or_none(im.get("image_width") or im.get("width"))
         row["region"] = specimen_region or _structure_label(im.get("structure"))
         rows.append(row)
     return rows, problem

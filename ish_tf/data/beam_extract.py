@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
 from absl import logging
 
 from ish_tf.data import patches as P
@@ -70,6 +71,8 @@ class ImageTask:
     study: str
     width: int
     height: int
+    um_per_pixel: float | None = None  # for --source_um (`patches.image_config`)
+    read_downsample: int = 1
 
 
 def shard_key(split: str, index: int) -> str:
@@ -134,7 +137,9 @@ def extract_task(task: ImageTask, cfg: P.ExtractConfig, info: Any, out: str, mas
 
     from ish_tf.data import records
 
-    res: ImageResult = P._extract_task((task.path, task.image_id, cfg, mask_dir, overlay_dir))
+    own = P.image_config(cfg, task)  # the image's window (--source_um) and reading level
+    res: ImageResult = P._extract_task((task.path, task.image_id, own, mask_dir, overlay_dir))
+    n = own.read_downsample  # records give windows in the stored file's pixels
     gene = task.gene_symbol
     entrez = {g.gene_symbol: g.entrez_id for g in info.genes}
     common = dict(image_id=task.image_id, gene_symbol=gene, gene_index=info.gene_index()[gene],
@@ -142,7 +147,8 @@ def extract_task(task: ImageTask, cfg: P.ExtractConfig, info: Any, out: str, mas
                   donor_index=info.donors.index(task.donor_id), region=task.region,
                   study=task.study)
     examples = [records.make_example(
-        image_encoded=p.encoded, patch_index=k, x=p.x, y=p.y, source_size=cfg.source_size,
+        image_encoded=p.encoded, patch_index=k, x=p.x * n, y=p.y * n,
+        source_size=own.source_size * n,
         image_format=cfg.image_format, image_height=cfg.patch_size,
         image_width=cfg.patch_size, **common) for k, p in enumerate(res.patches)]
     row = {"image_id": task.image_id, "gene_symbol": gene, "donor_id": task.donor_id,
@@ -273,8 +279,14 @@ def _tasks(manifest: str, plans: list[P.ShardPlan]) -> list[ImageTask]:
                 path=mf.image_path(manifest, str(r.path)), image_id=int(r.image_id),
                 gene_symbol=str(r.gene_symbol), donor_id=str(r.donor_id),
                 region=P._text(r.region), study=P._text(r.study),
-                width=int(getattr(r, "width", 0) or 0), height=int(getattr(r, "height", 0) or 0)))
+                width=int(getattr(r, "width", 0) or 0), height=int(getattr(r, "height", 0) or 0),
+                um_per_pixel=_float_or_none(getattr(r, "um_per_pixel", None)),
+                read_downsample=P._row_int(r, "read_downsample", 1)))
     return tasks
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def _pipeline_error(e: Exception) -> P.ExtractError:
@@ -326,11 +338,12 @@ def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
 
     runner, options = pipeline_options(beam_options, cfg.workers)
     df = P.select_images(cfg)
+    P.check_scale(df, cfg)
     P.check_background(df, cfg)
-    info, plans, _ = P.plan_extraction(df, cfg)
     out = cfg.out_dir
     mask_dir = os.path.join(out, "masks")
     overlay_dir = os.path.join(out, "overlays") if cfg.save_overlays else None
+    info, plans, _ = P.plan_extraction(df, cfg, P.plan_assignment(df, cfg, mask_dir))
     removed = P.prepare_out_dir(out, info, mask_dir, overlay_dir)
     for leftover in (STAGING, RESULTS):  # an interrupted run's: never taken for complete
         path = os.path.join(out, leftover)
@@ -375,7 +388,8 @@ def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
                       compression)
     for leftover in (STAGING, RESULTS):
         shutil.rmtree(os.path.join(out, leftover), ignore_errors=True)
-    return P._summary(out, report, plans, removed, written, resumed, report_path)
+    summary = P._summary(out, report, plans, removed, written, resumed, report_path)
+    return P.check_outcome(summary, report, df, cfg)
 
 
 def _finish(out: str, manifest: str, plans: list[P.ShardPlan], pending: list[P.ShardPlan],

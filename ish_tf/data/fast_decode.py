@@ -163,7 +163,10 @@ def open_scaled(path: str, scale: int) -> tuple[Image.Image, int, int] | None:
     Raises:
       OSError, ValueError, Image.DecompressionBombError: the bytes do not decode.
     """
-    with Image.open(path) as im:
+    from ish_tf.data.image_io import pillow_unlimited
+
+    # Pillow's bomb check is on the full size; what is decoded here is 1/scale of it.
+    with pillow_unlimited(), Image.open(path) as im:
         if im.format != "JPEG":
             return None
         width, height = im.size
@@ -287,5 +290,7 @@ def extract_image_patches_fast(image_path: str, image_id: int, cfg: ExtractConfi
 def extract_patches(image_path: str, image_id: int, cfg: ExtractConfig,
                     mask_dir: str | None = None, overlay_dir: str | None = None) -> ImageResult:
     """One image's patches by the path `cfg.fast_decode` selects."""
-    fn = extract_image_patches_fast if getattr(cfg, "fast_decode", False) else extract_image_patches
+    # An image read at a recorded level (bin/ingest --downsample) takes the general reader.
+    fast = getattr(cfg, "fast_decode", False) and getattr(cfg, "read_downsample", 1) == 1
+    fn = extract_image_patches_fast if fast else extract_image_patches
     return fn(image_path, image_id, cfg, mask_dir, overlay_dir)

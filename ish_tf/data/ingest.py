@@ -10,8 +10,14 @@ Two ways to say what each image shows:
   below `images`, e.g. ``{gene_symbol}/{donor_id}_*.jpg`` or ``{donor_id}-{gene_symbol}.tif``;
   ``*`` matches within one folder name, ``**`` across folders.
 
-Each image is opened (its header only) for its width and height. Files that are missing,
-not images, or beyond Pillow's size limit, names that do not match the pattern, and
+Each image is opened (its header only, `ish_tf.data.image_io.image_info`: pyramidal and
+tiled TIFF/OME-TIFF, whole-slide files through openslide, images of any size) for its
+width, height and, where the file records it, its micrometres per pixel. The scale
+(`um_per_pixel`) comes from `um_per_pixel` (a flag, for every image), else the table's
+column, else the file's metadata. `downsample` (or `target_um`, the reduction that brings
+an image's scale closest to it from below) is recorded as `read_downsample`, the level
+`bin/extract` reads: files are never rewritten. Files that are missing or
+not images, names that do not match the pattern, and
 table rows without a path or gene or repeating an image are written to OUT/skipped.csv
 with the reason; the rest go on. Ids are stable: `image_id` is a hash
 of the image's path (as given, relative to `images`), `experiment_id` one of (study,
@@ -29,12 +35,12 @@ import os
 import re
 
 import pandas as pd
-from PIL import Image
 
 from ish_tf.data import manifest as manifest_lib
 from ish_tf.io_utils import atomic_path, progress
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".btf", ".svs", ".ndpi",
+                    ".mrxs", ".scn", ".bif")
 SKIPPED_NAME = "skipped.csv"
 # Filled in here, never read from a table or a pattern.
 _MEASURED = ("width", "height")
@@ -57,6 +63,12 @@ class IngestConfig:
       study: the manifest's `study` where the table gives none.
       default_donor: `donor_id` where neither the table nor the pattern gives one.
       workers: threads reading image headers.
+      um_per_pixel: micrometres per pixel of every image (0 = from the table's column or
+        the files' metadata, where present).
+      downsample: record that images are read reduced this many times per side (1 = full
+        resolution).
+      target_um: instead of `downsample`: per image, the largest integer reduction whose
+        scale stays at or below this many µm per pixel (needs the image's scale; 0 = off).
     """
 
     out: str
@@ -66,8 +78,17 @@ class IngestConfig:
     study: str = "user"
     default_donor: str = "unknown"
     workers: int = 4
+    um_per_pixel: float = 0.0
+    downsample: int = 1
+    target_um: float = 0.0
 
     def validate(self) -> IngestConfig:
+        if self.um_per_pixel < 0 or self.target_um < 0:
+            raise IngestError("--um_per_pixel and --target_um must be >= 0")
+        if self.downsample < 1:
+            raise IngestError(f"--downsample must be >= 1, got {self.downsample}")
+        if self.downsample > 1 and self.target_um:
+            raise IngestError("give --downsample or --target_um, not both")
         if not self.out:
             raise IngestError("--out is required: the directory to write manifest.csv to")
         if bool(self.table) == bool(self.name_pattern):
@@ -90,7 +111,7 @@ class IngestConfig:
 class IngestResult:
     manifest: pd.DataFrame
     skipped: pd.DataFrame  # path, kind (no_match, no_path, no_gene_symbol, duplicate,
-    #                        missing, unreadable, too_large), reason
+    #                        missing, unreadable), reason
     manifest_path: str
     skipped_path: str  # "" when nothing was skipped
 
@@ -186,17 +207,44 @@ def _read_table(config: IngestConfig) -> pd.DataFrame:
     return df
 
 
-def _image_size(path: str) -> tuple[int, int] | tuple[str, str]:
-    """(width, height) from the header, or (kind, reason) where the file cannot be used."""
+def _image_size(path: str) -> tuple[int, int, float | None] | tuple[str, str]:
+    """(width, height, µm/px or None) from the header, or (kind, reason) where the file
+    cannot be used."""
+    from ish_tf.data import image_io
+
     if not os.path.isfile(path):
         return "missing", f"{path}: file not found"
     try:
-        with Image.open(path) as im:
-            return int(im.size[0]), int(im.size[1])
-    except Image.DecompressionBombError as e:
-        return "too_large", f"{path}: beyond Pillow's size limit, downsample it first ({e})"
-    except (OSError, ValueError, SyntaxError) as e:
+        info = image_io.image_info(path)
+    except (image_io.ImageReadError, OSError, ValueError, SyntaxError) as e:
         return "unreadable", f"{path}: not a readable image ({e})"
+    return info.width, info.height, info.um_per_pixel
+
+
+def _set_scale(df: pd.DataFrame, from_files: list, config: IngestConfig) -> None:
+    """Fills um_per_pixel (flag, else table column, else file metadata) and
+    read_downsample (--downsample, or from --target_um and the scale) in place."""
+    if config.um_per_pixel:
+        df["um_per_pixel"] = config.um_per_pixel
+    else:
+        given = (pd.to_numeric(df["um_per_pixel"], errors="coerce") if "um_per_pixel" in df.columns
+                 else pd.Series(float("nan"), index=df.index))
+        files = pd.Series([float("nan") if v is None else float(v) for v in from_files],
+                          index=df.index)
+        um = given.where(given > 0, files)
+        if um.notna().any():
+            df["um_per_pixel"] = um.round(6)
+    if config.downsample > 1:
+        df["read_downsample"] = config.downsample
+    elif config.target_um:
+        um = (pd.to_numeric(df["um_per_pixel"], errors="coerce") if "um_per_pixel" in df.columns
+              else pd.Series(float("nan"), index=df.index))
+        unknown = df.loc[um.isna(), "path"].tolist()
+        if unknown:
+            raise IngestError(f"--target_um={config.target_um:g} needs each image's scale; "
+                              f"{len(unknown)} image(s) have none (first: {unknown[0]}); give "
+                              "--um_per_pixel or a um_per_pixel column")
+        df["read_downsample"] = [max(1, int(config.target_um // u + 1e-9)) for u in um]
 
 
 def ingest(config: IngestConfig) -> IngestResult:
@@ -258,8 +306,9 @@ def ingest(config: IngestConfig) -> IngestResult:
         raise IngestError(f"{source}: no usable image ({len(skipped)} skipped; first: "
                           f"{skipped[0]['reason'] if skipped else 'none found'})")
     good = [s for s, g in zip(sizes, ok, strict=True) if g]
-    df["width"] = [w for w, _ in good]
-    df["height"] = [h for _, h in good]
+    df["width"] = [s[0] for s in good]
+    df["height"] = [s[1] for s in good]
+    _set_scale(df, [s[2] for s in good], config)
 
     for col, default in (("study", config.study), ("donor_id", config.default_donor)):
         if col not in df.columns:

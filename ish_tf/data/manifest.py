@@ -47,6 +47,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("plane_of_section", "str", False, "coronal | sagittal | ..."),
     Column("section_number", "Int", False, "Position of the section in its series (Allen "
            "section_number), if known."),
+    Column("um_per_pixel", "float", False, "Micrometres per pixel of the image as stored on "
+           "disk (bin/fetch: Allen resolution x downsampling; bin/ingest: flag, table or "
+           "TIFF metadata); lets bin/extract --source_um cut windows of one physical size."),
+    Column("read_downsample", "Int", False, "Read the image reduced this many times per side "
+           "(bin/ingest --downsample: a pyramid level, a reduced-scale JPEG decode) instead "
+           "of at full resolution; width, height and um_per_pixel stay those of the file."),
     Column("width", "int", True, "Image width in pixels, as stored on disk."),
     Column("height", "int", True, "Image height in pixels, as stored on disk."),
     Column("path", "str", True, "Image file, relative to the manifest's directory."),

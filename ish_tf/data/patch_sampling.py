@@ -300,19 +300,25 @@ class ImageResult:
         return len(self.patches)
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """Decodes an image file fully to uint8 (H, W, 3).
+def read_rgb(path: str, downsample: int = 1, max_pixels: int | None = None) -> np.ndarray:
+    """Decodes an image file to uint8 (H, W, 3), reduced `downsample` times per side.
+
+    Pyramidal/tiled TIFF, whole-slide files, reduced-scale JPEG decoding and the
+    `max_pixels` limit are `ish_tf.data.image_io.read_image`'s.
 
     Raises:
       OSError: missing, corrupt or truncated file (Pillow refuses truncated data).
+      ImageReadError (a ValueError): beyond `max_pixels`, or a format without its reader.
     """
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
+    from ish_tf.data import image_io
+
+    return image_io.read_image(path, downsample,
+                               max_pixels or image_io.DEFAULT_MAX_PIXELS)
 
 
 def read_rgb_retrying(path: str, attempts: int = IO_ATTEMPTS,
-                      delay: float = IO_RETRY_DELAY) -> np.ndarray:
+                      delay: float = IO_RETRY_DELAY, downsample: int = 1,
+                      max_pixels: int | None = None) -> np.ndarray:
     """`read_rgb`, with I/O errors retried; bad bytes and missing files are not retried.
 
     Pillow's decode errors (truncated, not an image) carry no errno; the operating
@@ -325,7 +331,7 @@ def read_rgb_retrying(path: str, attempts: int = IO_ATTEMPTS,
     """
     for attempt in range(attempts):
         try:
-            return read_rgb(path)
+            return read_rgb(path, downsample, max_pixels)
         except FileNotFoundError:
             raise
         except OSError as e:
@@ -387,7 +393,8 @@ def extract_image_patches(image_path: str, image_id: int, cfg: ExtractConfig,
       ImageIOError: reading the file failed with an I/O error, `IO_ATTEMPTS` times.
     """
     try:
-        rgb = read_rgb_retrying(image_path)
+        rgb = read_rgb_retrying(image_path, downsample=cfg.read_downsample,
+                                max_pixels=cfg.max_pixels)
     except FileNotFoundError:
         return ImageResult(image_id, UNREADABLE, f"{image_path}: file not found")
     except ImageIOError:
@@ -397,9 +404,13 @@ def extract_image_patches(image_path: str, image_id: int, cfg: ExtractConfig,
     h, w = rgb.shape[:2]
     base = dict(width=w, height=h)
     if h < cfg.source_size or w < cfg.source_size:
+        scale = (f" ({cfg.source_um:g} um at {cfg.source_um / cfg.source_size:.4g} um/px)"
+                 if cfg.source_um else "")
+        read = f" read at 1/{cfg.read_downsample}" if cfg.read_downsample > 1 else ""
         return ImageResult(image_id, TOO_SMALL,
-                           f"{image_path}: image is {w}x{h}, smaller than source_size "
-                           f"{cfg.source_size}", **base)
+                           f"{image_path}: image{read} is {w}x{h}, smaller than source_size "
+                           f"{cfg.source_size}{scale}; it needs at least "
+                           f"{cfg.source_size}x{cfg.source_size} px", **base)
     try:
         mask, cached = load_or_compute_mask(rgb, image_id, cfg.mask, mask_dir)
     except Exception as e:  # a segmenter failure must not stop the stage

@@ -108,8 +108,13 @@ class RecordSetConfig(abc.ABC):
 
     def _mask_key(self) -> dict:
         key = dataclasses.asdict(self.mask)
-        if key["background"] == "bright":
-            del key["background"]  # record sets written before the option resume unchanged
+        # Record sets written before these options resume unchanged at their defaults.
+        for name, default in (("background", "bright"), ("method", "deficit"),
+                              ("threshold_mode", "auto"), ("sensitivity", 1.0)):
+            if key[name] == default:
+                del key[name]
+        if key["rel_threshold"] is None and self.mask.method == "deficit":
+            key["rel_threshold"] = 0.1  # the deficit score's own, as it was written
         return key
 
     @abc.abstractmethod
@@ -132,6 +137,20 @@ class ExtractConfig(RecordSetConfig):
       min_fraction: F, least tissue fraction of a window.
       max_tries: T, most candidate windows drawn per image.
       save_overlays: also write `OUT/overlays/{image_id}.png` (mask over image) for checks.
+      source_um: > 0: windows of this many micrometres instead of `source_size` pixels,
+        converted per image with the manifest's `um_per_pixel` (and `read_downsample`);
+        `image_config` gives an image's own `source_size`.
+      max_pixels: most pixels decoded per image (`ish_tf.data.image_io`).
+      read_downsample: the image's reduction at reading (set per image by `image_config`
+        from the manifest's `read_downsample`; 1 = full resolution).
+      split_assign: "plan" (genes or donors split before extraction, by count) or
+        "balanced" (split after counting each image's patches, so each split gets close
+        to its share of patches; `ish_tf.data.splits`).
+      allow_empty_splits: a requested split left without patches is a warning, not an
+        error.
+      mask_qc: sections at each end of the tissue-fraction range in OUT/mask_qc.html,
+        with the outliers (`ish_tf.data.mask_qc`); 0 = no contact sheet (outlying images
+        are still named).
       fast_decode: decode JPEG sources at 1/2, 1/4 or 1/8 scale when S / R is an integer
         >= 2, and mask, sample and crop there (`ish_tf.data.fast_decode`; the same windows
         for the same mask, patches within ~35-50 dB PSNR of the full-resolution ones).
@@ -143,10 +162,22 @@ class ExtractConfig(RecordSetConfig):
     min_fraction: float = 0.9
     max_tries: int = 500
     save_overlays: bool = False
+    source_um: float = 0.0
+    max_pixels: int = 400_000_000
+    read_downsample: int = 1
+    split_assign: str = "plan"
+    allow_empty_splits: bool = False
+    mask_qc: int = 5
     fast_decode: bool = False
 
     def __post_init__(self) -> None:
+        from ish_tf.data.splits import SPLIT_ASSIGN
+
         checks = [
+            (self.source_um >= 0, "source_um must be >= 0 (0 = windows of source_size pixels)"),
+            (self.max_pixels >= 1, "max_pixels must be >= 1"),
+            (self.read_downsample >= 1, "read_downsample must be >= 1"),
+            (self.split_assign in SPLIT_ASSIGN, f"split_assign must be one of {SPLIT_ASSIGN}"),
             (self.patches_per_image >= 1, "patches_per_image must be >= 1"),
             (self.source_size >= 1, "source_size must be >= 1"),
             (self.patch_size >= 1, "patch_size must be >= 1"),
@@ -160,7 +191,7 @@ class ExtractConfig(RecordSetConfig):
 
     def sampling_key(self) -> dict:
         """The settings that determine the patches; a resumed run must match them."""
-        return {
+        key = {
             "patches_per_image": self.patches_per_image, "source_size": self.source_size,
             "patch_size": self.patch_size, "min_fraction": self.min_fraction,
             "max_tries": self.max_tries, "segmenter": self.mask.segmenter,
@@ -168,9 +199,63 @@ class ExtractConfig(RecordSetConfig):
             # Only when on, so record sets written before the option resume unchanged.
             **({"fast_decode": True} if self.fast_decode else {}),
         }
+        if self.split_assign != "plan":  # older record sets resume unchanged
+            key["split_assign"] = self.split_assign
+        if self.source_um:
+            key["source_um"] = self.source_um
+            del key["source_size"]
+        return key
 
     def record_sizes(self) -> tuple[int, int]:
-        return self.source_size, self.patch_size
+        return (0 if self.source_um else self.source_size), self.patch_size
+
+
+def image_config(cfg: ExtractConfig, row: Any) -> ExtractConfig:
+    """`cfg` as it applies to one manifest row: its reading reduction and, with
+    `cfg.source_um`, its window side in (read) pixels, `round(source_um / (um_per_pixel x
+    read_downsample))`.
+
+    Raises:
+      ExtractError: `source_um` is set and the row has no um_per_pixel.
+    """
+    down = _row_int(row, "read_downsample", 1)
+    size = cfg.source_size
+    if cfg.source_um:
+        um = getattr(row, "um_per_pixel", None)
+        if um is None or pd.isna(um) or float(um) <= 0:
+            raise ExtractError(f"image {int(row.image_id)} has no um_per_pixel; --source_um "
+                               "needs it on every row (or use --source_size in pixels)")
+        size = max(1, round(cfg.source_um / (float(um) * down)))
+    if size == cfg.source_size and down == cfg.read_downsample:
+        return cfg
+    return dataclasses.replace(cfg, source_size=size, read_downsample=down)
+
+
+def _row_int(row: Any, name: str, default: int) -> int:
+    value = getattr(row, name, None)
+    if value is None or pd.isna(value):
+        return default
+    return int(value)
+
+
+def check_scale(df: pd.DataFrame, cfg: ExtractConfig) -> None:
+    """Refuses `--source_um` over a manifest whose rows lack um_per_pixel, naming them.
+
+    Raises:
+      ExtractError: names the count and the first image ids without a scale.
+    """
+    if not cfg.source_um:
+        return
+    um = (pd.to_numeric(df["um_per_pixel"], errors="coerce") if "um_per_pixel" in df.columns
+          else pd.Series(np.nan, index=df.index))
+    missing = df.loc[~(um > 0), "image_id"].astype(int).tolist()
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ExtractError(
+            f"{cfg.manifest}: --source_um={cfg.source_um:g} needs the um_per_pixel column on "
+            f"every row; {len(missing)} of {len(df)} image(s) have none (image_id {shown}); "
+            "fill it (bin/fetch writes it; bin/ingest --um_per_pixel, a table column or TIFF "
+            "metadata) or use --source_size in pixels")
 
 
 # --------------------------------------------------------------------------- whole stage
@@ -206,17 +291,23 @@ class ExtractHooks:
 def _manifest_digest(df) -> str:
     """Fingerprint of the manifest rows that decide the shards' content."""
     cols = ["image_id", "gene_symbol", "donor_id", "path"]
+    # Scale and reading level change the patches; older manifests had neither column.
+    cols += [c for c in ("um_per_pixel", "read_downsample")
+             if c in df.columns and df[c].notna().any()]
     text = df[cols].astype(str).sort_values("image_id").to_csv(index=False)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def plan_extraction(df: pd.DataFrame,
-                    cfg: RecordSetConfig) -> tuple[Any, list[ShardPlan], dict[int, str]]:
+def plan_extraction(df: pd.DataFrame, cfg: RecordSetConfig,
+                    assignment: dict[str, str] | None = None,
+                    ) -> tuple[Any, list[ShardPlan], dict[int, str]]:
     """Splits, vocabularies and the shard plan of a manifest.
 
     Args:
       df: validated manifest (already filtered to `cfg.genes`).
       cfg: extraction settings (patches or whole sections).
+      assignment: gene (or donor, with split_by="donor") -> split, decided elsewhere
+        (`ish_tf.data.splits.balance_splits`); None = split by count now.
 
     Returns:
       (shards.DatasetInfo, [ShardPlan, ...] in split then shard order,
@@ -236,12 +327,14 @@ def plan_extraction(df: pd.DataFrame,
         if g not in entrez and not pd.isna(e):
             entrez[g] = int(e)
     if cfg.split_by == "gene":
-        gene_split = shards.split_genes(genes, cfg.split_fractions, cfg.seed)
+        gene_split = (dict(assignment) if assignment is not None
+                      else shards.split_genes(genes, cfg.split_fractions, cfg.seed))
         image_split = dict(zip(df["image_id"].astype(int),
                                df["gene_symbol"].astype(str).map(gene_split), strict=True))
         donor_split: dict[str, str] = {}
     else:
-        donor_split = shards.split_donors(donors, cfg.split_fractions, cfg.seed)
+        donor_split = (dict(assignment) if assignment is not None
+                       else shards.split_donors(donors, cfg.split_fractions, cfg.seed))
         image_split = dict(zip(df["image_id"].astype(int),
                                df["donor_id"].astype(str).map(donor_split), strict=True))
         gene_split = {}
@@ -414,7 +507,8 @@ def write_shards(stage: ShardedStage, out: str, manifest: str, info: Any,
             hooks.after_shard(info)
 
     try:
-        with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled) as bar:
+        with Progress(sum(len(p.rows) for p in pending), stage.name, progress_enabled,
+                      unit="images") as bar:
             for plan in pending:
                 rows = list(plan.rows.itertuples(index=False))
                 tasks = [stage.task(mf.image_path(manifest, str(r.path)), r) for r in rows]
@@ -538,6 +632,7 @@ def check_background(df: pd.DataFrame, cfg: RecordSetConfig, n: int = 5) -> str 
       The warning (also logged), or None where most of the images agree with
       `cfg.mask.background` (or the segmenter is a U-Net, which learnt its own).
     """
+    from ish_tf.data import image_io
     from ish_tf.data.manifest import image_path
     from ish_tf.data.segment import guess_background
 
@@ -547,10 +642,14 @@ def check_background(df: pd.DataFrame, cfg: RecordSetConfig, n: int = 5) -> str 
     other = []
     for row in rows.itertuples():
         path = image_path(cfg.manifest, row.path)
+        # A small reduced read (JPEG: DCT scaling; pyramids: a low level) is enough.
+        longest = max(int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0))
         try:
-            with Image.open(path) as im:
-                im.draft("RGB", (max(im.width // 8, 1), max(im.height // 8, 1)))  # JPEG: fast
-                kind = guess_background(np.asarray(im.convert("RGB")))
+            small = image_io.read_image(path, max(8, image_io.preview_factor(longest, 1024)),
+                                        cfg.max_pixels
+                                        if isinstance(cfg, ExtractConfig) else
+                                        image_io.DEFAULT_MAX_PIXELS)
+            kind = guess_background(small)
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
         if kind != cfg.mask.background:
@@ -622,6 +721,13 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
                 "it to finish, or write to another --out") from None
         try:
             yield
+            # The run is over and holds OUT: its lock files go (the index's, then, just
+            # before the lock is released, its own), so a finished OUT has none left.
+            from ish_tf.data import shards
+
+            shards.remove_index_lock(out)
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)
         except OSError as e:
             raise _write_error(e, out) from e
         except Exception as e:
@@ -676,23 +782,31 @@ def _run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None,
 
     hooks = hooks or ExtractHooks()
     df = select_images(cfg)
+    check_scale(df, cfg)
     check_background(df, cfg)
-    info, plans, _ = plan_extraction(df, cfg)
     out = cfg.out_dir
     mask_dir = os.path.join(out, "masks")
     overlay_dir = os.path.join(out, "overlays") if cfg.save_overlays else None
+    assignment = None
+    if cfg.split_assign == "balanced":
+        assignment = _balanced_assignment(df, cfg, mask_dir, progress_enabled)
+    info, plans, _ = plan_extraction(df, cfg, assignment)
     removed = prepare_out_dir(out, info, mask_dir, overlay_dir)
 
     def examples(common: dict, row: Any, res: ImageResult) -> list:
+        own = image_config(cfg, row)
+        # Windows are recorded in the stored file's pixels, whatever level was read.
+        n = own.read_downsample
         return [records.make_example(
-            image_encoded=p.encoded, patch_index=k, x=p.x, y=p.y,
-            source_size=cfg.source_size, image_format=cfg.image_format,
+            image_encoded=p.encoded, patch_index=k, x=p.x * n, y=p.y * n,
+            source_size=own.source_size * n, image_format=cfg.image_format,
             image_height=cfg.patch_size, image_width=cfg.patch_size, **common)
             for k, p in enumerate(res.patches)]
 
     stage = ShardedStage(
         name="extract", worker=_extract_task,
-        task=lambda path, row: (path, int(row.image_id), cfg, mask_dir, overlay_dir),
+        task=lambda path, row: (path, int(row.image_id), image_config(cfg, row), mask_dir,
+                                overlay_dir),
         examples=examples,
         report_fields=lambda res: {"n_patches": res.n_patches,
                                    "tissue_fraction": round(res.tissue_fraction, 4),
@@ -702,7 +816,95 @@ def _run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None,
         stage, out, cfg.manifest, info, plans, workers=cfg.workers,
         compression=cfg.compression, progress_enabled=progress_enabled)
     report_path = os.path.join(out, REPORT_NAME)
-    return _summary(out, report, plans, removed, written, resumed, report_path)
+    summary = _summary(out, report, plans, removed, written, resumed, report_path)
+    return check_outcome(summary, report, df, cfg)
+
+
+def check_outcome(summary: dict, report: dict[int, dict], df: pd.DataFrame,
+                  cfg: ExtractConfig) -> dict:
+    """After either runner: mask QC (outliers named, contact sheet) and the splits' shares
+    (an empty requested split an error, or allowed a warning); adds both to `summary`.
+
+    Raises:
+      ExtractError: a requested split holds no patches (unless `cfg.allow_empty_splits`).
+    """
+    summary["mask_qc"] = _mask_qc(report, df, cfg)
+    summary["split_shares"] = _check_split_shares(summary, cfg)
+    return summary
+
+
+def plan_assignment(df: pd.DataFrame, cfg: ExtractConfig, mask_dir: str,
+                    progress_enabled: bool | None = None) -> dict[str, str] | None:
+    """The split assignment `plan_extraction` takes: None for "plan", else balanced."""
+    if cfg.split_assign != "balanced":
+        return None
+    return _balanced_assignment(df, cfg, mask_dir, progress_enabled)
+
+
+def _mask_qc(report: dict[int, dict], df: pd.DataFrame, cfg: ExtractConfig) -> list[str]:
+    """Names images of outlying tissue fraction (logged) and writes the contact sheet."""
+    from ish_tf.data import mask_qc
+
+    rows = pd.DataFrame([report[k] for k in sorted(report)], columns=list(REPORT_COLUMNS))
+    outliers = mask_qc.find_outliers(rows)
+    sheet = mask_qc.write_contact_sheet(cfg.out_dir, rows, df, cfg.manifest, cfg.mask_qc,
+                                        outliers=outliers)
+    lines = mask_qc.qc_lines(outliers, sheet)
+    for line in lines:
+        if line.startswith("warning: "):
+            logging.warning("%s", line[len("warning: "):])
+    return lines
+
+
+def _balanced_assignment(df: pd.DataFrame, cfg: ExtractConfig, mask_dir: str,
+                         progress_enabled: bool | None) -> dict[str, str]:
+    """The split of each gene (or donor) from its patch count: OUT/splits.csv if a run
+    wrote it for the same items, else a counting pass (`ish_tf.data.splits`)."""
+    from ish_tf.data import manifest as mf
+    from ish_tf.data import splits
+
+    items = sorted(set(splits.split_items(df, cfg.split_by)))
+    try:
+        known = splits.read_assignment(cfg.out_dir, items)
+    except splits.SplitError as e:
+        raise ExtractError(str(e)) from e
+    if known is not None:
+        logging.info("split assignment read from %s", splits.splits_path(cfg.out_dir))
+        return known
+    # Refuse an OUT of other settings before writing masks into it.
+    provisional, _, _ = plan_extraction(df, cfg)
+    _check_resume(cfg.out_dir, provisional)
+    os.makedirs(mask_dir, exist_ok=True)
+    paths = [mf.image_path(cfg.manifest, str(p)) for p in df["path"]]
+    try:
+        counts = splits.count_patches(df, cfg, mask_dir, paths, cfg.workers, progress_enabled)
+    except ImageIOError as e:
+        raise ExtractError(str(e)) from None
+    assignment = splits.balance_splits(counts, cfg.split_fractions, cfg.seed)
+    splits.write_assignment(cfg.out_dir, assignment, counts)
+    return assignment
+
+
+def _check_split_shares(summary: dict, cfg: ExtractConfig) -> list[str]:
+    """Each requested split's share of the patches; an empty one is an error (or warning)."""
+    from ish_tf.data import splits
+
+    patches = {s: v["patches"] for s, v in summary["splits"].items()}
+    what = "genes" if cfg.split_by == "gene" else "donors"
+    hint = (f"; too few {what} yield patches for every split (see {summary['report']}); "
+            "lower --min_fraction or --source_size, or --allow_empty_splits to accept"
+            if cfg.split_assign == "balanced" else
+            f"; {what} were split before their images' outcomes were known: rerun into a "
+            f"fresh --out with --split_assign=balanced, or --allow_empty_splits to accept")
+    try:
+        lines = splits.check_splits(patches, cfg.split_fractions,
+                                    allow_empty=cfg.allow_empty_splits, hint=hint)
+    except splits.SplitError as e:
+        raise ExtractError(str(e)) from e
+    for line in lines:
+        if line.startswith("warning: "):
+            logging.warning("%s", line[len("warning: "):])
+    return lines
 
 
 def _text(value: Any) -> str:
@@ -726,6 +928,12 @@ def size_mismatch(row: Any, result: Any) -> str:
     if not width or not height:
         return ""
     declared = (int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0))
+    down = _row_int(row, "read_downsample", 1)
+    if down > 1 and all(declared):  # read reduced: compare with the reduced size
+        from ish_tf.data.image_io import reduced_size
+
+        if reduced_size(*declared, down) == (width, height):
+            return ""
     if declared == (width, height) or not all(declared):
         return ""
     return (f"{SIZE_MISMATCH} {declared[0]}x{declared[1]}, the image read is "
@@ -774,6 +982,9 @@ def format_summary(summary: dict) -> str:
         lines.append("  not ok: " + ", ".join(f"{k} {v}" for k, v in
                                               sorted(summary["skipped"].items()))
                      + f" (reasons in {summary['report']})")
+    warnings = [w for w in summary.get("split_shares", []) if w.startswith("warning: ")]
+    lines.extend(f"  {w}" for w in warnings)
+    lines.extend(f"  {w}" for w in summary.get("mask_qc", []))
     mismatched = summary.get("size_mismatch") or []
     if mismatched:
         shown = ", ".join(str(i) for i in mismatched[:5]) + (", ..." if len(mismatched) > 5 else "")

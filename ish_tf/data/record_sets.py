@@ -180,5 +180,6 @@ def write_record_set(out_dir: str, split_examples: Mapping[str, Iterable[Mapping
                                            f"{identity!r}, image_id {ex['image_id']}: {e}") from e
                     writer.write(serialized, identity, int(ex["image_id"]))
             shards.update_index(out_dir, writer.info)
+    shards.remove_index_lock(out_dir)
     return info
 

@@ -18,7 +18,10 @@ filling of enclosed holes up to `max_hole_fraction` of the image. Morphology use
 separable O(H·W) NumPy filters and connected components a vectorised
 run-propagation labelling (scipy is not a dependency). Fluorescence sections (tissue
 emitting light on a black background, `MaskConfig(background="dark")`) are segmented as
-their negative.
+their negative. `MaskConfig(method="od")` scores optical density against the local slide
+colour instead of grey levels (exposure and gamma cancel out), and `threshold_mode`
+chooses the automatic threshold ("auto", Otsu, triangle) or a fixed one; `sensitivity`
+moves it towards or away from the slide.
 
 `UNetSegmenter` runs a trained U-Net (`ish_tf.families.unet.model`) on the downsampled
 image instead; `compute_mask(rgb, cfg)` dispatches on `MaskConfig.segmenter`, and
@@ -39,6 +42,15 @@ from ish_tf.io_utils import atomic_path
 
 SEGMENTERS: tuple[str, ...] = ("classical", "unet")
 BACKGROUNDS: tuple[str, ...] = ("bright", "dark")
+# Scores of the classical segmenter: "od" (optical density relative to the local slide;
+# the default) or "deficit" (grey levels below the slide in the darkest channel, what
+# record sets extracted before issue 21 used); bench/bench_masks.py measures both under
+# exposure, stain and encoding changes.
+MASK_METHODS: tuple[str, ...] = ("od", "deficit")
+# How the classical threshold is chosen: "auto" (a few noise levels above the slide, at
+# least a fraction of the way to the stain), Otsu's or the triangle method on the score
+# histogram, or "fixed" (`MaskConfig.threshold`).
+THRESHOLD_MODES: tuple[str, ...] = ("auto", "otsu", "triangle", "fixed")
 
 
 class SegmentError(ValueError):
@@ -57,11 +69,21 @@ class MaskConfig:
         in at least one channel instead of absorbing it (classical segmenter only: a U-Net
         learns its background from its training masks).
       work_size: longest side, in pixels, of the working resolution.
-      threshold: fixed threshold on the score (how much darker than the local slide
-        colour a pixel is, 0-255); None = automatic.
-      min_contrast: least score that can count as tissue (automatic threshold).
+      method: the classical score, "od" (optical density relative to the local slide
+        colour in the most absorbing channel: invariant to exposure and gamma, little
+        moved by saturation and hue; a saturated slide is handled apart) or "deficit" (grey levels below the local slide in the
+        darkest channel, the older score).
+      threshold_mode: "auto", "otsu", "triangle" or "fixed" (see `THRESHOLD_MODES`).
+      sensitivity: > 1 lowers the automatic threshold towards the slide (fainter tissue
+        kept), < 1 raises it; the distance between slide level and threshold is divided
+        by it (not used with "fixed").
+      threshold: fixed threshold on the score ("deficit": grey levels 0-255 darker than
+        the local slide; "od": optical density); given alone it implies mode "fixed".
+      min_contrast: least score that can count as tissue (automatic threshold; "deficit"
+        grey levels, scaled to optical density for "od").
       rel_threshold: the automatic threshold lies at least this fraction of the way
-        from the slide level to the median of stained pixels.
+        from the slide level to the median of stained pixels (for "od" in absorbed
+        light); None = the method's own (0.1 "deficit", 0.05 "od").
       smooth: Gaussian radius (working pixels) applied to the score before thresholding.
       close_size: side of the closing filter (odd, working pixels; 1 disables).
       open_size: side of the opening filter (odd, working pixels; 1 disables).
@@ -75,9 +97,12 @@ class MaskConfig:
     unet_path: str | None = None
     background: str = "bright"
     work_size: int = 512
+    method: str = "od"
+    threshold_mode: str = "auto"
+    sensitivity: float = 1.0
     threshold: float | None = None
     min_contrast: float = 10.0
-    rel_threshold: float = 0.1
+    rel_threshold: float | None = None
     smooth: float = 1.0
     close_size: int = 5
     open_size: int = 3
@@ -97,6 +122,18 @@ class MaskConfig:
                                "learns its background from its training masks")
         if self.work_size < 16:
             raise SegmentError(f"work_size must be >= 16, got {self.work_size}")
+        if self.method not in MASK_METHODS:
+            raise SegmentError(f"method must be one of {MASK_METHODS}, got {self.method!r}")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise SegmentError(f"threshold_mode must be one of {THRESHOLD_MODES}, got "
+                               f"{self.threshold_mode!r}")
+        if self.threshold_mode == "fixed" and self.threshold is None:
+            raise SegmentError("threshold_mode 'fixed' needs a threshold value")
+        if not self.sensitivity > 0:
+            raise SegmentError(f"sensitivity must be > 0, got {self.sensitivity}")
+        if not 0 <= self.min_object_fraction < 1:
+            raise SegmentError(f"min_object_fraction must lie in [0, 1), got "
+                               f"{self.min_object_fraction}")
         for name in ("close_size", "open_size"):
             v = getattr(self, name)
             if v < 1 or v % 2 == 0:
@@ -329,6 +366,12 @@ def guess_background(rgb: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------- classical
+# A saturated slide (its brightness mode reaching 254-255: an exposure that clips) has no
+# noise and shows no shading, while pale tissue is partly clipped to white with it: the
+# optical-density segmenter then takes the slide as the pixels within 1 grey level of
+# the peak and lowers the automatic threshold's floor and its share of the stain by this
+# factor (bench/bench_masks.py: brightness x1.25 on the Allen section).
+SATURATED_SCALE = 1 / 8
 _SCORE_OFFSET = 32  # keeps slightly-brighter-than-background pixels (negative deficits) in uint8
 
 
@@ -414,6 +457,150 @@ def slide_background(rgb: np.ndarray, background: np.ndarray, grid: int = 8,
                                 .resize((w, h), Image.BILINEAR)) for c in range(3)], axis=-1)
 
 
+def tissue_score(rgb: np.ndarray, bg: np.ndarray, method: str = "od") -> np.ndarray:
+    """How much a pixel absorbs relative to the local slide colour.
+
+    "od": optical density against the slide in the most absorbing channel,
+    `max_c log10((bg_c + 1) / (I_c + 1))`. A change of exposure multiplies slide and
+    tissue alike and cancels in the ratio; a gamma scales every density by the same
+    factor, which the noise-relative threshold absorbs; the most absorbing channel keeps
+    any stain's hue (as the deficit score does), while a grey shading of the slide moves
+    every channel by the same small density and stays below the floor.
+    "deficit": `max_c (bg_c - I_c)` grey levels, offset by `_SCORE_OFFSET` into uint8
+    (the older score, whose threshold is in grey levels).
+
+    Args:
+      rgb: uint8 (h, w, 3) working-resolution image.
+      bg: float32 (h, w, 3) slide colour (`slide_background`).
+      method: "od" or "deficit".
+
+    Returns:
+      float32 (h, w) for "od"; uint8 (h, w) for "deficit".
+    """
+    f = rgb.astype(np.float32)
+    if method == "deficit":
+        deficit = (bg - f).max(axis=2)
+        return np.clip(deficit + _SCORE_OFFSET, 0, 255).astype(np.uint8)
+    return np.log10((bg + 1.0) / (f + 1.0)).max(axis=2).astype(np.float32)
+
+
+def triangle_threshold(values: np.ndarray, bins: int = 256,
+                       peak_value: float | None = None) -> float:
+    """The triangle method's threshold (Zack et al. 1977) for a dominant low mode.
+
+    A line joins the histogram's peak to its last non-empty bin on the high side; the
+    threshold is the bin farthest below that line. It suits a large background mode with
+    a long tail of foreground, the shape of a score histogram of a section on a slide.
+
+    Args:
+      values: array of any shape (any real dtype).
+      bins: histogram bins between the minimum and the maximum.
+      peak_value: start the line at this value's bin instead of the highest bin (the
+        slide's level, where tissue covers more of the image than the slide).
+
+    Returns:
+      t such that `values > t` is the foreground.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return hi
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    if peak_value is None:
+        peak = int(np.argmax(hist))
+    else:
+        peak = int(np.clip((peak_value - lo) / (hi - lo) * bins, 0, bins - 1))
+    last = int(np.flatnonzero(hist)[-1])
+    if last <= peak:
+        return float(edges[peak + 1])
+    x = np.arange(peak, last + 1, dtype=np.float64)
+    y = hist[peak:last + 1].astype(np.float64)
+    # Distance (up to a constant) of each bin below the line from (peak, max) to (last, h).
+    x0, y0, x1, y1 = peak, y[0], last, y[-1]
+    dist = (y1 - y0) * x - (x1 - x0) * y + x1 * y0 - y1 * x0
+    return float(edges[peak + int(np.argmax(dist)) + 1])
+
+
+def _otsu_float(values: np.ndarray, bins: int = 256, absorbed: bool = False) -> float:
+    """Otsu's threshold of real values, on a `bins`-bin histogram of their range.
+
+    With `absorbed`, the values are optical densities and the split is made in absorbed
+    light `1 - 10^-v` (linear in grey levels), where the darkest stain does not dominate.
+    """
+    if absorbed:
+        a = 1.0 - np.power(10.0, -np.asarray(values, dtype=np.float64))
+        t = _otsu_float(a, bins)
+        return -math.log10(max(1.0 - t, 1e-6))
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return hi
+    q = np.clip((v - lo) / (hi - lo) * (bins - 1), 0, bins - 1).astype(np.uint8)
+    return lo + (otsu_threshold(q) + 1) * (hi - lo) / (bins - 1)
+
+
+def choose_threshold(score: np.ndarray, slide: np.ndarray, cfg: MaskConfig,
+                     floor_scale: float = 1.0) -> float:
+    """The classical segmenter's threshold on `tissue_score` (tissue: score > t).
+
+    "auto": `slide + max(floor, 4 sigma, rel_threshold * (stained - slide)) / sensitivity`
+    (slide, sigma: median and MAD of the slide pixels' scores; stained: the median score
+    above Otsu's threshold; floor: `min_contrast`, in optical density for "od"). "otsu"
+    and "triangle": those methods on the score histogram, moved towards the slide level
+    by `sensitivity` (Otsu separates two classes: where pale tissue and a dark stain are
+    two, it may split them instead of tissue from slide; triangle suits a slide mode with
+    a tail of tissue). "fixed" (or a `threshold` given): that value.
+
+    Args:
+      score: (h, w) from `tissue_score`.
+      slide: bool (h, w), pixels believed to be bare slide.
+      cfg: mask settings.
+      floor_scale: multiplies the "auto" floor (`min_contrast`) and `rel_threshold`; the
+        optical-density segmenter lowers them where the slide is saturated (no noise, no
+        visible shading, and pale tissue partly clipped to white).
+    """
+    od = cfg.method == "od"
+    offset = 0.0 if od else float(_SCORE_OFFSET)
+    if cfg.threshold is not None or cfg.threshold_mode == "fixed":
+        return float(cfg.threshold) + offset
+    ref = score[slide] if slide.any() else score.ravel()
+    level = float(np.median(ref))
+    if cfg.threshold_mode == "otsu":
+        t = _otsu_float(score, absorbed=True) if od else otsu_threshold(score)
+        return level + (t - level) / cfg.sensitivity
+    if cfg.threshold_mode == "triangle":
+        # From the slide's mode (not the highest one: tissue may cover most of the image);
+        # in absorbed light for "od", as Otsu.
+        if od:
+            a = triangle_threshold(1.0 - np.power(10.0, -score.astype(np.float64)),
+                                   peak_value=1.0 - 10.0 ** -level)
+            t = -math.log10(max(1.0 - a, 1e-6))
+        else:
+            t = triangle_threshold(score, peak_value=level)
+        return level + (t - level) / cfg.sensitivity
+    floor = (math.log10(255.0 / (255.0 - min(cfg.min_contrast, 254.0)))
+             if od else cfg.min_contrast) * floor_scale
+    sigma = 1.4826 * float(np.median(np.abs(ref - level)))
+    contrast = max(floor, 4 * sigma)
+    otsu = _otsu_float(score) if od else otsu_threshold(score)
+    stained = score > max(otsu, level + floor)
+    rel = cfg.rel_threshold if cfg.rel_threshold is not None else (0.05 if od else 0.1)
+    rel *= floor_scale
+    if stained.any():
+        stain = float(np.median(score[stained]))
+        if od:
+            # The fraction of the way to the stain is taken in absorbed light (linear, as
+            # the deficit score is), not in density, which the darkest stain dominates.
+            a_level, a_stain = 1 - 10 ** -level, 1 - 10 ** -stain
+            a_t = min(a_level + rel * (a_stain - a_level), 0.999)
+            contrast = max(contrast, -math.log10(1 - a_t) - level)
+        else:
+            contrast = max(contrast, rel * (stain - level))
+    if od or cfg.sensitivity != 1.0:
+        return level + contrast / cfg.sensitivity
+    return level + contrast
+
+
 def classical_mask(rgb: np.ndarray, *, cfg: MaskConfig | None = None,
                    return_small: bool = False) -> Any:
     """Tissue mask of a section on a (near-)white slide, or on black; NumPy + Pillow only.
@@ -453,25 +640,18 @@ def classical_mask(rgb: np.ndarray, *, cfg: MaskConfig | None = None,
         small_rgb = np.asarray(Image.fromarray(small_rgb).filter(
             ImageFilter.GaussianBlur(cfg.smooth)))
     brightness = (small_rgb.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
-    _, lo, hi = slide_level(brightness)
+    peak, lo, hi = slide_level(brightness)
+    floor_scale = 1.0
+    if cfg.method == "od" and hi >= 254:
+        # A saturated slide: clipped pale tissue merges into its mode (see SATURATED_SCALE).
+        floor_scale = SATURATED_SCALE
+        lo = max(lo, peak - 1)
     slide = (brightness >= lo) & (brightness <= hi)
     margin = 2 * max(1, round(0.01 * max(h, w))) + 1  # keeps the pale rim out of the slide
     for _ in range(2):
         bg = slide_background(small_rgb, slide)
-        deficit = (bg - small_rgb.astype(np.float32)).max(axis=2)
-        score = np.clip(deficit + _SCORE_OFFSET, 0, 255).astype(np.uint8)
-        if cfg.threshold is not None:
-            t = float(cfg.threshold) + _SCORE_OFFSET
-        else:
-            ref = score[slide] if slide.any() else score.ravel()
-            level = float(np.median(ref))
-            sigma = 1.4826 * float(np.median(np.abs(ref - level)))
-            contrast = max(cfg.min_contrast, 4 * sigma)
-            stained = score > max(otsu_threshold(score), level + cfg.min_contrast)
-            if stained.any():
-                contrast = max(contrast, cfg.rel_threshold
-                               * (float(np.median(score[stained])) - level))
-            t = level + contrast
+        score = tissue_score(small_rgb, bg, cfg.method)
+        t = choose_threshold(score, slide, cfg, floor_scale)
         small = score > t
         slide = ~binary_dilate(small, margin)
     small = binary_close(small, cfg.close_size)
@@ -569,8 +749,10 @@ def load_mask(path: str) -> np.ndarray:
     Raises:
       SegmentError: the file cannot be read as an image.
     """
-    try:
-        with Image.open(path) as im:
+    from ish_tf.data.image_io import pillow_unlimited
+
+    try:  # masks are as large as the images read (no bomb check: we wrote them)
+        with pillow_unlimited(), Image.open(path) as im:
             return np.asarray(im.convert("L")) > 0
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SegmentError(f"{path}: cannot read mask: {e}") from e

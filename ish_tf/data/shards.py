@@ -380,12 +380,25 @@ def load_index(out_dir: str, missing_ok: bool = False) -> dict:
 def _locked(out_dir: str) -> Iterator[None]:
     """Serialises read-modify-write of the index between processes (parallel extract)."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".index.lock"), "a") as lock:
+    with open(os.path.join(out_dir, INDEX_LOCK_NAME), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+INDEX_LOCK_NAME = ".index.lock"
+
+
+def remove_index_lock(out_dir: str) -> None:
+    """Removes OUT/.index.lock once a run's writers are done (no file left behind).
+
+    Only for the end of a run, when no other process of it updates the index: a lock
+    file removed while a writer waits on it would let two writers in at once.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, INDEX_LOCK_NAME))
 
 
 def _write_index(out_dir: str, index: dict) -> None:

@@ -620,15 +620,17 @@ def score_aligned(aligned: Aligned, annotations: Annotations, config: ScoringCon
       have one), one row per scored group; skipped lists groups left out and why.
     """
     tasks, skipped = group_labels(aligned, annotations, config)
+    from ish_tf.progress import progress
+    shown = progress(tasks, desc=f"annotations ({name})", unit="groups")
     if config.n_jobs > 1 and len(tasks) > 1:
         from joblib import Parallel, delayed
         # Processes (loky, reused across calls): threads were slower than serial here
         # because the many small solver steps hold the GIL; 2 processes run the 24 Zeng
         # groups of a 1,000 x 128 embedding in ~1.8 s vs 3.4 s serial (2 cores).
         scores = Parallel(n_jobs=config.n_jobs)(
-            delayed(_score_task)(aligned.values, rows, labels, config) for _, rows, labels in tasks)
+            delayed(_score_task)(aligned.values, rows, labels, config) for _, rows, labels in shown)
     else:
-        scores = [_score_task(aligned.values, rows, labels, config) for _, rows, labels in tasks]
+        scores = [_score_task(aligned.values, rows, labels, config) for _, rows, labels in shown]
     records = []
     for (k, rows, labels), s in zip(tasks, scores, strict=True):
         rec = {"annotation": annotations.groups["annotation"].iat[k],

@@ -243,14 +243,16 @@ def predict_diagnosis(donor_table: EmbeddingTable, labels: pd.Series,
             continue
         demo = demographics.reindex(donors.iloc[rows].to_numpy()).fillna(0.0).to_numpy(float)
         tasks.append((gi, gene, rows, y, demo))
+    from ish_tf.progress import progress
+    shown = progress(tasks, desc="diagnosis", unit="genes")
     if config.n_jobs > 1 and len(tasks) > 1:
         from joblib import Parallel, delayed
         scores = Parallel(n_jobs=config.n_jobs)(
             delayed(_score_gene)(gi, donor_table.values[rows], y, demo, config)
-            for gi, _, rows, y, demo in tasks)
+            for gi, _, rows, y, demo in shown)
     else:
         scores = [_score_gene(gi, donor_table.values[rows], y, demo, config)
-                  for gi, _, rows, y, demo in tasks]
+                  for gi, _, rows, y, demo in shown]
     columns = ["gene_symbol", "n_donors", "n_positive"] + [
         f"{m}_{s}" for s in FEATURE_SETS for m in ("auc", "f1")] + ["flag"]
     per_gene = pd.DataFrame(

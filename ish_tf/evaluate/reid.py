@@ -188,7 +188,7 @@ def _average_precision(ranks: np.ndarray) -> float:
 # --------------------------------------------------------------------------- metric
 def evaluate_reid(values, genes, donors, *, metric: str = "euclidean", block_size: int = 1024,
                   candidate_sets: Sequence[str] = CANDIDATE_SETS,
-                  compute_map: bool = True) -> pd.DataFrame:
+                  compute_map: bool = True, progress: bool | None = None) -> pd.DataFrame:
     """Rank-1, mAP and exact chance of gene re-identification (see module docstring).
 
     Queries are processed in blocks of `block_size` rows against all N candidates
@@ -205,6 +205,8 @@ def evaluate_reid(values, genes, donors, *, metric: str = "euclidean", block_siz
       block_size: query rows per block (≥ 1); larger is faster, uses N·block memory.
       candidate_sets: which of "other_donor", "all", "same_donor" to report, in order.
       compute_map: compute mAP (otherwise the column is NaN; rank-1 alone is faster).
+      progress: show progress over the queries (None: `ish_tf.progress` decides; False:
+        never, e.g. inside training's validation, which has its own bar).
 
     Returns:
       One row per candidate set with columns `COLUMNS`: candidates, rank1,
@@ -248,7 +250,7 @@ def evaluate_reid(values, genes, donors, *, metric: str = "euclidean", block_siz
     need_same = "same_donor" in sets or (compute_map and "all" in sets)
 
     dist_fn = _Scores(x, metric)
-    with Progress(n, desc="reid") as bar:
+    with Progress(n, desc="reid", enabled=progress, unit="queries") as bar:
         for start in range(0, n, block_size):
             stop = min(start + block_size, n)
             q = np.arange(start, stop)

@@ -17,7 +17,11 @@ export's input kind (an `InputSpec`: given, or derived from the model input; see
   - `serving_default`: `image_bytes` tf.string (B,) of JPEG or PNG files. Decoding,
     the resize to the model's input size (bilinear, antialiased, only when the size
     differs) and the cast to float32 [0, 255] happen inside the graph, so a client
-    needs no ish_tf code;
+    needs no ish_tf code. The input size is in the sidecar ("input_size") and the
+    signature's description; by default (`serving_resize="near"`) an image more than
+    `MAX_SERVING_SCALE` (2x) larger or smaller than it is rejected (InvalidArgumentError
+    naming both sizes) rather than squashed: a whole 1600x1200 section sent to a 64-px
+    patch model is an error, not an embedding. `serving_resize="any"` resizes any size;
   - the family's pixel signature (`embed_images` for triplet): `images` float32
     (B, H, W, C) in [0, 255] (skips decoding; for speed and tests);
 * images of any other channel count, or uint16 (fluorescence plates): JPEG/PNG
@@ -59,7 +63,9 @@ from ish_tf.data.inputs import InputSpec
 from ish_tf.export.signatures import (
     BYTES_INPUT,
     EXAMPLES_INPUT,
+    MAX_SERVING_SCALE,
     PIXELS_INPUT,
+    SERVING_RESIZE,
     TF_EXAMPLE,
     VECTORS_INPUT,
     InputSpecError,
@@ -314,7 +320,8 @@ def read_metadata(saved_model_dir: str) -> dict:
 
 
 # --------------------------------------------------------------------------- graph pieces
-def decode_images(image_bytes, size: tuple[int, int], channels: int = 3):
+def decode_images(image_bytes, size: tuple[int, int], channels: int = 3,
+                  max_scale: float | None = None):
     """Decodes a batch of JPEG/PNG strings to float32 images of one size.
 
     Each image is decoded with `tf.io.decode_image(channels=C)` (grayscale is
@@ -325,6 +332,7 @@ def decode_images(image_bytes, size: tuple[int, int], channels: int = 3):
       image_bytes: tf.string (B,) encoded images.
       size: (H, W) of the output.
       channels: C.
+      max_scale: reject images more than this factor from `size` (`fit_image`).
 
     Returns:
       float32 (B, H, W, C).
@@ -335,7 +343,7 @@ def decode_images(image_bytes, size: tuple[int, int], channels: int = 3):
 
     def one(data):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-        return fit_image(tf.cast(image, tf.float32), height, width, channels)
+        return fit_image(tf.cast(image, tf.float32), height, width, channels, max_scale)
 
     return tf.map_fn(one, image_bytes,
                      fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
@@ -377,7 +385,7 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
                        class_names: Sequence[str] | None = None,
                        flagfile: str | None = None, version: int | None = None,
                        keep: int = 5, overwrite: bool = False, search_index=None,
-                       input_transform=None) -> str:
+                       serving_resize: str = "near", input_transform=None) -> str:
     """Exports a Keras model as a new integer version of a TF Serving model.
 
     The signatures follow the input kind (see the module docstring): JPEG/PNG bytes,
@@ -407,6 +415,9 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
       overwrite: replace `version` if it exists (else an existing version raises).
       search_index: an `ish_tf.export.search.SearchIndex`: adds the `search` and
         `search_embedding` signatures (exact top-k over its vectors; see that module).
+      serving_resize: "near": `serving_default` resizes JPEG/PNG images within
+        `MAX_SERVING_SCALE` of the input size and rejects the others; "any": resizes
+        every image (see the module docstring).
       input_transform: raw input -> model input, in the graph (a family's
         `export_transform`, e.g. `ish_tf.families.fluorescence.export.SiteNormalisation`):
         an object with `record_keys` (record features it reads), `extra_inputs()`
@@ -434,6 +445,10 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
                           f"family {family!r} names {len(names)}: {names}")
     if version is not None and version < 0:
         raise ExportError(f"version must be a non-negative integer, got {version}")
+    if serving_resize not in SERVING_RESIZE:
+        raise ExportError(f"serving_resize must be one of {', '.join(SERVING_RESIZE)}, got "
+                          f"{serving_resize!r}")
+    max_scale = MAX_SERVING_SCALE if serving_resize == "near" else None
     family_spec = _family_input_spec(family)
     try:
         spec = resolve_input_spec(model, input_spec, family_spec)
@@ -448,7 +463,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
                                       tf.float32, name=PIXELS_INPUT)
 
     def serve_bytes(image_bytes):
-        images = decode_images(image_bytes, (spec.height, spec.width), spec.channels)
+        images = decode_images(image_bytes, (spec.height, spec.width), spec.channels,
+                               max_scale)
         return _name_outputs(model(images, training=False), names, output_map)
 
     def serve_decoded(inputs):
@@ -508,7 +524,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
         with _quiet_tensorflow_logs():
             archive.write_out(tmp, verbose=False)
         flags_text = _read_text(flagfile)
-        sidecar = _sidecar(model, family, pixels_signature, names, spec, class_names,
+        sidecar = _sidecar(model, family, pixels_signature, names, spec, serving_resize,
+                           class_names,
                            flags_text, metadata)
         if input_transform is not None:
             sidecar["input_transform"] = input_transform.describe()
@@ -578,7 +595,8 @@ def _read_text(path: str | None) -> str | None:
         return f.read()
 
 
-def _signature_inputs(spec: InputSpec, pixels: str) -> dict[str, dict[str, str]]:
+def _signature_inputs(spec: InputSpec, pixels: str,
+                      serving_resize: str = "near") -> dict[str, dict[str, str]]:
     """Signature name -> {input name: description}, as exported for `spec`."""
     if spec.kind == "vector":
         decoded = {VECTORS_INPUT: f"float32 (B, {spec.dim})"}
@@ -586,25 +604,32 @@ def _signature_inputs(spec: InputSpec, pixels: str) -> dict[str, dict[str, str]]
         scale = "in [0, 255]" if spec.dtype == "uint8" else f"the stored {spec.dtype} values"
         decoded = {PIXELS_INPUT: f"float32 (B, {spec.height}, {spec.width}, {spec.channels}) "
                                  f"{scale}"}
-    default = ({BYTES_INPUT: "string (B,): JPEG or PNG bytes"} if takes_image_bytes(spec)
-               else decoded)
+    if serving_resize == "near":
+        sizes = (f"of about {spec.height}x{spec.width} px (resized to it within "
+                 f"{MAX_SERVING_SCALE:g}x; farther sizes are rejected)")
+    else:
+        sizes = f"of any size (resized to {spec.height}x{spec.width} px)"
+    default = ({BYTES_INPUT: f"string (B,): JPEG or PNG bytes {sizes}"}
+               if takes_image_bytes(spec) else decoded)
     return {SERVING_DEFAULT: default, pixels: decoded,
             TF_EXAMPLE: {EXAMPLES_INPUT: f"string (B,): serialized tf.train.Example records "
                                          f"(ish_tf.data.records, {spec.kind})"}}
 
 
-def _preprocessing(spec: InputSpec) -> str:
+def _preprocessing(spec: InputSpec, serving_resize: str = "near") -> str:
     if spec.kind == "vector":
         return "vector (float32, D values) -> model"
     resize = "bilinear antialiased resize to the input size when different"
     if takes_image_bytes(spec):
-        return f"decode_image(channels=C) -> {resize} -> float32 [0, 255] -> model"
+        limit = (f" (images more than {MAX_SERVING_SCALE:g}x from "
+                 f"{spec.height}x{spec.width} rejected)" if serving_resize == "near" else "")
+        return f"decode_image(channels=C) -> {resize}{limit} -> float32 [0, 255] -> model"
     return (f"raw pixels -> float32 (stored values, unscaled) -> model; tf_example: "
             f"decode_raw -> {resize}")
 
 
 def _sidecar(model, family: str, pixels: str, names: Sequence[str], spec: InputSpec,
-             class_names: Sequence[str] | None, flags_text: str | None,
+             serving_resize: str, class_names: Sequence[str] | None, flags_text: str | None,
              metadata: Mapping[str, Any] | None) -> dict:
     import keras
     import tensorflow as tf
@@ -626,7 +651,7 @@ def _sidecar(model, family: str, pixels: str, names: Sequence[str], spec: InputS
     else:
         model_input = {"height": None, "width": None, "channels": None, "dim": spec.dim,
                        "dtype": "float32"}
-    signatures = _signature_inputs(spec, pixels)
+    signatures = _signature_inputs(spec, pixels, serving_resize)
     default_input = next(iter(signatures[SERVING_DEFAULT]))
     return {
         "format_version": SIDECAR_FORMAT,
@@ -643,7 +668,8 @@ def _sidecar(model, family: str, pixels: str, names: Sequence[str], spec: InputS
         "signature_names": {"serving_default": SERVING_DEFAULT,
                             "serving_default_input": default_input,
                             "decoded": pixels, "records": TF_EXAMPLE},
-        "preprocessing": _preprocessing(spec),
+        "preprocessing": _preprocessing(spec, serving_resize),
+        "serving_resize": serving_resize if spec.kind == "image" else None,
         "class_names": list(class_names) if class_names is not None else None,
         "flags": parse_flagfile(flags_text) if flags_text else {},
         "schema": {"record_features": list(records.FEATURE_KEYS)},
@@ -707,6 +733,7 @@ class ExportConfig:
       version: version number; None = newest + 1.
       keep: newest versions kept (0 = all).
       overwrite: replace an existing explicit version.
+      serving_resize: "near" or "any" (see `export_saved_model`).
     """
 
     model_dir: str
@@ -715,6 +742,7 @@ class ExportConfig:
     version: int | None = None
     keep: int = 5
     overwrite: bool = False
+    serving_resize: str = "near"
 
     def validate(self) -> ExportConfig:
         """Checks the settings; returns self.
@@ -738,7 +766,7 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
                version: int | None = None, keep: int = 5, overwrite: bool = False,
                class_names: Sequence[str] | None = None,
                input_spec: InputSpec | None = None, search_index: str | None = None,
-               search_metric: str = "") -> str:
+               search_metric: str = "", serving_resize: str = "near") -> str:
     """Exports a training run's `RUN/model.keras` (see `export_saved_model`).
 
     The family is read from `RUN/model_config.json` ("builder") unless given;
@@ -748,7 +776,8 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
       model_dir: the run directory RUN (or a `.keras` file).
       export_base: `EXPORT/<name>`.
       family: model family; default from model_config.json, else "triplet".
-      version, keep, overwrite, class_names, input_spec: as in `export_saved_model`
+      version, keep, overwrite, class_names, input_spec, serving_resize: as in
+        `export_saved_model`
         (the input kind and signatures follow the model input and the family's spec).
       search_index: an embedding table (e.g. bin/embed's gene_embeddings.csv) to search:
         adds the `search` signatures (`ish_tf.export.search`).
@@ -807,4 +836,5 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
                               search_index=index, input_transform=transform,
                               class_names=class_names, input_spec=input_spec,
                               flagfile=os.path.join(run_dir, FLAGFILE_NAME),
-                              version=version, keep=keep, overwrite=overwrite)
+                              version=version, keep=keep, overwrite=overwrite,
+                              serving_resize=serving_resize)

@@ -113,11 +113,36 @@ def resolve_input_spec(model, spec: InputSpec | None = None,
     return dataclasses.replace(spec, height=derived.height, width=derived.width)
 
 
-def fit_image(image, height: int, width: int, channels: int):
+#: How far (as a factor per side) a served image may be from the model's input size and
+#: still be resized to it, under the default `--serving_resize=near`.
+MAX_SERVING_SCALE = 2.0
+#: `--serving_resize` choices: near (resize within MAX_SERVING_SCALE, reject the rest)
+#: or any (resize whatever comes, e.g. a whole section squashed to one patch).
+SERVING_RESIZE = ("near", "any")
+
+
+def fit_image(image, height: int, width: int, channels: int,
+              max_scale: float | None = None):
     """float32 (h, w, C) -> (H, W, C): bilinear antialiased resize only when the size
-    differs (so an image of the right size passes bit for bit)."""
+    differs (so an image of the right size passes bit for bit).
+
+    Args:
+      max_scale: when given, an image whose height or width is more than this factor
+        away from the input size (larger or smaller) is rejected with an
+        InvalidArgumentError naming both sizes, instead of being squashed.
+    """
     import tensorflow as tf
 
+    if max_scale:
+        hw = tf.cast(tf.shape(image)[:2], tf.float32)
+        want = tf.constant([height, width], tf.float32)
+        near = tf.reduce_all((hw <= want * max_scale) & (hw * max_scale >= want))
+        check = tf.debugging.Assert(near, [
+            f"image size (height, width) is more than {max_scale:g}x away from the model's "
+            f"input {height}x{width}; send patches of about that size (or tile the image), "
+            "or export with --serving_resize=any to resize any size:", tf.shape(image)[:2]])
+        with tf.control_dependencies([check]):
+            image = tf.identity(image)
     same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
     image = tf.cond(same, lambda: image,
                     lambda: tf.image.resize(image, [height, width], method="bilinear",

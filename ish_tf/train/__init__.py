@@ -37,6 +37,8 @@ class TrainConfig:
       checkpoint_every: steps between checkpoints.
       keep_checkpoints: checkpoints kept on disk.
       log_every: steps between log lines / TensorBoard scalars / metrics.csv rows.
+      validate_every: steps between validation passes (`Task.validation_metrics` on the
+        validation split, TensorBoard `validation/...`); 0 = none.
       image_summaries: write a few input images to TensorBoard at the first step.
       mixed_precision: mixed_float16 (GPU, loss scaling) or mixed_bfloat16 (CPU).
       jit_compile: XLA-compile the train step (the model's forward pass under
@@ -64,6 +66,10 @@ class TrainConfig:
     keep_checkpoints: int = setting(3, "Checkpoints kept on disk.")
     log_every: int = setting(100, "Steps between log lines, TensorBoard scalars and "
                              "metrics.csv rows.")
+    validate_every: int = setting(1000, "Steps between validation passes on the records' "
+                                  "validation split (triplet: other-donor rank-1 and mAP; "
+                                  "other families: validation loss), also at the last "
+                                  "step; 0 = no validation.")
     image_summaries: bool = setting(True, "Write a few input patches to TensorBoard at step 0.")
     mixed_precision: bool = setting(False, "Mixed precision: float16 with loss scaling on "
                                     "GPU, bfloat16 on CPU.")
@@ -80,6 +86,8 @@ class TrainConfig:
         for name in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.validate_every < 0:
+            raise ValueError(f"--validate_every must be >= 0, got {self.validate_every}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0 < self.final_lr_fraction <= 1:
@@ -100,4 +108,5 @@ class TrainConfig:
         return dataclasses.replace(
             self, steps=new_steps, decay_start=min(decay, new_steps),
             checkpoint_every=min(self.checkpoint_every, max(new_steps // 2, 1)),
-            log_every=min(self.log_every, 5))
+            log_every=min(self.log_every, 5),
+            validate_every=min(self.validate_every, max(new_steps // 2, 1)))

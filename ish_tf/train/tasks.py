@@ -224,3 +224,100 @@ class Task(abc.ABC):
         so a task can show its predictions.
         """
         return {}
+
+    #: Batches of the validation split scored by the default `validation_metrics`.
+    validation_batches: int = 4
+
+    def validation_metrics(self, model: keras.Model) -> dict[str, float]:
+        """Scores of the current model on the validation split (TensorBoard `validation/`).
+
+        Called by the trainer every `--validate_every` steps, between steps, outside the
+        compiled step and the strategy's replica context. It must not draw from the
+        training random streams (inference only, datasets with explicit seeds), so
+        training is the same with and without validation.
+
+        The default: the loss and stats of `compute_loss(training=False)`, averaged over
+        the first `validation_batches` batches the family's own reader makes from
+        `train_config.split = "validation"` without flips ("loss" is drawn with the
+        training loss as `loss/validation`). Families override it with their own
+        measure (the triplet family: other-donor re-identification).
+
+        Returns:
+          {name: value}; {} when there is nothing to score (in-memory data, no
+          validation split, or a split the family's reader refuses).
+        """
+        if self._dataset_fn is not None or not self.train_config.records_dir:
+            return {}
+        if getattr(self, "_validation_off", False):
+            return {}
+        import dataclasses
+
+        saved = self.train_config
+        self.train_config = dataclasses.replace(saved, split=self.validation_split,
+                                                flips=False)
+        try:
+            if not has_split(self.train_config.records_dir, self.validation_split):
+                self._validation_off = True
+                return {}
+            dataset = self.make_records_dataset(None, 0).take(self.validation_batches)
+            sums: dict[str, float] = {}
+            n = 0
+            for batch in dataset:
+                loss, stats = self.compute_loss(model, batch, training=False)
+                for key, value in {"loss": loss, **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + float(tf.cast(value, tf.float32).numpy())
+                n += 1
+        except (ValueError, tf.errors.OpError) as e:
+            # A split too small for the family's batches (e.g. fewer than P genes):
+            # said once, then no validation for the run.
+            self._validation_off = True
+            from absl import logging
+
+            logging.warning("no validation scores: the %s split cannot be read as training "
+                            "batches (%s)", self.validation_split,
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            return {}
+        finally:
+            self.train_config = saved
+        return {k: v / n for k, v in sums.items()} if n else {}
+
+    #: The split `validation_metrics` scores.
+    validation_split: str = "validation"
+
+
+def has_split(records_dir: str, split: str) -> bool:
+    """Whether a records directory lists any shard of `split` in its index."""
+    from ish_tf.data import shards
+
+    try:
+        return bool(shards.completed_shards(records_dir, split))
+    except Exception:  # noqa: BLE001 - no readable index: nothing to validate on
+        return False
+
+
+_RESIZES_NOTED: set[tuple] = set()
+
+
+def note_resize(records_dir: str, stored: tuple, size: int) -> None:
+    """Says once per process and records set that images are resized for the model.
+
+    Records stored at another size than the model's input are resized in the input
+    pipeline (bilinear); the line names both sizes, so a mismatch is never silent.
+
+    Args:
+      records_dir: the records set (named in the line).
+      stored: (height, width) of the stored images (None where not static).
+      size: the model's square input size (--input_size).
+    """
+    key = (records_dir, tuple(stored), size)
+    if key in _RESIZES_NOTED:
+        return
+    _RESIZES_NOTED.add(key)
+    h, w = stored
+    have = f"{h}x{w}" if h and w else "of varying size"
+    from absl import logging
+
+    logging.warning("records in %s are %s px and the model takes %dx%d: every image is "
+                    "resized to %dx%d in the input pipeline (extract with --patch_size=%d, "
+                    "or train with --input_size=%s, to avoid it)", records_dir or "memory",
+                    have, size, size, size, size, size, h if h and h == w else "R")

@@ -8,7 +8,9 @@
   projector_config.pbtxt); `write_projector_from_table` takes an `EmbeddingTable`.
 * `event_tags`: the tags present in a log directory's event files (tests, debugging).
 
-The training scalars (loss and its parts, lr, grad_norm, images_per_sec) and the input
+The training scalars (`loss/train`, `train/lr`, `train/<task stat>`, `train/grad_norm`,
+`train/images_per_sec`), the validation scores (`loss/validation`, `validation/<metric>`)
+and the input
 images (patches after their flips; families add reconstructions or predictions
 through `Task.image_summaries`) are written by `ish_tf.train.trainer`.
 """
@@ -137,6 +139,14 @@ def write_projector(logdir: str, values: np.ndarray, labels: Mapping[str, Sequen
     embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
     embedding.metadata_path = METADATA_NAME
     projector.visualize_embeddings(logdir, config)
+    # TensorBoard's projector looks only in its runs, the directories holding event
+    # files: one event here makes this directory a run, so the projector is found from
+    # any --logdir above it (RUN/logs, which bin/train prints), not only from logdir.
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        tf.summary.text("projector", f"{int(keep.size)} points of {n}, labelled by "
+                        f"{', '.join(columns)}: open the Projector tab", step=0)
+    writer.close()
     return int(keep.size)
 
 

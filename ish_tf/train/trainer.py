@@ -7,8 +7,12 @@ Layout of a run directory RUN::
     RUN/model_config.json    builder name + ModelConfig, to rebuild the model
     RUN/checkpoints/         tf.train.CheckpointManager: model, optimizer, step, and the
                              task's `checkpoint_items()` (an EMA teacher)
-    RUN/logs/train/          TensorBoard scalars (loss, lr, task stats, grad_norm, images/s)
-    RUN/metrics.csv          the same scalars every log interval
+    RUN/logs/train/          TensorBoard scalars, grouped so the loss comes first:
+                             loss/train (loss/validation), train/lr, train/<task stat>,
+                             train/grad_norm, train/images_per_sec, validation/<metric>
+    RUN/logs/projector/      the embedding projector (written by the quickstart / bin/embed)
+    RUN/metrics.csv          the training scalars every log interval
+    RUN/validation.csv       the validation scores every --validate_every steps
     RUN/model.keras          the final model (written when the run reaches --steps, after
                              the task's `finalize_model`)
 
@@ -59,6 +63,7 @@ import tensorflow as tf
 from absl import logging
 
 from ish_tf.io_utils import atomic_path, atomic_write_text, remove_stale_tmp
+from ish_tf.progress import Progress
 from ish_tf.train import TrainConfig
 from ish_tf.train.schedules import HoldThenExponentialDecay
 from ish_tf.train.strategy import make_strategy, set_precision
@@ -68,6 +73,7 @@ MODEL_NAME = "model.keras"
 MODEL_CONFIG_NAME = "model_config.json"
 TRAIN_CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.csv"
+VALIDATION_NAME = "validation.csv"
 CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 
@@ -194,6 +200,7 @@ def run_paths(run_dir: str) -> dict[str, str]:
             "model_config": os.path.join(run_dir, MODEL_CONFIG_NAME),
             "train_config": os.path.join(run_dir, TRAIN_CONFIG_NAME),
             "metrics": os.path.join(run_dir, METRICS_NAME),
+            "validation": os.path.join(run_dir, VALIDATION_NAME),
             "checkpoints": os.path.join(run_dir, CHECKPOINT_DIR),
             "logs": os.path.join(run_dir, LOG_DIR),
             "flags": os.path.join(run_dir, "flags.cfg")}
@@ -467,16 +474,51 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                   else tf.summary.create_noop_writer())
     columns = ["step", "loss", "lr", *task.stat_names, "grad_norm", "images_per_sec", "elapsed_s"]
     rows = _read_metrics(paths["metrics"], start_step)
-    logging.info("run %s: %s steps %d..%d, global batch %d on %d replica(s), policy %s; "
-                 "tensorboard --logdir %s", config.run_dir, task.name, start_step, end_step,
-                 task.global_batch_size, replicas, policy, paths["logs"])
-    if chief:
-        print(f"tensorboard --logdir {paths['logs']}", flush=True)
+    validation_rows = _read_metrics(paths["validation"], start_step)
+    logging.info("run %s: %s steps %d..%d, global batch %d on %d replica(s), policy %s",
+                 config.run_dir, task.name or getattr(task.model_config, "model", "model"),
+                 start_step, end_step,
+                 task.global_batch_size, replicas, policy)
+    if chief and end_step > start_step:
+        # The one place this line is printed (bin/quickstart does not repeat it).
+        print(f"train: watch it with  tensorboard --logdir {paths['logs']}", flush=True)
+
+    validation_failed = False
+
+    def validate(at_step: int) -> None:
+        """Scores the validation split (`task.validation_metrics`) into TensorBoard
+        (`validation/...`, the loss as `loss/validation`) and RUN/validation.csv."""
+        nonlocal validation_failed
+        if validation_failed:
+            return
+        try:
+            scores = task.validation_metrics(model)
+        except Exception as e:  # noqa: BLE001 - an aid: say why, then train on without it
+            validation_failed = True
+            logging.warning("validation at step %d failed (%s: %s); training goes on "
+                            "without it", at_step, type(e).__name__, _first_line(e))
+            return
+        if not scores:
+            return
+        validation_rows.append({"step": at_step, **scores})
+        names = sorted({k for r in validation_rows for k in r if k != "step"})
+        with writing(paths["validation"]):
+            _write_metrics(paths["validation"], ["step", *names], validation_rows)
+        with writing(os.path.join(paths["logs"], "train")):
+            with writer.as_default(step=at_step):
+                for k, v in scores.items():
+                    tf.summary.scalar("loss/validation" if k == "loss" else f"validation/{k}", v)
+            writer.flush()
+        text = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        logging.info("step %d validation: %s", at_step, text, extra={"detail": True})
+        bar.set_postfix(f"loss {last_loss:.4f} | validation {text}")
 
     last_loss, last_rate = float("nan"), 0.0
     current = start_step
     t_start = t_last = time.monotonic()
     step_last = start_step
+    bar = Progress(end_step - start_step, "train", enabled=None if chief else False,
+                   unit="steps")
     try:
         iterator = iter(dataset)
         while current < end_step:
@@ -490,6 +532,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
             # One replica's norm is already exact: one trace (and XLA compile), not two.
             loss, stats, nonfinite = train_step(batch, is_log and replicas > 1)
             current += 1
+            bar.update()
             is_ckpt = current % config.checkpoint_every == 0 or current == end_step
             if is_log or is_ckpt:
                 last_loss = _scalar(loss)
@@ -514,16 +557,24 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
                     with writing(paths["metrics"]):
                         _write_metrics(paths["metrics"], columns, rows)
                 with writing(os.path.join(paths["logs"], "train")):
+                    # Groups sort by name in TensorBoard: loss/ first, then train/,
+                    # then validation/.
                     with writer.as_default(step=current):
-                        tf.summary.scalar("loss", last_loss)
-                        tf.summary.scalar("lr", lr)
+                        tf.summary.scalar("loss/train", last_loss)
+                        tf.summary.scalar("train/lr", lr)
                         for k, v in values.items():
-                            tf.summary.scalar(k, v)
-                        tf.summary.scalar("images_per_sec", last_rate)
+                            tf.summary.scalar(f"train/{k}", v)
+                        tf.summary.scalar("train/images_per_sec", last_rate)
                     writer.flush()
+                bar.set_postfix(f"loss {last_loss:.4f}")
+                # Per-step detail: in RUN/train.log and with --verbosity; the console has
+                # the progress bar.
                 logging.info("step %d/%d loss %.4f lr %.3g %s %.1f img/s", current, config.steps,
                              last_loss, lr, " ".join(f"{k} {v:.3f}" for k, v in values.items()),
-                             last_rate)
+                             last_rate, extra={"detail": True})
+            if chief and config.validate_every and (current % config.validate_every == 0
+                                                    or current == end_step):
+                validate(current)
             if is_ckpt:
                 with writing(manager.directory):
                     manager.save(checkpoint_number=current)
@@ -541,6 +592,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
         # the interpreter's shutdown (held by an exception's traceback) can wait forever
         # on reader threads that need the GIL, and the process never exits.
         iterator = dataset = batch = None
+        bar.close()
         with contextlib.suppress(Exception):  # never hide the error that brought us here
             writer.close()
 

@@ -382,6 +382,7 @@ def write_patch_records(sections: Sequence[Section], centres: pd.DataFrame, out_
     shards.write_dataset_info(out_dir, shards.DatasetInfo(
         genes=genes, donors=[s.name for s in sections], source_size=size, patch_size=size,
         format="png", seed=seed, split_by="gene", extra=dict(extra or {})))
+    shards.remove_index_lock(out_dir)
     return counts
 
 

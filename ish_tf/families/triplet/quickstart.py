@@ -153,16 +153,23 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
     os.makedirs(cfg.workdir, exist_ok=True)
     times: dict[str, float] = {}
 
+    n_stages = 7  # the `with stage(...)` blocks below
+
     def stage(name: str):
         class _Timer:
             def __enter__(self):
-                log(f"[quickstart] {name} ...")
+                # Stage k of n, and the time so far: each long stage draws its own
+                # progress (extract, train, embed, reid) with counts and ETA.
+                elapsed = sum(times.values())
+                log(f"[quickstart {len(times) + 1}/{n_stages}] {name} ..."
+                    + (f" ({elapsed:.0f} s so far)" if times else ""))
                 self.t = time.perf_counter()
 
             def __exit__(self, *exc):
                 times[name] = round(time.perf_counter() - self.t, 1)
                 if exc[0] is None:
-                    log(f"[quickstart] {name} done in {times[name]:.1f} s")
+                    log(f"[quickstart {len(times)}/{n_stages}] {name} done in "
+                        f"{times[name]:.1f} s")
         return _Timer()
 
     with stage("synthetic dataset"):
@@ -177,7 +184,7 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
     with stage("masks, patches and TFRecords"):
         from ish_tf.data.patches import run_extract
 
-        extract_summary = run_extract(cfg.extract, progress_enabled=False)
+        extract_summary = run_extract(cfg.extract)
         per_split = {s: v for s, v in extract_summary.get("splits", {}).items()}
         for split, counts in per_split.items():
             log(f"  {split}: {counts}")

@@ -49,14 +49,84 @@ class TripletTask(Task):
         check_pk_identities(cfg.records_dir, cfg.split, family.P, family.K)
         ds = pk_dataset(cfg.records_dir, cfg.split, P=family.P, K=family.K, flips=cfg.flips,
                         seed=cfg.seed, input_context=input_context, start_batch=start_step)
+        return self._fit_to_input(ds)
+
+    def _fit_to_input(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """Resizes (images, ...) elements to the model's input size when they differ,
+        saying so once per run with both sizes (`note_resize`)."""
+        from ish_tf.train.tasks import note_resize
+
         size = self.model_config.input_size
         height, width = ds.element_spec[0].shape[1:3]
         if (height, width) != (size, size):
+            note_resize(self.train_config.records_dir, (height, width), size)
             # Patches stored at another size (or of unknown static size): resize in
             # the pipeline, where it overlaps with training.
-            ds = ds.map(lambda x, y: (tf.image.resize(x, (size, size)), y),
+            ds = ds.map(lambda x, *rest: (tf.image.resize(x, (size, size)), *rest),
                         num_parallel_calls=tf.data.AUTOTUNE)
         return ds
+
+    #: Validation records embedded per pass (a seeded-free prefix of the split, in
+    #: shard order, so every pass scores the same records).
+    validation_max_records: int = 4096
+
+    def validation_metrics(self, model):
+        """Other-donor re-identification on the validation split: rank-1, mAP and their
+        chance, with images the mean of their patches' embeddings (as `bin/evaluate`
+        scores the image level), through `ish_tf.evaluate.reid.evaluate_reid`.
+
+        Inference only (no flips, no shuffle): the training random streams are untouched.
+        {} without a validation split, or when it has no gene seen from two donors.
+        """
+        import numpy as np
+        import pandas as pd
+
+        from ish_tf.data.pipeline import patch_dataset
+        from ish_tf.evaluate.reid import ReidError, evaluate_reid
+        from ish_tf.train.tasks import has_split
+
+        cfg = self.train_config
+        if self._dataset_fn is not None or not cfg.records_dir or getattr(
+                self, "_validation_off", False):
+            return {}
+        if not has_split(cfg.records_dir, self.validation_split):
+            self._validation_off = True
+            return {}
+        if getattr(self, "_validation_embed", None) is None:
+            self._validation_embed = tf.function(
+                lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+        ds = patch_dataset(cfg.records_dir, self.validation_split, batch_size=256,
+                           training=False, with_keys=True, deterministic=True)
+        ds = self._fit_to_input(ds).unbatch().take(self.validation_max_records).batch(256)
+        values, image_ids, genes, donors = [], [], [], []
+        for images, keys in ds:
+            values.append(self._validation_embed(images).numpy())
+            image_ids.append(keys["image_id"].numpy())
+            genes.append(keys["gene_symbol"].numpy())
+            donors.append(keys["donor_id"].numpy())
+        if not values:
+            return {}
+        frame = pd.DataFrame({"image_id": np.concatenate(image_ids),
+                              "gene": np.concatenate(genes), "donor": np.concatenate(donors)})
+        emb = np.concatenate(values)
+        codes, first = np.unique(frame["image_id"].to_numpy(), return_index=True)
+        inverse = np.searchsorted(codes, frame["image_id"].to_numpy())
+        sums = np.zeros((len(codes), emb.shape[1]), np.float64)
+        np.add.at(sums, inverse, emb)
+        image_values = sums / np.bincount(inverse)[:, None]
+        try:
+            row = evaluate_reid(image_values, frame["gene"].to_numpy()[first],
+                                frame["donor"].to_numpy()[first], metric=self.metric
+                                if self.metric in ("euclidean", "sqeuclidean", "cosine")
+                                else "euclidean", candidate_sets=("other_donor",),
+                                progress=False).iloc[0]
+        except ReidError:
+            return {}
+        if not row["n_answerable"]:
+            self._validation_off = True
+            return {}
+        return {"rank1_other_donor": float(row["rank1"]), "map_other_donor": float(row["map"]),
+                "chance_rank1_other_donor": float(row["chance"])}
 
     def compute_loss(self, model, batch, training):
         """Embeds this replica's images, gathers all replicas, mines the global batch."""
