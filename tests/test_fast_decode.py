@@ -166,3 +166,16 @@ def test_other_formats_and_factors_keep_the_full_resolution_path(jpeg):
 def test_fast_decode_is_part_of_the_sampling_key_only_when_on(jpeg):
     assert "fast_decode" not in _cfg(jpeg, fast_decode=False).sampling_key()
     assert _cfg(jpeg).sampling_key()["fast_decode"] is True
+
+
+def test_factor_two_crops_from_the_full_decode_and_masks_at_half(jpeg, tmp_path):
+    """S / R = 2: the mask is at 1/2, the patches are the full path's Lanczos patches."""
+    cfg = _cfg(jpeg, source_size=64, patch_size=32)
+    res = F.extract_image_patches_fast(str(jpeg / "s.jpg"), 7, cfg, str(tmp_path))
+    assert res.status == S.OK and res.n_patches == 8
+    assert load_mask(os.path.join(tmp_path, "7.png")).shape == (201, 261)
+    full = Image.open(jpeg / "s.jpg").convert("RGB")
+    for p in res.patches:
+        want = S.encode_patch(S.crop_and_resize(full, p.x, p.y, 64, 32), cfg.image_format,
+                              cfg.jpeg_quality)
+        assert p.encoded == want, (p.x, p.y)

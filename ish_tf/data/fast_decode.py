@@ -3,11 +3,14 @@
 A patch is an S×S source window stored at R×R. When S / R is an integer k ≥ 2, most of
 the full-resolution decode is wasted: libjpeg can decode at 1/2, 1/4 or 1/8 scale by
 dropping DCT coefficients (Pillow's `Image.draft`), which is 2-4× faster than a full
-decode and already averages d×d source pixels per output pixel. `extract_image_patches_fast`
-decodes at scale 1/d (d the largest of 8, 4, 2 dividing k), computes the mask on that
-image, samples windows in *source* coordinates and crops each patch from the reduced
-image (a plain crop when the window lies on the d-grid and k = d, else a Lanczos
-resample of that one window only, never of the whole image).
+decode. `extract_image_patches_fast` computes the mask and samples at scale 1/d (d the
+largest of 8, 4, 2 dividing k, `decode_scale`), but cuts the patches from a decode one
+DCT level finer, 1/c with k / c ≥ 2 (`crop_decode_scale`), with an antialiased Lanczos
+reduce of each window (`WindowCropper`; its horizontal passes are shared by all windows
+of one phase). The mask's 1/d image is a box reduce of the 1/c decode, so there is one
+decode. Cropping straight from the 1/d decode was faster but not faithful: that decode
+is close to a box filter, not to the full path's Lanczos, and a window off the d-grid
+needs a sub-pixel resample on top; sharp content lost up to ~8 dB (bench/RESULTS.md).
 
 Sampling is the full-resolution sampling, exactly: candidates are drawn in source
 coordinates from the same generator (`patch_sampling.draw_candidates`), and each one's
@@ -19,9 +22,10 @@ summed-area table of the reduced mask with fractional edge weights
 computed from the reduced image, may differ slightly at tissue edges.
 
 Other formats (PNG, TIFF), non-integer S / R and JPEGs that refuse the draft keep the
-full-resolution antialiased path (`patch_sampling.extract_image_patches`). The patches stay
-faithful: PSNR against the Lanczos patches of the same windows is measured by
-`bench/bench_extract.py` (≥ 35 dB is the bar).
+full-resolution antialiased path (`patch_sampling.extract_image_patches`). For k = 2 the crop
+decode is the full one (c = 1): only the mask and sampling are at 1/2. The patches stay faithful: PSNR against the
+Lanczos patches of the same windows is measured by `bench/bench_extract.py` (≥ 35 dB for
+every window is the bar).
 """
 
 from __future__ import annotations
