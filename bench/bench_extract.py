@@ -18,7 +18,7 @@ included) against the local fast runner.
 Masks are recomputed in every run (fresh output directories, no mask cache).
 
 Fidelity: for up to `--psnr_windows` windows per image chosen by the fast run, the
-fast crop (`fast_decode.crop_scaled` from the reduced decode) is compared with the
+fast crop (`fast_decode.WindowCropper` on the reduced decode) is compared with the
 full-resolution Lanczos patch of the same window (`patch_sampling.crop_and_resize`),
 before JPEG encoding; PSNR in dB (mean, 5th percentile, minimum). Also prints the share
 of fast-run windows that the full-resolution run chose too (the masks differ slightly).
@@ -85,7 +85,7 @@ def psnr_of(manifest: str, windows: dict[int, list[tuple[int, int]]], size: int,
     from ish_tf.data.patch_sampling import crop_and_resize
 
     df = pd.read_csv(manifest)
-    d = F.decode_scale(size, out_size)
+    c = F.crop_decode_scale(size, out_size)
     values = []
     for row in df.itertuples():
         wins = windows.get(int(row.image_id), [])[:per_image]
@@ -94,10 +94,11 @@ def psnr_of(manifest: str, windows: dict[int, list[tuple[int, int]]], size: int,
         path = image_path(manifest, str(row.path))
         with Image.open(path) as im:
             full = im.convert("RGB")
-        small, _, _ = F.open_scaled(path, d)
+        small, _, _ = F.open_scaled(path, c)
+        cropper = F.WindowCropper(small, c, size, out_size)
         for x, y in wins:
             a = np.asarray(crop_and_resize(full, x, y, size, out_size), np.float64)
-            b = np.asarray(F.crop_scaled(small, d, x, y, size, out_size), np.float64)
+            b = np.asarray(cropper.crop(x, y), np.float64)
             mse = max(float(((a - b) ** 2).mean()), 1e-10)
             values.append(10 * np.log10(255.0 ** 2 / mse))
     return np.asarray(values)
@@ -130,13 +131,15 @@ def stage_costs(manifest: str, size: int, out_size: int, n: int, repeats: int = 
 
     df = pd.read_csv(manifest)
     d = F.decode_scale(size, out_size)
+    c = F.crop_decode_scale(size, out_size)
     rows: dict[str, list[float]] = {}
     def one(path: str) -> None:
         ms, rgb = timed(lambda: S.read_rgb(path))
         rows.setdefault("decode full", []).append(ms)
-        ms, opened = timed(lambda: F.open_scaled(path, d))
-        rows.setdefault(f"decode 1/{d}", []).append(ms)
-        small = np.asarray(opened[0])
+        ms, opened = timed(lambda: F.open_scaled(path, c))
+        rows.setdefault(f"decode 1/{c}", []).append(ms)
+        ms, small = timed(lambda: np.asarray(opened[0].reduce(d // c) if d > c else opened[0]))
+        rows.setdefault(f"box reduce to 1/{d} (for the mask)", []).append(ms)
         ms, mask = timed(lambda: compute_mask(rgb, MaskConfig()), 1)
         rows.setdefault("mask full", []).append(ms)
         ms, small_mask = timed(lambda: compute_mask(small, MaskConfig()), 1)
@@ -155,9 +158,12 @@ def stage_costs(manifest: str, size: int, out_size: int, n: int, repeats: int = 
         ms, crops = timed(lambda: [S.crop_and_resize(full, x, y, size, out_size)
                                    for x, y in corners])
         rows.setdefault("crop+resize full (all patches)", []).append(ms * n / k)
-        ms, _ = timed(lambda: [F.crop_scaled(reduced, d, x, y, size, out_size)
-                               for x, y in corners])
-        rows.setdefault(f"crop 1/{d} (all patches)", []).append(ms * n / k)
+        def fast_crops():
+            cropper = F.WindowCropper(reduced, c, size, out_size)
+            return [cropper.crop(x, y) for x, y in corners]
+        ms, _ = timed(fast_crops)
+        rows.setdefault(f"crop from 1/{c} (all patches, phase passes included)", []).append(
+            ms * n / k)
         ms, encoded = timed(lambda: [S.encode_patch(c, "jpeg", 90) for c in crops])
         rows.setdefault("JPEG encode (all patches)", []).append(ms * n / k)
         examples = [records.make_example(

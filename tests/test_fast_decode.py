@@ -111,22 +111,41 @@ def test_fast_extraction_crops_the_sampled_windows_faithfully(jpeg, tmp_path):
         with Image.open(io.BytesIO(p.encoded)) as im:
             assert im.format == "JPEG" and im.size == (32, 32)
             assert _psnr(im.convert("RGB"),
-                         S.crop_and_resize(full, p.x, p.y, 128, 32)) > 30
+                         S.crop_and_resize(full, p.x, p.y, 128, 32)) > 35
     # Deterministic, and the cached mask gives the same bytes.
     again = F.extract_image_patches_fast(str(jpeg / "s.jpg"), 7, cfg, str(tmp_path))
     assert again.mask_cached
     assert [p.encoded for p in again.patches] == [p.encoded for p in res.patches]
 
 
-def test_crop_on_the_grid_is_a_plain_crop_and_off_grid_a_subpixel_resample(jpeg):
-    small, w, h = F.open_scaled(str(jpeg / "s.jpg"), 4)
-    assert small.size == (131, 101) and (w, h) == (522, 401)
-    on = F.crop_scaled(small, 4, 200, 160, 128, 32)
-    np.testing.assert_array_equal(np.asarray(on), np.asarray(small)[40:72, 50:82])
-    off = F.crop_scaled(small, 4, 202, 160, 128, 32)  # half a reduced pixel to the right
-    assert off.size == (32, 32) and not np.array_equal(np.asarray(off), np.asarray(on))
+def test_crop_decode_scale_leaves_a_lanczos_reduce_of_at_least_two():
+    assert [F.crop_decode_scale(s, r) for s, r in [(1024, 256), (512, 256), (1024, 128),
+                                                   (2048, 128), (4096, 128), (768, 256),
+                                                   (256, 256)]] == [2, 1, 4, 8, 8, 1, 1]
+
+
+def test_window_cropper_is_the_per_window_lanczos_of_the_reduced_decode(jpeg):
+    """Phase-shared horizontal passes give exactly the per-window Lanczos resize from the
+    1/2 decode, at every phase and at the image edges; and it stays close to the
+    full-resolution Lanczos patch where a crop of the 1/4 decode did not."""
+    half, w, h = F.open_scaled(str(jpeg / "s.jpg"), 2)
+    assert half.size == (261, 201) and (w, h) == (522, 401)
+    cropper = F.WindowCropper(half, 2, 128, 32)
     full = Image.open(jpeg / "s.jpg").convert("RGB")
-    assert _psnr(off, S.crop_and_resize(full, 202, 160, 128, 32)) > 33
+    quarter, _, _ = F.open_scaled(str(jpeg / "s.jpg"), 4)
+    new_db, old_db = [], []
+    for x, y in [(0, 0), (w - 128, h - 128), (201, 160), (202, 163), (203, 1), (0, 270)]:
+        got = cropper.crop(x, y)
+        want = half.resize((32, 32), Image.LANCZOS, box=(x / 2, y / 2, (x + 128) / 2,
+                                                           (y + 128) / 2))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{x},{y}")
+        ref = S.crop_and_resize(full, x, y, 128, 32)
+        old = quarter.resize((32, 32), Image.LANCZOS, box=(x / 4, y / 4, (x + 128) / 4,
+                                                             (y + 128) / 4))
+        new_db.append(_psnr(got, ref))
+        old_db.append(_psnr(old, ref))
+    assert min(new_db) > 40 and min(new_db) > min(old_db) + 3, (new_db, old_db)
+    assert sorted(cropper._phases) == [0, 1, 2, 3]  # one horizontal pass per phase
 
 
 def test_other_formats_and_factors_keep_the_full_resolution_path(jpeg):
@@ -147,3 +166,16 @@ def test_other_formats_and_factors_keep_the_full_resolution_path(jpeg):
 def test_fast_decode_is_part_of_the_sampling_key_only_when_on(jpeg):
     assert "fast_decode" not in _cfg(jpeg, fast_decode=False).sampling_key()
     assert _cfg(jpeg).sampling_key()["fast_decode"] is True
+
+
+def test_factor_two_crops_from_the_full_decode_and_masks_at_half(jpeg, tmp_path):
+    """S / R = 2: the mask is at 1/2, the patches are the full path's Lanczos patches."""
+    cfg = _cfg(jpeg, source_size=64, patch_size=32)
+    res = F.extract_image_patches_fast(str(jpeg / "s.jpg"), 7, cfg, str(tmp_path))
+    assert res.status == S.OK and res.n_patches == 8
+    assert load_mask(os.path.join(tmp_path, "7.png")).shape == (201, 261)
+    full = Image.open(jpeg / "s.jpg").convert("RGB")
+    for p in res.patches:
+        want = S.encode_patch(S.crop_and_resize(full, p.x, p.y, 64, 32), cfg.image_format,
+                              cfg.jpeg_quality)
+        assert p.encoded == want, (p.x, p.y)

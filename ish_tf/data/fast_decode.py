@@ -3,11 +3,14 @@
 A patch is an S×S source window stored at R×R. When S / R is an integer k ≥ 2, most of
 the full-resolution decode is wasted: libjpeg can decode at 1/2, 1/4 or 1/8 scale by
 dropping DCT coefficients (Pillow's `Image.draft`), which is 2-4× faster than a full
-decode and already averages d×d source pixels per output pixel. `extract_image_patches_fast`
-decodes at scale 1/d (d the largest of 8, 4, 2 dividing k), computes the mask on that
-image, samples windows in *source* coordinates and crops each patch from the reduced
-image (a plain crop when the window lies on the d-grid and k = d, else a Lanczos
-resample of that one window only, never of the whole image).
+decode. `extract_image_patches_fast` computes the mask and samples at scale 1/d (d the
+largest of 8, 4, 2 dividing k, `decode_scale`), but cuts the patches from a decode one
+DCT level finer, 1/c with k / c ≥ 2 (`crop_decode_scale`), with an antialiased Lanczos
+reduce of each window (`WindowCropper`; its horizontal passes are shared by all windows
+of one phase). The mask's 1/d image is a box reduce of the 1/c decode, so there is one
+decode. Cropping straight from the 1/d decode was faster but not faithful: that decode
+is close to a box filter, not to the full path's Lanczos, and a window off the d-grid
+needs a sub-pixel resample on top; sharp content lost up to ~8 dB (bench/RESULTS.md).
 
 Sampling is the full-resolution sampling, exactly: candidates are drawn in source
 coordinates from the same generator (`patch_sampling.draw_candidates`), and each one's
@@ -19,9 +22,10 @@ summed-area table of the reduced mask with fractional edge weights
 computed from the reduced image, may differ slightly at tissue edges.
 
 Other formats (PNG, TIFF), non-integer S / R and JPEGs that refuse the draft keep the
-full-resolution antialiased path (`patch_sampling.extract_image_patches`). The patches stay
-faithful: PSNR against the Lanczos patches of the same windows is measured by
-`bench/bench_extract.py` (≥ 35 dB is the bar).
+full-resolution antialiased path (`patch_sampling.extract_image_patches`). For k = 2 the crop
+decode is the full one (c = 1): only the mask and sampling are at 1/2. The patches stay faithful: PSNR against the
+Lanczos patches of the same windows is measured by `bench/bench_extract.py` (≥ 35 dB for
+every window is the bar).
 """
 
 from __future__ import annotations
@@ -207,21 +211,62 @@ def open_scaled_retrying(path: str, scale: int, attempts: int = IO_ATTEMPTS,
     raise AssertionError("unreachable")
 
 
-def crop_scaled(image: Image.Image, scale: int, x: int, y: int, size: int,
-                out_size: int) -> Image.Image:
-    """The source window (x, y, size) as an out_size² patch, from the image decoded at 1/scale.
+def crop_decode_scale(source_size: int, patch_size: int) -> int:
+    """The reduction c to decode at for cropping: one DCT level under `decode_scale`.
 
-    A plain crop when the window lies on the reduced grid at the patch's resolution;
-    otherwise a Lanczos resample of this window only (sub-pixel offset, or a further
-    integer reduction), reading at most a few pixels around it.
+    The windows are cut from a decode at 1/c with c the largest DCT scale (or 1) that
+    divides k = S / R and leaves a factor f = k / c ≥ 2 for an antialiased Lanczos reduce:
+    a DCT-scaled decode by the whole factor is close to a box filter, not to the Lanczos
+    of the full-resolution path, and loses up to ~8 dB on sharp content (bench/RESULTS.md).
     """
-    d = scale
-    if size == d * out_size and x % d == 0 and y % d == 0:
-        x0, y0 = x // d, y // d
-        return image.crop((x0, y0, x0 + out_size, y0 + out_size))
-    box = (x / d, y / d, (x + size) / d, (y + size) / d)
-    gap = 2.0 if size >= 4 * d * out_size else None
-    return image.resize((out_size, out_size), Image.LANCZOS, box=box, reducing_gap=gap)
+    d = decode_scale(source_size, patch_size)
+    if d == 1:
+        return 1
+    k = source_size // patch_size
+    return next((c for c in DCT_SCALES if k % c == 0 and k // c >= 2), 1)
+
+
+class WindowCropper:
+    """Source windows as Lanczos-reduced patches, from an image decoded at 1/scale.
+
+    A window (x, y, S) is S / c pixels at scale 1/c, reduced by f = S / (c·R) ≥ 2 with
+    Lanczos, i.e. `image.resize((R, R), LANCZOS, box=(x/c, y/c, (x+S)/c, (y+S)/c))`. The
+    resize is separable: its horizontal pass depends on x only through the phase x mod
+    (c·f), so it is computed once per phase for the whole image (lazily; ≤ c·f of them)
+    and each window then takes only its vertical pass, on its own columns. Pillow's
+    coefficients do not depend on where the box starts, so this is the per-window resize
+    (up to the rounding of the box position; tested).
+    """
+
+    def __init__(self, image: Image.Image, scale: int, source_size: int, patch_size: int):
+        self.image, self.c, self.size, self.out = image, int(scale), source_size, patch_size
+        span = source_size / self.c              # window side at scale 1/c
+        self.f = span / patch_size               # remaining reduction, ≥ 2
+        self.period = source_size // patch_size  # x mod period sets the phase
+        self.margin = int(math.ceil(3 * self.f)) + 2  # Lanczos support (a = 3) + rounding
+        self._phases: dict[int, Image.Image] = {}
+
+    def _phase(self, r: int) -> Image.Image:
+        """The horizontal Lanczos pass of the whole image for windows with x mod period = r."""
+        im = self._phases.get(r)
+        if im is None:
+            w, h = self.image.size
+            x0 = r / self.c
+            n = int((w - x0) // self.f)
+            im = self._phases[r] = self.image.resize(
+                (n, h), Image.LANCZOS, box=(x0, 0, x0 + n * self.f, h))
+        return im
+
+    def crop(self, x: int, y: int) -> Image.Image:
+        """The source window at (x, y) as an R×R patch."""
+        q, r = divmod(int(x), self.period)
+        cols = self._phase(r)
+        y0, y1 = y / self.c, (y + self.size) / self.c
+        lo = max(0, int(y0) - self.margin)
+        hi = min(cols.height, int(math.ceil(y1)) + self.margin)
+        strip = cols.crop((q, lo, q + self.out, hi))  # whole rows of the kernel support
+        return strip.resize((self.out, self.out), Image.LANCZOS,
+                            box=(0, y0 - lo, self.out, y1 - lo))
 
 
 # --------------------------------------------------------------------------- per image
@@ -242,8 +287,9 @@ def extract_image_patches_fast(image_path: str, image_id: int, cfg: ExtractConfi
     d = decode_scale(cfg.source_size, cfg.patch_size)
     if d == 1:
         return extract_image_patches(image_path, image_id, cfg, mask_dir, overlay_dir)
+    c = crop_decode_scale(cfg.source_size, cfg.patch_size)
     try:
-        opened = open_scaled_retrying(image_path, d)
+        opened = open_scaled_retrying(image_path, c)
     except FileNotFoundError:
         return ImageResult(image_id, UNREADABLE, f"{image_path}: file not found")
     except ImageIOError:
@@ -258,7 +304,9 @@ def extract_image_patches_fast(image_path: str, image_id: int, cfg: ExtractConfi
         return ImageResult(image_id, TOO_SMALL,
                            f"{image_path}: image is {w}x{h}, smaller than source_size "
                            f"{cfg.source_size}", **base)
-    rgb = np.asarray(image)
+    # The mask (and the sampling) stay at 1/d: a box reduce of the 1/c decode stands in
+    # for the 1/d one.
+    rgb = np.asarray(image.reduce(d // c) if d > c else image)
     try:
         mask, cached = load_or_compute_mask(rgb, image_id, cfg.mask, mask_dir)
     except Exception as e:  # a segmenter failure must not stop the stage
@@ -275,9 +323,9 @@ def extract_image_patches_fast(image_path: str, image_id: int, cfg: ExtractConfi
     corners = sample_patches_scaled(mask, d, h, w, n=cfg.patches_per_image,
                                     size=cfg.source_size, min_fraction=cfg.min_fraction,
                                     max_tries=cfg.max_tries, rng=image_rng(cfg.seed, image_id))
-    patches = [Patch(x, y, encode_patch(crop_scaled(image, d, x, y, cfg.source_size,
-                                                    cfg.patch_size),
-                                        cfg.image_format, cfg.jpeg_quality))
+    cropper = WindowCropper(image, c, cfg.source_size, cfg.patch_size)
+    patches = [Patch(x, y, encode_patch(cropper.crop(x, y), cfg.image_format,
+                                        cfg.jpeg_quality))
                for x, y in corners]
     if len(patches) < cfg.patches_per_image:
         return ImageResult(image_id, FEW_PATCHES,
