@@ -210,7 +210,7 @@ def test_bin_train_unet_then_segment_and_extract(synth, tmp_path, capsys):
     events = EventAccumulator(os.path.join(run_dir, "logs", "train")).Reload()
     tags = events.Tags()
     assert "unet_predicted_masks" in tags["tensors"] + tags.get("images", [])
-    assert "iou" in tags["tensors"] + tags.get("scalars", [])
+    assert "train/iou" in tags["tensors"] + tags.get("scalars", [])
 
     # The model works as bin/extract's segmenter: IoU on unseen sections well above
     # the trivial "all tissue" predictor (whose IoU is the tissue fraction).
