@@ -142,7 +142,8 @@ def test_manifest_validates_and_fills_the_schema(dataset):
     df = manifest.read_manifest(os.path.join(cfg.out_dir, "manifest.csv"))
     assert len(df) == cfg.n_genes * cfg.donors_per_gene * cfg.images_per_gene_donor
     for col in manifest.COLUMN_NAMES:
-        if col == "um_per_pixel":  # synthetic sections have no physical scale: left empty
+        if col in ("um_per_pixel", "read_downsample"):
+            # Synthetic sections have no physical scale and are read as stored: left empty.
             assert df[col].isna().all(), col
             continue
         assert df[col].notna().all(), col
