@@ -31,7 +31,6 @@ every window is the bar).
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -39,12 +38,8 @@ import numpy as np
 from PIL import Image
 
 from ish_tf.data.patch_sampling import (
-    FEW_PATCHES,
     IO_ATTEMPTS,
     IO_RETRY_DELAY,
-    NO_TISSUE,
-    OK,
-    TOO_SMALL,
     UNREADABLE,
     ImageIOError,
     ImageResult,
@@ -53,10 +48,11 @@ from ish_tf.data.patch_sampling import (
     draw_candidates,
     encode_patch,
     extract_image_patches,
-    image_rng,
     integral_image,
+    masked_windows,
+    patches_result,
+    too_small_result,
 )
-from ish_tf.data.segment import load_or_compute_mask
 
 if TYPE_CHECKING:
     from ish_tf.data.patches import ExtractConfig
@@ -300,39 +296,25 @@ def extract_image_patches_fast(image_path: str, image_id: int, cfg: ExtractConfi
         return extract_image_patches(image_path, image_id, cfg, mask_dir, overlay_dir)
     image, w, h = opened
     base = dict(width=w, height=h)
-    if h < cfg.source_size or w < cfg.source_size:
-        return ImageResult(image_id, TOO_SMALL,
-                           f"{image_path}: image is {w}x{h}, smaller than source_size "
-                           f"{cfg.source_size}", **base)
+    small = too_small_result(image_path, image_id, cfg, w, h, base)
+    if small is not None:
+        return small
     # The mask (and the sampling) stay at 1/d: a box reduce of the 1/c decode stands in
     # for the 1/d one.
     rgb = np.asarray(image.reduce(d // c) if d > c else image)
-    try:
-        mask, cached = load_or_compute_mask(rgb, image_id, cfg.mask, mask_dir)
-    except Exception as e:  # a segmenter failure must not stop the stage
-        return ImageResult(image_id, UNREADABLE, f"{image_path}: mask failed: {e}", **base)
-    if overlay_dir:
-        from ish_tf.data.segment import save_overlay
-
-        save_overlay(rgb, mask, os.path.join(overlay_dir, f"{int(image_id)}.png"))
-    fraction = float(mask.mean())
-    base.update(tissue_fraction=fraction, mask_cached=cached)
-    if not mask.any():
-        return ImageResult(image_id, NO_TISSUE, f"{image_path}: no tissue found "
-                           f"({cfg.mask.segmenter} segmenter)", **base)
-    corners = sample_patches_scaled(mask, d, h, w, n=cfg.patches_per_image,
-                                    size=cfg.source_size, min_fraction=cfg.min_fraction,
-                                    max_tries=cfg.max_tries, rng=image_rng(cfg.seed, image_id))
+    corners = masked_windows(
+        rgb, image_path, image_id, cfg, mask_dir, overlay_dir, base,
+        lambda mask, rng: sample_patches_scaled(mask, d, h, w, n=cfg.patches_per_image,
+                                                size=cfg.source_size,
+                                                min_fraction=cfg.min_fraction,
+                                                max_tries=cfg.max_tries, rng=rng))
+    if isinstance(corners, ImageResult):
+        return corners
     cropper = WindowCropper(image, c, cfg.source_size, cfg.patch_size)
     patches = [Patch(x, y, encode_patch(cropper.crop(x, y), cfg.image_format,
                                         cfg.jpeg_quality))
                for x, y in corners]
-    if len(patches) < cfg.patches_per_image:
-        return ImageResult(image_id, FEW_PATCHES,
-                           f"{len(patches)} of {cfg.patches_per_image} windows with tissue >= "
-                           f"{cfg.min_fraction:g} in {cfg.max_tries} tries "
-                           f"(tissue fraction {fraction:.2f})", patches, **base)
-    return ImageResult(image_id, OK, "", patches, **base)
+    return patches_result(image_id, cfg, patches, base)
 
 
 def extract_patches(image_path: str, image_id: int, cfg: ExtractConfig,

@@ -27,6 +27,7 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -403,14 +404,51 @@ def extract_image_patches(image_path: str, image_id: int, cfg: ExtractConfig,
         return ImageResult(image_id, UNREADABLE, f"{image_path}: cannot decode image: {e}")
     h, w = rgb.shape[:2]
     base = dict(width=w, height=h)
-    if h < cfg.source_size or w < cfg.source_size:
-        scale = (f" ({cfg.source_um:g} um at {cfg.source_um / cfg.source_size:.4g} um/px)"
-                 if cfg.source_um else "")
-        read = f" read at 1/{cfg.read_downsample}" if cfg.read_downsample > 1 else ""
-        return ImageResult(image_id, TOO_SMALL,
-                           f"{image_path}: image{read} is {w}x{h}, smaller than source_size "
-                           f"{cfg.source_size}{scale}; it needs at least "
-                           f"{cfg.source_size}x{cfg.source_size} px", **base)
+    small = too_small_result(image_path, image_id, cfg, w, h, base)
+    if small is not None:
+        return small
+    corners = masked_windows(
+        rgb, image_path, image_id, cfg, mask_dir, overlay_dir, base,
+        lambda mask, rng: sample_patches(mask, n=cfg.patches_per_image, size=cfg.source_size,
+                                         min_fraction=cfg.min_fraction,
+                                         max_tries=cfg.max_tries, rng=rng))
+    if isinstance(corners, ImageResult):
+        return corners
+    image = Image.fromarray(rgb)
+    patches = [Patch(x, y, encode_patch(crop_and_resize(image, x, y, cfg.source_size,
+                                                        cfg.patch_size),
+                                        cfg.image_format, cfg.jpeg_quality))
+               for x, y in corners]
+    return patches_result(image_id, cfg, patches, base)
+
+
+def too_small_result(image_path: str, image_id: int, cfg: ExtractConfig, w: int, h: int,
+                     base: dict) -> ImageResult | None:
+    """The too_small outcome of a w x h image (with the size it would need), else None."""
+    if h >= cfg.source_size and w >= cfg.source_size:
+        return None
+    scale = (f" ({cfg.source_um:g} um at {cfg.source_um / cfg.source_size:.4g} um/px)"
+             if cfg.source_um else "")
+    read = f" read at 1/{cfg.read_downsample}" if cfg.read_downsample > 1 else ""
+    return ImageResult(image_id, TOO_SMALL,
+                       f"{image_path}: image{read} is {w}x{h}, smaller than source_size "
+                       f"{cfg.source_size}{scale}; it needs at least "
+                       f"{cfg.source_size}x{cfg.source_size} px", **base)
+
+
+def masked_windows(rgb: np.ndarray, image_path: str, image_id: int, cfg: ExtractConfig,
+                   mask_dir: str | None, overlay_dir: str | None, base: dict,
+                   sample: Callable[[np.ndarray, np.random.Generator], list]):
+    """Masks `rgb` (cached in `mask_dir`), saves its overlay, and samples the windows.
+
+    Shared by the full-resolution and the reduced-scale (`ish_tf.data.fast_decode`) paths:
+    `sample(mask, rng)` returns the window corners in source coordinates. Adds the tissue
+    fraction and the cache hit to `base`.
+
+    Returns:
+      The corners, or the `ImageResult` of a failed mask (unreadable) or an empty one
+      (no_tissue).
+    """
     try:
         mask, cached = load_or_compute_mask(rgb, image_id, cfg.mask, mask_dir)
     except Exception as e:  # a segmenter failure must not stop the stage
@@ -419,23 +457,19 @@ def extract_image_patches(image_path: str, image_id: int, cfg: ExtractConfig,
         from ish_tf.data.segment import save_overlay
 
         save_overlay(rgb, mask, os.path.join(overlay_dir, f"{int(image_id)}.png"))
-    fraction = float(mask.mean())
-    base.update(tissue_fraction=fraction, mask_cached=cached)
+    base.update(tissue_fraction=float(mask.mean()), mask_cached=cached)
     if not mask.any():
         return ImageResult(image_id, NO_TISSUE, f"{image_path}: no tissue found "
                            f"({cfg.mask.segmenter} segmenter)", **base)
-    corners = sample_patches(mask, n=cfg.patches_per_image, size=cfg.source_size,
-                             min_fraction=cfg.min_fraction, max_tries=cfg.max_tries,
-                             rng=image_rng(cfg.seed, image_id))
-    image = Image.fromarray(rgb)
-    patches = [Patch(x, y, encode_patch(crop_and_resize(image, x, y, cfg.source_size,
-                                                        cfg.patch_size),
-                                        cfg.image_format, cfg.jpeg_quality))
-               for x, y in corners]
+    return sample(mask, image_rng(cfg.seed, image_id))
+
+
+def patches_result(image_id: int, cfg: ExtractConfig, patches: list, base: dict) -> ImageResult:
+    """ok, or few_patches when fewer windows than asked held enough tissue."""
     if len(patches) < cfg.patches_per_image:
         return ImageResult(image_id, FEW_PATCHES,
                            f"{len(patches)} of {cfg.patches_per_image} windows with tissue >= "
                            f"{cfg.min_fraction:g} in {cfg.max_tries} tries "
-                           f"(tissue fraction {fraction:.2f})", patches, **base)
+                           f"(tissue fraction {base['tissue_fraction']:.2f})", patches, **base)
     return ImageResult(image_id, OK, "", patches, **base)
 
