@@ -48,3 +48,12 @@ def test_noisy_batches_draw_different_noise_for_each_view_and_keep_labels():
     assert not np.allclose(s0.numpy(), t0.numpy())
     assert not np.allclose(s0.numpy(), s1.numpy())
     assert noisy_batches(ds, 0.0, seed=0, views=2) is ds
+
+
+def test_a_resumed_stream_draws_the_noise_of_the_uninterrupted_one():
+    x = _images()
+    ds = tf.data.Dataset.from_tensors((x, tf.constant([0, 1, 2, 3]))).repeat(3)
+    whole = [b[0].numpy() for b in noisy_batches(ds, 1.0, seed=4, views=1)]
+    resumed = [b[0].numpy() for b in noisy_batches(ds.skip(2), 1.0, seed=4, views=1,
+                                                  start_step=2)]
+    np.testing.assert_array_equal(whole[2], resumed[0])

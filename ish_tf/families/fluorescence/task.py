@@ -102,8 +102,10 @@ def technical_noise(images: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.T
     return x + alpha * (blurred - x)
 
 
-def noisy_batches(ds: tf.data.Dataset, strength: float, seed: int, views: int) -> tf.data.Dataset:
-    """`technical_noise` on each of the first `views` elements of each batch (labels last)."""
+def noisy_batches(ds: tf.data.Dataset, strength: float, seed: int, views: int,
+                  start_step: int = 0) -> tf.data.Dataset:
+    """`technical_noise` on each of the first `views` elements of each batch (labels last),
+    seeded by the batch's global index (`start_step` on: a resumed run draws the same)."""
     if strength <= 0:
         return ds
 
@@ -112,7 +114,7 @@ def noisy_batches(ds: tf.data.Dataset, strength: float, seed: int, views: int) -
                                strength) for v in range(views)]
         return (*out, *batch[views:])
 
-    return ds.enumerate().map(noise, num_parallel_calls=tf.data.AUTOTUNE,
+    return ds.enumerate(start=int(start_step)).map(noise, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
 
 
@@ -185,7 +187,7 @@ class FluorescenceTask(Task):
                             unlabelled=unlabelled, input_context=input_context,
                             start_step=start_step, augment=self.train_config.flips)
         noise = self.model_config.family.noise_augment if self.train_config.flips else 0.0
-        return noisy_batches(ds, noise, seed + 1000003 * int(start_step), views)
+        return noisy_batches(ds, noise, seed, views, start_step)
 
     def make_records_dataset(self, input_context, start_step: int = 0) -> tf.data.Dataset:
         family = self.model_config.family
