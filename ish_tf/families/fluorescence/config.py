@@ -47,6 +47,11 @@ class FluorescenceConfig:
     norm_jitter: float = setting(0.1, "Training: each image's mean and std are scaled by "
                                  "U(1 - j, 1 + j) per channel.", lower=0.0, upper=0.9)
     batch_size: int = setting(32, "Labelled sites per step (global batch).", lower=1)
+    noise_augment: float = setting(0.0, "Training: scale of the technical-noise augmentation "
+                                   "of each view (per-site illumination gradient and "
+                                   "vignetting up to 0.35 and 0.3 times this, well-edge "
+                                   "dimming, and focus blur); 0: off.", lower=0.0,
+                                   upper=2.0)
     # Mean teacher (--model=mean_teacher).
     unlabelled_split: str = setting("test", "--model=mean_teacher: split whose sites are "
                                     "the unlabelled wells (held-out experiments; their "

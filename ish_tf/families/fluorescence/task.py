@@ -71,6 +71,53 @@ def consistency_ramp(step, rampup: int, weight: float) -> tf.Tensor:
     return weight * tf.exp(-5.0 * tf.square(1.0 - t))
 
 
+def technical_noise(images: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
+    """Technical noise that per-plate normalisation leaves in place, drawn per site from a
+    stateless `seed`: a multiplicative illumination field (linear gradient up to 0.35 *
+    strength in a random direction, vignetting up to 0.3 * strength, well-edge dimming up
+    to 0.35 * strength) and focus blur (a blend towards a sigma-1.2 Gaussian blur, up to
+    `strength`, capped at 1). Images are normalised (b, S, S, C) z-scores; the field
+    scales each site's deviation from its plate's mean, as a gain on the raw signal does."""
+    if strength <= 0:
+        return images
+    b = tf.shape(images)[0]
+    size = images.shape[1]
+    u = tf.random.stateless_uniform([b, 5], seed, 0.0, 1.0)
+    lin = tf.linspace(-1.0, 1.0, size)
+    gy, gx = tf.meshgrid(lin, lin, indexing="ij")
+    angle = u[:, 0, None, None] * 6.2831853
+    field = (1.0 + 0.35 * strength * u[:, 1, None, None]
+             * (tf.cos(angle) * gx + tf.sin(angle) * gy)
+             - 0.3 * strength * u[:, 2, None, None] * (gx**2 + gy**2) / 2
+             - 0.35 * strength * u[:, 3, None, None])
+    x = images * field[..., None]
+    taps = tf.exp(-tf.square(tf.range(-3.0, 4.0)) / (2 * 1.2**2))
+    taps = taps / tf.reduce_sum(taps)
+    channels = x.shape[-1]
+    kx = tf.tile(tf.reshape(taps, [1, 7, 1, 1]), [1, 1, channels, 1])
+    ky = tf.tile(tf.reshape(taps, [7, 1, 1, 1]), [1, 1, channels, 1])
+    blurred = tf.nn.depthwise_conv2d(x, kx, [1, 1, 1, 1], "SAME")
+    blurred = tf.nn.depthwise_conv2d(blurred, ky, [1, 1, 1, 1], "SAME")
+    alpha = tf.minimum(strength * u[:, 4], 1.0)[:, None, None, None]
+    return x + alpha * (blurred - x)
+
+
+def noisy_batches(ds: tf.data.Dataset, strength: float, seed: int, views: int,
+                  start_step: int = 0) -> tf.data.Dataset:
+    """`technical_noise` on each of the first `views` elements of each batch (labels last),
+    seeded by the batch's global index (`start_step` on: a resumed run draws the same)."""
+    if strength <= 0:
+        return ds
+
+    def noise(i, batch):
+        out = [technical_noise(batch[v], tf.stack([tf.cast(seed + 104729, tf.int64), i * 4 + v]),
+                               strength) for v in range(views)]
+        return (*out, *batch[views:])
+
+    return ds.enumerate(start=int(start_step)).map(noise, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+
+
 class FluorescenceTask(Task):
     """Supervised siRNA classification of normalised multi-channel sites.
 
@@ -134,10 +181,13 @@ class FluorescenceTask(Task):
         if not self.train_config.records_dir:
             raise ValueError("--records_dir is required: multi-channel site records "
                              "(bin/ingest --layout=rxrx1, bin/extract)")
-        return training_sites(self.train_config.records_dir, split, self.pipeline,
-                              batch_size=batch_size, seed=self.train_config.seed, views=views,
-                              unlabelled=unlabelled, input_context=input_context,
-                              start_step=start_step, augment=self.train_config.flips)
+        seed = self.train_config.seed + (7919 if unlabelled else 0)
+        ds = training_sites(self.train_config.records_dir, split, self.pipeline,
+                            batch_size=batch_size, seed=self.train_config.seed, views=views,
+                            unlabelled=unlabelled, input_context=input_context,
+                            start_step=start_step, augment=self.train_config.flips)
+        noise = self.model_config.family.noise_augment if self.train_config.flips else 0.0
+        return noisy_batches(ds, noise, seed, views, start_step)
 
     def make_records_dataset(self, input_context, start_step: int = 0) -> tf.data.Dataset:
         family = self.model_config.family
