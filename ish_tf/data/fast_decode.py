@@ -31,7 +31,6 @@ every window is the bar).
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,6 +50,7 @@ from ish_tf.data.patch_sampling import (
     integral_image,
     masked_windows,
     patches_result,
+    retry_io,
     too_small_result,
 )
 
@@ -190,21 +190,7 @@ def open_scaled_retrying(path: str, scale: int, attempts: int = IO_ATTEMPTS,
       ImageIOError: an I/O error that persisted over `attempts` reads.
       OSError, ValueError, Image.DecompressionBombError: the bytes do not decode.
     """
-    for attempt in range(attempts):
-        try:
-            return open_scaled(path, scale)
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            if e.errno is None:
-                raise
-            if attempt + 1 == attempts:
-                raise ImageIOError(
-                    f"{path}: cannot read the image ({e.strerror or e}; {attempts} attempts): "
-                    "an I/O error, not a bad image; fix the disk, mount or permissions and "
-                    "rerun to resume") from e
-            time.sleep(delay * 2 ** attempt)
-    raise AssertionError("unreachable")
+    return retry_io(lambda: open_scaled(path, scale), path, attempts, delay)
 
 
 def crop_decode_scale(source_size: int, patch_size: int) -> int:

@@ -330,9 +330,19 @@ def read_rgb_retrying(path: str, attempts: int = IO_ATTEMPTS,
       ImageIOError: an I/O error that persisted over `attempts` reads.
       OSError, ValueError, Image.DecompressionBombError: the bytes do not decode.
     """
+    return retry_io(lambda: read_rgb(path, downsample, max_pixels), path, attempts, delay)
+
+
+def retry_io(read: Callable, path: str, attempts: int = IO_ATTEMPTS,
+             delay: float = IO_RETRY_DELAY):
+    """`read()`, retried with backoff while it fails with an operating-system I/O error.
+
+    Errors without an errno (bad bytes) and a missing file are raised at once; an I/O
+    error that persists over `attempts` tries becomes an `ImageIOError` naming `path`.
+    """
     for attempt in range(attempts):
         try:
-            return read_rgb(path, downsample, max_pixels)
+            return read()
         except FileNotFoundError:
             raise
         except OSError as e:
