@@ -247,20 +247,9 @@ class ServedModel:
         from ish_tf.export import signatures as sig
 
         try:
-            self.path = sm.resolve_saved_model(path)
+            self.path, self.metadata = sm.open_trusted(path, allow_foreign)
         except sm.ExportError as e:
-            raise EmbedError(str(e)) from e
-        try:
-            self.metadata = sm.read_metadata(self.path)
-        except sm.ExportError as e:
-            if not allow_foreign:
-                raise EmbedError(
-                    f"{self.path}: refusing to load a SavedModel without ish_tf's export "
-                    f"metadata ({e}). A SavedModel is code: loading and calling it runs its "
-                    "graph, which can read and write files; only load SavedModels from "
-                    "trusted sources. Re-export it with bin/export, or pass "
-                    "--allow_foreign_saved_model if you trust it") from None
-            self.metadata = {}  # a SavedModel exported by other tools, trusted by the user
+            raise EmbedError(str(e)) from None
         self._loaded = tf.saved_model.load(self.path)
         have = self._loaded.signatures
         if signature in ("", "auto"):

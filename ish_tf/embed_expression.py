@@ -66,18 +66,9 @@ class VectorModel:
         from ish_tf.export import saved_model as sm
 
         try:
-            self.path = sm.resolve_saved_model(path)
+            self.path, self.metadata = sm.open_trusted(path, allow_foreign)
         except sm.ExportError as e:
-            raise ExpressionEmbedError(str(e)) from e
-        try:
-            self.metadata = sm.read_metadata(self.path)
-        except sm.ExportError as e:
-            if not allow_foreign:
-                raise ExpressionEmbedError(
-                    f"{self.path}: refusing to load a SavedModel without ish_tf's export "
-                    f"metadata ({e}); a SavedModel is code: re-export it with bin/export, or "
-                    "pass --allow_foreign_saved_model if you trust it") from None
-            self.metadata = {}
+            raise ExpressionEmbedError(str(e)) from None
         loaded = tf.saved_model.load(self.path)
         self._loaded = loaded
         self._fn = loaded.signatures[sm.SERVING_DEFAULT]

@@ -319,6 +319,33 @@ def read_metadata(saved_model_dir: str) -> dict:
         raise ExportError(f"{path}: cannot read the export metadata: {e}") from e
 
 
+
+def open_trusted(path: str, allow_foreign: bool = False) -> tuple[str, dict]:
+    """Resolves `path` to a version directory and reads its ish_tf metadata.
+
+    The guard of every stage that loads a SavedModel (`bin/embed`, `bin/embed
+    --expression`): a SavedModel is code, so one without ish_tf's sidecar is refused
+    unless the user vouches for it (`allow_foreign`; its metadata is then `{}`).
+
+    Returns:
+      (version directory, metadata).
+
+    Raises:
+      ExportError: no SavedModel at `path`, or a foreign one without `allow_foreign`.
+    """
+    resolved = resolve_saved_model(path)
+    try:
+        return resolved, read_metadata(resolved)
+    except ExportError as e:
+        if not allow_foreign:
+            raise ExportError(
+                f"{resolved}: refusing to load a SavedModel without ish_tf's export "
+                f"metadata ({e}). A SavedModel is code: loading and calling it runs its "
+                "graph, which can read and write files; only load SavedModels from "
+                "trusted sources. Re-export it with bin/export, or pass "
+                "--allow_foreign_saved_model if you trust it") from None
+        return resolved, {}  # exported by other tools, trusted by the user
+
 # --------------------------------------------------------------------------- graph pieces
 def decode_images(image_bytes, size: tuple[int, int], channels: int = 3,
                   max_scale: float | None = None):
