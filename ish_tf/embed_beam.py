@@ -77,7 +77,7 @@ def embed_records_beam(config: E.EmbedConfig, beam_options: str | Sequence[str] 
     Raises:
       EmbedError: as `embed_records`; a shard's error (a corrupt or short shard) names it.
     """
-    from ish_tf.data.beam_extract import _import_beam, pipeline_options
+    from ish_tf.data.beam_extract import _import_beam, pipeline_options, quiet_beam_logs
 
     try:
         beam = _import_beam()
@@ -98,10 +98,7 @@ def embed_records_beam(config: E.EmbedConfig, beam_options: str | Sequence[str] 
         raise E.EmbedError(str(e)) from None
     start = time.perf_counter()
     if pending:
-        import logging as py_logging
-
-        py_logging.getLogger("apache_beam").setLevel(
-            max(py_logging.WARNING, py_logging.getLogger("apache_beam").getEffectiveLevel()))
+        quiet_beam_logs()
         try:
             with beam.Pipeline(runner=runner, options=options) as pipeline:
                 _ = (pipeline

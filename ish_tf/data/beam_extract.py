@@ -79,6 +79,14 @@ def shard_key(split: str, index: int) -> str:
     return f"{split}-{index:05d}"
 
 
+def quiet_beam_logs() -> None:
+    """Beam's own INFO lines (job service, worker hand-offs) are not progress: WARNING up."""
+    import logging as py_logging
+
+    beam_logger = py_logging.getLogger("apache_beam")
+    beam_logger.setLevel(max(py_logging.WARNING, beam_logger.getEffectiveLevel()))
+
+
 def pipeline_options(beam_options: str | Sequence[str] = (), workers: int = 1):
     """(runner, PipelineOptions) from `--beam_options` text (or a list of flags).
 
@@ -365,11 +373,7 @@ def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
     num_shards = {shard_key(p.split, p.index): p.num_shards for p in pending}
     compression = cfg.compression
     if tasks:
-        import logging as py_logging
-
-        # Beam's own INFO lines (job service, worker hand-offs) are not progress.
-        py_logging.getLogger("apache_beam").setLevel(
-            max(py_logging.WARNING, py_logging.getLogger("apache_beam").getEffectiveLevel()))
+        quiet_beam_logs()
         try:
             with beam.Pipeline(runner=runner, options=options) as pipeline:
                 _ = (pipeline
