@@ -260,9 +260,11 @@ def count_complete_records(shard_path: str) -> tuple[int, bool]:
     Returns:
       (complete records, whether a partial record follows them).
     """
-    size = os.path.getsize(shard_path)
+    from ish_tf import fs
+
+    size = fs.getsize(shard_path)
     n = pos = 0
-    with open(shard_path, "rb") as f:
+    with fs.open(shard_path, "rb") as f:
         while pos < size:
             f.seek(pos)
             header = f.read(8)

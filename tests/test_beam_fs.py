@@ -1,0 +1,136 @@
+"""bin/extract --runner=beam with the manifest, images and OUT at URLs (`ish_tf.fs`).
+
+`ram://` is TensorFlow's in-process filesystem: with Beam's FnApiRunner in_memory (the
+default for one worker) driver and worker share the process, so it stands in for
+`gs://` without a network. The shards read back from ram:// must equal a local-path
+Beam run's byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+pytest.importorskip("apache_beam")
+tf = pytest.importorskip("tensorflow")
+
+from ish_tf import fs  # noqa: E402
+from ish_tf.data import beam_extract as B  # noqa: E402
+from ish_tf.data import patches as P  # noqa: E402
+from ish_tf.data import shards  # noqa: E402
+from tests.test_beam_extract import _cfg, synth  # noqa: E402,F401
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    for root, _, names in os.walk(src):
+        rel = os.path.relpath(root, src)
+        target = dst if rel == "." else fs.join(dst, *rel.split(os.sep))
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            tf.io.gfile.copy(os.path.join(root, name), fs.join(target, name), overwrite=True)
+
+
+def _put(path: str, data: bytes) -> None:
+    """Writes a file at a URL (removed first: ram:// appends to an existing file)."""
+    fs.remove(path)
+    tf.io.gfile.makedirs(fs.dirname(path))
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(data)
+
+
+def _tree(out: str) -> dict[str, bytes]:
+    """Every output file (relative name -> bytes) but hidden files and index.json, which
+    names the manifest's path."""
+    found = {}
+    for root, _, names in tf.io.gfile.walk(out):
+        for name in names:
+            path = fs.join(root, name)
+            rel = path[len(out):].lstrip("/")
+            if name.startswith(".") or name == "index.json":
+                continue
+            with tf.io.gfile.GFile(path, "rb") as f:
+                found[rel] = f.read()
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_beam(synth, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("beam_local")
+    summary = B.run_extract_beam(_cfg(synth, out))
+    return out, summary
+
+
+def test_fs_paths_local_and_url():
+    from ish_tf.data.manifest import image_path
+
+    assert not fs.is_url("/data/x") and not fs.is_url("c:/x") and fs.is_url("gs://b/x")
+    assert fs.abspath("gs://b/x") == "gs://b/x"
+    assert image_path("gs://b/m/manifest.csv", "../img/1.jpg") == "gs://b/img/1.jpg"
+    assert image_path("/local/manifest.csv", "gs://b/1.jpg") == "gs://b/1.jpg"
+    base = f"ram://fs_{uuid.uuid4().hex}"
+    with fs.open(fs.join(base, "a.txt"), "w") as f:
+        f.write("x\n")
+    assert fs.isfile(fs.join(base, "a.txt")) and fs.isdir(base) and fs.getsize(
+        fs.join(base, "a.txt")) == 2
+    fs.replace(fs.join(base, "a.txt"), fs.join(base, "b.txt"))
+    assert fs.listdir(base) == ["b.txt"]
+    fs.remove(fs.join(base, "a.txt"))  # missing: fine
+    with pytest.raises(FileNotFoundError):
+        fs.open(fs.join(base, "a.txt"), "rb")
+    fs.rmtree(base)
+    assert not fs.exists(fs.join(base, "b.txt"))
+
+
+def test_beam_extract_on_ram_urls_equals_local_paths(synth, local_beam):  # noqa: F811
+    local, want_summary = local_beam
+    root = f"ram://beam_fs_{uuid.uuid4().hex}"
+    _copy_tree(str(synth), fs.join(root, "synth"))
+    manifest = fs.join(root, "synth", "manifest.csv")  # relative image paths: below it
+    out = fs.join(root, "out")
+    summary = B.run_extract_beam(_cfg(synth, out, manifest=manifest))
+    assert summary["shards_written"] == want_summary["shards_written"] > 0
+    got, want = _tree(out), _tree(str(local))
+    assert sorted(got) == sorted(want)
+    assert any(n.endswith(".tfrecord") for n in got) and "extract_report.csv" in got
+    assert any(n.startswith("masks/") for n in got)
+    for name in want:  # shards, offsets, report, genes.csv, masks: the same bytes
+        assert got[name] == want[name], name
+    with tf.io.gfile.GFile(fs.join(out, "index.json")) as f:
+        index = json.load(f)
+    assert index["shards"] == shards.load_index(str(local))["shards"]
+    assert index["dataset"]["extra"]["manifest"] == manifest  # a URL kept as it is
+    assert not tf.io.gfile.exists(fs.join(out, B.STAGING))
+    assert not tf.io.gfile.exists(fs.join(out, B.RESULTS))
+
+    # An interrupted run's leftovers at the URL: a staged shard, a result without a
+    # listed shard, a temporary file; the index loses one shard (as if the run died
+    # before listing it). The rerun takes none of them for complete and redoes the shard.
+    index_shards = index["shards"]
+    dropped = index_shards[-1]["file"]
+    index["shards"] = index_shards[:-1]
+    _put(fs.join(out, "index.json"), json.dumps(index).encode())
+    _put(fs.join(out, dropped), b"partial")  # a half-copied shard: present, not listed
+    _put(fs.join(out, B.STAGING, "x", "y", dropped), b"partial")
+    _put(fs.join(out, B.RESULTS, "x.json"), b"{}")
+    _put(fs.join(out, f".{dropped}.abc.tmp"), b"partial")
+    again = B.run_extract_beam(_cfg(synth, out, manifest=manifest))
+    assert again["shards_written"] == 1
+    assert again["shards_resumed"] == summary["shards_written"] - 1
+    assert _tree(out) == want
+    assert not tf.io.gfile.exists(fs.join(out, f".{dropped}.abc.tmp"))
+    assert not tf.io.gfile.exists(fs.join(out, B.STAGING))
+    tf.io.gfile.rmtree(root)
+
+
+def test_url_images_missing_or_whole_slide_are_named():
+    from ish_tf.data import image_io
+
+    with pytest.raises(FileNotFoundError, match="ram://"):
+        image_io.read_image(f"ram://missing_{uuid.uuid4().hex}/x.jpg", 1)
+    with pytest.raises(image_io.ImageReadError, match="local paths only"):
+        path = f"ram://tiff_{uuid.uuid4().hex}/x.tif"
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(b"II*\x00")
+        image_io.read_image(path, 1)
