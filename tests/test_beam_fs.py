@@ -28,7 +28,9 @@ def _copy_tree(src: str, dst: str) -> None:
         rel = os.path.relpath(root, src)
         target = dst if rel == "." else fs.join(dst, *rel.split(os.sep))
         tf.io.gfile.makedirs(target)
-        for name in names:
+        # Sorted: a shard before its `.offsets.npy` (ram:// takes a name that prefixes an
+        # existing one, "x.tfrecord" of "x.tfrecord.offsets.npy", for a directory).
+        for name in sorted(names):
             tf.io.gfile.copy(os.path.join(root, name), fs.join(target, name), overwrite=True)
 
 
@@ -134,3 +136,41 @@ def test_url_images_missing_or_whole_slide_are_named():
         with tf.io.gfile.GFile(path, "wb") as f:
             f.write(b"II*\x00")
         image_io.read_image(path, 1)
+
+
+def test_beam_embedding_on_ram_urls_equals_local_tables(tmp_path):
+    """bin/embed --runner=beam with the records and OUT at ram://: the local tables."""
+    import numpy as np
+
+    from ish_tf import embed, embed_beam
+    from ish_tf.data.embeddings import read_embedding_table
+    from tests.test_embed import _model, write_records
+
+    from ish_tf.export import saved_model as sm
+
+    model_dir = str(tmp_path / "tiny")
+    sm.export_saved_model(_model(), model_dir)
+    records = str(tmp_path / "records")
+    write_records(records)
+    root = f"ram://embed_fs_{uuid.uuid4().hex}"
+    _copy_tree(records, fs.join(root, "records"))
+
+    def cfg(records_dir, out, fmt):
+        return embed.EmbedConfig(saved_model=model_dir, records_dir=records_dir, out_dir=out,
+                                 batch_size=3, table_format=fmt)
+
+    for fmt in ("parquet", "csv"):
+        local = embed.embed_records(cfg(records, str(tmp_path / f"local_{fmt}"), fmt))
+        out = fs.join(root, f"out_{fmt}")
+        beam = embed_beam.embed_records_beam(cfg(fs.join(root, "records"), out, fmt))
+        assert beam.tables.keys() == local.tables.keys() and beam.rows == local.rows
+        assert beam.patches_embedded == local.rows["patch"]
+        for level, path in local.tables.items():
+            assert beam.tables[level].startswith(root) and fs.exists(beam.tables[level])
+            a, b = read_embedding_table(path), read_embedding_table(beam.tables[level])
+            assert a.keys.equals(b.keys), level
+            np.testing.assert_allclose(a.values, b.values, rtol=1e-6, atol=1e-6)
+        assert not fs.exists(fs.join(out, embed.PARTS_DIR))
+        assert fs.exists(fs.join(out, embed.SUMMARY_NAME))
+        assert fs.exists(fs.join(out, embed.SKIPPED_NAME))
+    tf.io.gfile.rmtree(root)
