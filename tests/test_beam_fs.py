@@ -64,6 +64,15 @@ def local_beam(synth, tmp_path_factory):  # noqa: F811
     return out, summary
 
 
+@pytest.fixture(scope="module")
+def ram_synth(synth):  # noqa: F811
+    """The synthetic manifest and its images copied to ram://; yields the manifest URL."""
+    root = f"ram://beam_fs_{uuid.uuid4().hex}"
+    _copy_tree(str(synth), fs.join(root, "synth"))
+    yield fs.join(root, "synth", "manifest.csv")  # relative image paths: below it
+    fs.rmtree(root)
+
+
 def test_fs_paths_local_and_url():
     from ish_tf.data.manifest import image_path
 
@@ -85,12 +94,10 @@ def test_fs_paths_local_and_url():
     assert not fs.exists(fs.join(base, "b.txt"))
 
 
-def test_beam_extract_on_ram_urls_equals_local_paths(synth, local_beam):  # noqa: F811
+def test_beam_extract_on_ram_urls_equals_local_paths(synth, ram_synth, local_beam):  # noqa: F811
     local, want_summary = local_beam
-    root = f"ram://beam_fs_{uuid.uuid4().hex}"
-    _copy_tree(str(synth), fs.join(root, "synth"))
-    manifest = fs.join(root, "synth", "manifest.csv")  # relative image paths: below it
-    out = fs.join(root, "out")
+    manifest = ram_synth
+    out = f"ram://beam_fs_out_{uuid.uuid4().hex}"
     summary = B.run_extract_beam(_cfg(synth, out, manifest=manifest))
     assert summary["shards_written"] == want_summary["shards_written"] > 0
     got, want = _tree(out), _tree(str(local))
@@ -123,7 +130,28 @@ def test_beam_extract_on_ram_urls_equals_local_paths(synth, local_beam):  # noqa
     assert _tree(out) == want
     assert not tf.io.gfile.exists(fs.join(out, f".{dropped}.abc.tmp"))
     assert not tf.io.gfile.exists(fs.join(out, B.STAGING))
-    tf.io.gfile.rmtree(root)
+    fs.rmtree(out)
+
+
+def test_cli_runner_beam_with_url_manifest_and_out(synth, ram_synth, local_beam, capsys):  # noqa: F811
+    from ish_tf import cli
+    from ish_tf.cli import extract
+
+    out = f"ram://beam_fs_cli_{uuid.uuid4().hex}"
+    argv = [f"--manifest={ram_synth}", f"--out={out}", "--patches_per_image=3",
+            "--source_size=96", "--patch_size=24", "--min_fraction=0.8", "--max_tries=100",
+            "--num_shards=2", "--seed=4", "--fast_decode", "--runner=beam"]
+    assert extract.main(cli.parse("extract", argv), []) == 0
+    assert f"into {out}" in capsys.readouterr().out
+    got, want = _tree(out), _tree(str(local_beam[0]))
+    assert {n for n in got if n.endswith(".tfrecord")} == {n for n in want
+                                                            if n.endswith(".tfrecord")}
+    for name in want:
+        if name.endswith((".tfrecord", ".npy", ".csv")):
+            assert got[name] == want[name], name
+    assert fs.exists(fs.join(out, "extract_flags.cfg"))
+    assert not os.path.exists("ram:")  # no local directory named after the URL
+    fs.rmtree(out)
 
 
 def test_url_images_missing_or_whole_slide_are_named():
