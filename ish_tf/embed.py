@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ish_tf import fs
 from ish_tf.data import records
 from ish_tf.data.embeddings import (
     LEVEL_ALIASES,
@@ -64,7 +65,6 @@ from ish_tf.data.embeddings import (
 )
 from ish_tf.data.records import RecordsError
 from ish_tf.data.shards import compression_of, index_path, load_index
-from ish_tf import fs
 from ish_tf.io_utils import Progress, atomic_path, atomic_write_bytes, atomic_write_text
 
 #: Key columns of the patch table, in order.

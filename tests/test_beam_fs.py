@@ -18,7 +18,6 @@ tf = pytest.importorskip("tensorflow")
 
 from ish_tf import fs  # noqa: E402
 from ish_tf.data import beam_extract as B  # noqa: E402
-from ish_tf.data import patches as P  # noqa: E402
 from ish_tf.data import shards  # noqa: E402
 from tests.test_beam_extract import _cfg, synth  # noqa: E402,F401
 
@@ -172,9 +171,8 @@ def test_beam_embedding_on_ram_urls_equals_local_tables(tmp_path):
 
     from ish_tf import embed, embed_beam
     from ish_tf.data.embeddings import read_embedding_table
-    from tests.test_embed import _model, write_records
-
     from ish_tf.export import saved_model as sm
+    from tests.test_embed import _model, write_records
 
     model_dir = str(tmp_path / "tiny")
     sm.export_saved_model(_model(), model_dir)
@@ -182,15 +180,17 @@ def test_beam_embedding_on_ram_urls_equals_local_tables(tmp_path):
     write_records(records)
     root = f"ram://embed_fs_{uuid.uuid4().hex}"
     _copy_tree(records, fs.join(root, "records"))
+    _copy_tree(model_dir, fs.join(root, "tiny"))  # the SavedModel at a URL too
 
-    def cfg(records_dir, out, fmt):
-        return embed.EmbedConfig(saved_model=model_dir, records_dir=records_dir, out_dir=out,
+    def cfg(model, records_dir, out, fmt):
+        return embed.EmbedConfig(saved_model=model, records_dir=records_dir, out_dir=out,
                                  batch_size=3, table_format=fmt)
 
     for fmt in ("parquet", "csv"):
-        local = embed.embed_records(cfg(records, str(tmp_path / f"local_{fmt}"), fmt))
+        local = embed.embed_records(cfg(model_dir, records, str(tmp_path / f"local_{fmt}"), fmt))
         out = fs.join(root, f"out_{fmt}")
-        beam = embed_beam.embed_records_beam(cfg(fs.join(root, "records"), out, fmt))
+        beam = embed_beam.embed_records_beam(cfg(fs.join(root, "tiny"), fs.join(root, "records"),
+                                                 out, fmt))
         assert beam.tables.keys() == local.tables.keys() and beam.rows == local.rows
         assert beam.patches_embedded == local.rows["patch"]
         for level, path in local.tables.items():
@@ -201,4 +201,4 @@ def test_beam_embedding_on_ram_urls_equals_local_tables(tmp_path):
         assert not fs.exists(fs.join(out, embed.PARTS_DIR))
         assert fs.exists(fs.join(out, embed.SUMMARY_NAME))
         assert fs.exists(fs.join(out, embed.SKIPPED_NAME))
-    tf.io.gfile.rmtree(root)
+    fs.rmtree(root)

@@ -30,6 +30,7 @@ import pandas as pd
 from absl import logging
 from PIL import Image
 
+from ish_tf import fs
 from ish_tf.data.patch_sampling import (
     FEW_PATCHES,
     OK,
@@ -38,7 +39,6 @@ from ish_tf.data.patch_sampling import (
     ImageResult,
 )
 from ish_tf.data.segment import MaskConfig
-from ish_tf import fs
 from ish_tf.io_utils import Progress, atomic_open, atomic_path, remove_stale_tmp
 
 IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")
@@ -722,6 +722,12 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
             yield
         except OSError as e:
             raise _write_error(e, out) from e
+        except Exception as e:
+            tf = sys.modules.get("tensorflow")
+            if tf is not None and isinstance(e, tf.errors.OpError):  # gfile's, TFRecordWriter's
+                raise ExtractError(f"{out}: cannot write ({e.message}); check that it is "
+                                   "writable, then rerun to resume") from e
+            raise
         return
     lock_path = os.path.join(out, LOCK_NAME)
     try:

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ish_tf import fs
 from ish_tf.data.framing import _FRAMING, _write_offsets
 from ish_tf.data.inputs import InputSpec
 from ish_tf.data.records import (
@@ -48,7 +49,6 @@ from ish_tf.data.records import (
     RecordsError,
     input_spec_of,
 )
-from ish_tf import fs
 from ish_tf.io_utils import atomic_write_text, tmp_path_for
 
 INDEX_NAME = "index.json"
