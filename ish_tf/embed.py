@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ish_tf import fs
 from ish_tf.data import records
 from ish_tf.data.embeddings import (
     LEVEL_ALIASES,
@@ -64,7 +65,7 @@ from ish_tf.data.embeddings import (
 )
 from ish_tf.data.records import RecordsError
 from ish_tf.data.shards import compression_of, index_path, load_index
-from ish_tf.io_utils import Progress, atomic_path, atomic_write_text
+from ish_tf.io_utils import Progress, atomic_path, atomic_write_bytes, atomic_write_text
 
 #: Key columns of the patch table, in order.
 PATCH_KEYS: tuple[str, ...] = ("image_id", "patch_index", "x", "y", "gene_symbol", "entrez_id",
@@ -158,7 +159,7 @@ class EmbedConfig:
             require_format(self.table_format)
         except EmbeddingTableError as e:
             raise EmbedError(f"--table_format={self.table_format}: {e}") from None
-        if self.manifest not in ("", "none") and not os.path.exists(self.manifest):
+        if self.manifest not in ("", "none") and not fs.exists(self.manifest):
             raise EmbedError(f"--manifest {self.manifest}: not found")
         bad = [lv for lv in self.levels if LEVEL_ALIASES.get(lv, lv) not in LEVELS]
         if bad or not self.levels:
@@ -389,7 +390,7 @@ def _records_of(shard_path: str, losses: list[dict], skip_corrupt: bool):
             if scratch is None:
                 scratch = tempfile.mkdtemp(prefix="ish_tf_embed_")
             tail = os.path.join(scratch, f"tail-{resume}.tfrecord")
-            with open(shard_path, "rb") as src, open(tail, "wb") as dst:
+            with fs.open(shard_path, "rb") as src, open(tail, "wb") as dst:
                 src.seek(int(offsets[resume]))
                 shutil.copyfileobj(src, dst)
             source, position = tail, resume
@@ -434,7 +435,7 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
     """
     import tensorflow as tf
 
-    shard = os.path.basename(shard_path)
+    shard = fs.basename(shard_path)
     columns: dict[str, list] = {k: [] for k in _RECORD_KEYS}
     chunks: list[np.ndarray] = []
     skipped: list[dict] = []
@@ -531,12 +532,17 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
 
 # --------------------------------------------------------------------------- parts (resume)
 def _shard_stamp(path: str) -> str:
+    if fs.is_url(path):
+        import tensorflow as tf
+
+        st = tf.io.gfile.stat(path)
+        return f"{st.length}-{st.mtime_nsec}"
     st = os.stat(path)
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
 def _part_path(out_dir: str, shard_file: str) -> str:
-    return os.path.join(out_dir, PARTS_DIR, shard_file + ".npz")
+    return fs.join(out_dir, PARTS_DIR, shard_file + ".npz")
 
 
 def _save_part(path: str, model_id: str, stamp: str, keys: pd.DataFrame, values: np.ndarray,
@@ -552,17 +558,15 @@ def _save_part(path: str, model_id: str, stamp: str, keys: pd.DataFrame, values:
                               if k in _STRING_KEYS or k == "split" else col.astype(np.int64))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_part(path: str, model_id: str, stamp: str):
     """A saved part if it exists and matches the model and shard, else None."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(fs.readable(path), allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][0]))
             if meta.get("model_id") != model_id or meta.get("stamp") != stamp:
                 return None
@@ -640,7 +644,7 @@ def _manifest_path(config: EmbedConfig) -> tuple[str, str]:
         "manifest", "")
     if not named:
         return "", "index.json names no manifest: record keys only"
-    if not os.path.exists(named):
+    if not fs.exists(named):
         return "", (f"the manifest index.json names ({named}) is not there: record keys "
                     "only (pass --manifest=PATH)")
     return named, ""
@@ -694,8 +698,8 @@ def _selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
     if not shards:
         raise EmbedError(f"{records_dir}: the index lists no completed shards")
     for s in shards:
-        path = os.path.join(records_dir, s["file"])
-        if not os.path.exists(path):
+        path = fs.join(records_dir, s["file"])
+        if not fs.exists(path):
             raise EmbedError(f"{index_path(records_dir)} lists {s['file']} but it is "
                              f"not in {records_dir}")
     return shards
@@ -746,7 +750,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     served = ServedModel(config.saved_model, config.signature, config.output,
                          allow_foreign=config.allow_foreign_saved_model)
     note_size_mismatch(config.records_dir, served.metadata)
-    os.makedirs(os.path.join(config.out_dir, PARTS_DIR), exist_ok=True)
+    fs.makedirs(fs.join(config.out_dir, PARTS_DIR))
 
     all_keys, all_values, skipped = [], [], []
     reused = embedded = 0
@@ -754,7 +758,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     total = sum(int(s.get("num_records", 0)) for s in shards)
     with Progress(total or None, desc="embed", enabled=progress, unit="records") as bar:
         for s in shards:
-            path = os.path.join(config.records_dir, s["file"])
+            path = fs.join(config.records_dir, s["file"])
             part = _part_path(config.out_dir, s["file"])
             stamp = _shard_stamp(path)
             loaded = _load_part(part, served.model_id, stamp)
@@ -778,7 +782,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     if not all_keys:
         raise EmbedError(f"{config.records_dir}: no record could be embedded "
                          f"({len(skipped)} skipped; see the reasons in "
-                         f"{os.path.join(config.out_dir, SKIPPED_NAME)})")
+                         f"{fs.join(config.out_dir, SKIPPED_NAME)})")
     dims = {v.shape[1] for v in all_values}
     if len(dims) != 1:
         raise EmbedError(f"{config.out_dir}/{PARTS_DIR}: parts of different widths {dims}; "
@@ -805,12 +809,16 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     name = served.metadata.get("family") or served.output or "embedding"
     tables, rows = {}, {}
     for level, table in aggregate_levels(patch, config.gene_from, config.levels).items():
-        path = os.path.join(config.out_dir, f"{LEVEL_FILES[level]}.{ext}")
+        path = fs.join(config.out_dir, f"{LEVEL_FILES[level]}.{ext}")
         write_embedding_table(path, table, name=name)
         tables[level], rows[level] = path, len(table)
-    skipped_path = os.path.join(config.out_dir, SKIPPED_NAME)
-    with atomic_path(skipped_path) as tmp:
-        pd.DataFrame(skipped, columns=_SKIPPED_COLUMNS).to_csv(tmp, index=False)
+    skipped_path = fs.join(config.out_dir, SKIPPED_NAME)
+    skipped_frame = pd.DataFrame(skipped, columns=_SKIPPED_COLUMNS)
+    if fs.is_url(skipped_path):  # pandas writes no gfile URL: the same text, through gfile
+        atomic_write_text(skipped_path, skipped_frame.to_csv(index=False))
+    else:
+        with atomic_path(skipped_path) as tmp:
+            skipped_frame.to_csv(tmp, index=False)
 
     lost_by_shard: dict[str, int] = {}
     for row in skipped:
@@ -825,25 +833,24 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
         patches_embedded=embedded, seconds=seconds,
         patches_per_sec=embedded / seconds if seconds > 0 else 0.0,
         records_lost=sum(lost_by_shard.values()), lost_by_shard=lost_by_shard,
-        manifest=os.path.abspath(manifest_path) if manifest_path else "",
+        manifest=fs.abspath(manifest_path) if manifest_path else "",
         manifest_columns=added, manifest_note=manifest_note)
     summary: dict[str, Any] = dataclasses.asdict(result)
     summary.update({"signature": served.signature, "feeds": served.feeds,
                     "output": served.output,
                     "fingerprint": served.fingerprint, "gene_from": config.gene_from,
-                    "records_dir": os.path.abspath(config.records_dir),
+                    "records_dir": fs.abspath(config.records_dir),
                     "splits": sorted({s["split"] for s in shards}),
                     "family": served.metadata.get("family")})
-    atomic_write_text(os.path.join(config.out_dir, SUMMARY_NAME),
+    atomic_write_text(fs.join(config.out_dir, SUMMARY_NAME),
                       json.dumps(summary, indent=1, sort_keys=True) + "\n")
     # The tables are complete: the resume cache would only double the disk use.
     for s in shards:
         part = _part_path(config.out_dir, s["file"])
-        if os.path.exists(part):
-            os.remove(part)
-    parts_dir = os.path.join(config.out_dir, PARTS_DIR)
-    if os.path.isdir(parts_dir) and not os.listdir(parts_dir):
-        os.rmdir(parts_dir)
+        fs.remove(part)
+    parts_dir = fs.join(config.out_dir, PARTS_DIR)
+    if fs.isdir(parts_dir) and not fs.listdir(parts_dir):
+        fs.rmtree(parts_dir)
     return result
 
 

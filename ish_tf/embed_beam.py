@@ -12,18 +12,20 @@ patch, image, donor and gene tables (CSV or Parquet).
 Parallelism is one shard per worker at a time: extract with `--num_shards` at least the
 number of workers. Runners as for extraction (`ish_tf.data.beam_extract.pipeline_options`):
 Beam's FnApiRunner here by default, `--beam_options` for Dataflow, Flink or Spark (workers
-need ish_tf, TensorFlow and OUT and the records on storage they share with the driver).
+need ish_tf, TensorFlow and OUT and the records on storage they share with the driver: a
+shared mount, or a URL of any filesystem `tf.io.gfile` supports, e.g. `gs://bucket/...`,
+through `ish_tf.fs`; the SavedModel's path is TensorFlow's to open).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Sequence
 
 from ish_tf import embed as E
+from ish_tf import fs
 
 
 def _dofn(config: E.EmbedConfig):
@@ -37,7 +39,7 @@ def _dofn(config: E.EmbedConfig):
                                         allow_foreign=config.allow_foreign_saved_model)
 
         def process(self, shard: dict):
-            path = os.path.join(config.records_dir, shard["file"])
+            path = fs.join(config.records_dir, shard["file"])
             stamp = E._shard_stamp(path)
             expected = shard.get("num_records")
             start = time.perf_counter()
@@ -87,10 +89,10 @@ def embed_records_beam(config: E.EmbedConfig, beam_options: str | Sequence[str] 
     shards = E._selected_shards(config.records_dir, config.splits)
     served = E.ServedModel(config.saved_model, config.signature, config.output,
                            allow_foreign=config.allow_foreign_saved_model)
-    os.makedirs(os.path.join(config.out_dir, E.PARTS_DIR), exist_ok=True)
+    fs.makedirs(fs.join(config.out_dir, E.PARTS_DIR))
     pending = [s for s in shards if E._load_part(
         E._part_path(config.out_dir, s["file"]), served.model_id,
-        E._shard_stamp(os.path.join(config.records_dir, s["file"]))) is None]
+        E._shard_stamp(fs.join(config.records_dir, s["file"]))) is None]
     del served  # the workers load their own
     try:
         runner, options = pipeline_options(beam_options, 1)
@@ -115,8 +117,8 @@ def embed_records_beam(config: E.EmbedConfig, beam_options: str | Sequence[str] 
     result = dataclasses.replace(
         result, shards_reused=len(shards) - len(pending), patches_embedded=embedded,
         seconds=seconds, patches_per_sec=embedded / seconds if seconds > 0 else 0.0)
-    path = os.path.join(config.out_dir, E.SUMMARY_NAME)
-    with open(path, encoding="utf-8") as f:
+    path = fs.join(config.out_dir, E.SUMMARY_NAME)
+    with fs.open(path, encoding="utf-8") as f:
         summary = json.load(f)
     summary.update({k: getattr(result, k) for k in ("shards_reused", "patches_embedded",
                                                     "seconds", "patches_per_sec")})
@@ -131,7 +133,7 @@ def _patches_in(config: E.EmbedConfig, shards: list[dict]) -> int:
     """Records embedded from `shards` (their index counts less the skipped and lost)."""
     import pandas as pd
 
-    skipped = pd.read_csv(os.path.join(config.out_dir, E.SKIPPED_NAME))
+    skipped = pd.read_csv(fs.readable(fs.join(config.out_dir, E.SKIPPED_NAME)))
     files = {s["file"] for s in shards}
     bad = int(skipped.loc[skipped["shard"].isin(files), "n_records"].sum()) if len(skipped) else 0
     return sum(int(s.get("num_records", 0)) for s in shards) - bad

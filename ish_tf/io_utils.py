@@ -3,6 +3,11 @@
 Every file a stage produces is written under a temporary name in the same directory
 and renamed into place only once complete, so a crash or Ctrl-C never leaves a file
 that a rerun would mistake for a finished one.
+
+Paths may also be URLs of any filesystem `tf.io.gfile` supports (`gs://...`; see
+`ish_tf.fs`): the temporary name is then made from a random suffix and the rename is
+gfile's (a copy and a delete on object stores). Callers that must work on URLs write
+through `atomic_open` (a file object), not through `atomic_path`'s temporary path.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO
+
+from ish_tf import fs
 
 TMP_SUFFIX = ".tmp"
 
@@ -28,6 +35,10 @@ def tmp_path_for(path: str) -> str:
     mkstemp creates the file with mode 0600; it is widened to what a plain `open()`
     would give (0666 minus the umask) so renamed results stay readable by others.
     """
+    if fs.is_url(path):
+        import uuid
+
+        return fs.join(fs.dirname(path), f".{fs.basename(path)}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     directory, base = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TMP_SUFFIX, dir=directory)
     os.close(fd)
@@ -42,6 +53,16 @@ def atomic_path(path: str) -> Iterator[str]:
     Args:
       path: the final destination. Its directory is created if missing.
     """
+    if fs.is_url(path):
+        fs.makedirs(fs.dirname(path))
+        tmp = tmp_path_for(path)
+        try:
+            yield tmp
+            fs.replace(tmp, path)
+        except BaseException:
+            fs.remove(tmp)
+            raise
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = tmp_path_for(path)
     try:
@@ -57,6 +78,10 @@ def atomic_path(path: str) -> Iterator[str]:
 def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Opens a temporary file for writing and renames it to `path` when closed cleanly."""
     with atomic_path(path) as tmp:
+        if fs.is_url(tmp):  # gfile text is UTF-8, the only encoding used here
+            with fs.open(tmp, mode) as f:
+                yield f
+            return
         with open(tmp, mode, **kwargs) as f:
             yield f
 
@@ -76,12 +101,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def remove_stale_tmp(directory: str) -> list[str]:
     """Deletes leftover temporary files (from a killed run) in `directory`; returns their names."""
     removed = []
-    if not os.path.isdir(directory):
+    if not fs.isdir(directory):
         return removed
-    for name in os.listdir(directory):
+    for name in fs.listdir(directory):
         if name.startswith(".") and name.endswith(TMP_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, name))
+                fs.remove(fs.join(directory, name), missing_ok=False)
                 removed.append(name)
     return removed
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ish_tf import config
+from ish_tf import config, fs
 from ish_tf.cli import define_common, definer, run, usage_errors
 
 NAME = "embed"
@@ -127,8 +127,8 @@ def main(fv, argv: list[str]) -> int:
     with usage_errors():
         cfg = embed_config(fv)
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        config.write_flagfile(os.path.join(cfg.out_dir, "flags.cfg"), fv)
+        fs.makedirs(cfg.out_dir)  # --out may be a URL (gs://...)
+        config.write_flagfile(fs.join(cfg.out_dir, "flags.cfg"), fv)
         if fv.runner == "beam":
             from ish_tf.embed_beam import embed_records_beam
 

@@ -25,7 +25,7 @@ import dataclasses
 import os
 import sys
 
-from ish_tf import config
+from ish_tf import config, fs
 from ish_tf.cli import FlagDefiner, define_common, definer, run, usage_errors
 
 NAME = "extract"
@@ -276,8 +276,8 @@ def main(fv, argv: list[str]) -> int:
             cfg = whole_config(fv) if sections else extract_config(fv)
     except (patches.ExtractError, SegmentError) as e:
         raise app.UsageError(str(e)) from e
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    config.write_flagfile(os.path.join(cfg.out_dir, "extract_flags.cfg"), fv)
+    fs.makedirs(cfg.out_dir)  # --out may be a URL (gs://...) under --runner=beam
+    config.write_flagfile(fs.join(cfg.out_dir, "extract_flags.cfg"), fv)
     logging.info("extracting %s into %s", cfg.manifest, cfg.out_dir)
     try:
         if sections:

@@ -25,8 +25,16 @@ Runners: without a `--runner` in the Beam options, pipelines run on Beam's
 downloads the Prism binary at run time) and never `multi_threading`. Any other runner
 (`--runner=DataflowRunner --project=... --temp_location=gs://...`, `FlinkRunner`,
 `SparkRunner`) is passed through; its workers need `ish_tf` installed (e.g.
-`--setup_file=./setup.py`) and OUT on a filesystem they and the driver share (the
-shard writer renames files, so OUT is a POSIX path: a local disk or a shared mount).
+`--setup_file=./setup.py`) and OUT, the manifest and the images on storage they and the
+driver share: a shared mount, or a URL of any filesystem `tf.io.gfile` supports
+(`gs://bucket/out`; every file operation of the pipeline goes through `ish_tf.fs`).
+
+On object stores a rename is a copy and a delete, not atomic. The guarantee "nothing
+partial taken for complete" does not rest on it: a shard counts only once the driver
+finds its result file (`OUT/.beam_results/<shard>.json`), which the writer writes after
+the shard and its offsets are in place, and the driver reads the shard's record count
+back before it lists the shard in `index.json`; a rerun removes the staging and the
+results of an interrupted run and redoes every shard the index does not list.
 """
 
 from __future__ import annotations
@@ -34,9 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shlex
-import shutil
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +50,7 @@ from typing import Any
 import pandas as pd
 from absl import logging
 
+from ish_tf import fs
 from ish_tf.data import patches as P
 from ish_tf.data.patch_sampling import UNREADABLE, ImageResult
 
@@ -168,10 +175,10 @@ def extract_task(task: ImageTask, cfg: P.ExtractConfig, info: Any, out: str, mas
         row["reason"] = f"{row['reason']}; {note}" if row["reason"] else note
     path = None
     if examples:
-        staging = os.path.join(out, STAGING, "images")
-        os.makedirs(staging, exist_ok=True)
+        staging = fs.join(out, STAGING, "images")
+        fs.makedirs(staging)
         # Unique per attempt: a retried or speculative attempt never overwrites another's.
-        path = os.path.join(staging, f"{task.image_id}.{uuid.uuid4().hex}.tfrecord")
+        path = fs.join(staging, f"{task.image_id}.{uuid.uuid4().hex}.tfrecord")
         with tf.io.TFRecordWriter(path) as w:
             for ex in examples:
                 w.write(ex)
@@ -232,7 +239,7 @@ def write_shard(item: tuple[str, Any], out: str, compression: str | None,
     import tensorflow as tf
 
     expected = sum(r["n"] for r in results)
-    staging = os.path.join(out, STAGING, key, uuid.uuid4().hex)  # unique per attempt
+    staging = fs.join(out, STAGING, key, uuid.uuid4().hex)  # unique per attempt
     try:
         with shards.ShardWriter(staging, split, index, num_shards[key], compression) as w:
             for r in results:
@@ -247,19 +254,19 @@ def write_shard(item: tuple[str, Any], out: str, compression: str | None,
                         f"shard count mismatch: {name}: image {r['image_id']} produced "
                         f"{r['n']} patches, its staged file {r['records']} holds {n}; the "
                         "shard was not written (rerun to redo it)")
-        staged = os.path.join(staging, name)
+        staged = fs.join(staging, name)
         held = count_records(staged, compression)
         if not expected == w.info.num_records == held:
             raise ShardCountError(
                 f"shard count mismatch: {name}: the plan's images produced {expected} "
                 f"patches, the writer wrote {w.info.num_records}, the file holds {held}; "
                 "the shard was not written (rerun to redo it)")
-        final = os.path.join(out, name)
+        final = fs.join(out, name)
         if compression is None:  # the offsets sidecar first, as ShardWriter does
-            os.replace(framing.offsets_path(staged), framing.offsets_path(final))
-        os.replace(staged, final)
+            fs.replace(framing.offsets_path(staged), framing.offsets_path(final))
+        fs.replace(staged, final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        fs.rmtree(staging, ignore_errors=True)
     result = {"key": key, "info": w.info.to_dict(),
               "rows": [r["row"] for r in results],
               "readable": any(r["readable"] for r in results), "expected": expected,
@@ -267,11 +274,14 @@ def write_shard(item: tuple[str, Any], out: str, compression: str | None,
                                     if not r["readable"]), "")}
     from ish_tf.io_utils import atomic_write_text
 
-    atomic_write_text(os.path.join(out, RESULTS, f"{key}.json"), json.dumps(result))
+    # The completion marker, written only now that the shard and its sidecar are in
+    # place: on object stores the renames above are copies and deletes, not atomic, so a
+    # shard file's presence proves nothing; this file (checked again by the driver
+    # against the shard's record count) is what says the shard is complete.
+    atomic_write_text(fs.join(out, RESULTS, f"{key}.json"), json.dumps(result))
     for r in results:  # the shard is in place: its images' staged records are done with
         if r["records"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(r["records"])
+            fs.remove(r["records"])
     return result
 
 
@@ -349,17 +359,17 @@ def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
     P.check_scale(df, cfg)
     P.check_background(df, cfg)
     out = cfg.out_dir
-    mask_dir = os.path.join(out, "masks")
-    overlay_dir = os.path.join(out, "overlays") if cfg.save_overlays else None
+    mask_dir = fs.join(out, "masks")
+    overlay_dir = fs.join(out, "overlays") if cfg.save_overlays else None
     info, plans, _ = P.plan_extraction(df, cfg, P.plan_assignment(df, cfg, mask_dir))
     removed = P.prepare_out_dir(out, info, mask_dir, overlay_dir)
     for leftover in (STAGING, RESULTS):  # an interrupted run's: never taken for complete
-        path = os.path.join(out, leftover)
-        if os.path.exists(path):
+        path = fs.join(out, leftover)
+        if fs.exists(path):
             removed.append(path)
-            shutil.rmtree(path)
-    os.makedirs(os.path.join(out, RESULTS))
-    report_path = os.path.join(out, P.REPORT_NAME)
+            fs.rmtree(path)
+    fs.makedirs(fs.join(out, RESULTS))
+    report_path = fs.join(out, P.REPORT_NAME)
     report = P._read_report(report_path)
     done = {split: shards.completed_shards(out, split) for split in shards.SPLITS}
     pending = [p for p in plans if p.index not in done[p.split]]
@@ -391,7 +401,7 @@ def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
     written = _finish(out, cfg.manifest, plans, pending, resumed, report, report_path,
                       compression)
     for leftover in (STAGING, RESULTS):
-        shutil.rmtree(os.path.join(out, leftover), ignore_errors=True)
+        fs.rmtree(fs.join(out, leftover), ignore_errors=True)
     summary = P._summary(out, report, plans, removed, written, resumed, report_path)
     return P.check_outcome(summary, report, df, cfg)
 
@@ -411,14 +421,14 @@ def _finish(out: str, manifest: str, plans: list[P.ShardPlan], pending: list[P.S
     results = []
     for plan in pending:
         key = shard_key(plan.split, plan.index)
-        path = os.path.join(out, RESULTS, f"{key}.json")
+        path = fs.join(out, RESULTS, f"{key}.json")
         name = shards.shard_name(plan.split, plan.index, plan.num_shards, compression)
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise ShardCountError(f"shard count mismatch: {name}: the pipeline finished "
                                   "without writing it; rerun to redo it")
-        with open(path, encoding="utf-8") as f:
+        with fs.open(path, encoding="utf-8") as f:
             result = json.load(f)
-        held = count_records(os.path.join(out, name), compression)
+        held = count_records(fs.join(out, name), compression)
         if held != result["info"]["num_records"] or held != result["expected"]:
             raise ShardCountError(
                 f"shard count mismatch: {name}: the pipeline wrote "
@@ -428,9 +438,9 @@ def _finish(out: str, manifest: str, plans: list[P.ShardPlan], pending: list[P.S
     if not resumed and results and not any(r["readable"] for r in results):
         for plan in pending:
             name = shards.shard_name(plan.split, plan.index, plan.num_shards, compression)
-            for p in (os.path.join(out, name), framing.offsets_path(os.path.join(out, name))):
+            for p in (fs.join(out, name), framing.offsets_path(fs.join(out, name))):
                 with contextlib.suppress(OSError):
-                    os.remove(p)
+                    fs.remove(p)
         n = sum(len(r["rows"]) for r in results)
         raise P.ExtractError(
             f"every one of the {n} image(s) of {manifest} was unreadable (first: "

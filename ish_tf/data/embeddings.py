@@ -29,7 +29,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from ish_tf.io_utils import atomic_path
+from ish_tf import fs
+from ish_tf.io_utils import atomic_open, atomic_path
 
 # Columns that identify a row and are never part of the embedding, even when numeric.
 KEY_COLUMNS: tuple[str, ...] = (
@@ -116,9 +117,9 @@ def level_table_path(out_dir: str, level: str, fmt: str | None = None) -> str:
     formats = (fmt,) if fmt else TABLE_FORMATS
     for stem in (LEVEL_FILES[level], OLD_LEVEL_FILES.get(level)):
         for f in formats:
-            if stem and os.path.exists(os.path.join(out_dir, f"{stem}.{f}")):
-                return os.path.join(out_dir, f"{stem}.{f}")
-    return os.path.join(out_dir, f"{LEVEL_FILES[level]}.{fmt or 'csv'}")
+            if stem and fs.exists(fs.join(out_dir, f"{stem}.{f}")):
+                return fs.join(out_dir, f"{stem}.{f}")
+    return fs.join(out_dir, f"{LEVEL_FILES[level]}.{fmt or 'csv'}")
 
 
 @dataclasses.dataclass
@@ -211,16 +212,18 @@ def _read_h5ad(path: str) -> pd.DataFrame:
 
 
 def _read_any(path: str) -> pd.DataFrame:
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise EmbeddingTableError(f"{path}: embedding table not found")
     fmt = format_of(path)
     if fmt == "h5ad":
+        if fs.is_url(path):
+            raise EmbeddingTableError(f"{path}: .h5ad tables are read from local paths only")
         return _read_h5ad(path)
     if fmt == "parquet":
         require_format("parquet", path)
-        return pd.read_parquet(path)
+        return pd.read_parquet(fs.readable(path))
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(fs.readable(path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise EmbeddingTableError(f"{path}: cannot be read as CSV ({e})") from e
 
@@ -315,6 +318,9 @@ def write_embedding_table(path: str, table: EmbeddingTable, name: str = "embeddi
     """
     fmt = format_of(path)
     require_format(fmt, path)
+    if fs.is_url(path):
+        _write_table_at_url(path, table, name, fmt)
+        return
     with atomic_path(path) as tmp:
         if fmt == "h5ad":
             table.to_anndata(name).write_h5ad(tmp)
@@ -322,6 +328,30 @@ def write_embedding_table(path: str, table: EmbeddingTable, name: str = "embeddi
             table.to_frame().to_parquet(tmp, index=False)
         else:
             table.to_frame().to_csv(tmp, index=False, float_format="%.7g")
+
+
+def _write_table_at_url(path: str, table: EmbeddingTable, name: str, fmt: str) -> None:
+    """`write_embedding_table` at a URL (`ish_tf.fs`): the same content, written through
+    gfile (pandas and pyarrow write no gfile URL themselves)."""
+    if fmt == "h5ad":  # h5py wants a real file: written locally, then copied up
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ish_tf_h5ad_") as scratch:
+            local = os.path.join(scratch, "table.h5ad")
+            table.to_anndata(name).write_h5ad(local)
+            with open(local, "rb") as src, atomic_open(path, "wb") as dst:
+                dst.write(src.read())
+        return
+    if fmt == "parquet":  # pyarrow wants a real file object: built in memory, then written
+        import io
+
+        buf = io.BytesIO()
+        table.to_frame().to_parquet(buf, index=False)
+        with atomic_open(path, "wb") as f:
+            f.write(buf.getvalue())
+        return
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(table.to_frame().to_csv(index=False, float_format="%.7g"))
 
 
 def aggregate(table: EmbeddingTable, by: tuple[str, ...]) -> EmbeddingTable:

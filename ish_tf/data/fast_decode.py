@@ -163,10 +163,11 @@ def open_scaled(path: str, scale: int) -> tuple[Image.Image, int, int] | None:
     Raises:
       OSError, ValueError, Image.DecompressionBombError: the bytes do not decode.
     """
+    from ish_tf import fs
     from ish_tf.data.image_io import pillow_unlimited
 
     # Pillow's bomb check is on the full size; what is decoded here is 1/scale of it.
-    with pillow_unlimited(), Image.open(path) as im:
+    with pillow_unlimited(), Image.open(fs.readable(path)) as im:
         if im.format != "JPEG":
             return None
         width, height = im.size

@@ -47,9 +47,11 @@ def scan_record_offsets(shard_path: str) -> np.ndarray:
 
     if compression_of(shard_path):
         raise RecordsError(f"{shard_path}: compressed shards have no record offsets")
-    size = os.path.getsize(shard_path)
+    from ish_tf import fs
+
+    size = fs.getsize(shard_path)
     offsets = [0]
-    with open(shard_path, "rb") as f:
+    with fs.open(shard_path, "rb") as f:
         pos = 0
         while pos < size:
             header = f.read(8)
@@ -260,9 +262,11 @@ def count_complete_records(shard_path: str) -> tuple[int, bool]:
     Returns:
       (complete records, whether a partial record follows them).
     """
-    size = os.path.getsize(shard_path)
+    from ish_tf import fs
+
+    size = fs.getsize(shard_path)
     n = pos = 0
-    with open(shard_path, "rb") as f:
+    with fs.open(shard_path, "rb") as f:
         while pos < size:
             f.seek(pos)
             header = f.read(8)

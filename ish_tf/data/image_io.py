@@ -28,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import threading
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+
+from ish_tf import fs
 
 DEFAULT_MAX_PIXELS = 400_000_000
 TIFF_EXTENSIONS = (".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff")
@@ -98,6 +99,20 @@ def _kind(path: str) -> str:
     return "pillow"
 
 
+def _remote_kind(path: str) -> str:
+    """`_kind`, refusing whole-slide formats at a URL (their readers want a local file).
+
+    Raises:
+      ImageReadError: a TIFF or OpenSlide file given as a URL.
+    """
+    kind = _kind(path)
+    if kind != "pillow" and fs.is_url(path):
+        raise ImageReadError(f"{path}: {kind} images are read from local paths only (a URL "
+                             "works for JPEG, PNG and the other Pillow formats); copy it to "
+                             "a local disk or a shared mount")
+    return kind
+
+
 def _tiff_um_per_pixel(tif, page) -> float | None:
     """µm per pixel from OME PhysicalSizeX or the TIFF resolution tags, else None."""
     import xml.etree.ElementTree as ET
@@ -133,9 +148,9 @@ def image_info(path: str) -> ImageInfo:
       FileNotFoundError: no such file.
       ImageReadError: not a readable image, or a whole-slide format without its reader.
     """
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
-    kind = _kind(path)
+    kind = _remote_kind(path)
     if kind == "tiff":
         import tifffile
 
@@ -158,7 +173,7 @@ def image_info(path: str) -> ImageInfo:
         return ImageInfo(levels[0][0], levels[0][1], levels,
                          float(mpp) if mpp else None, "openslide")
     try:
-        with pillow_unlimited(), Image.open(path) as im:
+        with pillow_unlimited(), Image.open(fs.readable(path)) as im:
             w, h = im.size
             um = None
             dpi = im.info.get("dpi")
@@ -250,14 +265,14 @@ def read_image(path: str, downsample: int = 1,
     downsample = int(downsample)
     if downsample < 1:
         raise ImageReadError(f"{path}: downsample must be >= 1, got {downsample}")
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
-    kind = _kind(path)
+    kind = _remote_kind(path)
     if kind == "tiff":
         return _read_tiff(path, downsample, max_pixels)
     if kind == "openslide":
         return _read_openslide(path, downsample, max_pixels)
-    with pillow_unlimited(), Image.open(path) as im:
+    with pillow_unlimited(), Image.open(fs.readable(path)) as im:
         w, h = im.size
         scale = math.gcd(downsample, 8)  # the DCT scale that divides the reduction
         if im.format == "JPEG" and scale > 1:

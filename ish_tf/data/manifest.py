@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 
 import numpy as np
 import pandas as pd
@@ -159,10 +160,12 @@ def read_manifest(path: str) -> pd.DataFrame:
       ManifestError: the file is missing, unreadable or does not meet the schema;
         the message names the file and the column.
     """
-    if not os.path.exists(path):
+    from ish_tf import fs
+
+    if not fs.exists(path):
         raise ManifestError(f"{path}: manifest not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=True)
+        df = pd.read_csv(fs.readable(path), dtype=str, keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot be read as CSV ({e})") from e
     return validate(df, source=path)
@@ -185,9 +188,18 @@ def merge_manifests(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 
 def image_path(manifest_path: str, row_path: str) -> str:
-    """Absolute path of an image given the manifest's path and the row's `path` value."""
-    if os.path.isabs(row_path):
+    """Absolute path of an image given the manifest's path and the row's `path` value.
+
+    Either may be a URL (`ish_tf.fs`): a URL row is taken as it is; a relative row of a
+    manifest at a URL lies below the manifest's "directory" there.
+    """
+    from ish_tf import fs
+
+    if os.path.isabs(row_path) or fs.is_url(row_path):
         return row_path
+    if fs.is_url(manifest_path):
+        scheme, rest = manifest_path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), row_path))}"
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(manifest_path)), row_path))
 
 

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ish_tf.io_utils import atomic_path
+from ish_tf import fs
+from ish_tf.io_utils import atomic_open
 
 SHEET_NAME = "mask_qc.html"
 THUMB_DIR = "mask_qc"
@@ -131,7 +132,7 @@ def write_contact_sheet(out_dir: str, report: pd.DataFrame, manifest: pd.DataFra
     outliers = find_outliers(report) if outliers is None else outliers
     rows_of = {int(r.image_id): r for r in manifest.itertuples(index=False)}
     thumbs = os.path.join(out_dir, THUMB_DIR)
-    os.makedirs(thumbs, exist_ok=True)
+    fs.makedirs(thumbs)
     sections: list[tuple[str, list[tuple[int, str]]]] = [
         ("Lowest tissue fraction", [(int(i), "") for i in masked["image_id"].head(n)]),
         ("Highest tissue fraction", [(int(i), "") for i in masked["image_id"].tail(n)[::-1]]),
@@ -171,7 +172,7 @@ def write_contact_sheet(out_dir: str, report: pd.DataFrame, manifest: pd.DataFra
                 caption += f"<br>{html.escape(note)}"
             parts.append(f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
     path = os.path.join(out_dir, SHEET_NAME)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n")
     return path
 

@@ -30,6 +30,7 @@ import pandas as pd
 from absl import logging
 from PIL import Image
 
+from ish_tf import fs
 from ish_tf.data.patch_sampling import (
     FEW_PATCHES,
     OK,
@@ -38,7 +39,7 @@ from ish_tf.data.patch_sampling import (
     ImageResult,
 )
 from ish_tf.data.segment import MaskConfig
-from ish_tf.io_utils import Progress, atomic_path, remove_stale_tmp
+from ish_tf.io_utils import Progress, atomic_open, atomic_path, remove_stale_tmp
 
 IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")
 SPLIT_BY: tuple[str, ...] = ("gene", "donor")
@@ -343,7 +344,7 @@ def plan_extraction(df: pd.DataFrame, cfg: RecordSetConfig,
         genes=shards.make_gene_vocabulary(genes, gene_split, entrez), donors=donors,
         source_size=source_size, patch_size=patch_size, format=cfg.image_format,
         seed=cfg.seed, split_by=cfg.split_by, donor_splits=donor_split,
-        extra={"manifest": os.path.abspath(cfg.manifest), "manifest_digest": _manifest_digest(df),
+        extra={"manifest": fs.abspath(cfg.manifest), "manifest_digest": _manifest_digest(df),
                "sampling": cfg.sampling_key()})
     split_col = df["image_id"].astype(int).map(image_split)
     plans: list[ShardPlan] = []
@@ -375,10 +376,10 @@ def _extract_task(args: tuple) -> ImageResult:
 
 
 def _read_report(path: str) -> dict[int, dict]:
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return {}
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(fs.readable(path), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         logging.warning("%s: unreadable, rebuilding it (%s)", path, e)
         return {}
@@ -390,6 +391,10 @@ def _read_report(path: str) -> dict[int, dict]:
 def _write_report(path: str, rows: dict[int, dict],
                   columns: Sequence[str] = REPORT_COLUMNS) -> None:
     df = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(columns))
+    if fs.is_url(path):  # pandas writes no gfile URL: the same text through a file object
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.write(df.to_csv(index=False))
+        return
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
 
@@ -582,9 +587,9 @@ def _check_image_dirs(manifest: str, plans: list[ShardPlan]) -> None:
     counts: dict[str, int] = {}
     for plan in plans:
         for path in plan.rows["path"]:
-            d = os.path.dirname(mf.image_path(manifest, str(path)))
+            d = fs.dirname(mf.image_path(manifest, str(path)))
             counts[d] = counts.get(d, 0) + 1
-    missing = [d for d in sorted(counts) if not os.path.isdir(d)]
+    missing = [d for d in sorted(counts) if not fs.isdir(d)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ExtractError(
@@ -681,8 +686,8 @@ def prepare_out_dir(out: str, info: Any, *subdirs: str | None) -> list[str]:
 
     dirs = [out, *(d for d in subdirs if d)]
     for d in dirs:
-        os.makedirs(d, exist_ok=True)
-    removed = [os.path.join(d, n) for d in dirs for n in remove_stale_tmp(d)]
+        fs.makedirs(d)
+    removed = [fs.join(d, n) for d in dirs for n in remove_stale_tmp(d)]
     if removed:
         logging.info("removed %d partial file(s) of an interrupted run: %s", len(removed),
                      ", ".join(os.path.basename(r) for r in removed))
@@ -706,6 +711,24 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
       ExtractError: another run holds OUT; or a file under OUT could not be written
         (read-only, disk full), naming the path and the system's reason.
     """
+    if fs.is_url(out):
+        # Object stores have no file locks: OUT at a URL is held by convention (one run
+        # at a time), and nothing is locked or left behind.
+        try:
+            fs.makedirs(out)
+        except OSError as e:
+            raise _write_error(e, out) from e
+        try:
+            yield
+        except OSError as e:
+            raise _write_error(e, out) from e
+        except Exception as e:
+            tf = sys.modules.get("tensorflow")
+            if tf is not None and isinstance(e, tf.errors.OpError):  # gfile's, TFRecordWriter's
+                raise ExtractError(f"{out}: cannot write ({e.message}); check that it is "
+                                   "writable, then rerun to resume") from e
+            raise
+        return
     lock_path = os.path.join(out, LOCK_NAME)
     try:
         os.makedirs(out, exist_ok=True)

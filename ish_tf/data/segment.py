@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ish_tf.io_utils import atomic_path
+from ish_tf import fs
+from ish_tf.io_utils import atomic_open
 
 SEGMENTERS: tuple[str, ...] = ("classical", "unet")
 BACKGROUNDS: tuple[str, ...] = ("bright", "dark")
@@ -739,8 +740,8 @@ def mask_path(mask_dir: str, image_id: int) -> str:
 
 def save_mask(mask: np.ndarray, path: str) -> None:
     """Writes a bool (H, W) mask as a 1-bit PNG, atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.asarray(mask, dtype=bool)).save(tmp, format="PNG")
+    with atomic_open(path, "wb") as f:  # a file object: OUT may be a URL (ish_tf.fs)
+        Image.fromarray(np.asarray(mask, dtype=bool)).save(f, format="PNG")
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -752,7 +753,7 @@ def load_mask(path: str) -> np.ndarray:
     from ish_tf.data.image_io import pillow_unlimited
 
     try:  # masks are as large as the images read (no bomb check: we wrote them)
-        with pillow_unlimited(), Image.open(path) as im:
+        with pillow_unlimited(), Image.open(fs.readable(path)) as im:
             return np.asarray(im.convert("L")) > 0
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SegmentError(f"{path}: cannot read mask: {e}") from e
@@ -772,7 +773,7 @@ def load_or_compute_mask(rgb: np.ndarray, image_id: int, cfg: MaskConfig,
       (bool (H, W) mask, True if it came from the cache).
     """
     path = mask_path(mask_dir, image_id) if mask_dir else None
-    if path and os.path.exists(path):
+    if path and fs.exists(path):
         try:
             mask = load_mask(path)
             if mask.shape == rgb.shape[:2]:
@@ -812,5 +813,5 @@ def save_overlay(rgb: np.ndarray, mask: np.ndarray, path: str, max_size: int = 1
     edge = mm ^ (np.asarray(Image.fromarray(mm.astype(np.uint8) * 255)
                             .filter(ImageFilter.MinFilter(3))) > 127)
     a[edge] = (255, 0, 0)
-    with atomic_path(path) as tmp:
-        Image.fromarray(a.astype(np.uint8)).save(tmp, format="PNG")
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(a.astype(np.uint8)).save(f, format="PNG")

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ish_tf import fs
 from ish_tf.data.framing import _FRAMING, _write_offsets
 from ish_tf.data.inputs import InputSpec
 from ish_tf.data.records import (
@@ -165,8 +166,8 @@ class ShardWriter:
         self.compression = _check_compression(compression)
         self.out_dir, self.split = out_dir, split
         self.index, self.num_shards = index, num_shards
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, shard_name(split, index, num_shards, self.compression))
+        fs.makedirs(out_dir)
+        self.path = fs.join(out_dir, shard_name(split, index, num_shards, self.compression))
         self._tmp = tmp_path_for(self.path)
         options = tf.io.TFRecordOptions(compression_type=self.compression or "")
         self._writer = tf.io.TFRecordWriter(self._tmp, options=options)
@@ -224,12 +225,12 @@ class ShardWriter:
                 # Sidecar first: a shard never exists without its offsets (a stale sidecar
                 # without a shard is harmless: it is checked against the shard's size).
                 _write_offsets(self.path, np.asarray(self._offsets_bytes, np.int64))
-            os.replace(self._tmp, self.path)
+            fs.replace(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
         self.info = ShardInfo(
-            file=os.path.basename(self.path), split=self.split, index=self.index,
+            file=fs.basename(self.path), split=self.split, index=self.index,
             num_shards=self.num_shards, num_records=self._n, num_images=len(self._images),
             genes=dict(self._genes), compression=self.compression,
             gene_offsets=dict(self._offsets),
@@ -242,8 +243,7 @@ class ShardWriter:
             with contextlib.suppress(Exception):
                 self._writer.close()
             self._writer = None
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self._tmp)
+        fs.remove(self._tmp)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -339,7 +339,7 @@ def make_gene_vocabulary(gene_symbols: Iterable[str], splits: Mapping[str, str] 
 
 
 def index_path(out_dir: str) -> str:
-    return os.path.join(out_dir, INDEX_NAME)
+    return fs.join(out_dir, INDEX_NAME)
 
 
 def _empty_index() -> dict:
@@ -360,13 +360,13 @@ def load_index(out_dir: str, missing_ok: bool = False) -> dict:
       RecordsError: the index is missing (unless missing_ok) or unreadable.
     """
     path = index_path(out_dir)
-    if not os.path.exists(path):
+    if not fs.exists(path):
         if missing_ok:
             return _empty_index()
         raise RecordsError(f"{out_dir}: no {INDEX_NAME}; is this a records directory "
                            f"written by bin/extract (did it finish any shard)?")
     try:
-        with open(path, encoding="utf-8") as f:
+        with fs.open(path, encoding="utf-8") as f:
             index = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise RecordsError(f"{path}: cannot read the index: {e}") from e
@@ -378,7 +378,15 @@ def load_index(out_dir: str, missing_ok: bool = False) -> dict:
 
 @contextlib.contextmanager
 def _locked(out_dir: str) -> Iterator[None]:
-    """Serialises read-modify-write of the index between processes (parallel extract)."""
+    """Serialises read-modify-write of the index between processes (parallel extract).
+
+    On a URL (`ish_tf.fs`) there is no file lock to take: there only one process, the
+    Beam driver, writes the index (workers write shards and their own result files).
+    """
+    if fs.is_url(out_dir):
+        fs.makedirs(out_dir)
+        yield
+        return
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, INDEX_LOCK_NAME), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -397,8 +405,7 @@ def remove_index_lock(out_dir: str) -> None:
     Only for the end of a run, when no other process of it updates the index: a lock
     file removed while a writer waits on it would let two writers in at once.
     """
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out_dir, INDEX_LOCK_NAME))
+    fs.remove(fs.join(out_dir, INDEX_LOCK_NAME))
 
 
 def _write_index(out_dir: str, index: dict) -> None:
@@ -425,7 +432,7 @@ def update_index(out_dir: str, shard_info: ShardInfo) -> dict:
         a different `num_shards` (a rerun with another shard count must use a fresh
         directory, otherwise old and new shards would double-count genes).
     """
-    if not os.path.exists(os.path.join(out_dir, shard_info.file)):
+    if not fs.exists(fs.join(out_dir, shard_info.file)):
         raise RecordsError(f"{out_dir}: shard {shard_info.file} is not on disk; "
                            "call update_index only after ShardWriter.close()")
     with _locked(out_dir):
@@ -488,7 +495,7 @@ def completed_shards(out_dir: str, split: str) -> set[int]:
     """Indices of the shards of `split` that the index lists and that exist on disk."""
     index = load_index(out_dir, missing_ok=True)
     return {s["index"] for s in index["shards"]
-            if s["split"] == split and os.path.exists(os.path.join(out_dir, s["file"]))}
+            if s["split"] == split and fs.exists(fs.join(out_dir, s["file"]))}
 
 
 def shard_infos(out_dir: str, split: str) -> list[ShardInfo]:
@@ -524,7 +531,7 @@ def write_genes_csv(out_dir: str, index: dict | None = None) -> str:
     for g in sorted(info.genes, key=lambda e: e.gene_index):
         lines.append(f"{_csv(g.gene_symbol)},{g.gene_index},{g.entrez_id},{g.split},"
                      f"{n_images.get(g.gene_symbol, 0)},{n_patches.get(g.gene_symbol, 0)}")
-    path = os.path.join(out_dir, GENES_NAME)
+    path = fs.join(out_dir, GENES_NAME)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 

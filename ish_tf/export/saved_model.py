@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from ish_tf import fs
 from ish_tf.data.inputs import InputSpec
 from ish_tf.export.signatures import (
     BYTES_INPUT,
@@ -118,10 +119,10 @@ def family_outputs(family: str, outputs: Sequence[str] | None = None) -> tuple[t
 # --------------------------------------------------------------------------- versions
 def list_versions(export_base: str) -> list[int]:
     """Integer versions present under an export base, ascending (other names ignored)."""
-    if not os.path.isdir(export_base):
+    if not fs.isdir(export_base):
         return []
-    return sorted(int(n) for n in os.listdir(export_base)
-                  if n.isdigit() and os.path.isdir(os.path.join(export_base, n)))
+    return sorted(int(n) for n in fs.listdir(export_base)
+                  if n.isdigit() and fs.isdir(fs.join(export_base, n)))
 
 
 def latest_version(export_base: str) -> int | None:
@@ -160,15 +161,16 @@ def resolve_saved_model(path: str) -> str:
     Raises:
       ExportError: neither a SavedModel nor an export base with versions.
     """
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    # `path` may be a URL (gs://...: ish_tf.fs), which tf.saved_model.load reads too.
+    if fs.isfile(fs.join(path, "saved_model.pb")):
         return path
     versions = [v for v in list_versions(path)
-                if os.path.isfile(os.path.join(path, str(v), "saved_model.pb"))]
+                if fs.isfile(fs.join(path, str(v), "saved_model.pb"))]
     if not versions:
         raise ExportError(f"{path}: neither a SavedModel (no saved_model.pb) nor an export "
                           "base with integer version directories holding one; run bin/export "
                           "first")
-    return os.path.join(path, str(versions[-1]))
+    return fs.join(path, str(versions[-1]))
 
 
 def prune_versions(export_base: str, keep: int, protect: int | None = None) -> list[int]:
@@ -309,9 +311,9 @@ def read_metadata(saved_model_dir: str) -> dict:
     Raises:
       ExportError: no sidecar (not exported by ish_tf) or unreadable JSON.
     """
-    path = os.path.join(saved_model_dir, SIDECAR_DIR, SIDECAR_NAME)
+    path = fs.join(saved_model_dir, SIDECAR_DIR, SIDECAR_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
+        with fs.open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError as e:
         raise ExportError(f"{path}: missing; {saved_model_dir} was not exported by ish_tf") from e
