@@ -189,6 +189,9 @@ def main() -> None:
               f"ratio c/b = {r_pk_det / r_base:.2f}")
         print(f"(d) decode-only + float32 cast (in memory): {best['base_float']:9.0f} images/s  "
               f"ratio d/b = {best['base_float'] / r_base:.2f}")
+        print(f"    readers against (d), decoding with the same float32 output: "
+              f"a/d = {r_full / best['base_float']:.2f}, c/d = {r_pk / best['base_float']:.2f} "
+              f"(nondeterministic), {r_pk_det / best['base_float']:.2f} (deterministic)")
         print(f"(e) read+shuffle+parse, no decode      : {best['no_decode']:9.0f} images/s")
         print(f"(f) pk_dataset's Python reads, no decode: {best['pk_reads']:9.0f} images/s")
         print("CPU time per image (least of the repeats; ratio = b's CPU time / the case's):")

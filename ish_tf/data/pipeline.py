@@ -350,9 +350,13 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
     """The plain shuffled reader of records (images or vectors, per the set's input kind).
 
     Steps: file list (sharded over input pipelines, then shuffled with the seed while
-    training) -> `interleave` of `TFRecordDataset`s -> record shuffle (training) ->
-    repeat -> per record, in parallel: parse, decode, flips (training; seeded by the
-    record's position in the stream) and standardisation -> batch -> prefetch.
+    training) -> repeat -> `interleave` of `TFRecordDataset`s -> record shuffle
+    (training) -> batch of serialized records -> per batch, batches in parallel: one
+    `tf.io.parse_example`, one check of the image bytes, decoding record by record,
+    flips (training; drawn with `flip_bits` from the seed and the batch's number in
+    the stream) fused with the float32 cast, standardisation -> prefetch. Working per
+    batch pays tf.data's per-element overhead once per batch instead of once per
+    record (bench/bench_pipeline.py measures what is left beside decoding).
 
     Args:
       source: a records directory (then `split` is required) or a list of shard files.
