@@ -7,9 +7,22 @@ directory with `ish_tf.data.records`, then measures in the same process:
   (b) the baseline: decode-only over the same encoded patches held in memory
       (`from_tensor_slices(bytes).map(decode_jpeg, AUTOTUNE).batch`), i.e. the same
       parallel decoding with no file reading, parsing, shuffling or flipping;
-  (c) the P×K reader `pk_dataset` (P genes × K patches per batch).
+  (c) the P×K reader `pk_dataset` (P genes × K patches per batch);
 
-Goal: (a) / (b) ≥ 0.8, i.e. the pipeline costs little beyond JPEG decoding.
+and, to show what the gap between the readers and (b) consists of:
+
+  (d) decode-only plus the float32 cast the readers' output type requires;
+  (e) the plain reader's work without decoding: read, shuffle, batch, one batched parse;
+  (f) the P×K reader's Python record reads alone (sampler draws, positioned reads,
+      framing checks), no TensorFlow.
+
+Besides images/s (wall clock, best of the round-robin repeats), each case's CPU time per
+image (all threads of the process, least of the repeats) is printed: on a shared machine
+the wall-clock rate swings with other jobs, the CPU cost much less, and on an idle
+machine with every core busy the wall-clock ratio approaches the CPU-cost ratio.
+
+Goal (issue 24): (a) / (b) and (c) / (b) ≥ 0.85, i.e. the pipeline costs little beyond
+JPEG decoding.
 
     .venv/bin/python bench/bench_pipeline.py [--n 2000] [--size 256] [--batch 64]
 """
@@ -70,17 +83,47 @@ def write_records(out: str, n: int, size: int, n_genes: int, n_shards: int,
     return encoded
 
 
-def images_per_second(ds: tf.data.Dataset, batch_images: int, min_images: int,
-                      warmup: int = 3) -> float:
-    """Iterates `ds` (after `warmup` batches) until min_images images; returns images/s."""
+def measure(ds, batch_images: int, min_images: int, warmup: int = 3) -> tuple[float, float]:
+    """Iterates `ds` (a Dataset, or any iterable) after `warmup` batches until min_images
+    images; returns (images/s, CPU µs of the whole process per image)."""
     it = iter(ds)
     for _ in range(warmup):
         next(it)
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while n < min_images:
         next(it)
         n += batch_images
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1e6
+
+
+def images_per_second(ds: tf.data.Dataset, batch_images: int, min_images: int,
+                      warmup: int = 3) -> float:
+    """Iterates `ds` (after `warmup` batches) until min_images images; returns images/s."""
+    return measure(ds, batch_images, min_images, warmup)[0]
+
+
+class _PKReads:
+    """The P×K reader's Python part alone: batch t's draws and record reads, no decoding."""
+
+    def __init__(self, records_dir: str, P: int, K: int):
+        from ish_tf.data.input_checks import index_record_counts
+
+        extents = shards.gene_extents(records_dir, "train")
+        files = sorted({e.file for e in extents})
+        file_id = {f: i for i, f in enumerate(files)}
+        self.reader = pipeline._RecordReader(
+            files, index_record_counts(records_dir, "train", files))
+        self.sampler = pipeline.PKSampler([e.count for e in extents], P, K, seed=0)
+        self.gene_file = [file_id[e.file] for e in extents]
+        self.starts = [e.offset for e in extents]
+
+    def __iter__(self):
+        t = 0
+        while True:
+            genes, recs, _ = self.sampler.batch(t)
+            yield [self.reader.read(self.gene_file[g], self.starts[g] + int(i))
+                   for g, i in zip(genes, recs, strict=True)]
+            t += 1
 
 
 def main() -> None:
@@ -111,14 +154,31 @@ def main() -> None:
         pk = pipeline.pk_dataset(out, "train", P=args.P, K=args.K, flips=True, deterministic=False)
         pk_det = pipeline.pk_dataset(out, "train", P=args.P, K=args.K, flips=True)
 
+        base_float = (tf.data.Dataset.from_tensor_slices(tf.constant(encoded)).repeat()
+                      .map(lambda e: tf.cast(tf.io.decode_jpeg(e, channels=3), tf.float32),
+                           num_parallel_calls=tf.data.AUTOTUNE)
+                      .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+        files = pipeline.list_shards(out, "train")
+        no_decode = (tf.data.Dataset.from_tensor_slices(files).shuffle(len(files)).repeat()
+                     .interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE,
+                                 deterministic=False)
+                     .shuffle(1024).batch(args.batch, drop_remainder=True)
+                     .map(lambda s: tf.io.parse_example(s, records.feature_spec(
+                         ["image/encoded", records.IDENTITY_INDEX_KEY])),
+                          num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+
         cases = {"base": (base, args.batch), "full": (full, args.batch),
-                 "pk": (pk, args.P * args.K), "pk_det": (pk_det, args.P * args.K)}
+                 "pk": (pk, args.P * args.K), "pk_det": (pk_det, args.P * args.K),
+                 "base_float": (base_float, args.batch), "no_decode": (no_decode, args.batch),
+                 "pk_reads": (_PKReads(out, args.P, args.K), args.P * args.K)}
         best = dict.fromkeys(cases, 0.0)
+        cpu = dict.fromkeys(cases, float("inf"))
         # Round-robin repeats, best of each: the machine may be shared, and alternating
         # keeps a burst of load from favouring one case.
         for _ in range(args.repeats):
             for name, (ds, b) in cases.items():
-                best[name] = max(best[name], images_per_second(ds, b, args.images))
+                rate, us = measure(ds, b, args.images)
+                best[name], cpu[name] = max(best[name], rate), min(cpu[name], us)
         r_base, r_full, r_pk, r_pk_det = (best[k] for k in ("base", "full", "pk", "pk_det"))
         print(f"(b) decode-only baseline (in memory)  : {r_base:9.0f} images/s")
         print(f"(a) patch_dataset full pipeline        : {r_full:9.0f} images/s  "
@@ -127,6 +187,23 @@ def main() -> None:
               f"ratio c/b = {r_pk / r_base:.2f}")
         print(f"(c) pk_dataset P={args.P} K={args.K} (deterministic)   : {r_pk_det:9.0f} images/s  "
               f"ratio c/b = {r_pk_det / r_base:.2f}")
+        print(f"(d) decode-only + float32 cast (in memory): {best['base_float']:9.0f} images/s  "
+              f"ratio d/b = {best['base_float'] / r_base:.2f}")
+        print(f"    readers against (d), decoding with the same float32 output: "
+              f"a/d = {r_full / best['base_float']:.2f}, c/d = {r_pk / best['base_float']:.2f} "
+              f"(nondeterministic), {r_pk_det / best['base_float']:.2f} (deterministic)")
+        print(f"(e) read+shuffle+parse, no decode      : {best['no_decode']:9.0f} images/s")
+        print(f"(f) pk_dataset's Python reads, no decode: {best['pk_reads']:9.0f} images/s")
+        print("CPU time per image (least of the repeats; ratio = b's CPU time / the case's):")
+        labels = {"base": "(b) decode-only", "full": "(a) patch_dataset",
+                  "pk": "(c) pk_dataset nondeterministic", "pk_det": "(c) pk_dataset deterministic",
+                  "base_float": "(d) decode-only + float32 cast",
+                  "no_decode": "(e) read+shuffle+parse, no decode",
+                  "pk_reads": "(f) pk Python reads, no decode"}
+        for name, label in labels.items():
+            print(f"  {label:36s}: {cpu[name]:7.0f} us/image  ratio {cpu['base'] / cpu[name]:.2f}")
+        print(f"load average after: {open('/proc/loadavg').read().split()[:3]}; "
+              f"ish_tf from {os.path.dirname(pipeline.__file__)}")
 
 
 if __name__ == "__main__":

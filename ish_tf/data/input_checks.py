@@ -85,6 +85,21 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _image_bytes_ok(encoded: tf.Tensor, spec: InputSpec) -> tuple[tf.Tensor, str] | None:
+    """(ok, what): whether image bytes (any shape of tf.string) are what the set holds,
+    and the message when not; None where the decoder itself checks (raw images of a
+    spec without a fixed size)."""
+    if records.stores_raw(spec.channels, spec.dtype):
+        if spec.height is None or spec.width is None:
+            return None  # the decoder checks the size against image/height and width
+        want = spec.height * spec.width * spec.channels * np.dtype(spec.dtype).itemsize
+        return (tf.equal(tf.strings.length(encoded), want),
+                f"image/encoded is not the {want} bytes of a raw {spec.describe()} image")
+    ok = tf.logical_or(tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC),
+                       tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC))
+    return ok, "image/encoded is neither a JPEG nor a PNG image (non-image bytes)"
+
+
 def checked_image_bytes(feats: dict, spec: InputSpec, where: tf.Tensor) -> dict:
     """Parsed features whose image bytes are checked to be what the set holds before
     they are decoded, so a record of non-image bytes fails naming `where` (its shard and
@@ -92,17 +107,36 @@ def checked_image_bytes(feats: dict, spec: InputSpec, where: tf.Tensor) -> dict:
     if spec.kind != "image":
         return feats
     encoded = feats["image/encoded"]
-    if records.stores_raw(spec.channels, spec.dtype):
-        if spec.height is None or spec.width is None:
-            return feats  # the decoder checks the size against image/height and width
-        want = spec.height * spec.width * spec.channels * np.dtype(spec.dtype).itemsize
-        ok = tf.equal(tf.strings.length(encoded), want)
-        what = f"image/encoded is not the {want} bytes of a raw {spec.describe()} image"
-    else:
-        ok = tf.logical_or(tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC),
-                           tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC))
-        what = "image/encoded is neither a JPEG nor a PNG image (non-image bytes)"
+    checked = _image_bytes_ok(encoded, spec)
+    if checked is None:
+        return feats
+    ok, what = checked
     check = tf.debugging.Assert(ok, [where, what])
+    with tf.control_dependencies([check]):
+        return dict(feats, **{"image/encoded": tf.identity(encoded)})
+
+
+def checked_image_bytes_batch(feats: dict, spec: InputSpec, where_of) -> dict:
+    """`checked_image_bytes` for a batch of parsed records (`tf.io.parse_example`): one
+    check for the whole batch, and the name of the first bad record built only for the
+    message.
+
+    Args:
+      feats: batched features, `image/encoded` of shape (B,).
+      spec: the set's input spec.
+      where_of: function of a record's position in the batch (int64 scalar tensor) that
+        returns its 'SHARD: record N' (tf.string scalar).
+    """
+    if spec.kind != "image":
+        return feats
+    encoded = feats["image/encoded"]
+    checked = _image_bytes_ok(encoded, spec)
+    if checked is None:
+        return feats
+    ok, what = checked
+    # The same message as the per-record check: "[SHARD: record N] [what]".
+    first_bad = tf.argmin(tf.cast(ok, tf.int32), output_type=tf.int64)
+    check = tf.debugging.Assert(tf.reduce_all(ok), [where_of(first_bad), what])
     with tf.control_dependencies([check]):
         return dict(feats, **{"image/encoded": tf.identity(encoded)})
 

@@ -52,7 +52,7 @@ import tensorflow as tf
 from ish_tf.data import framing, records, shards
 from ish_tf.data.input_checks import (
     check_shard_counts,
-    checked_image_bytes,
+    checked_image_bytes_batch,
     identity_name,
     index_record_counts,
     no_records_error,
@@ -172,18 +172,67 @@ def _decode_payload(feats: dict, spec: InputSpec) -> tf.Tensor:
     return records.decode_image(feats, spec=spec)
 
 
-def _prepare(payload: tf.Tensor, spec: InputSpec, flip: tf.Tensor | None,
-             standardize: bool) -> tf.Tensor:
-    """Images: flips, float32, optional standardisation; vectors pass as float32."""
+def _decode_records(serialized: tf.Tensor, spec: InputSpec, where_of,
+                    keys: Sequence[str] = ()) -> tuple[tf.Tensor, dict]:
+    """A batch of serialized records, parsed in one `tf.io.parse_example`, checked as a
+    batch, and decoded record by record (images) or as a batch (vectors).
+
+    Args:
+      serialized: tf.string (B,).
+      spec: the set's input spec.
+      where_of: function of a record's position in the batch (int64 scalar) that gives
+        its 'SHARD: record N', for the error message of a bad record.
+      keys: further scalar features to parse (returned in the dict).
+
+    Returns:
+      (payload, feats): images (B, H, W, C) of the spec's dtype or float32 vectors (B, D);
+      feats maps each of `keys` to a (B,) tensor.
+    """
+    decode_keys = _decode_keys(spec)
+    feats = tf.io.parse_example(
+        serialized, records.feature_spec(decode_keys + [k for k in keys if k not in decode_keys],
+                                         spec.kind))
+    if spec.kind == "vector":
+        vectors = feats["vector"]  # ragged (B, None)
+        lengths = vectors.row_lengths()
+        want = spec.dim if spec.dim else lengths[:1]
+        ok = tf.equal(lengths, want)
+        first_bad = tf.argmin(tf.cast(ok, tf.int32), output_type=tf.int64)
+        what = (f"vector has another length than the set's {spec.dim}" if spec.dim else
+                "vector has another length than the first record of its batch")
+        check = tf.debugging.Assert(tf.reduce_all(ok), [where_of(first_bad), what])
+        with tf.control_dependencies([check]):
+            payload = vectors.to_tensor(shape=[None, spec.dim or None])
+        return payload, feats
+    feats = checked_image_bytes_batch(feats, spec, where_of)
+    # Decoding stays per record (tf.map_fn in the batch's map call): parallel over
+    # batches, with no per-record tf.data element to schedule.
+    payload = tf.map_fn(lambda f: records.decode_image(f, spec=spec),
+                        {k: feats[k] for k in decode_keys},
+                        fn_output_signature=tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype)))
+    return payload, feats
+
+
+@tf.function(jit_compile=True)
+def _flip_and_cast(images: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
+    # XLA fuses the per-image selects, the reversals and the cast into one pass over
+    # the batch, so the flips cost about what the float32 cast costs alone.
+    x = tf.where(flips[:, 0, None, None, None], tf.reverse(images, [2]), images)
+    x = tf.where(flips[:, 1, None, None, None], tf.reverse(x, [1]), x)
+    return tf.cast(x, tf.float32)
+
+
+def _prepare_batch(payload: tf.Tensor, spec: InputSpec, flips: tf.Tensor | None,
+                   standardize: bool) -> tf.Tensor:
+    """`_prepare` for a batch: images flipped as `flips` (B, 2) says, float32, optionally
+    standardised per image; the same values as `augment`."""
     if spec.kind == "vector":
         return tf.cast(payload, tf.float32)
-    return augment_image(payload, flip, standardize)
-
-
-def _decode_checked(serialized: tf.Tensor, spec: InputSpec, where: tf.Tensor) -> tf.Tensor:
-    """`decode_one` with the bytes checked first (`checked_image_bytes`)."""
-    feats = records.parse_example(serialized, _decode_keys(spec), spec.kind)
-    return _decode_payload(checked_image_bytes(feats, spec, where), spec)
+    images = (tf.cast(payload, tf.float32) if flips is None
+              else _flip_and_cast(payload, flips))
+    if standardize:
+        images = tf.image.per_image_standardization(images)
+    return images
 
 
 
@@ -263,7 +312,8 @@ def augment_image(image: tf.Tensor, flip: tf.Tensor | None = None,
 
 def augment(images: tf.Tensor, flips: tf.Tensor | None = None,
             standardize: bool = False) -> tf.Tensor:
-    """`augment_image` over a batch (eager use and tests; the pipelines augment per image).
+    """`augment_image` over a batch (eager use and tests; the pipelines use the fused
+    `_prepare_batch`, which gives the same values).
 
     Args:
       images: (B, H, W, 3) uint8 or float.
@@ -300,9 +350,13 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
     """The plain shuffled reader of records (images or vectors, per the set's input kind).
 
     Steps: file list (sharded over input pipelines, then shuffled with the seed while
-    training) -> `interleave` of `TFRecordDataset`s -> record shuffle (training) ->
-    repeat -> per record, in parallel: parse, decode, flips (training; seeded by the
-    record's position in the stream) and standardisation -> batch -> prefetch.
+    training) -> repeat -> `interleave` of `TFRecordDataset`s -> record shuffle
+    (training) -> batch of serialized records -> per batch, batches in parallel: one
+    `tf.io.parse_example`, one check of the image bytes, decoding record by record,
+    flips (training; drawn with `flip_bits` from the seed and the batch's number in
+    the stream) fused with the float32 cast, standardisation -> prefetch. Working per
+    batch pays tf.data's per-element overhead once per batch instead of once per
+    record (bench/bench_pipeline.py measures what is left beside decoding).
 
     Args:
       source: a records directory (then `split` is required) or a list of shard files.
@@ -375,18 +429,21 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     compression = _compression(files)
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    # Shards by number: each record carries (shard number, record number), so a record
+    # that does not decode is reported by name, and no string is built per record.
+    file_names = tf.constant(files)
+    ds = tf.data.Dataset.range(len(files))
     if training:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         # Repeat the (reshuffled) file list rather than the records: the record shuffle
         # buffer then never drains and refills at epoch boundaries.
         ds = ds.repeat()
-    # Each record comes with its shard and number, so a record that does not decode
-    # is reported by name.
     ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=compression or "").enumerate().map(
-            lambda n, r: (r, tf.strings.join([f, ": record ", tf.strings.as_string(n)]))),
+        lambda f: tf.data.Dataset.zip(
+            tf.data.Dataset.from_tensors(f).repeat(),
+            tf.data.TFRecordDataset(file_names[f], compression_type=compression or "")
+            .enumerate()),
         cycle_length=cycle_length, block_length=1, num_parallel_calls=AUTOTUNE,
         deterministic=deterministic or with_keys)
     if training and shuffle_buffer > 1:
@@ -394,26 +451,29 @@ def patch_dataset(source: str | Sequence[str], split: str | None = None, *, batc
     order = deterministic or with_keys
     keys = list(KEY_FEATURES) if with_keys else ([label_key] if label_key else [])
 
-    # The record counter seeds each record's flips, so they do not depend on threads.
-    ds = ds.enumerate()
+    # Batch the serialized records first: one parse, one check and one flip-and-cast per
+    # batch, decoding record by record inside the batch's map call. The batch counter
+    # seeds the batch's flips, so they do not depend on threads.
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder).enumerate()
 
-    def parse(i, element):
-        # Per record, in parallel: decoding dominates the cost of the pipeline.
-        serialized, where = element
-        feats = records.parse_example(
-            serialized, _decode_keys(spec) + [k for k in keys if k not in _decode_keys(spec)],
-            spec.kind)
-        flip = flip_bits(tf.stack([tf.cast(seed, tf.int64), i])) if augmenting else None
-        image = _prepare(_decode_payload(checked_image_bytes(feats, spec, where), spec), spec, flip,
-                         standardize)
+    def parse(t, element):
+        file_id, (record, serialized) = element
+
+        def where_of(i):
+            return tf.strings.join([file_names[file_id[i]], ": record ",
+                                    tf.strings.as_string(record[i])])
+
+        payload, feats = _decode_records(serialized, spec, where_of, keys)
+        flip = (flip_bits(tf.stack([tf.cast(seed, tf.int64), t]), tf.shape(serialized)[0])
+                if augmenting else None)
+        images = _prepare_batch(payload, spec, flip, standardize)
         if with_keys:
-            return image, {k: feats[k] for k in keys}
+            return images, {k: feats[k] for k in keys}
         if label_key is None:
-            return image
-        return image, tf.cast(feats[label_key], tf.int32)
+            return images
+        return images, tf.cast(feats[label_key], tf.int32)
 
     ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=order)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(AUTOTUNE).with_options(_options(order))
 
 
@@ -671,19 +731,15 @@ def pk_dataset(records_dir: str, split: str = "train", *, P: int, K: int, flips:
         label.set_shape([b])
         bits.set_shape([b, 2])
         where.set_shape([b])
-        return serialized, label, bits, where
+        # The slice as a batch: one parse, one check, per-record decoding inside this
+        # call, one flip-and-cast.
+        payload, _ = _decode_records(serialized, spec, lambda i: where[i])
+        return _prepare_batch(payload, spec, bits if flips else None, standardize), label
 
     # Element = (global batch t, replica slice r) for the replicas this pipeline feeds.
     ds = tf.data.Dataset.counter(start_batch, dtype=tf.int64).flat_map(
         lambda t: tf.data.Dataset.range(first, first + per_pipe).map(lambda r: (t, r)))
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    # Decode record by record in parallel; this map must keep its order (whatever
-    # `deterministic` says), because re-batching by b restores the slices.
-    ds = ds.unbatch().map(
-        lambda s, y, f, where: (_prepare(_decode_checked(s, spec, where), spec,
-                                         f if flips else None, standardize), y),
-        num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(b, drop_remainder=True)
     options = _options(deterministic)
     # The numpy_function reads files but keeps no state between calls, so saving the
     # iterator (bin/train --checkpoint_data) may ignore it and just save the counter.
