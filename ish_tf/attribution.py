@@ -48,23 +48,11 @@ def load_model(path: str):
     Raises:
       ish_tf.export.ExportError: missing or unreadable file (naming it).
     """
-    import json
-
-    import ish_tf.models.backbones  # noqa: F401 - registers the custom layers
-    import ish_tf.models.heads  # noqa: F401
     from ish_tf.export.saved_model import load_keras_file
     if path.endswith(".keras"):
         model_path, run_dir = path, os.path.dirname(path)
     else:
         model_path, run_dir = os.path.join(path, "model.keras"), path
-    config_path = os.path.join(run_dir, "model_config.json")
-    if os.path.isfile(config_path):
-        from ish_tf.families import family_names, get_family
-
-        with open(config_path, encoding="utf-8") as f:
-            family = json.load(f).get("builder")
-        if family in family_names():
-            get_family(family).import_builder()
     return load_keras_file(model_path, run_dir)
 
 

@@ -261,6 +261,11 @@ def keras_file_problem(path: str) -> str | None:
 def load_keras_file(path: str, run_dir: str | None = None):
     """`keras.saving.load_model(path, compile=False)` with errors that name the file.
 
+    The custom layers a model may hold register themselves on import: the shared
+    backbones and heads always, and the builder of the family named in the
+    `model_config.json` beside the file (when there is one), so callers need not import
+    them first.
+
     Raises:
       ExportError: a missing, truncated or corrupt file (naming it, and the run to
         re-finish), or a model Keras cannot deserialise.
@@ -276,11 +281,29 @@ def load_keras_file(path: str, run_dir: str | None = None):
         raise ExportError(f"{path}: {problem}; re-finish the training run {run_dir} "
                           f"(bin/train --flagfile={os.path.join(run_dir, FLAGFILE_NAME)} "
                           "rewrites model.keras from its last checkpoint)")
+    import ish_tf.models.backbones  # noqa: F401 - registers the custom layers
+    import ish_tf.models.heads  # noqa: F401
+    _import_family_builder(os.path.join(os.path.dirname(path) or ".", "model_config.json"))
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as e:  # Keras raises TypeError/ValueError for unknown layers etc.
         raise ExportError(f"{path}: cannot load the Keras model "
                           f"({type(e).__name__}: {e})") from e
+
+
+def _import_family_builder(config_path: str) -> None:
+    """Imports the builder of the family `config_path` names (its custom layers)."""
+    if not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            family = json.load(f).get("builder")
+    except (OSError, ValueError, AttributeError):
+        return  # a broken config is reported where it is read for its content
+    from ish_tf.families import family_names, get_family
+
+    if family in family_names():
+        get_family(family).import_builder()
 
 
 # --------------------------------------------------------------------------- metadata
@@ -820,9 +843,6 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
         re-finish), or a model that cannot be loaded or exported.
     """
 
-    # The custom layers register themselves on import; load them before deserialising.
-    import ish_tf.models.backbones  # noqa: F401
-    import ish_tf.models.heads  # noqa: F401
     if model_dir.endswith(".keras"):
         model_path, run_dir = model_dir, os.path.dirname(model_dir)
     else:
@@ -839,8 +859,8 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
             raise ExportError(f"{config_path}: cannot read: {e}") from e
     if family is None:
         family = str(extra.get("model_config", {}).get("builder") or "triplet")
-    # Importing the family's builder module registers its custom layers (and its export
-    # outputs) before deserialising, whatever the family: no list to keep up to date.
+    # load_keras_file imports the builder named beside the file (its custom layers); a
+    # family given explicitly is imported here too (its export outputs).
     from ish_tf.families import family_names, get_family
 
     if family in family_names():
