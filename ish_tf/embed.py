@@ -731,12 +731,14 @@ def note_size_mismatch(records_dir: str, metadata: dict) -> str:
     return line
 
 
-def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> EmbedResult:
+def embed_records(config: EmbedConfig, *, progress: bool | None = None,
+                  desc: str = "embed") -> EmbedResult:
     """Embeds the records of `config.records_dir` with the SavedModel and writes the tables.
 
     Args:
       config: see `EmbedConfig`.
       progress: draw a progress bar (None: only on a terminal / ISH_TF_PROGRESS).
+      desc: the progress bar's label (which model, where several are embedded).
 
     Returns:
       An `EmbedResult`.
@@ -756,7 +758,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None) -> Embed
     reused = embedded = 0
     seconds = 0.0
     total = sum(int(s.get("num_records", 0)) for s in shards)
-    with Progress(total or None, desc="embed", enabled=progress, unit="records") as bar:
+    with Progress(total or None, desc=desc, enabled=progress, unit="records") as bar:
         for s in shards:
             path = fs.join(config.records_dir, s["file"])
             part = _part_path(config.out_dir, s["file"])

@@ -210,7 +210,8 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
             out = os.path.join(paths["embeddings"], name)
             if not _tables_are_current(out, export):
                 embed_records(EmbedConfig(saved_model=export, records_dir=paths["records"],
-                                          out_dir=out, batch_size=cfg.embed_batch_size))
+                                          out_dir=out, batch_size=cfg.embed_batch_size),
+                              desc=f"embed ({name})")
             tables[name] = {level: read_embedding_table(os.path.join(out, f"{level}_embeddings.csv"))
                             for level in ("patch", "image", "gene")}
         patch = tables["trained"]["patch"]
