@@ -472,7 +472,7 @@ def test_statistics_reestimated_from_in_memory_rgb_batches(tmp_path):
                                out.mean(axis=0), rtol=1e-4, atol=1e-6)
 
 
-def test_baselines_and_supervised_from_cdae(data, tmp_path):
+def test_baselines_and_supervised_from_cdae(data, tmp_path, capsys):
     from ish_tf.families.cdae.baselines import pixel_pca, untrained_encoder
     from ish_tf.families.cdae.terms import codes_term_auc, load_term_groups, term_auc, term_matrix
 
@@ -538,35 +538,36 @@ def test_baselines_and_supervised_from_cdae(data, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "codes of" in done.stdout and "logistic regression" in done.stdout
+    # The other calls run in this process (the command line itself was exercised above).
+    from ish_tf.cli import invoke
+
+    def cdae(*args):
+        capsys.readouterr()
+        rc = invoke("cdae", list(args))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
     # --codes_run takes a .keras file as --cdae_init_from does, and names a missing one.
     keras_file = str(cdae_run / "model.keras")
     out = tmp_path / "codes_from_file"
-    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "term_auc",
-                           f"--run_dir={run}", f"--codes_run={keras_file}", f"--out={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    rc, _, err = cdae("term_auc", f"--run_dir={run}", f"--codes_run={keras_file}", f"--out={out}")
+    assert rc == 0, err[-2000:]
     from_file = pd.read_csv(out / "term_auc_test.csv")
     from_run = pd.read_csv(run / "term_auc_test.csv")
     np.testing.assert_allclose(from_file["auc_codes_lr"], from_run["auc_codes_lr"], atol=1e-6)
-    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "term_auc",
-                           f"--run_dir={run}", f"--codes_run={tmp_path / 'nothing'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "--codes_run=" in done.stderr
-    assert "model.keras not found" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "baselines",
-                           f"--run_dir={cdae_run}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    rc, _, err = cdae("term_auc", f"--run_dir={run}", f"--codes_run={tmp_path / 'nothing'}")
+    assert rc == 1 and "--codes_run=" in err
+    assert "model.keras not found" in err
+    rc, stdout, err = cdae("baselines", f"--run_dir={cdae_run}")
+    assert rc == 0, err[-2000:]
     base = cdae_run / "baselines"
     assert (base / "pixels_pca_gene_embeddings.csv").exists()
     assert (base / "untrained_encoder_gene_embeddings.csv").exists()
     reliance = json.loads((base / "code_reliance.json").read_text())
     assert set(reliance) == {"mse", "mse_mean_code", "mse_mean_image", "code_share"}
-    assert "of the gain over the mean image" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "ish_tf.cli.cdae", "term_auc",
-                           f"--run_dir={cdae_run}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 1 and "holds no finished cdae_supervised model" in done.stderr
+    assert "of the gain over the mean image" in stdout
+    rc, _, err = cdae("term_auc", f"--run_dir={cdae_run}")
+    assert rc == 1 and "holds no finished cdae_supervised model" in err
     written = pd.read_csv(run / "term_auc_test.csv")
     assert list(written.columns) == ["term", "n_genes", "n_positive", "auc", "auc_codes_lr"]
     np.testing.assert_allclose(written["auc_codes_lr"], codes["auc"], equal_nan=True)
