@@ -265,3 +265,27 @@ def test_real_allen_jpeg_is_served_resized(tmp_path, model):
     decoded = tf.io.decode_jpeg(data)
     assert tuple(decoded.shape) == (1888, 2980, 3)
 
+
+
+def test_classifier_export_names_its_classes_and_refuses_a_mismatch(tmp_path):
+    """A classifier's export takes its class names from model_config.json; a count that
+    does not match the probabilities' width stops the export, naming both."""
+    import keras
+
+    inputs = keras.Input((S, S, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255.0)(inputs))
+    classifier = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
+
+    def run_with(names, name):
+        run = tmp_path / name
+        run.mkdir()
+        classifier.save(str(run / "model.keras"))
+        (run / "model_config.json").write_text(json.dumps(
+            {"builder": "ish_cnn", "config": {"model": "ish_cnn", "input_size": S,
+                                              "family": {"classes": names}}}))
+        return str(run)
+
+    path = sm.export_run(run_with(["Gad1", "Pvalb", "Sst"], "ok"), str(tmp_path / "exp_ok"))
+    assert sm.read_metadata(path)["class_names"] == ["Gad1", "Pvalb", "Sst"]
+    with pytest.raises(sm.ExportError, match="3 class probabilities but 2 class names"):
+        sm.export_run(run_with(["Gad1", "Pvalb"], "bad"), str(tmp_path / "exp_bad"))

@@ -291,6 +291,22 @@ def load_keras_file(path: str, run_dir: str | None = None):
                           f"({type(e).__name__}: {e})") from e
 
 
+def _stored_class_names(family: str, model_config: dict | None) -> list[str] | None:
+    """The names of a classifier's `probabilities` columns as its run stored them.
+
+    The classifier families persist them in model_config.json (`classes`: cell types,
+    siRNAs, genes; `terms`: the GO terms of cdae_supervised). None for families without a
+    `probabilities` output or a config without names.
+    """
+    from ish_tf.families import family_names, get_family
+
+    if family not in family_names() or "probabilities" not in get_family(family).outputs:
+        return None
+    config = ((model_config or {}).get("config") or {}).get("family") or {}
+    names = config.get("classes") or config.get("terms")
+    return [str(n) for n in names] if names else None
+
+
 def _import_family_builder(config_path: str) -> None:
     """Imports the builder of the family `config_path` names (its custom layers)."""
     if not os.path.isfile(config_path):
@@ -866,6 +882,17 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
     if family in family_names():
         get_family(family).import_builder()
     model = load_keras_file(model_path, run_dir)
+    if class_names is None:
+        class_names = _stored_class_names(family, extra.get("model_config"))
+    if class_names is not None and family in family_names():
+        outputs = get_family(family).outputs
+        model_outputs = list(getattr(model, "outputs", None) or [])
+        if "probabilities" in outputs and len(model_outputs) == len(outputs):
+            width = model_outputs[outputs.index("probabilities")].shape[-1]
+            if width is not None and int(width) != len(class_names):
+                raise ExportError(f"{model_path}: {int(width)} class probabilities but "
+                                  f"{len(class_names)} class names "
+                                  f"({config_path if os.path.isfile(config_path) else 'given'})")
     transform = None
     if family in family_names() and get_family(family).export_transform:
         from ish_tf.families import resolve_ref

@@ -129,6 +129,13 @@ def test_family_harness(name, tmp_path):
     export = export_run(run_a, str(tmp_path / "export"), family=name)
     meta = read_metadata(export)
     assert meta["family"] == name and tuple(meta["outputs"]) == spec.outputs
+    if "probabilities" in spec.outputs:  # a classifier's columns are named in the sidecar
+        stored = meta["extra"]["model_config"]["config"]["family"]
+        names = stored.get("classes") or stored.get("terms")
+        assert meta["class_names"] == list(names)
+        assert meta["output_shapes"]["probabilities"][-1] == len(names)
+    else:
+        assert meta["class_names"] is None
     records_dir = fields.get("records_dir")
     if not records_dir:  # a family trained on something else (U-Net: image/mask pairs)
         from ish_tf.families.testing import tiny_records
