@@ -263,6 +263,9 @@ def _usage(message: str) -> int:
 
 def _run_pooling(fv, cfg) -> dict:
     """--pooling=attention: mean vs attention pooling on the same folds."""
+    from ish_tf.cli import quiet_tensorflow_info
+
+    quiet_tensorflow_info()  # the attention model is Keras: keep TF's start-up lines out
     from ish_tf.evaluate.attention_mil import MILConfig, run_pooling
 
     mil = MILConfig(epochs=fv.pooling_epochs, seed=fv.seed, n_splits=fv.folds).validate()
