@@ -349,7 +349,7 @@ def extreme_patch_maps(records_dir: str, patch_table, gene: str, dim: int, model
 
     from PIL import Image
 
-    from ish_tf.evaluate.figures import _read_patches
+    from ish_tf.evaluate.figures import read_patches
 
     keys = patch_table.keys
     rows = np.flatnonzero(keys["gene_symbol"].astype(str).to_numpy() == gene)
@@ -360,7 +360,7 @@ def extreme_patch_maps(records_dir: str, patch_table, gene: str, dim: int, model
     chosen = list(order[:k_top]) + list(order[::-1][:min(k, rows.size - k_top)])
     ids, pidx = keys["image_id"].to_numpy(), keys["patch_index"].to_numpy()
     wanted = [(int(ids[r]), int(pidx[r])) for r in chosen]
-    found = _read_patches(records_dir, gene, set(wanted))
+    found = read_patches(records_dir, gene, set(wanted))
     picked = [(r, w) for r, w in zip(chosen, wanted, strict=True) if w in found]
     if not picked:
         raise AttributionError(f"{records_dir}: none of the chosen patches of {gene!r} is in "

@@ -531,7 +531,8 @@ def embed_shard(served: ServedModel, shard_path: str, split: str, batch_size: in
 
 
 # --------------------------------------------------------------------------- parts (resume)
-def _shard_stamp(path: str) -> str:
+def shard_stamp(path: str) -> str:
+    """Size and modification time of a shard: a saved part is reused only for the same."""
     if fs.is_url(path):
         import tensorflow as tf
 
@@ -541,12 +542,14 @@ def _shard_stamp(path: str) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
-def _part_path(out_dir: str, shard_file: str) -> str:
+def part_path(out_dir: str, shard_file: str) -> str:
+    """Where the embedding of one shard is kept until the tables are written (resume)."""
     return fs.join(out_dir, PARTS_DIR, shard_file + ".npz")
 
 
-def _save_part(path: str, model_id: str, stamp: str, keys: pd.DataFrame, values: np.ndarray,
-               skipped: list[dict]) -> None:
+def save_part(path: str, model_id: str, stamp: str, keys: pd.DataFrame, values: np.ndarray,
+              skipped: list[dict]) -> None:
+    """Writes one shard's keys, values and skipped records atomically (see `load_part`)."""
     arrays: dict[str, np.ndarray] = {
         "meta": np.asarray([json.dumps({"model_id": model_id, "stamp": stamp,
                                         "skipped": skipped})]),
@@ -561,7 +564,7 @@ def _save_part(path: str, model_id: str, stamp: str, keys: pd.DataFrame, values:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_part(path: str, model_id: str, stamp: str):
+def load_part(path: str, model_id: str, stamp: str):
     """A saved part if it exists and matches the model and shard, else None."""
     if not fs.exists(path):
         return None
@@ -685,7 +688,13 @@ def with_manifest(keys: pd.DataFrame, manifest: pd.DataFrame | None,
 
 
 # --------------------------------------------------------------------------- driver
-def _selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
+def selected_shards(records_dir: str, splits: Sequence[str]) -> list[dict]:
+    """The index's shards of `splits` (all when empty), in split and shard order.
+
+    Raises:
+      EmbedError: a requested split without shards, no shards, or a listed shard that is
+        not on disk (naming it).
+    """
     index = load_index(records_dir)
     shards = sorted(index["shards"], key=lambda s: (s["split"], s["index"]))
     have = sorted({s["split"] for s in shards})
@@ -748,7 +757,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None,
       ish_tf.data.records.RecordsError: no or unreadable index.
     """
     config = config.validate()
-    shards = _selected_shards(config.records_dir, config.splits)
+    shards = selected_shards(config.records_dir, config.splits)
     served = ServedModel(config.saved_model, config.signature, config.output,
                          allow_foreign=config.allow_foreign_saved_model)
     note_size_mismatch(config.records_dir, served.metadata)
@@ -761,9 +770,9 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None,
     with Progress(total or None, desc=desc, enabled=progress, unit="records") as bar:
         for s in shards:
             path = fs.join(config.records_dir, s["file"])
-            part = _part_path(config.out_dir, s["file"])
-            stamp = _shard_stamp(path)
-            loaded = _load_part(part, served.model_id, stamp)
+            part = part_path(config.out_dir, s["file"])
+            stamp = shard_stamp(path)
+            loaded = load_part(part, served.model_id, stamp)
             if loaded is not None:
                 reused += 1
                 bar.update(int(s.get("num_records", 0)))
@@ -775,7 +784,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None,
                                      skip_corrupt=config.skip_corrupt)
                 seconds += time.perf_counter() - start
                 embedded += len(loaded[0])
-                _save_part(part, served.model_id, stamp, *loaded)
+                save_part(part, served.model_id, stamp, *loaded)
             keys, values, bad = loaded
             if len(keys):
                 all_keys.append(keys)
@@ -848,7 +857,7 @@ def embed_records(config: EmbedConfig, *, progress: bool | None = None,
                       json.dumps(summary, indent=1, sort_keys=True) + "\n")
     # The tables are complete: the resume cache would only double the disk use.
     for s in shards:
-        part = _part_path(config.out_dir, s["file"])
+        part = part_path(config.out_dir, s["file"])
         fs.remove(part)
     parts_dir = fs.join(config.out_dir, PARTS_DIR)
     if fs.isdir(parts_dir) and not fs.listdir(parts_dir):

@@ -40,7 +40,7 @@ def _dofn(config: E.EmbedConfig):
 
         def process(self, shard: dict):
             path = fs.join(config.records_dir, shard["file"])
-            stamp = E._shard_stamp(path)
+            stamp = E.shard_stamp(path)
             expected = shard.get("num_records")
             start = time.perf_counter()
             keys, values, skipped = E.embed_shard(
@@ -48,7 +48,7 @@ def _dofn(config: E.EmbedConfig):
                 expected=None if expected is None else int(expected),
                 skip_corrupt=config.skip_corrupt)
             seconds = time.perf_counter() - start
-            E._save_part(E._part_path(config.out_dir, shard["file"]), self.served.model_id,
+            E.save_part(E.part_path(config.out_dir, shard["file"]), self.served.model_id,
                          stamp, keys, values, skipped)
             yield {"file": shard["file"], "patches": len(keys), "seconds": seconds}
 
@@ -79,20 +79,20 @@ def embed_records_beam(config: E.EmbedConfig, beam_options: str | Sequence[str] 
     Raises:
       EmbedError: as `embed_records`; a shard's error (a corrupt or short shard) names it.
     """
-    from ish_tf.data.beam_extract import _import_beam, pipeline_options, quiet_beam_logs
+    from ish_tf.data.beam_extract import import_beam, pipeline_options, quiet_beam_logs
 
     try:
-        beam = _import_beam()
+        beam = import_beam()
     except ValueError as e:
         raise E.EmbedError(str(e)) from None
     config.validate()
-    shards = E._selected_shards(config.records_dir, config.splits)
+    shards = E.selected_shards(config.records_dir, config.splits)
     served = E.ServedModel(config.saved_model, config.signature, config.output,
                            allow_foreign=config.allow_foreign_saved_model)
     fs.makedirs(fs.join(config.out_dir, E.PARTS_DIR))
-    pending = [s for s in shards if E._load_part(
-        E._part_path(config.out_dir, s["file"]), served.model_id,
-        E._shard_stamp(fs.join(config.records_dir, s["file"]))) is None]
+    pending = [s for s in shards if E.load_part(
+        E.part_path(config.out_dir, s["file"]), served.model_id,
+        E.shard_stamp(fs.join(config.records_dir, s["file"]))) is None]
     del served  # the workers load their own
     try:
         runner, options = pipeline_options(beam_options, 1)

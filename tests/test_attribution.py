@@ -129,7 +129,7 @@ def test_bin_attribute_and_the_report_maps(triplet, tmp_path, monkeypatch, capsy
     from ish_tf.evaluate import figures
 
     encoded = {(1, k): (tmp_path / f"p{k % 2}.png").read_bytes() for k in range(4)}
-    monkeypatch.setattr(figures, "_read_patches",
+    monkeypatch.setattr(figures, "read_patches",
                         lambda records_dir, gene, wanted: {w: encoded[w] for w in wanted})
     table = from_frame(pd.DataFrame({"image_id": [1] * 4, "patch_index": range(4),
                                      "gene_symbol": ["G"] * 4, "0": [0.1, 0.4, 0.3, 0.2],

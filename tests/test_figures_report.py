@@ -129,7 +129,7 @@ def test_extreme_patches_reads_back_records(tmp_path):
     out = str(tmp_path / "records")
     table, encoded = _write_records(out)
     wanted = {(0, 1), (2, 0)}
-    assert figures._read_patches(out, "A", wanted) == {k: encoded[k] for k in wanted}
+    assert figures.read_patches(out, "A", wanted) == {k: encoded[k] for k in wanted}
     path = str(tmp_path / "extreme.png")
     caption = figures.plot_extreme_patches(out, table, "A", 0, path, k=2)
     _png_ok(path)

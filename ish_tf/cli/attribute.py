@@ -67,7 +67,7 @@ def _load_images(fv, size: tuple[int, int]):
             encoded.append(f.read())
         labels.append(os.path.basename(path))
     if fv.patches:
-        from ish_tf.evaluate.figures import _read_patches
+        from ish_tf.evaluate.figures import read_patches
 
         wanted = []
         for item in config.parse_list(fv.patches):
@@ -75,7 +75,7 @@ def _load_images(fv, size: tuple[int, int]):
             if not sep or not image_id.strip().isdigit() or not index.strip().isdigit():
                 raise ValueError(f"--patches item {item!r} must be image_id/patch_index")
             wanted.append((int(image_id), int(index)))
-        found = _read_patches(fv.records_dir, fv.gene, set(wanted))
+        found = read_patches(fv.records_dir, fv.gene, set(wanted))
         missing = [w for w in wanted if w not in found]
         if missing:
             raise ValueError(f"{fv.records_dir}: patch(es) "

@@ -339,7 +339,7 @@ def run_extract_beam(cfg: P.ExtractConfig, beam_options: str | Sequence[str] = (
         return _run(cfg, beam_options)
 
 
-def _import_beam():
+def import_beam():
     """apache_beam, or a clear error naming the extra to install."""
     try:
         import apache_beam as beam
@@ -350,7 +350,7 @@ def _import_beam():
 
 
 def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
-    beam = _import_beam()
+    beam = import_beam()
 
     from ish_tf.data import shards
 

@@ -287,7 +287,7 @@ def plot_reid_bars(reid_df: pd.DataFrame, path: str, column: str = "rank1") -> s
 
 
 # --------------------------------------------------------------------------- patches
-def _read_patches(records_dir: str, gene: str, wanted: set[tuple[int, int]]) -> dict:
+def read_patches(records_dir: str, gene: str, wanted: set[tuple[int, int]]) -> dict:
     """(image_id, patch_index) -> encoded bytes for the wanted patches of one gene.
 
     Uses each shard's (offset, count) of the gene from the index when present, so
@@ -368,7 +368,7 @@ def plot_extreme_patches(records_dir: str, patch_table: EmbeddingTable, gene: st
     ids = keys["image_id"].to_numpy()
     pidx = keys["patch_index"].to_numpy()
     wanted = {(int(ids[r]), int(pidx[r])) for r in np.concatenate([top, bottom])}
-    found = _read_patches(records_dir, gene, wanted)
+    found = read_patches(records_dir, gene, wanted)
     if not found:
         raise FigureError(f"{records_dir}: none of the {len(wanted)} chosen patches of {gene!r} "
                           "is in the records (do the embeddings come from these records?)")

@@ -37,7 +37,7 @@ HYPERBAND_EPOCHS = "tuner/epochs"
 HYPERBAND_PREVIOUS = "tuner/trial_id"
 
 
-def _choice(hp: keras_tuner.HyperParameters, name: str, values) -> Any:
+def hp_choice(hp: keras_tuner.HyperParameters, name: str, values) -> Any:
     """hp.Fixed for one value, hp.Boolean for {True, False}, hp.Choice otherwise."""
     values = list(dict.fromkeys(values))  # unique, order kept (grid order)
     if len(values) == 1:
@@ -85,10 +85,10 @@ class FamilyHyperModel(keras_tuner.HyperModel):
     def declare_hyperparameters(self, hp: keras_tuner.HyperParameters) -> None:
         """Declares the family's search space (see the subclasses)."""
         space = self.tune_config.space
-        _choice(hp, "learning_rate", space.learning_rate)
-        _choice(hp, "flips", space.flips)
+        hp_choice(hp, "learning_rate", space.learning_rate)
+        hp_choice(hp, "flips", space.flips)
         if not self.hyperband:
-            _choice(hp, "steps", space.steps)
+            hp_choice(hp, "steps", space.steps)
 
     def build(self, hp: keras_tuner.HyperParameters):
         """The trial's Keras model (untrained), built by the family's builder."""

@@ -35,13 +35,14 @@ WELL_KEY = "well"
 STATS_NAME = "channel_stats.csv"  # ish_tf.data.plate_norm's table, written at extraction
 
 
-def _schema_has(key: str) -> bool:
+def schema_has(key: str) -> bool:
+    """Whether the fluorescence record schema defines `key` (required or optional)."""
     return key in records.FEATURE_KEYS or key in getattr(records, "OPTIONAL_KEYS", ())
 
 
 def has_plate_feature() -> bool:
     """Whether the record schema carries a plate (the RxRx1 records do)."""
-    return _schema_has(PLATE_KEY)
+    return schema_has(PLATE_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class PlateStats:
 def _meta_keys(spec: InputSpec) -> list[str]:
     keys = [*records.image_keys(spec), "image_id", records.IDENTITY_INDEX_KEY,
             records.GROUP_KEY]
-    keys += [k for k in (PLATE_KEY, WELL_KEY) if _schema_has(k)]
+    keys += [k for k in (PLATE_KEY, WELL_KEY) if schema_has(k)]
     return keys
 
 
@@ -270,7 +271,7 @@ def evaluation_sites(records_dir: str, split: str, pipeline: SitePipeline,
         meta = {"image_id": feats["image_id"],
                 "label": tf.cast(feats[records.IDENTITY_INDEX_KEY], tf.int32),
                 "experiment": feats[records.GROUP_KEY], "plate": _plate_string(feats),
-                "well": feats[WELL_KEY] if _schema_has(WELL_KEY) else tf.constant("")}
+                "well": feats[WELL_KEY] if schema_has(WELL_KEY) else tf.constant("")}
         return image, meta
 
     ds = _raw_reader(records_dir, [split], spec)

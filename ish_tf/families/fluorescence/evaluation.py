@@ -223,10 +223,10 @@ def plate_labels(records_dir: str, split: str) -> pd.DataFrame:
 
     from ish_tf.data import records, shards
     from ish_tf.data.pipeline import list_shards
-    from ish_tf.families.fluorescence.data import PLATE_KEY, WELL_KEY, _schema_has
+    from ish_tf.families.fluorescence.data import PLATE_KEY, WELL_KEY, schema_has
 
     keys = [records.IDENTITY_INDEX_KEY, records.GROUP_KEY]
-    keys += [k for k in (PLATE_KEY, WELL_KEY) if _schema_has(k)]
+    keys += [k for k in (PLATE_KEY, WELL_KEY) if schema_has(k)]
     files = list_shards(records_dir, split)
     ds = tf.data.TFRecordDataset(files, compression_type=shards.compression_of(files[0]) or "")
     rows = []

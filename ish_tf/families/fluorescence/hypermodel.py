@@ -17,7 +17,7 @@ import keras_tuner
 
 from ish_tf.families import ModelConfig
 from ish_tf.train import TrainConfig
-from ish_tf.tune.hypermodels import FamilyHyperModel, _choice
+from ish_tf.tune.hypermodels import FamilyHyperModel, hp_choice
 
 HEAD_SPACE: dict[str, tuple] = {
     "head": ("arcface", "softmax"),
@@ -46,7 +46,7 @@ class FluorescenceHyperModel(FamilyHyperModel):
         """The shared learning rate, flips, steps, then the family's space."""
         super().declare_hyperparameters(hp)
         for name, values in self._space().items():
-            _choice(hp, name, values)
+            hp_choice(hp, name, values)
 
     def family_overrides(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """`FluorescenceConfig` fields of the trial."""

@@ -12,7 +12,7 @@ import numpy as np
 from ish_tf.families import ModelConfig
 from ish_tf.train import TrainConfig
 from ish_tf.tune import TuneError
-from ish_tf.tune.hypermodels import FamilyHyperModel, _choice
+from ish_tf.tune.hypermodels import FamilyHyperModel, hp_choice
 
 
 class TripletHyperModel(FamilyHyperModel):
@@ -30,13 +30,13 @@ class TripletHyperModel(FamilyHyperModel):
     def declare_hyperparameters(self, hp: keras_tuner.HyperParameters) -> None:
         """flips, P, margin, learning_rate, metric and (not with hyperband) steps."""
         space = self.tune_config.space
-        _choice(hp, "flips", space.flips)
-        _choice(hp, "P", space.P)
-        _choice(hp, "margin", space.margin)
-        _choice(hp, "learning_rate", space.learning_rate)
-        _choice(hp, "metric", space.metric)
+        hp_choice(hp, "flips", space.flips)
+        hp_choice(hp, "P", space.P)
+        hp_choice(hp, "margin", space.margin)
+        hp_choice(hp, "learning_rate", space.learning_rate)
+        hp_choice(hp, "metric", space.metric)
         if not self.hyperband:
-            _choice(hp, "steps", space.steps)
+            hp_choice(hp, "steps", space.steps)
 
     def family_overrides(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """P, K = batch_images // P, margin and metric (`TripletConfig` fields)."""
