@@ -319,6 +319,10 @@ def test_records_round_trip_splits_and_stats(ingested, extracted):
     assert x.shape == (4, 16, 16, 6) and (y.numpy() >= 0).all()
     x, y = next(iter(pk_dataset(cfg.out_dir, "train", P=2, K=2)))
     assert x.shape == (4, 16, 16, 6) and y.numpy()[0] == y.numpy()[1]
+    # The test experiments' sites are unlabelled (no siRNA): P×K batches of them would
+    # group unrelated wells under one empty identity, so the reader refuses, saying why.
+    with pytest.raises(records.RecordsError, match="unlabelled"):
+        pk_dataset(cfg.out_dir, "test", P=2, K=2)
 
     # Resuming keeps every shard; another plan in the same folder is refused.
     before = {f: os.path.getmtime(os.path.join(cfg.out_dir, f)) for f in os.listdir(cfg.out_dir)

@@ -562,8 +562,8 @@ def gene_extents(out_dir: str, split: str) -> list[GeneExtent]:
       One `GeneExtent` per gene (absolute file paths); genes with no records are left out.
 
     Raises:
-      RecordsError: the split has no completed shard, or a gene is missing from the
-        vocabulary.
+      RecordsError: the split has no completed shard, unlabelled records (an empty
+        identity, e.g. RxRx1 test wells), or a gene is missing from the vocabulary.
     """
     index = load_index(out_dir)
     shards = [s for s in index["shards"] if s["split"] == split]
@@ -576,6 +576,13 @@ def gene_extents(out_dir: str, split: str) -> list[GeneExtent]:
         for g, n in s["genes"].items():
             if n <= 0:
                 continue
+            if g == "":
+                identity = (index.get("dataset") or {}).get("identity_name") or "gene"
+                raise RecordsError(
+                    f"{out_dir}: split '{split}': shard {s['file']} holds {n} unlabelled "
+                    f"records (no {identity}); grouping by {identity} (P×K batches) needs "
+                    "labelled records: train P×K on a labelled split, or read this one with "
+                    "the plain reader (patch_dataset)")
             if g not in vocab:
                 raise RecordsError(f"{index_path(out_dir)}: gene '{g}' of shard {s['file']} "
                                    "is not in the dataset's gene vocabulary")
