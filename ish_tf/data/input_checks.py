@@ -100,26 +100,11 @@ def _image_bytes_ok(encoded: tf.Tensor, spec: InputSpec) -> tuple[tf.Tensor, str
     return ok, "image/encoded is neither a JPEG nor a PNG image (non-image bytes)"
 
 
-def checked_image_bytes(feats: dict, spec: InputSpec, where: tf.Tensor) -> dict:
-    """Parsed features whose image bytes are checked to be what the set holds before
-    they are decoded, so a record of non-image bytes fails naming `where` (its shard and
-    number) instead of with a bare decoder error."""
-    if spec.kind != "image":
-        return feats
-    encoded = feats["image/encoded"]
-    checked = _image_bytes_ok(encoded, spec)
-    if checked is None:
-        return feats
-    ok, what = checked
-    check = tf.debugging.Assert(ok, [where, what])
-    with tf.control_dependencies([check]):
-        return dict(feats, **{"image/encoded": tf.identity(encoded)})
-
-
 def checked_image_bytes_batch(feats: dict, spec: InputSpec, where_of) -> dict:
-    """`checked_image_bytes` for a batch of parsed records (`tf.io.parse_example`): one
-    check for the whole batch, and the name of the first bad record built only for the
-    message.
+    """Parsed records (`tf.io.parse_example`) whose image bytes are checked to be what the
+    set holds before they are decoded, so a record of non-image bytes fails naming its
+    shard and number instead of with a bare decoder error: one check for the whole
+    batch, and the name of the first bad record built only for the message.
 
     Args:
       feats: batched features, `image/encoded` of shape (B,).
@@ -134,7 +119,7 @@ def checked_image_bytes_batch(feats: dict, spec: InputSpec, where_of) -> dict:
     if checked is None:
         return feats
     ok, what = checked
-    # The same message as the per-record check: "[SHARD: record N] [what]".
+    # The message reads "[SHARD: record N] [what]" (parsed back by describe_input_error).
     first_bad = tf.argmin(tf.cast(ok, tf.int32), output_type=tf.int64)
     check = tf.debugging.Assert(tf.reduce_all(ok), [where_of(first_bad), what])
     with tf.control_dependencies([check]):
@@ -188,7 +173,7 @@ def describe_input_error(error: tf.errors.OpError, records_dir: str | None = Non
     found = re.search(r"RecordsError: ([^\n]*)", text)  # the P×K reader's checks
     if found:
         return found.group(1)
-    found = re.search(r"assertion failed: \[([^\n]*?)\] \[([^\n]*?)\]", text)  # `checked_image_bytes`
+    found = re.search(r"assertion failed: \[([^\n]*?)\] \[([^\n]*?)\]", text)  # `checked_image_bytes_batch`
     if found:
         return f"{found.group(1)}: {found.group(2)}"
     if isinstance(error, tf.errors.DataLossError) and records_dir and split:

@@ -718,16 +718,8 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
             fs.makedirs(out)
         except OSError as e:
             raise _write_error(e, out) from e
-        try:
+        with _write_errors_named(out):
             yield
-        except OSError as e:
-            raise _write_error(e, out) from e
-        except Exception as e:
-            tf = sys.modules.get("tensorflow")
-            if tf is not None and isinstance(e, tf.errors.OpError):  # gfile's, TFRecordWriter's
-                raise ExtractError(f"{out}: cannot write ({e.message}); check that it is "
-                                   "writable, then rerun to resume") from e
-            raise
         return
     lock_path = os.path.join(out, LOCK_NAME)
     try:
@@ -742,7 +734,7 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
             raise ExtractError(
                 f"{out}: another extract is writing there (it holds {lock_path}); wait for "
                 "it to finish, or write to another --out") from None
-        try:
+        with _write_errors_named(out):
             yield
             # The run is over and holds OUT: its lock files go (the index's, then, just
             # before the lock is released, its own), so a finished OUT has none left.
@@ -751,16 +743,24 @@ def exclusive_out_dir(out: str) -> Iterator[None]:
             shards.remove_index_lock(out)
             with contextlib.suppress(OSError):
                 os.remove(lock_path)
-        except OSError as e:
-            raise _write_error(e, out) from e
-        except Exception as e:
-            tf = sys.modules.get("tensorflow")
-            if tf is not None and isinstance(e, tf.errors.OpError):  # TFRecordWriter's
-                raise ExtractError(f"{out}: cannot write a shard ({e.message}); check that it "
-                                   "is writable and its disk has space, then rerun to resume") from e
-            raise
     finally:
         lock.close()  # releases the lock
+
+
+@contextlib.contextmanager
+def _write_errors_named(out: str):
+    """Turns write errors inside the block into ExtractErrors naming the file (OSError) or
+    OUT (TensorFlow's gfile and TFRecordWriter errors); anything else passes."""
+    try:
+        yield
+    except OSError as e:
+        raise _write_error(e, out) from e
+    except Exception as e:
+        tf = sys.modules.get("tensorflow")
+        if tf is None or not isinstance(e, tf.errors.OpError):
+            raise
+        raise ExtractError(f"{out}: cannot write ({e.message}); check that it is writable "
+                           "and has space, then rerun to resume") from e
 
 
 def _write_error(e: OSError, out: str) -> ExtractError:
