@@ -49,7 +49,7 @@ def _dofn(config: E.EmbedConfig):
                 skip_corrupt=config.skip_corrupt)
             seconds = time.perf_counter() - start
             E.save_part(E.part_path(config.out_dir, shard["file"]), self.served.model_id,
-                         stamp, keys, values, skipped)
+                        stamp, keys, values, skipped)
             yield {"file": shard["file"], "patches": len(keys), "seconds": seconds}
 
     return _EmbedShard()

@@ -224,8 +224,9 @@ def _flip_and_cast(images: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
 
 def _prepare_batch(payload: tf.Tensor, spec: InputSpec, flips: tf.Tensor | None,
                    standardize: bool) -> tf.Tensor:
-    """`_prepare` for a batch: images flipped as `flips` (B, 2) says, float32, optionally
-    standardised per image; the same values as `augment`."""
+    """A decoded batch as the readers return it: images flipped as `flips` (B, 2) says,
+    float32, optionally standardised per image (the same values as `augment`); vectors
+    as float32."""
     if spec.kind == "vector":
         return tf.cast(payload, tf.float32)
     images = (tf.cast(payload, tf.float32) if flips is None
