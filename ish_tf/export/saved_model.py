@@ -474,7 +474,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
         count, rank 2 -> vectors), with the stored dtype of the family's registered
         spec when it has the same kind and channels (else uint8).
       metadata: extra JSON-serialisable facts stored in the sidecar under "extra".
-      class_names: class names (classifier families), stored in the sidecar.
+      class_names: class names (classifier families), stored in the sidecar; as many as
+        the `probabilities` output has columns.
       flagfile: a flagfile (e.g. RUN/flags.cfg) copied to `assets.extra/flags.cfg`
         and parsed into the sidecar's "flags"; None or a missing file: no flags.
       version: the version number; None = newest + 1 (1 for the first).
@@ -499,7 +500,8 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
       The version directory, `export_base/<version>`.
 
     Raises:
-      ExportError: unknown family, output names that do not fit the model, a model
+      ExportError: unknown family, output names that do not fit the model, class names
+        that do not fit the `probabilities` output, a model
         input that is neither (H, W, C) nor (D,) with static sizes, an input spec that
         disagrees with the model, or an existing explicit version.
     """
@@ -511,6 +513,12 @@ def export_saved_model(model, export_base: str, *, family: str = "triplet",
     if not output_map and len(names) != _model_output_count(model):
         raise ExportError(f"model {model.name!r} has {_model_output_count(model)} output(s) but "
                           f"family {family!r} names {len(names)}: {names}")
+    model_outputs = getattr(model, "outputs", None)
+    if class_names is not None and not output_map and "probabilities" in names and model_outputs:
+        width = model_outputs[names.index("probabilities")].shape[-1]
+        if width is not None and int(width) != len(class_names):
+            raise ExportError(f"model {model.name!r}: {int(width)} class probabilities but "
+                              f"{len(class_names)} class names")
     if version is not None and version < 0:
         raise ExportError(f"version must be a non-negative integer, got {version}")
     if serving_resize not in SERVING_RESIZE:
@@ -884,15 +892,6 @@ def export_run(model_dir: str, export_base: str, *, family: str | None = None,
     model = load_keras_file(model_path, run_dir)
     if class_names is None:
         class_names = _stored_class_names(family, extra.get("model_config"))
-    if class_names is not None and family in family_names():
-        outputs = get_family(family).outputs
-        model_outputs = list(getattr(model, "outputs", None) or [])
-        if "probabilities" in outputs and len(model_outputs) == len(outputs):
-            width = model_outputs[outputs.index("probabilities")].shape[-1]
-            if width is not None and int(width) != len(class_names):
-                raise ExportError(f"{model_path}: {int(width)} class probabilities but "
-                                  f"{len(class_names)} class names "
-                                  f"({config_path if os.path.isfile(config_path) else 'given'})")
     transform = None
     if family in family_names() and get_family(family).export_transform:
         from ish_tf.families import resolve_ref
