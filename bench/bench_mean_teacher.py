@@ -7,9 +7,14 @@ assignment), scored on the held-out experiments (wells, 27 classes):
   1. no normalisation (pixels / 255), softmax head, supervised
   2. + per-plate normalisation
   3. + ArcFace head (s = 30, m = 0.1)                 = the quickstart's supervised model
-  4. + mean teacher (fine-tuned from 3)               = the quickstart's mean teacher
-  5. + plate-aware assignment (4's probabilities)
-  and a control: 3 fine-tuned for 4's steps without a teacher (is 4's gain just more steps?).
+  4. + mean teacher (fine-tuned from 3), DeepNoise's argmax pseudo-labels at weight 0.05
+  5. + pseudo-labels from the teacher's plate-aware assignment (weight 1, every 50 steps)
+                                                      = the quickstart's mean teacher
+  6. + plate-aware assignment (5's probabilities)
+  and controls: 3 fine-tuned for 4's steps without a teacher (is a gain just more steps?);
+  3 fine-tuned on fixed pseudo-labels (3's plate assignment, made once) without the
+  consistency term (does the teacher add anything beyond the pseudo-labels?); 3 + plate
+  assignment (does training add anything beyond post-processing?).
 
 The baseline is in the same script (row 1, and chance). Usage:
 
@@ -63,7 +68,14 @@ def main() -> int:
         "raw_softmax": [sup, "--fluorescence_normalization=none", "--fluorescence_head=softmax"],
         "plate_softmax": [sup, "--fluorescence_head=softmax"],
         "plate_arcface": [sup],
+        "mean_teacher_argmax": [mt, f"--fluorescence_init_from={run('plate_arcface')}/model.keras",
+                                "--fluorescence_pseudo_labels=argmax",
+                                "--fluorescence_pseudo_label_weight=0.05"],
         "mean_teacher": [mt, f"--fluorescence_init_from={run('plate_arcface')}/model.keras"],
+        # The pseudo-labels alone: assigned once from the starting model, no consistency.
+        "fixed_pseudo_labels": [mt, f"--fluorescence_init_from={run('plate_arcface')}/model.keras",
+                                "--fluorescence_pseudo_label_every=0",
+                                "--fluorescence_consistency_weight=0"],
         # The control: the same start and steps as the mean teacher, without the teacher.
         "plate_arcface_more": [sup, f"--fluorescence_init_from={run('plate_arcface')}/model.keras",
                                *same_aug],
@@ -82,23 +94,30 @@ def main() -> int:
         mc = load_model_config(os.path.join(run(name), "model_config.json"))
         pipeline = make_pipeline(records, mc.family.normalization, 0.0, mc.input_size)
         files = [("", "model.keras")] + ([("student:", "student.keras")]
-                                         if name == "mean_teacher" else [])
+                                         if name.startswith("mean_teacher") else [])
         for prefix, file in files:
             model = keras.saving.load_model(os.path.join(run(name), file), compile=False)
             scores[prefix + name] = {
                 split: evaluate_split(lambda x, m=model: m(x, training=False), records, split,
                                       pipeline, groups)
                 for split in ("test", "validation")}
-    seconds["student:mean_teacher"] = seconds["mean_teacher"]
+    for name in ("mean_teacher", "mean_teacher_argmax"):
+        seconds["student:" + name] = seconds[name]
 
     rows = [("no normalisation, softmax (baseline)", "raw_softmax", "accuracy"),
             ("+ per-plate normalisation", "plate_softmax", "accuracy"),
             ("+ ArcFace (s=30, m=0.1)", "plate_arcface", "accuracy"),
-            ("+ mean teacher (the EMA teacher, exported)", "mean_teacher", "accuracy"),
+            ("+ mean teacher, argmax pseudo-labels x 0.05 (the EMA teacher, exported)",
+             "mean_teacher_argmax", "accuracy"),
+            ("  (its student)", "student:mean_teacher_argmax", "accuracy"),
+            ("+ plate-assignment pseudo-labels x 1 (quickstart; the teacher, exported)",
+             "mean_teacher", "accuracy"),
             ("  (its student)", "student:mean_teacher", "accuracy"),
             ("+ plate-aware assignment", "mean_teacher", "plate_assignment_accuracy"),
             ("control: 3 fine-tuned supervised as long as 4, same augmentation",
              "plate_arcface_more", "accuracy"),
+            ("control: 3 fine-tuned on fixed pseudo-labels (3's assignment), no consistency",
+             "fixed_pseudo_labels", "accuracy"),
             ("control: ArcFace supervised + plate assignment", "plate_arcface",
              "plate_assignment_accuracy")]
     print("| component | test accuracy | validation accuracy | test rank-1 across experiments |"

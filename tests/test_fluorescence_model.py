@@ -144,3 +144,9 @@ def test_hypermodel_space_and_trial_configs(tmp_path):
         "softmax", 16.0, 0.2, 10.0, 0.0)
     assert tc.learning_rate == 3e-4
     assert hm.flag_overrides(values)["fluorescence_consistency_weight"] == 10.0
+    # Plate-assignment pseudo-labels need a weight: 0 is not offered.
+    hm = make_hypermodel(ModelConfig("mean_teacher", input_size=16, family=FluorescenceConfig(
+        pseudo_labels="plate_assignment")), base, tune)
+    hp = keras_tuner.HyperParameters()
+    hm.declare_hyperparameters(hp)
+    assert hp.space[[p.name for p in hp.space].index("pseudo_label_weight")].values == [1.0, 0.3]

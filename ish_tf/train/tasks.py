@@ -92,6 +92,9 @@ class Task(abc.ABC):
       metrics.csv logs its learning rate.
     - `checkpoint_items()`: {name: trackable} saved and restored with the model,
       optimizer and step (e.g. `{"teacher": self.teacher}`), so resuming is exact.
+    - `before_step(step)`: eagerly, between steps, on every worker, before the batch of
+      global step `step` is used (also the first step of a resumed run); for work on
+      the whole data set that the step reads through variables (pseudo-labels).
     - `after_apply()`: in the replica context, on every replica, right after each
       `optimizer.apply` (also after a float16 step that the loss scaling skipped).
       Update variables through the strategy, e.g. `ish_tf.train.ema.ema_update(
@@ -180,6 +183,17 @@ class Task(abc.ABC):
         Returns:
           A Keras optimizer (not yet built, not wrapped for loss scaling), or None:
           Adam with `HoldThenExponentialDecay` over `train_config`.
+        """
+        return None
+
+    def before_step(self, step: int) -> None:
+        """Called eagerly before global step `step` (steps completed so far).
+
+        Outside the compiled step and the replica context, on every worker (so it must
+        be a deterministic function of the variables and the data), after the
+        checkpoint is restored. The batch of the step may already have been read:
+        change what the step computes through variables (assigned here, in the
+        cross-replica context), never through the dataset.
         """
         return None
 

@@ -522,6 +522,7 @@ def train(task: Task, config: TrainConfig, *, strategy: tf.distribute.Strategy |
     try:
         iterator = iter(dataset)
         while current < end_step:
+            task.before_step(current)
             batch = next_batch()
             # Images at the start and at every checkpoint, so predictions (U-Net masks,
             # ISH CNN classes) can be watched improving.

@@ -18,6 +18,7 @@ BACKBONES = ("small_cnn", "resnet50", "xception")
 HEADS = ("arcface", "softmax")
 NORMALIZATIONS = ("plate", "experiment", "none")
 TEACHER_BN = ("ema", "student")
+PSEUDO_LABELS = ("argmax", "plate_assignment")
 
 
 @dataclasses.dataclass
@@ -70,6 +71,15 @@ class FluorescenceConfig:
     pseudo_label_weight: float = setting(0.05, "--model=mean_teacher: weight of the "
                                          "cross-entropy to the teacher's argmax on "
                                          "unlabelled sites (0: off).", lower=0.0)
+    pseudo_labels: str = setting("argmax", "--model=mean_teacher: the pseudo-label of an "
+                                 "unlabelled site: argmax (the teacher's argmax on the batch) "
+                                 "or plate_assignment (the teacher's plate-aware assignment of "
+                                 "every unlabelled well, recomputed every "
+                                 "--fluorescence_pseudo_label_every steps).",
+                                 choices=PSEUDO_LABELS)
+    pseudo_label_every: int = setting(50, "--model=mean_teacher with plate_assignment "
+                                      "pseudo-labels: steps between two assignments (0: "
+                                      "once, from the starting teacher).", lower=0)
     teacher_batch_norm: str = setting("ema", "--model=mean_teacher: the teacher's batch-norm "
                                       "moving statistics: ema (averaged like the weights) or "
                                       "student (copied from the student each step).",
@@ -109,6 +119,12 @@ class FluorescenceConfig:
                              f"got {self.normalization!r}")
         if self.teacher_batch_norm not in TEACHER_BN:
             raise ValueError(f"--fluorescence_teacher_batch_norm must be one of {TEACHER_BN}")
+        if self.pseudo_labels not in PSEUDO_LABELS:
+            raise ValueError(f"--fluorescence_pseudo_labels must be one of {PSEUDO_LABELS}, "
+                             f"got {self.pseudo_labels!r}")
+        if self.pseudo_label_every < 0:
+            raise ValueError(f"--fluorescence_pseudo_label_every must be >= 0, got "
+                             f"{self.pseudo_label_every}")
         if self.channels < 1 or self.batch_size < 1 or self.unlabelled_batch_size < 0:
             raise ValueError("--fluorescence_channels and --fluorescence_batch_size must be "
                              ">= 1, --fluorescence_unlabelled_batch_size >= 0")

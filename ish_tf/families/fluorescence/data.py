@@ -212,7 +212,8 @@ def dihedral(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def training_sites(records_dir: str, split: str, pipeline: SitePipeline, *, batch_size: int,
                    seed: int, views: int = 1, unlabelled: bool = False,
                    input_context: tf.distribute.InputContext | None = None,
-                   start_step: int = 0, augment: bool = True) -> tf.data.Dataset:
+                   start_step: int = 0, augment: bool = True,
+                   slots: Sequence[int] | None = None) -> tf.data.Dataset:
     """An infinite, seeded stream of batches: (view_1, ..., view_V, labels int32 (b,)).
 
     Args:
@@ -222,6 +223,9 @@ def training_sites(records_dir: str, split: str, pipeline: SitePipeline, *, batc
       seed: seed of the order, the views and the jitter.
       views: differently augmented views of each site (1 supervised, 2 mean teacher).
       unlabelled: labels are -1 (the split's identities are never read).
+      slots: with `unlabelled`, image ids whose sites carry their position k in this
+        list as the label -2 - k (a slot of a pseudo-label table: `unlabelled_slot`);
+        other sites keep -1.
       start_step: global batches to skip (resume).
       augment: dihedral augmentation and jitter.
     """
@@ -243,6 +247,11 @@ def training_sites(records_dir: str, split: str, pipeline: SitePipeline, *, batc
     ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
     ds = ds.skip(int(start_step) * per_pipeline * batch_size)
     salt = 7919 if unlabelled else 0
+    table = None
+    if unlabelled and slots is not None:
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant([int(k) for k in slots], tf.int64),
+            tf.range(len(slots), dtype=tf.int32)), -1)
 
     def parse(i, serialized):
         feats = records.parse_example(serialized, keys, "image")
@@ -252,12 +261,23 @@ def training_sites(records_dir: str, split: str, pipeline: SitePipeline, *, batc
             s = tf.stack([tf.cast(seed + salt, tf.int64), i * 4 + v])
             x = pipeline.normalise(image, feats, s if augment else None)
             out.append(dihedral(x, s + 1) if augment else x)
-        label = (tf.constant(-1, tf.int32) if unlabelled
-                 else tf.cast(feats[records.IDENTITY_INDEX_KEY], tf.int32))
+        if table is not None:
+            label = -2 - table.lookup(tf.cast(feats["image_id"], tf.int64))
+        elif unlabelled:
+            label = tf.constant(-1, tf.int32)
+        else:
+            label = tf.cast(feats[records.IDENTITY_INDEX_KEY], tf.int32)
         return (*out, label)
 
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def unlabelled_slot(labels: tf.Tensor) -> tf.Tensor:
+    """The pseudo-label slot k of labels -2 - k from `training_sites(slots=...)`; -1 for
+    labelled sites and unlabelled ones without a slot."""
+    labels = tf.cast(labels, tf.int32)
+    return tf.where(labels <= -2, -2 - labels, -1)
 
 
 def evaluation_sites(records_dir: str, split: str, pipeline: SitePipeline,

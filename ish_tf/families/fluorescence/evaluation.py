@@ -218,20 +218,22 @@ def evaluate_predictions(table: pd.DataFrame, probs: np.ndarray, embs: np.ndarra
 
 
 def plate_labels(records_dir: str, split: str) -> pd.DataFrame:
-    """(experiment, plate, well, label) of every site of a split, without decoding images."""
+    """(image_id, experiment, plate, well, label) of every site of a split, in file order,
+    without decoding images."""
     import tensorflow as tf
 
     from ish_tf.data import records, shards
     from ish_tf.data.pipeline import list_shards
     from ish_tf.families.fluorescence.data import PLATE_KEY, WELL_KEY, schema_has
 
-    keys = [records.IDENTITY_INDEX_KEY, records.GROUP_KEY]
+    keys = ["image_id", records.IDENTITY_INDEX_KEY, records.GROUP_KEY]
     keys += [k for k in (PLATE_KEY, WELL_KEY) if schema_has(k)]
     files = list_shards(records_dir, split)
     ds = tf.data.TFRecordDataset(files, compression_type=shards.compression_of(files[0]) or "")
     rows = []
     for feats in ds.map(lambda r: records.parse_example(r, keys, "image")).as_numpy_iterator():
-        rows.append({"experiment": feats[records.GROUP_KEY].decode(),
+        rows.append({"image_id": int(feats["image_id"]),
+                     "experiment": feats[records.GROUP_KEY].decode(),
                      "plate": str(feats.get(PLATE_KEY, "")),
                      "well": feats[WELL_KEY].decode() if WELL_KEY in feats else "",
                      "label": int(feats[records.IDENTITY_INDEX_KEY])})
@@ -242,6 +244,32 @@ def training_class_groups(records_dir: str, split: str = "train") -> list[np.nda
     """`class_groups` of the labelled plates of a split."""
     t = plate_labels(records_dir, split)
     return class_groups(t["label"].to_numpy(), (t["experiment"] + "/" + t["plate"]).to_numpy())
+
+
+def plate_pseudo_labels(predict: Callable, records_dir: str, split: str, pipeline,
+                        groups: Sequence[np.ndarray] | None) -> pd.DataFrame:
+    """Pseudo-labels of a split's sites from the plate-aware assignment of its wells.
+
+    The sites' probabilities (`predict_sites`) are averaged per well (`wells`), each
+    plate's wells are assigned to the classes of its best-supported group one-to-one
+    (`plate_assignment`), and every site takes its well's class. The split's own labels
+    are not used.
+
+    Returns:
+      (image_id, pseudo_label) of every site, in file order.
+    """
+    sites, probs, embs = predict_sites(predict, records_dir, split, pipeline)
+    table, p, _ = wells(sites.assign(label=-1), probs, embs)
+    plates = (table["experiment"].astype(str) + "/" + table["plate"].astype(str)).to_numpy()
+    assigned, _ = plate_assignment(p, plates, groups)
+    keys = ["experiment", "plate", "well"]
+    if "well" not in sites or (sites["well"].astype(str) == "").all():
+        per_site = assigned
+    else:
+        by_well = dict(zip(map(tuple, table[keys].astype(str).to_numpy()), assigned, strict=True))
+        per_site = np.array([by_well[k] for k in map(tuple, sites[keys].astype(str).to_numpy())])
+    return pd.DataFrame({"image_id": sites["image_id"].to_numpy().astype(np.int64),
+                         "pseudo_label": per_site.astype(np.int64)})
 
 
 def evaluate_split(predict: Callable, records_dir: str, split: str, pipeline,

@@ -3,7 +3,8 @@
 Besides the shared learning rate, flips and steps (`--tune_*`), the space (in code,
 `HEAD_SPACE` and `TEACHER_SPACE`) covers the head (ArcFace or softmax, ArcFace's s and
 m) and, for `--model=mean_teacher`, the consistency weight and the pseudo-label
-weight. The objective `val_accuracy` is the well accuracy of the model's own argmax on
+weight (`PLATE_PSEUDO_LABEL_WEIGHTS`, never 0, with plate-assignment pseudo-labels,
+which need a weight). The objective `val_accuracy` is the well accuracy of the model's own argmax on
 the validation split (labelled experiments held out by `bin/extract`); the
 plate-assigned accuracy is reported beside it, never optimised.
 """
@@ -28,6 +29,8 @@ TEACHER_SPACE: dict[str, tuple] = {
     "consistency_weight": (100.0, 10.0),
     "pseudo_label_weight": (0.05, 0.0),
 }
+#: The pseudo-label weights tried with `--fluorescence_pseudo_labels=plate_assignment`.
+PLATE_PSEUDO_LABEL_WEIGHTS = (1.0, 0.3)
 
 
 class FluorescenceHyperModel(FamilyHyperModel):
@@ -40,6 +43,8 @@ class FluorescenceHyperModel(FamilyHyperModel):
         space = dict(HEAD_SPACE)
         if self.model_config.model == "mean_teacher":
             space.update(TEACHER_SPACE)
+            if self.model_config.family.pseudo_labels == "plate_assignment":
+                space["pseudo_label_weight"] = PLATE_PSEUDO_LABEL_WEIGHTS
         return space
 
     def declare_hyperparameters(self, hp: keras_tuner.HyperParameters) -> None:

@@ -11,13 +11,19 @@ weights are the exponential moving average of the student's, updated after every
 optimizer step (`after_apply`, through the strategy: `ish_tf.train.ema.ema_update`)
 with a decay ramped by the global step (`ema_decays` from `ema_steps` on: 0.5 -> 0.9
 -> 0.99 -> 0.999). Each global batch holds `batch_size` labelled training sites and
-`unlabelled_batch_size` sites of `unlabelled_split` (held-out experiments; labels set
-to -1, never read). Student and teacher see differently augmented views (another
+`unlabelled_batch_size` sites of `unlabelled_split` (held-out experiments; labels never
+read: set to -1, or to -2 - k, the site's pseudo-label slot). Student and teacher see differently augmented views (another
 dihedral transform and normalisation jitter). Loss =
   cross-entropy (labelled sites, ArcFace margin)
   + w(t) * mean over sites and classes of (softmax(student) - softmax(teacher))^2
-  + pseudo_label_weight * cross-entropy to the teacher's argmax (unlabelled sites),
+  + pseudo_label_weight * cross-entropy to the unlabelled sites' pseudo-labels,
 with w(t) = consistency_weight * exp(-5 (1 - min(t, T)/T)^2), T = consistency_rampup.
+Pseudo-labels (`pseudo_labels`): "argmax", the teacher's argmax on the batch (DeepNoise's
+public code, weight 0.05); or "plate_assignment", the teacher's plate-aware assignment
+(`evaluation.plate_pseudo_labels`: wells of a plate assigned one-to-one to the classes
+of the plate's group) of every unlabelled site, recomputed in `before_step` every
+`pseudo_label_every` steps into a checkpointed table that the loss reads by the site's
+slot (its label -2 - k), with the ArcFace margin like a label.
 
 Teacher batch norm (a documented choice; a teacher whose moving statistics stay at
 their initial values is a known failure): the teacher runs in inference mode on its
@@ -175,7 +181,8 @@ class FluorescenceTask(Task):
             model.set_weights(start.get_weights())
         return model
 
-    def _sites(self, split, batch_size, input_context, start_step, views, unlabelled):
+    def _sites(self, split, batch_size, input_context, start_step, views, unlabelled,
+               slots=None):
         from ish_tf.families.fluorescence.data import training_sites
 
         if not self.train_config.records_dir:
@@ -185,7 +192,8 @@ class FluorescenceTask(Task):
         ds = training_sites(self.train_config.records_dir, split, self.pipeline,
                             batch_size=batch_size, seed=self.train_config.seed, views=views,
                             unlabelled=unlabelled, input_context=input_context,
-                            start_step=start_step, augment=self.train_config.flips)
+                            start_step=start_step, augment=self.train_config.flips,
+                            slots=slots)
         noise = self.model_config.family.noise_augment if self.train_config.flips else 0.0
         return noisy_batches(ds, noise, seed, views, start_step)
 
@@ -237,7 +245,8 @@ class MeanTeacherTask(FluorescenceTask):
     """The mean teacher (see the module docstring).
 
     Batches: {"student": (b, R, R, C), "teacher": (b, R, R, C), "label": (b,)} with the
-    labelled sites first and the unlabelled ones (label -1) after them.
+    labelled sites first and the unlabelled ones (label -1, or -2 - k with plate-assignment
+    pseudo-labels: slot k of the table) after them.
     """
 
     name = "mean_teacher"
@@ -248,6 +257,11 @@ class MeanTeacherTask(FluorescenceTask):
                  dataset_fn: DatasetFn | None = None):
         super().__init__(model_config, train_config, dataset_fn)
         self.teacher: keras.Model | None = None
+        # Plate-assignment pseudo-labels: one slot per unlabelled site (image ids in
+        # file order), the table of their labels (-1: none yet) and the class groups.
+        self.slots: list[int] | None = None
+        self.pseudo: tf.Variable | None = None
+        self._groups = None
 
     @property
     def global_batch_size(self) -> int:
@@ -261,10 +275,64 @@ class MeanTeacherTask(FluorescenceTask):
         teacher.set_weights(student.get_weights())
         teacher.trainable = False
         self.teacher = teacher
+        if self.model_config.family.pseudo_labels == "plate_assignment":
+            self._build_pseudo_labels()
         return student
 
+    def _build_pseudo_labels(self) -> None:
+        from ish_tf.families.fluorescence.evaluation import plate_labels, training_class_groups
+
+        family = self.model_config.family
+        records_dir = self.train_config.records_dir
+        if not records_dir or self._dataset_fn is not None:
+            raise ValueError("--fluorescence_pseudo_labels=plate_assignment needs --records_dir "
+                             "(the plates of the unlabelled wells)")
+        if family.unlabelled_batch_size == 0 or family.pseudo_label_weight <= 0:
+            raise ValueError("--fluorescence_pseudo_labels=plate_assignment needs "
+                             "--fluorescence_unlabelled_batch_size > 0 and "
+                             "--fluorescence_pseudo_label_weight > 0")
+        # Only the ids and plates of the unlabelled sites are used, never their labels.
+        self.slots = [int(i) for i in plate_labels(records_dir, family.unlabelled_split)["image_id"]]
+        if len(set(self.slots)) != len(self.slots):
+            raise ValueError(f"{records_dir}: the {family.unlabelled_split} split repeats image "
+                             "ids; plate-assignment pseudo-labels need one id per site")
+        self._groups = training_class_groups(records_dir, self.train_config.split)
+        self.pseudo = tf.Variable(tf.fill([len(self.slots)], -1), trainable=False,
+                                  dtype=tf.int32, name="pseudo_labels")
+
     def checkpoint_items(self):
-        return {"teacher": self.teacher}
+        items = {"teacher": self.teacher}
+        if self.pseudo is not None:
+            items["pseudo_labels"] = self.pseudo
+        return items
+
+    def before_step(self, step: int) -> None:
+        """Plate-assignment pseudo-labels: recomputed from the teacher at step 0 and every
+        `pseudo_label_every` steps (only at step 0 when 0); a resumed run keeps the
+        checkpointed ones until the next."""
+        every = self.model_config.family.pseudo_label_every
+        if self.pseudo is None or (step % every if every else step):
+            return
+        import numpy as np
+        from absl import logging
+
+        from ish_tf.families.fluorescence.evaluation import plate_pseudo_labels
+
+        split = self.model_config.family.unlabelled_split
+        table = plate_pseudo_labels(lambda x: self.teacher(x, training=False),
+                                    self.train_config.records_dir, split, self.pipeline,
+                                    self._groups)
+        by_id = dict(zip(table["image_id"], table["pseudo_label"], strict=True))
+        missing = [i for i in self.slots if i not in by_id]
+        if missing:
+            raise ValueError(f"pseudo-labels: {len(missing)} sites of {split} were not "
+                             f"predicted, e.g. image_id {missing[0]}")
+        values = np.array([by_id[i] for i in self.slots], np.int32)
+        before = self.pseudo.numpy()
+        self.pseudo.assign(values)
+        changed = int(np.sum(before != values)) if (before >= 0).any() else len(values)
+        logging.info("step %d: plate-assignment pseudo-labels of %d %s sites from the "
+                     "teacher (%d changed)", step, len(values), split, changed)
 
     def make_records_dataset(self, input_context, start_step: int = 0) -> tf.data.Dataset:
         family = self.model_config.family
@@ -273,7 +341,8 @@ class MeanTeacherTask(FluorescenceTask):
         if family.unlabelled_batch_size == 0:
             return labelled.map(lambda s, t, y: {"student": s, "teacher": t, "label": y})
         unlabelled = self._sites(family.unlabelled_split, family.unlabelled_batch_size,
-                                 input_context, start_step, views=2, unlabelled=True)
+                                 input_context, start_step, views=2, unlabelled=True,
+                                 slots=self.slots)
 
         def join(a, b):
             return {"student": tf.concat([a[0], b[0]], 0), "teacher": tf.concat([a[1], b[1]], 0),
@@ -304,7 +373,14 @@ class MeanTeacherTask(FluorescenceTask):
         weight = self.consistency_weight()
         loss = xent + weight * consistency
         pseudo = tf.constant(0.0)
-        if family.pseudo_label_weight > 0:
+        if self.pseudo is not None:
+            from ish_tf.families.fluorescence.data import unlabelled_slot
+
+            slot = unlabelled_slot(labels)
+            targets = tf.where(slot >= 0, tf.gather(self.pseudo, tf.maximum(slot, 0)), -1)
+            pseudo = global_masked_mean(self.supervised_loss(student[2], targets), targets >= 0)
+            loss = loss + family.pseudo_label_weight * pseudo
+        elif family.pseudo_label_weight > 0:
             targets = tf.argmax(p_teacher, -1, output_type=tf.int32)
             pl = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 targets, tf.cast(student[2], tf.float32))
