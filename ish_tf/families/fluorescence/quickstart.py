@@ -6,7 +6,7 @@ unlabelled) experiments x 2 plates x 15 wells x 2 sites, 27 classes) -> bin/inge
 (6-channel site records split by experiment, per-plate channel stats) -> bin/train
 --model=fluorescence (per-plate normalisation, ArcFace) -> bin/train --model=mean_teacher
 (started from the supervised model; the test experiments' wells unlabelled in every
-batch) -> bin/export of both (the mean teacher's export is its teacher) -> evaluation of
+batch, pseudo-labelled by the teacher's plate-aware assignment) -> bin/export of both (the mean teacher's export is its teacher) -> evaluation of
 the exported models on the held-out experiments: well accuracy, plate-aware assignment
 (reported apart) and siRNA rank-1 across experiments, with chance beside each.
 
@@ -94,8 +94,9 @@ def run_quickstart(workdir: str, root: str = ".", seed: int = 0,
     summary = {
         "family": "mean_teacher",
         "headline": "well accuracy (siRNA, 27 classes) on the held-out test experiments, "
-                    "whose wells the mean teacher saw unlabelled; plate assignment reported "
-                    "apart",
+                    "whose wells the mean teacher saw unlabelled (pseudo-labelled by its "
+                    "plate-aware assignment, so compare it with "
+                    "supervised_plate_assignment too); plate assignment reported apart",
         "accuracy": {"supervised": round(test["supervised"]["accuracy"], 4),
                      "mean_teacher": round(test["mean_teacher"]["accuracy"], 4),
                      "supervised_plate_assignment":
