@@ -306,6 +306,33 @@ def test_global_step_is_visible_in_compute_loss(toy_runs):
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], run
 
 
+def test_before_step_runs_eagerly_before_each_step_and_on_resume(tmp_path):
+    """`before_step(step)` is called with the steps completed so far, before that step,
+    also as the first call of a resumed run; what it assigns is what the step reads."""
+
+    class Marked(EmaToyTask):
+        calls: list[tuple[int, bool]] = []
+
+        def build_model(self):
+            self.mark = tf.Variable(-1.0, trainable=False)
+            return super().build_model()
+
+        def before_step(self, step):
+            Marked.calls.append((step, tf.executing_eagerly()))
+            self.mark.assign(float(step) * 10.0)
+
+        def compute_loss(self, model, batch, training):
+            loss, stats = super().compute_loss(model, batch, training)
+            return loss, {**stats, "mark": tf.identity(self.mark)}
+
+    Marked.stat_names = (*EmaToyTask.stat_names, "mark")
+    cfg = toy_config(tmp_path / "marked", steps=4, checkpoint_every=2)
+    train(Marked(cfg), cfg, stop_after=2)
+    train(Marked(cfg), cfg)
+    assert Marked.calls == [(0, True), (1, True), (2, True), (3, True)]
+    assert [r["mark"] for r in read_metrics(cfg.run_dir)] == [0.0, 10.0, 20.0, 30.0]
+
+
 def test_resume_restores_the_teacher_exactly(toy_runs):
     first, second = toy_runs["first"], toy_runs["second"]
     assert first[0].step == 3 and second[0].start_step == 3 and second[0].step == 6
