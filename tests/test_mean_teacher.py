@@ -222,7 +222,8 @@ def test_plate_assignment_pseudo_labels_refresh_checkpoint_and_resume(tmp_path):
 
     family.pseudo_label_weight = 0.0
     with pytest.raises(ValueError, match="pseudo_label_weight > 0"):
-        make_task(copy.deepcopy(model_config), _train_config(tmp_path / "bad", fields)).build_model()
+        bad = _train_config(tmp_path / "bad", fields)
+        make_task(copy.deepcopy(model_config), bad).build_model()
 
 
 def test_mirrored_matches_single_device(single_run, tmp_path):

@@ -69,8 +69,9 @@ class FluorescenceConfig:
     consistency_rampup: int = setting(200, "--model=mean_teacher: steps T of the weight "
                                       "ramp w * exp(-5 (1 - t/T)^2).", lower=0)
     pseudo_label_weight: float = setting(0.05, "--model=mean_teacher: weight of the "
-                                         "cross-entropy to the teacher's argmax on "
-                                         "unlabelled sites (0: off).", lower=0.0)
+                                         "cross-entropy to the unlabelled sites' "
+                                         "pseudo-labels (--fluorescence_pseudo_labels; 0: "
+                                         "off).", lower=0.0)
     pseudo_labels: str = setting("argmax", "--model=mean_teacher: the pseudo-label of an "
                                  "unlabelled site: argmax (the teacher's argmax on the batch) "
                                  "or plate_assignment (the teacher's plate-aware assignment of "

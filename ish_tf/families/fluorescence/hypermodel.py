@@ -4,8 +4,8 @@ Besides the shared learning rate, flips and steps (`--tune_*`), the space (in co
 `HEAD_SPACE` and `TEACHER_SPACE`) covers the head (ArcFace or softmax, ArcFace's s and
 m) and, for `--model=mean_teacher`, the consistency weight and the pseudo-label
 weight (`PLATE_PSEUDO_LABEL_WEIGHTS`, never 0, with plate-assignment pseudo-labels,
-which need a weight). The objective `val_accuracy` is the well accuracy of the model's own argmax on
-the validation split (labelled experiments held out by `bin/extract`); the
+which need a weight). The objective `val_accuracy` is the well accuracy of the model's
+own argmax on the validation split (labelled experiments held out by `bin/extract`); the
 plate-assigned accuracy is reported beside it, never optimised.
 """
 

@@ -6,9 +6,10 @@ unlabelled) experiments x 2 plates x 15 wells x 2 sites, 27 classes) -> bin/inge
 (6-channel site records split by experiment, per-plate channel stats) -> bin/train
 --model=fluorescence (per-plate normalisation, ArcFace) -> bin/train --model=mean_teacher
 (started from the supervised model; the test experiments' wells unlabelled in every
-batch, pseudo-labelled by the teacher's plate-aware assignment) -> bin/export of both (the mean teacher's export is its teacher) -> evaluation of
-the exported models on the held-out experiments: well accuracy, plate-aware assignment
-(reported apart) and siRNA rank-1 across experiments, with chance beside each.
+batch, pseudo-labelled by the teacher's plate-aware assignment) -> bin/export of both
+(the mean teacher's export is its teacher) -> evaluation of the exported models on the
+held-out experiments: well accuracy, plate-aware assignment (reported apart) and siRNA
+rank-1 across experiments, with chance beside each.
 
 The headline split is `test`: experiments never labelled, whose wells the mean teacher
 saw unlabelled (the challenge's transductive setting, as DeepNoise). `validation` holds

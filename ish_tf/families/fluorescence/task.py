@@ -12,8 +12,8 @@ optimizer step (`after_apply`, through the strategy: `ish_tf.train.ema.ema_updat
 with a decay ramped by the global step (`ema_decays` from `ema_steps` on: 0.5 -> 0.9
 -> 0.99 -> 0.999). Each global batch holds `batch_size` labelled training sites and
 `unlabelled_batch_size` sites of `unlabelled_split` (held-out experiments; labels never
-read: set to -1, or to -2 - k, the site's pseudo-label slot). Student and teacher see differently augmented views (another
-dihedral transform and normalisation jitter). Loss =
+read: set to -1, or to -2 - k, the site's pseudo-label slot). Student and teacher see
+differently augmented views (another dihedral transform and normalisation jitter). Loss =
   cross-entropy (labelled sites, ArcFace margin)
   + w(t) * mean over sites and classes of (softmax(student) - softmax(teacher))^2
   + pseudo_label_weight * cross-entropy to the unlabelled sites' pseudo-labels,
@@ -292,7 +292,8 @@ class MeanTeacherTask(FluorescenceTask):
                              "--fluorescence_unlabelled_batch_size > 0 and "
                              "--fluorescence_pseudo_label_weight > 0")
         # Only the ids and plates of the unlabelled sites are used, never their labels.
-        self.slots = [int(i) for i in plate_labels(records_dir, family.unlabelled_split)["image_id"]]
+        sites = plate_labels(records_dir, family.unlabelled_split)
+        self.slots = [int(i) for i in sites["image_id"]]
         if len(set(self.slots)) != len(self.slots):
             raise ValueError(f"{records_dir}: the {family.unlabelled_split} split repeats image "
                              "ids; plate-assignment pseudo-labels need one id per site")
