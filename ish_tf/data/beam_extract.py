@@ -402,7 +402,7 @@ def _run(cfg: P.ExtractConfig, beam_options: str | Sequence[str]) -> dict:
                       compression)
     for leftover in (STAGING, RESULTS):
         fs.rmtree(fs.join(out, leftover), ignore_errors=True)
-    summary = P._summary(out, report, plans, removed, written, resumed, report_path)
+    summary = P.extract_summary(out, report, plans, removed, written, resumed, report_path)
     return P.check_outcome(summary, report, df, cfg)
 
 

@@ -19,7 +19,7 @@ from ish_tf.data.records import RecordsError
 from ish_tf.io_utils import atomic_write_bytes
 
 # TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC.
-_FRAMING = 16
+FRAMING_BYTES = 16
 OFFSETS_SUFFIX = ".offsets.npy"
 
 
@@ -28,7 +28,9 @@ def offsets_path(shard_path: str) -> str:
     return shard_path + OFFSETS_SUFFIX
 
 
-def _write_offsets(shard_path: str, offsets: np.ndarray) -> None:
+def write_offsets(shard_path: str, offsets: np.ndarray) -> None:
+    """Writes a shard's record byte offsets (int64, one per record plus the end) to its
+    sidecar `<shard>.offsets.npy`, atomically."""
     buf = io.BytesIO()
     np.save(buf, offsets, allow_pickle=False)
     atomic_write_bytes(offsets_path(shard_path), buf.getvalue())
@@ -58,7 +60,7 @@ def scan_record_offsets(shard_path: str) -> np.ndarray:
             if len(header) < 8:
                 raise RecordsError(f"{shard_path}: truncated record header at byte {pos}")
             (length,) = struct.unpack("<Q", header)
-            pos += _FRAMING + length
+            pos += FRAMING_BYTES + length
             if pos > size:
                 raise RecordsError(f"{shard_path}: record at byte {offsets[-1]} runs past the "
                                    "end of the file (truncated shard)")
@@ -205,16 +207,16 @@ def check_record_framing(raw: bytes, name: str = "<shard>", record: int | None =
       RecordsError: naming the shard, the record and its byte offset.
     """
     where = f"{name}: record {'?' if record is None else record} at byte {start}"
-    if len(raw) < _FRAMING:
+    if len(raw) < FRAMING_BYTES:
         raise RecordsError(f"{where}: {len(raw)} bytes, shorter than a record's framing "
                            "(truncated shard?)")
     length, length_crc = struct.unpack("<QI", raw[:12])
     if masked_crc32c(raw[:8]) != length_crc:
         raise RecordsError(f"{where}: the length header fails its CRC check (corrupt "
                            "shard); extract it again")
-    if length != len(raw) - _FRAMING:
+    if length != len(raw) - FRAMING_BYTES:
         raise RecordsError(f"{where}: the header says {length} bytes of data, the offsets "
-                           f"{len(raw) - _FRAMING} (offsets sidecar out of date? delete it "
+                           f"{len(raw) - FRAMING_BYTES} (offsets sidecar out of date? delete it "
                            "to rescan)")
     data = raw[12:-4]
     (data_crc,) = struct.unpack("<I", raw[-4:])
@@ -249,8 +251,8 @@ def read_record_at(fd: int, start: int, span: int, name: str = "<shard>",
                            f"{start}: read {len(raw)} of {span} bytes (truncated shard?)")
     if verify:
         return check_record_framing(raw, name, record, start)
-    if struct.unpack("<Q", raw[:8])[0] != span - _FRAMING:
-        raise RecordsError(f"{name}: no record of {span - _FRAMING} bytes at byte {start} "
+    if struct.unpack("<Q", raw[:8])[0] != span - FRAMING_BYTES:
+        raise RecordsError(f"{name}: no record of {span - FRAMING_BYTES} bytes at byte {start} "
                            "(offsets sidecar out of date? delete it to rescan)")
     return raw[12:span - 4]
 
@@ -272,7 +274,7 @@ def count_complete_records(shard_path: str) -> tuple[int, bool]:
             header = f.read(8)
             if len(header) < 8:
                 return n, True
-            end = pos + _FRAMING + struct.unpack("<Q", header)[0]
+            end = pos + FRAMING_BYTES + struct.unpack("<Q", header)[0]
             if end > size:
                 return n, True
             n, pos = n + 1, end

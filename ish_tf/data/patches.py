@@ -839,7 +839,7 @@ def _run_extract(cfg: ExtractConfig, hooks: ExtractHooks | None,
         stage, out, cfg.manifest, info, plans, workers=cfg.workers,
         compression=cfg.compression, progress_enabled=progress_enabled)
     report_path = os.path.join(out, REPORT_NAME)
-    summary = _summary(out, report, plans, removed, written, resumed, report_path)
+    summary = extract_summary(out, report, plans, removed, written, resumed, report_path)
     return check_outcome(summary, report, df, cfg)
 
 
@@ -963,8 +963,12 @@ def size_mismatch(row: Any, result: Any) -> str:
             f"{width}x{height}")
 
 
-def _summary(out: str, report: dict[int, dict], plans: list[ShardPlan], removed: list[str],
-             written: int, resumed: int, report_path: str) -> dict:
+def extract_summary(out: str, report: dict[int, dict], plans: list[ShardPlan],
+                    removed: list[str], written: int, resumed: int, report_path: str) -> dict:
+    """The summary of an extraction (`format_summary` prints it): per split the images,
+    patches, shards and per-status image counts, the skipped images by status, the
+    images whose declared size differed, and the paths of the index and the report.
+    Shared by the local, Beam and whole-section extractors."""
     from ish_tf.data import shards
 
     index = shards.load_index(out, missing_ok=True)

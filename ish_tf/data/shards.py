@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ish_tf import fs
-from ish_tf.data.framing import _FRAMING, _write_offsets
+from ish_tf.data.framing import FRAMING_BYTES, write_offsets
 from ish_tf.data.inputs import InputSpec
 from ish_tf.data.records import (
     DEFAULT_GROUP_NAME,
@@ -203,7 +203,7 @@ class ShardWriter:
             self._genes[gene_symbol] = 0
             self._gene_images[gene_symbol] = set()
         self._writer.write(serialized)
-        self._offsets_bytes.append(self._offsets_bytes[-1] + _FRAMING + len(serialized))
+        self._offsets_bytes.append(self._offsets_bytes[-1] + FRAMING_BYTES + len(serialized))
         self._genes[gene_symbol] += 1
         self._gene_images[gene_symbol].add(int(image_id))
         self._images.add(int(image_id))
@@ -224,7 +224,7 @@ class ShardWriter:
             if self.compression is None:
                 # Sidecar first: a shard never exists without its offsets (a stale sidecar
                 # without a shard is harmless: it is checked against the shard's size).
-                _write_offsets(self.path, np.asarray(self._offsets_bytes, np.int64))
+                write_offsets(self.path, np.asarray(self._offsets_bytes, np.int64))
             fs.replace(self._tmp, self.path)
         except BaseException:
             self.abort()

@@ -20,7 +20,7 @@ def to_gray(images: tf.Tensor) -> tf.Tensor:
 
 
 
-def _unpack(batch) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
+def unpack_batch(batch) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
     """(images, step or None, labels or None) from a dict, tuple or bare image batch."""
     if isinstance(batch, dict):
         return batch["images"], batch.get("step"), batch.get("labels")

@@ -40,7 +40,7 @@ from absl import logging
 
 from ish_tf.families import ModelConfig
 from ish_tf.families.cdae.config import LOSSES, NOISES
-from ish_tf.families.cdae.data import _unpack, invert_mismatch, to_gray, whole_dataset
+from ish_tf.families.cdae.data import invert_mismatch, to_gray, unpack_batch, whole_dataset
 from ish_tf.families.cdae.model import (
     cdae_options,
     scale_images,
@@ -202,7 +202,7 @@ class CDAETask(_WholeTask):
         """
         if self.opts["norm"] != "batch" or self.bn_images == 0:
             return ""
-        batches = (to_gray(_unpack(element)[0]) for element in self.make_dataset(None, 0))
+        batches = (to_gray(unpack_batch(element)[0]) for element in self.make_dataset(None, 0))
         used = recalibrate_batch_norm(model, batches, self.bn_images)
         return (f"batch-normalisation statistics re-estimated on {used} clean training "
                 "images (--cdae_bn_images)")
@@ -225,7 +225,7 @@ class CDAETask(_WholeTask):
 
     def compute_loss(self, model, batch, training):
         """Reconstruction loss of the corrupted (training) or clean input against the clean one."""
-        images, step, _ = _unpack(batch)
+        images, step, _ = unpack_batch(batch)
         target, noisy = self.corrupted(images, step)
         model_in = noisy if training else target
         code, recon = model(unscale_images(model_in, self.opts["invert"]), training=training)
@@ -249,7 +249,7 @@ class CDAETask(_WholeTask):
 
     def image_summaries(self, batch):
         """Inputs, corrupted inputs and (with the model built) reconstructions at step 0."""
-        images, step, _ = _unpack(batch)
+        images, step, _ = unpack_batch(batch)
         target, noisy = self.corrupted(images[:4], step)
         out = {"cdae_inputs": self._display(target), "cdae_noisy_inputs": self._display(noisy)}
         if self._model is not None:
@@ -305,7 +305,7 @@ class CDAESupervisedTask(_WholeTask):
 
     def compute_loss(self, model, batch, training):
         """Mean binary cross-entropy over terms and the global batch."""
-        images, _, labels = _unpack(batch)
+        images, _, labels = unpack_batch(batch)
         probs, _ = model(to_gray(images), training=training)
         probs = tf.clip_by_value(tf.cast(probs, tf.float32), _EPS, 1.0 - _EPS)
         labels = tf.cast(labels, tf.float32)
@@ -317,7 +317,7 @@ class CDAESupervisedTask(_WholeTask):
         return loss, {k: tf.stop_gradient(v) for k, v in stats.items()}
 
     def image_summaries(self, batch):
-        images, _, _ = _unpack(batch)
+        images, _, _ = unpack_batch(batch)
         return {"cdae_supervised_inputs": tf.clip_by_value(to_gray(images[:4]) / 255.0, 0.0, 1.0)}
 
 

@@ -224,7 +224,7 @@ def _run_whole(cfg: WholeConfig, progress_enabled: bool | None) -> dict:
     from ish_tf.data import records
 
     # The same manifest selection, resume rules and summary as patch extraction.
-    from ish_tf.data.patches import _summary
+    from ish_tf.data.patches import extract_summary
 
     df = select_images(cfg)
     check_background(df, cfg)
@@ -254,5 +254,5 @@ def _run_whole(cfg: WholeConfig, progress_enabled: bool | None) -> dict:
     report, written, resumed = write_shards(
         stage, out, cfg.manifest, info, plans, workers=cfg.workers,
         compression=cfg.compression, progress_enabled=progress_enabled)
-    return _summary(out, report, plans, removed, written, resumed,
+    return extract_summary(out, report, plans, removed, written, resumed,
                     os.path.join(out, REPORT_NAME))
