@@ -81,8 +81,8 @@ class FluorescenceConfig:
     pseudo_label_every: int = setting(50, "--model=mean_teacher with plate_assignment "
                                       "pseudo-labels: steps between two assignments (0: "
                                       "once, from the starting teacher). Each one predicts "
-                                      "every unlabelled site: on RxRx1 (~40k test sites) "
-                                      "about an epoch.", lower=0)
+                                      "every unlabelled site, so on RxRx1 (~40k test "
+                                      "sites) choose about an epoch.", lower=0)
     teacher_batch_norm: str = setting("ema", "--model=mean_teacher: the teacher's batch-norm "
                                       "moving statistics: ema (averaged like the weights) or "
                                       "student (copied from the student each step).",
