@@ -221,9 +221,9 @@ def test_plate_assignment_pseudo_labels_refresh_checkpoint_and_resume(tmp_path):
     assert any(n.startswith("pseudo_labels") for n in names)
 
     family.pseudo_label_weight = 0.0
+    bad = make_task(copy.deepcopy(model_config), _train_config(tmp_path / "bad", fields))
     with pytest.raises(ValueError, match="pseudo_label_weight > 0"):
-        bad = _train_config(tmp_path / "bad", fields)
-        make_task(copy.deepcopy(model_config), bad).build_model()
+        bad.build_model()
 
 
 def test_mirrored_matches_single_device(single_run, tmp_path):
