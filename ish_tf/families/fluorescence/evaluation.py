@@ -83,16 +83,24 @@ def exported_predictor(saved_model_dir: str) -> Callable:
     return predict
 
 
+def well_codes(sites: pd.DataFrame) -> np.ndarray | None:
+    """Each site's well: row k of the `wells` table (wells in order of first site), or
+    None without a well column (each site is its own well)."""
+    if "well" not in sites or (sites["well"].astype(str) == "").all():
+        return None
+    keys = ["experiment", "plate", "well"]
+    return pd.factorize(pd.MultiIndex.from_frame(sites[keys].astype(str)))[0]
+
+
 def wells(sites: pd.DataFrame, probs: np.ndarray, embs: np.ndarray
           ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Averages the sites of each (experiment, plate, well): probabilities (mean) and
     embeddings (mean, re-normalised). Without a well column each site is a well."""
-    keys = ["experiment", "plate", "well"]
-    if "well" not in sites or (sites["well"].astype(str) == "").all():
+    codes = well_codes(sites)
+    if codes is None:
         out = sites.reset_index(drop=True).copy()
         return out, probs, embs
-    codes, uniques = pd.factorize(pd.MultiIndex.from_frame(sites[keys].astype(str)))
-    n = len(uniques)
+    n = int(codes.max()) + 1
     count = np.bincount(codes, minlength=n).astype(np.float64)[:, None]
     p = np.zeros((n, probs.shape[1]))
     np.add.at(p, codes, probs)
@@ -262,12 +270,8 @@ def plate_pseudo_labels(predict: Callable, records_dir: str, split: str, pipelin
     table, p, _ = wells(sites.assign(label=-1), probs, embs)
     plates = (table["experiment"].astype(str) + "/" + table["plate"].astype(str)).to_numpy()
     assigned, _ = plate_assignment(p, plates, groups)
-    keys = ["experiment", "plate", "well"]
-    if "well" not in sites or (sites["well"].astype(str) == "").all():
-        per_site = assigned
-    else:
-        by_well = dict(zip(map(tuple, table[keys].astype(str).to_numpy()), assigned, strict=True))
-        per_site = np.array([by_well[k] for k in map(tuple, sites[keys].astype(str).to_numpy())])
+    codes = well_codes(sites)
+    per_site = assigned if codes is None else assigned[codes]
     return pd.DataFrame({"image_id": sites["image_id"].to_numpy().astype(np.int64),
                          "pseudo_label": per_site.astype(np.int64)})
 
